@@ -1,0 +1,680 @@
+// CPU kernels of the fused_cbam operators. This file is compiled once per CPU capability with
+// CPU_CAPABILITY set (setup.py), so at::vec::Vectorized maps to AVX2/AVX512 code where built.
+//
+// Layout: NCHW kernels walk (n, c) rows of P = H * W contiguous elements; channels_last (NHWC)
+// kernels walk (n, p) rows of C contiguous elements. Arithmetic is in opmath (float for 16-bit
+// floats), rounded once into the output. Every reduction has a fixed order that does not
+// depend on the number of threads, so results are bitwise reproducible.
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fused_cbam::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+template <typename T>
+using opmath_t = at::opmath_type<T>;
+template <typename T>
+using OpVec = Vectorized<opmath_t<T>>;
+
+// Channels handled by one NHWC task, and pixels by one NCHW spatial-pool or NHWC backward task.
+constexpr int64_t kBlockC = 256;
+constexpr int64_t kBlockP = 1024;
+// Positions are tracked in float lanes, exact below 2^24; longer spans are merged in int64.
+constexpr int64_t kIndexSpan = int64_t{1} << 24;
+
+inline int64_t grain_for_row(int64_t row_length) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_length, 1));
+}
+
+template <typename T>
+inline OpVec<T> load_opmath(const T* p) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    Vectorized<float> v;
+    at::vec::load_to_float(p, v);
+    return v;
+  } else {
+    return Vectorized<T>::loadu(p);
+  }
+}
+
+template <typename T>
+inline void store_opmath(const OpVec<T>& v, T* p) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, OpVec<T>::size());
+  } else {
+    v.store(p);
+  }
+}
+
+// Does v replace the running maximum m? Larger wins, the first NaN wins, ties keep m.
+template <typename S>
+inline bool takes_over(S v, S m) {
+  return v > m || (v != v && m == m);
+}
+template <typename S>
+inline Vectorized<S> takes_over(const Vectorized<S>& v, const Vectorized<S>& m) {
+  return (v > m) | (v.isnan() & (m == m));
+}
+
+// The better of two (value, index) candidates of a maximum: NaN, then larger, then lower index.
+template <typename S>
+inline bool better(S v, int64_t i, S best_v, int64_t best_i) {
+  if (best_v != best_v) return v != v && i < best_i;
+  return takes_over(v, best_v) || (v == best_v && i < best_i);
+}
+
+template <typename S>
+inline S reduce_sum(const Vectorized<S>& v) {
+  return at::vec::vec_reduce_all<S>([](auto a, auto b) { return a + b; }, v);
+}
+
+template <typename S>
+inline S reduce_max(const Vectorized<S>& v) {
+  return at::vec::vec_reduce_all<S>([](auto a, auto b) { return at::vec::maximum(a, b); }, v);
+}
+
+// Lowest index p with row[p] == m (or the first NaN when m is NaN).
+template <typename T>
+int64_t first_index_of(const T* row, int64_t length, opmath_t<T> m) {
+  using Vec = OpVec<T>;
+  constexpr int64_t V = Vec::size();
+  const bool find_nan = m != m;
+  const Vec target(m);
+  int64_t p = 0;
+  for (; p + V <= length; p += V) {
+    const Vec v = load_opmath(row + p);
+    const int misses = (find_nan ? v.isnan() : (v == target)).zero_mask();
+    if (misses != (1 << V) - 1) return p + __builtin_ctz(~misses);
+  }
+  for (; p < length; ++p) {
+    const opmath_t<T> v = row[p];
+    if (find_nan ? v != v : v == m) return p;
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// channel_pool: mean, max and arg-max of every (n, c) over the P pixels.
+
+template <typename T>
+void channel_pool_nchw(const T* x, T* avg, T* max, int64_t* argmax, int64_t rows, int64_t P) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, rows, grain_for_row(P), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * P;
+      acc_t sum = 0;
+      acc_t m = row[0];
+      int64_t p = 0;
+      if (P >= V) {
+        Vec vsum = load_opmath(row);
+        Vec vmax = vsum;
+        for (p = V; p + V <= P; p += V) {
+          const Vec v = load_opmath(row + p);
+          vsum = vsum + v;
+          vmax = at::vec::maximum(vmax, v);
+        }
+        sum = reduce_sum(vsum);
+        m = reduce_max(vmax);
+      }
+      for (; p < P; ++p) {
+        const acc_t v = row[p];
+        sum += v;
+        if (takes_over(v, m)) m = v;
+      }
+      avg[r] = static_cast<T>(sum / P);
+      max[r] = static_cast<T>(m);
+      argmax[r] = first_index_of(row, P, m);
+    }
+  });
+}
+
+template <typename T>
+void channel_pool_nhwc(
+    const T* x, T* avg, T* max, int64_t* argmax, int64_t N, int64_t C, int64_t P) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t blocks = (C + kBlockC - 1) / kBlockC;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(kBlockC), span_max(kBlockC), span_pos(kBlockC), best(kBlockC);
+    std::vector<int64_t> best_pos(kBlockC);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t c0 = (task % blocks) * kBlockC;
+      const int64_t cn = std::min(kBlockC, C - c0);
+      const T* base = x + n * P * C + c0;
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t p0 = 0; p0 < P; p0 += kIndexSpan) {
+        const int64_t p1 = std::min(P, p0 + kIndexSpan);
+        for (int64_t c = 0; c < cn; ++c) {
+          span_max[c] = base[p0 * C + c];
+          span_pos[c] = 0;
+        }
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* row = base + p * C;
+          const Vec pos(static_cast<acc_t>(p - p0));
+          int64_t c = 0;
+          for (; c + V <= cn; c += V) {
+            const Vec v = load_opmath(row + c);
+            (Vec::loadu(&sum[c]) + v).store(&sum[c]);
+            const Vec m = Vec::loadu(&span_max[c]);
+            const Vec take = takes_over(v, m);
+            Vec::blendv(m, v, take).store(&span_max[c]);
+            Vec::blendv(Vec::loadu(&span_pos[c]), pos, take).store(&span_pos[c]);
+          }
+          for (; c < cn; ++c) {
+            const acc_t v = row[c];
+            sum[c] += v;
+            if (takes_over(v, span_max[c])) {
+              span_max[c] = v;
+              span_pos[c] = static_cast<acc_t>(p - p0);
+            }
+          }
+        }
+        for (int64_t c = 0; c < cn; ++c) {
+          if (p0 == 0 || takes_over(span_max[c], best[c])) {
+            best[c] = span_max[c];
+            best_pos[c] = p0 + static_cast<int64_t>(span_pos[c]);
+          }
+        }
+      }
+      const int64_t out = n * C + c0;
+      for (int64_t c = 0; c < cn; ++c) {
+        avg[out + c] = static_cast<T>(sum[c] / P);
+        max[out + c] = static_cast<T>(best[c]);
+        argmax[out + c] = best_pos[c];
+      }
+    }
+  });
+}
+
+void channel_pool(const at::Tensor& x, at::Tensor& avg, at::Tensor& max, at::Tensor& argmax) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool", [&] {
+    if (is_channels_last(x)) {
+      channel_pool_nhwc(
+          x.const_data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(), max.data_ptr<scalar_t>(),
+          argmax.data_ptr<int64_t>(), N, C, P);
+    } else {
+      channel_pool_nchw(
+          x.const_data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(), max.data_ptr<scalar_t>(),
+          argmax.data_ptr<int64_t>(), N * C, P);
+    }
+  });
+}
+
+// dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c]: every element gets
+// the share of the mean, then the arg-max positions are overwritten with both terms.
+template <typename T>
+void channel_pool_backward_impl(
+    const T* grad_avg, const T* grad_max, const int64_t* argmax, T* dx, int64_t N, int64_t C,
+    int64_t P, bool channels_last) {
+  using acc_t = opmath_t<T>;
+  const int64_t rows = N * C;
+  auto mean_share = [&](int64_t r) { return static_cast<acc_t>(grad_avg[r]) / P; };
+  if (channels_last) {
+    std::vector<T> shares(rows);
+    for (int64_t r = 0; r < rows; ++r) shares[r] = static_cast<T>(mean_share(r));
+    at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
+      for (int64_t np = begin; np < end; ++np) {
+        const T* src = shares.data() + (np / P) * C;
+        std::copy(src, src + C, dx + np * C);
+      }
+    });
+  } else {
+    at::parallel_for(0, rows, grain_for_row(P), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        std::fill(dx + r * P, dx + (r + 1) * P, static_cast<T>(mean_share(r)));
+      }
+    });
+  }
+  at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / C, c = r % C, p = argmax[r];
+      const int64_t offset = channels_last ? (n * P + p) * C + c : r * P + p;
+      dx[offset] = static_cast<T>(mean_share(r) + static_cast<acc_t>(grad_max[r]));
+    }
+  });
+}
+
+void channel_pool_backward(
+    const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
+    at::Tensor& grad_x) {
+  const int64_t N = grad_x.size(0), C = grad_x.size(1), P = grad_x.size(2) * grad_x.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_x.scalar_type(), "channel_pool_backward", [&] {
+        channel_pool_backward_impl(
+            grad_avg.const_data_ptr<scalar_t>(), grad_max.const_data_ptr<scalar_t>(),
+            argmax.const_data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(), N, C, P,
+            is_channels_last(grad_x));
+      });
+}
+
+// ---------------------------------------------------------------------------------------------
+// spatial_pool: mean, max and arg-max over c of y = x * scale[n, c], for every (n, p).
+
+template <typename T>
+void spatial_pool_nhwc(
+    const T* x, const T* scale, T* mean, T* max, int64_t* argmax, int64_t N, int64_t C,
+    int64_t P) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
+    acc_t lane_max[V], lane_pos[V];
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * C;
+      const T* s = scale + (r / P) * C;
+      acc_t sum = 0;
+      acc_t m = static_cast<acc_t>(row[0]) * static_cast<acc_t>(s[0]);
+      int64_t pos = 0;
+      int64_t c = 0;
+      if (C >= V) {
+        Vec vsum = load_opmath(row) * load_opmath(s);
+        Vec vmax = vsum;
+        Vec vpos = Vec::arange(0, 1);
+        for (c = V; c + V <= C; c += V) {
+          const Vec y = load_opmath(row + c) * load_opmath(s + c);
+          vsum = vsum + y;
+          const Vec take = takes_over(y, vmax);
+          vmax = Vec::blendv(vmax, y, take);
+          vpos = Vec::blendv(vpos, Vec::arange(static_cast<acc_t>(c), 1), take);
+        }
+        sum = reduce_sum(vsum);
+        vmax.store(lane_max);
+        vpos.store(lane_pos);
+        m = lane_max[0];
+        pos = static_cast<int64_t>(lane_pos[0]);
+        for (int64_t l = 1; l < V; ++l) {
+          const int64_t lane_index = static_cast<int64_t>(lane_pos[l]);
+          if (better(lane_max[l], lane_index, m, pos)) {
+            m = lane_max[l];
+            pos = lane_index;
+          }
+        }
+      }
+      for (; c < C; ++c) {
+        const acc_t y = static_cast<acc_t>(row[c]) * static_cast<acc_t>(s[c]);
+        sum += y;
+        if (takes_over(y, m)) {
+          m = y;
+          pos = c;
+        }
+      }
+      mean[r] = static_cast<T>(sum / C);
+      max[r] = static_cast<T>(m);
+      argmax[r] = pos;
+    }
+  });
+}
+
+template <typename T>
+void spatial_pool_nchw(
+    const T* x, const T* scale, T* mean, T* max, int64_t* argmax, int64_t N, int64_t C,
+    int64_t P) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t blocks = (P + kBlockP - 1) / kBlockP;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(kBlockP), best(kBlockP), best_c(kBlockP);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t p0 = (task % blocks) * kBlockP;
+      const int64_t pn = std::min(kBlockP, P - p0);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* row = x + (n * C + c) * P + p0;
+        const acc_t s = scale[n * C + c];
+        const Vec vs(s);
+        const Vec channel(static_cast<acc_t>(c));
+        int64_t p = 0;
+        if (c == 0) {
+          for (; p < pn; ++p) {
+            sum[p] = best[p] = static_cast<acc_t>(row[p]) * s;
+            best_c[p] = 0;
+          }
+          continue;
+        }
+        for (; p + V <= pn; p += V) {
+          const Vec y = load_opmath(row + p) * vs;
+          (Vec::loadu(&sum[p]) + y).store(&sum[p]);
+          const Vec m = Vec::loadu(&best[p]);
+          const Vec take = takes_over(y, m);
+          Vec::blendv(m, y, take).store(&best[p]);
+          Vec::blendv(Vec::loadu(&best_c[p]), channel, take).store(&best_c[p]);
+        }
+        for (; p < pn; ++p) {
+          const acc_t y = static_cast<acc_t>(row[p]) * s;
+          sum[p] += y;
+          if (takes_over(y, best[p])) {
+            best[p] = y;
+            best_c[p] = static_cast<acc_t>(c);
+          }
+        }
+      }
+      const int64_t out = n * P + p0;
+      for (int64_t p = 0; p < pn; ++p) {
+        mean[out + p] = static_cast<T>(sum[p] / C);
+        max[out + p] = static_cast<T>(best[p]);
+        argmax[out + p] = static_cast<int64_t>(best_c[p]);
+      }
+    }
+  });
+}
+
+void spatial_pool(
+    const at::Tensor& x, const at::Tensor& scale, at::Tensor& mean, at::Tensor& max,
+    at::Tensor& argmax) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_pool", [&] {
+    auto impl = is_channels_last(x) ? spatial_pool_nhwc<scalar_t> : spatial_pool_nchw<scalar_t>;
+    impl(
+        x.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+        max.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), N, C, P);
+  });
+}
+
+// w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
+// dx = w * scale[n, c]; grad_scale[n, c] = sum_p w * x.
+template <typename T>
+void spatial_pool_backward_nhwc(
+    const T* grad_mean, const T* grad_max, const int64_t* argmax, const T* x, const T* scale,
+    T* dx, T* grad_scale, int64_t N, int64_t C, int64_t P) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  const acc_t inv_c = acc_t(1) / C;
+  const int64_t blocks = (C + kBlockC - 1) / kBlockC;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> ds(kBlockC);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t c0 = (task % blocks) * kBlockC;
+      const int64_t cn = std::min(kBlockC, C - c0);
+      const T* s = scale + n * C + c0;
+      std::fill(ds.begin(), ds.end(), acc_t(0));
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t np = n * P + p;
+        const acc_t w = static_cast<acc_t>(grad_mean[np]) * inv_c;
+        const Vec vw(w);
+        const T* xr = x + np * C + c0;
+        T* dxr = dx + np * C + c0;
+        int64_t c = 0;
+        for (; c + V <= cn; c += V) {
+          store_opmath(vw * load_opmath(s + c), dxr + c);
+          (Vec::loadu(&ds[c]) + vw * load_opmath(xr + c)).store(&ds[c]);
+        }
+        for (; c < cn; ++c) {
+          dxr[c] = static_cast<T>(w * static_cast<acc_t>(s[c]));
+          ds[c] += w * static_cast<acc_t>(xr[c]);
+        }
+        const int64_t j = argmax[np] - c0;
+        if (j >= 0 && j < cn) {
+          const acc_t g = grad_max[np];
+          dxr[j] = static_cast<T>((w + g) * static_cast<acc_t>(s[j]));
+          ds[j] += g * static_cast<acc_t>(xr[j]);
+        }
+      }
+      for (int64_t c = 0; c < cn; ++c) grad_scale[n * C + c0 + c] = static_cast<T>(ds[c]);
+    }
+  });
+}
+
+template <typename T>
+void spatial_pool_backward_nchw(
+    const T* grad_mean, const T* grad_max, const int64_t* argmax, const T* x, const T* scale,
+    T* dx, T* grad_scale, int64_t N, int64_t C, int64_t P) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  const acc_t inv_c = acc_t(1) / C;
+  // Pixels of each sample bucketed by their arg-max channel (a counting sort), so that each
+  // (n, c) row visits only its own arg-max pixels.
+  std::vector<int64_t> bucket_start(N * (C + 1)), pixels(N * P);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t* start = bucket_start.data() + n * (C + 1);
+      const int64_t* j = argmax + n * P;
+      for (int64_t p = 0; p < P; ++p) ++start[j[p] + 1];
+      for (int64_t c = 0; c < C; ++c) start[c + 1] += start[c];
+      std::vector<int64_t> fill(start, start + C);
+      for (int64_t p = 0; p < P; ++p) pixels[n * P + fill[j[p]]++] = p;
+    }
+  });
+  at::parallel_for(0, N * C, grain_for_row(P), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / C, c = r % C;
+      const T* gm = grad_mean + n * P;
+      const T* xr = x + r * P;
+      T* dxr = dx + r * P;
+      const acc_t s = scale[r];
+      const Vec vs(s), vinv(inv_c);
+      Vec vds(0);
+      int64_t p = 0;
+      for (; p + V <= P; p += V) {
+        const Vec w = load_opmath(gm + p) * vinv;
+        store_opmath(w * vs, dxr + p);
+        vds = vds + w * load_opmath(xr + p);
+      }
+      acc_t ds = reduce_sum(vds);
+      for (; p < P; ++p) {
+        const acc_t w = static_cast<acc_t>(gm[p]) * inv_c;
+        dxr[p] = static_cast<T>(w * s);
+        ds += w * static_cast<acc_t>(xr[p]);
+      }
+      const int64_t* start = bucket_start.data() + n * (C + 1);
+      for (int64_t k = start[c]; k < start[c + 1]; ++k) {
+        const int64_t q = pixels[n * P + k];
+        const acc_t g = grad_max[n * P + q];
+        dxr[q] = static_cast<T>((static_cast<acc_t>(gm[q]) * inv_c + g) * s);
+        ds += g * static_cast<acc_t>(xr[q]);
+      }
+      grad_scale[r] = static_cast<T>(ds);
+    }
+  });
+}
+
+void spatial_pool_backward(
+    const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
+    const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_pool_backward", [&] {
+        auto impl = is_channels_last(x) ? spatial_pool_backward_nhwc<scalar_t>
+                                        : spatial_pool_backward_nchw<scalar_t>;
+        impl(
+            grad_mean.const_data_ptr<scalar_t>(), grad_max.const_data_ptr<scalar_t>(),
+            argmax.const_data_ptr<int64_t>(), x.const_data_ptr<scalar_t>(),
+            scale.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+            grad_scale.data_ptr<scalar_t>(), N, C, P);
+      });
+}
+
+// ---------------------------------------------------------------------------------------------
+// gate_apply: out = x * g[n, c] * h[n, p].
+
+template <typename T>
+void gate_apply_impl(
+    const T* x, const T* g, const T* h, T* out, int64_t N, int64_t C, int64_t P,
+    bool channels_last) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  if (channels_last) {
+    at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
+      for (int64_t np = begin; np < end; ++np) {
+        const Vec hp(static_cast<acc_t>(h[np]));
+        at::vec::map2<T>(
+            [&](Vec xv, Vec gv) { return xv * gv * hp; }, out + np * C, x + np * C,
+            g + (np / P) * C, C);
+      }
+    });
+  } else {
+    at::parallel_for(0, N * C, grain_for_row(P), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const Vec gc(static_cast<acc_t>(g[r]));
+        at::vec::map2<T>(
+            [&](Vec xv, Vec hv) { return xv * gc * hv; }, out + r * P, x + r * P,
+            h + (r / C) * P, P);
+      }
+    });
+  }
+}
+
+void gate_apply(
+    const at::Tensor& x, const at::Tensor& channel_gate, const at::Tensor& spatial_gate,
+    at::Tensor& out) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gate_apply", [&] {
+    gate_apply_impl(
+        x.const_data_ptr<scalar_t>(), channel_gate.const_data_ptr<scalar_t>(),
+        spatial_gate.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, C, P,
+        is_channels_last(x));
+  });
+}
+
+// dx = dout * g * h; dg[n, c] = sum_p dout * x * h; dh[n, p] = sum_c dout * x * g, all from one
+// read of dout and x. The reduction across rows goes through per-block partial sums that are
+// added in block order.
+template <typename T>
+void gate_apply_backward_nchw(
+    const T* dout, const T* x, const T* g, const T* h, T* dx, T* dg, T* dh, int64_t N,
+    int64_t C, int64_t P) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t kRowsPerBlock = 64;
+  const int64_t blocks = (C + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<acc_t> dh_partial(N * blocks * P, acc_t(0));
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t c0 = (task % blocks) * kRowsPerBlock;
+      const int64_t c1 = std::min(C, c0 + kRowsPerBlock);
+      const T* hn = h + n * P;
+      acc_t* part = dh_partial.data() + task * P;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r = n * C + c;
+        const T *dr = dout + r * P, *xr = x + r * P;
+        T* dxr = dx + r * P;
+        const acc_t gc = g[r];
+        const Vec vg(gc);
+        Vec vdg(0);
+        int64_t p = 0;
+        for (; p + V <= P; p += V) {
+          const Vec d = load_opmath(dr + p), xv = load_opmath(xr + p), hv = load_opmath(hn + p);
+          store_opmath(d * vg * hv, dxr + p);
+          const Vec dxv = d * xv;
+          vdg = vdg + dxv * hv;
+          (Vec::loadu(part + p) + dxv * vg).store(part + p);
+        }
+        acc_t sum_g = reduce_sum(vdg);
+        for (; p < P; ++p) {
+          const acc_t d = dr[p], xv = xr[p], hv = hn[p];
+          dxr[p] = static_cast<T>(d * gc * hv);
+          sum_g += d * xv * hv;
+          part[p] += d * xv * gc;
+        }
+        dg[r] = static_cast<T>(sum_g);
+      }
+    }
+  });
+  at::parallel_for(0, N * P, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t np = begin; np < end; ++np) {
+      const int64_t n = np / P, p = np % P;
+      acc_t sum = 0;
+      for (int64_t b = 0; b < blocks; ++b) sum += dh_partial[(n * blocks + b) * P + p];
+      dh[np] = static_cast<T>(sum);
+    }
+  });
+}
+
+template <typename T>
+void gate_apply_backward_nhwc(
+    const T* dout, const T* x, const T* g, const T* h, T* dx, T* dg, T* dh, int64_t N,
+    int64_t C, int64_t P) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t blocks = (P + kBlockP - 1) / kBlockP;
+  std::vector<acc_t> dg_partial(N * blocks * C, acc_t(0));
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t p0 = (task % blocks) * kBlockP;
+      const int64_t p1 = std::min(P, p0 + kBlockP);
+      const T* gn = g + n * C;
+      acc_t* part = dg_partial.data() + task * C;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t np = n * P + p;
+        const T *dr = dout + np * C, *xr = x + np * C;
+        T* dxr = dx + np * C;
+        const acc_t hp = h[np];
+        const Vec vh(hp);
+        Vec vdh(0);
+        int64_t c = 0;
+        for (; c + V <= C; c += V) {
+          const Vec d = load_opmath(dr + c), xv = load_opmath(xr + c), gv = load_opmath(gn + c);
+          store_opmath(d * gv * vh, dxr + c);
+          const Vec dxv = d * xv;
+          vdh = vdh + dxv * gv;
+          (Vec::loadu(part + c) + dxv * vh).store(part + c);
+        }
+        acc_t sum_h = reduce_sum(vdh);
+        for (; c < C; ++c) {
+          const acc_t d = dr[c], xv = xr[c], gv = gn[c];
+          dxr[c] = static_cast<T>(d * gv * hp);
+          sum_h += d * xv * gv;
+          part[c] += d * xv * hp;
+        }
+        dh[np] = static_cast<T>(sum_h);
+      }
+    }
+  });
+  at::parallel_for(0, N * C, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / C, c = r % C;
+      acc_t sum = 0;
+      for (int64_t b = 0; b < blocks; ++b) sum += dg_partial[(n * blocks + b) * C + c];
+      dg[r] = static_cast<T>(sum);
+    }
+  });
+}
+
+void gate_apply_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& channel_gate,
+    const at::Tensor& spatial_gate, at::Tensor& grad_x, at::Tensor& grad_channel_gate,
+    at::Tensor& grad_spatial_gate) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "gate_apply_backward", [&] {
+        auto impl = is_channels_last(x) ? gate_apply_backward_nhwc<scalar_t>
+                                        : gate_apply_backward_nchw<scalar_t>;
+        impl(
+            grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            channel_gate.const_data_ptr<scalar_t>(), spatial_gate.const_data_ptr<scalar_t>(),
+            grad_x.data_ptr<scalar_t>(), grad_channel_gate.data_ptr<scalar_t>(),
+            grad_spatial_gate.data_ptr<scalar_t>(), N, C, P);
+      });
+}
+
+}  // namespace
+
+extern const KernelTable kernels = {
+    channel_pool, channel_pool_backward, spatial_pool,
+    spatial_pool_backward, gate_apply, gate_apply_backward,
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fused_cbam::cpu

@@ -1,0 +1,40 @@
+// The CPU kernels, compiled once per CPU capability (DEFAULT, AVX2, AVX512: see setup.py) and
+// chosen at run time by ops_cpu.cpp. Callers pass validated tensors: x is NCHW-contiguous or
+// channels_last-contiguous, gates and scales are contiguous [N, C] / [N, 1, H, W] tensors of x's
+// dtype, outputs are allocated in x's memory format.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace fused_cbam::cpu {
+
+struct KernelTable {
+  void (*channel_pool)(const at::Tensor& x, at::Tensor& avg, at::Tensor& max, at::Tensor& argmax);
+  void (*channel_pool_backward)(
+      const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
+      at::Tensor& grad_x);
+  void (*spatial_pool)(
+      const at::Tensor& x, const at::Tensor& scale, at::Tensor& mean, at::Tensor& max,
+      at::Tensor& argmax);
+  void (*spatial_pool_backward)(
+      const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
+      const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale);
+  void (*gate_apply)(
+      const at::Tensor& x, const at::Tensor& channel_gate, const at::Tensor& spatial_gate,
+      at::Tensor& out);
+  void (*gate_apply_backward)(
+      const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& channel_gate,
+      const at::Tensor& spatial_gate, at::Tensor& grad_x, at::Tensor& grad_channel_gate,
+      at::Tensor& grad_spatial_gate);
+};
+
+// One table per capability; each is defined by a build of kernels.cpp.
+namespace DEFAULT { extern const KernelTable kernels; }
+namespace AVX2 { extern const KernelTable kernels; }
+namespace AVX512 { extern const KernelTable kernels; }
+
+inline bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace fused_cbam::cpu

@@ -1,0 +1,175 @@
+// CPU entry points of the fused_cbam operators: argument checks, output allocation, and the
+// choice of the kernel build that matches the CPU (the same capability PyTorch itself uses,
+// so ATEN_CPU_CAPABILITY=default|avx2|avx512 also applies here).
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace fused_cbam::cpu {
+namespace {
+
+const KernelTable& kernels() {
+  static const KernelTable& table = []() -> const KernelTable& {
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") return AVX512::kernels;
+    if (capability == "AVX2") return AVX2::kernels;
+    return DEFAULT::kernels;
+  }();
+  return table;
+}
+
+at::MemoryFormat format_of(const at::Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// x itself when NCHW- or channels_last-contiguous; other strided views are copied to NCHW.
+at::Tensor dense(const at::Tensor& x) {
+  return x.is_contiguous() || is_channels_last(x) ? x : x.contiguous();
+}
+
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ",
+      x.scalar_type());
+  TORCH_CHECK_VALUE(
+      x.size(2) * x.size(3) > 0, "x: expected a non-empty spatial size, got H x W = ", x.size(2),
+      " x ", x.size(3));
+}
+
+// A small per-sample tensor (gate, scale, gradient) of the expected shape and x's dtype.
+at::Tensor small(
+    const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK_VALUE(
+      t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), " (x's), got ",
+      t.scalar_type());
+  TORCH_CHECK_VALUE(
+      t.device() == x.device(), name, ": expected device ", x.device(), " (x's), got ", t.device());
+  return t.contiguous();
+}
+
+at::Tensor optional_or_ones(
+    const std::optional<at::Tensor>& t, const at::Tensor& x, at::IntArrayRef shape,
+    const char* name) {
+  return t.has_value() ? small(*t, x, shape, name) : at::ones(shape, x.options());
+}
+
+at::Tensor empty_like_x(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(format_of(x)));
+}
+
+std::vector<int64_t> per_channel(const at::Tensor& x) { return {x.size(0), x.size(1)}; }
+std::vector<int64_t> per_pixel(const at::Tensor& x) { return {x.size(0), 1, x.size(2), x.size(3)}; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool(const at::Tensor& x_in) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  at::Tensor avg = at::empty(per_channel(x), x.options());
+  at::Tensor max = at::empty_like(avg);
+  at::Tensor argmax = at::empty(per_channel(x), x.options().dtype(at::kLong));
+  if (x.numel() > 0) kernels().channel_pool(x, avg, max, argmax);
+  return {avg, max, argmax};
+}
+
+at::Tensor channel_pool_backward(
+    const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
+    const at::Tensor& x_in) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  const auto shape = per_channel(x);
+  const at::Tensor ga = small(grad_avg, x, shape, "grad_avg");
+  const at::Tensor gm = small(grad_max, x, shape, "grad_max");
+  TORCH_CHECK_VALUE(argmax.sizes() == at::IntArrayRef(shape), "argmax: expected shape ", shape);
+  at::Tensor grad_x = empty_like_x(x);
+  if (x.numel() > 0) kernels().channel_pool_backward(ga, gm, argmax.contiguous(), grad_x);
+  return grad_x;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
+  at::Tensor mean = at::empty(per_pixel(x), x.options());
+  at::Tensor max = at::empty_like(mean);
+  at::Tensor argmax = at::empty(per_pixel(x), x.options().dtype(at::kLong));
+  if (x.numel() > 0) kernels().spatial_pool(x, scale, mean, max, argmax);
+  return {mean, max, argmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
+    const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
+    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  const auto shape = per_pixel(x);
+  const at::Tensor gmean = small(grad_mean, x, shape, "grad_mean");
+  const at::Tensor gmax = small(grad_max, x, shape, "grad_max");
+  TORCH_CHECK_VALUE(argmax.sizes() == at::IntArrayRef(shape), "argmax: expected shape ", shape);
+  const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
+  at::Tensor grad_x = empty_like_x(x);
+  at::Tensor grad_scale = at::empty(per_channel(x), x.options());
+  if (x.numel() > 0) {
+    kernels().spatial_pool_backward(gmean, gmax, argmax.contiguous(), x, scale, grad_x, grad_scale);
+  } else {
+    grad_scale.zero_();
+  }
+  if (!scale_in.has_value()) grad_scale = at::empty({0}, x.options());
+  return {grad_x, grad_scale};
+}
+
+at::Tensor gate_apply(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& channel_gate,
+    const std::optional<at::Tensor>& spatial_gate) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  const at::Tensor g = optional_or_ones(channel_gate, x, per_channel(x), "channel_gate");
+  const at::Tensor h = optional_or_ones(spatial_gate, x, per_pixel(x), "spatial_gate");
+  at::Tensor out = empty_like_x(x);
+  if (x.numel() > 0) kernels().gate_apply(x, g, h, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in,
+    const std::optional<at::Tensor>& channel_gate, const std::optional<at::Tensor>& spatial_gate) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  TORCH_CHECK_VALUE(
+      grad_out_in.sizes() == x.sizes(), "grad_out: expected shape ", x.sizes(), ", got ",
+      grad_out_in.sizes());
+  TORCH_CHECK_TYPE(
+      grad_out_in.scalar_type() == x.scalar_type(), "grad_out: expected dtype ", x.scalar_type(),
+      ", got ", grad_out_in.scalar_type());
+  const at::Tensor grad_out = grad_out_in.contiguous(format_of(x));
+  const at::Tensor g = optional_or_ones(channel_gate, x, per_channel(x), "channel_gate");
+  const at::Tensor h = optional_or_ones(spatial_gate, x, per_pixel(x), "spatial_gate");
+  at::Tensor grad_x = empty_like_x(x);
+  at::Tensor grad_g = at::zeros_like(g);
+  at::Tensor grad_h = at::zeros_like(h);
+  if (x.numel() > 0) kernels().gate_apply_backward(grad_out, x, g, h, grad_x, grad_g, grad_h);
+  if (!channel_gate.has_value()) grad_g = at::empty({0}, x.options());
+  if (!spatial_gate.has_value()) grad_h = at::empty({0}, x.options());
+  return {grad_x, grad_g, grad_h};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_cbam, CPU, m) {
+  m.impl("channel_pool", &channel_pool);
+  m.impl("channel_pool_backward", &channel_pool_backward);
+  m.impl("spatial_pool", &spatial_pool);
+  m.impl("spatial_pool_backward", &spatial_pool_backward);
+  m.impl("gate_apply", &gate_apply);
+  m.impl("gate_apply_backward", &gate_apply_backward);
+}
+
+}  // namespace fused_cbam::cpu

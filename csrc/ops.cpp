@@ -1,0 +1,35 @@
+// Operator schemas of the fused_cbam namespace, declared once; each backend adds kernels with
+// TORCH_LIBRARY_IMPL (csrc/cpu/, csrc/cuda/). Autograd and fake kernels live in Python
+// (fused_cbam/_registrations.py).
+//
+// x is [N, C, H, W] (NCHW or channels_last), P = H * W. Gates and scales have x's dtype.
+//   channel_pool(x)            -> avg [N, C], max [N, C] (x's dtype), argmax [N, C] int64 (index p)
+//   spatial_pool(x, scale?)    -> mean [N, 1, H, W], max [N, 1, H, W] (x's dtype), argmax int64
+//                                 (channel c) of y = x * scale[n, c]; y is never stored
+//   gate_apply(x, g?, h?)      -> x * g[n, c] * h[n, 0, h, w], in x's memory format
+// The backward operators return the gradient of x in x's memory format, and an empty tensor
+// for the gradient of an absent optional input.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An importable, empty Python module: importing it loads the operator registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fused_cbam, m) {
+  m.def("channel_pool(Tensor x) -> (Tensor avg, Tensor max, Tensor argmax)");
+  m.def(
+      "channel_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor argmax, Tensor x) -> Tensor");
+  m.def("spatial_pool(Tensor x, Tensor? scale) -> (Tensor mean, Tensor max, Tensor argmax)");
+  m.def(
+      "spatial_pool_backward(Tensor grad_mean, Tensor grad_max, Tensor argmax, Tensor x, "
+      "Tensor? scale) -> (Tensor grad_x, Tensor grad_scale)");
+  m.def("gate_apply(Tensor x, Tensor? channel_gate, Tensor? spatial_gate) -> Tensor");
+  m.def(
+      "gate_apply_backward(Tensor grad_out, Tensor x, Tensor? channel_gate, Tensor? spatial_gate) "
+      "-> (Tensor grad_x, Tensor grad_channel_gate, Tensor grad_spatial_gate)");
+}

@@ -1,0 +1,111 @@
+"""Fake (shape-only) kernels and autograd formulas of the operators.
+
+Every operator namespace that implements the fused_cbam operators (``fused_cbam`` for the
+C++/CUDA kernels, ``fused_cbam_triton`` for the Triton ones) gets the same registrations, so
+``torch.compile`` traces each of them, forward and backward, and ``opcheck`` passes.
+"""
+
+import torch
+from torch import Tensor
+
+_EMPTY = (0,)
+
+
+def _like_x(x: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _fake_channel_pool(x):
+    n, c = x.shape[:2]
+    return x.new_empty(n, c), x.new_empty(n, c), x.new_empty(n, c, dtype=torch.int64)
+
+
+def _fake_channel_pool_backward(grad_avg, grad_max, argmax, x):
+    return _like_x(x)
+
+
+def _fake_spatial_pool(x, scale):
+    n, _, h, w = x.shape
+    return x.new_empty(n, 1, h, w), x.new_empty(n, 1, h, w), x.new_empty(n, 1, h, w, dtype=torch.int64)
+
+
+def _fake_spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
+    grad_scale = x.new_empty(x.shape[:2]) if scale is not None else x.new_empty(_EMPTY)
+    return _like_x(x), grad_scale
+
+
+def _fake_gate_apply(x, channel_gate, spatial_gate):
+    return _like_x(x)
+
+
+def _fake_gate_apply_backward(grad_out, x, channel_gate, spatial_gate):
+    n, c, h, w = x.shape
+    grad_g = x.new_empty(n, c) if channel_gate is not None else x.new_empty(_EMPTY)
+    grad_h = x.new_empty(n, 1, h, w) if spatial_gate is not None else x.new_empty(_EMPTY)
+    return _like_x(x), grad_g, grad_h
+
+
+def _setup_channel_pool(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x, output[2])
+
+
+def _setup_spatial_pool(ctx, inputs, output):
+    x, scale = inputs
+    ctx.has_scale = scale is not None
+    ctx.save_for_backward(x, scale, output[2])
+
+
+def _setup_gate_apply(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _autograd(ops):
+    """Backward formulas that call the namespace's own backward operators."""
+
+    def channel_pool_backward(ctx, grad_avg, grad_max, _grad_argmax):
+        x, argmax = ctx.saved_tensors
+        return ops.channel_pool_backward(grad_avg, grad_max, argmax, x)
+
+    def spatial_pool_backward(ctx, grad_mean, grad_max, _grad_argmax):
+        x, scale, argmax = ctx.saved_tensors
+        grad_x, grad_scale = ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
+        return grad_x, grad_scale if ctx.has_scale else None
+
+    def gate_apply_backward(ctx, grad_out):
+        x, channel_gate, spatial_gate = ctx.saved_tensors
+        grad_x, grad_g, grad_h = ops.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
+        return (
+            grad_x,
+            grad_g if channel_gate is not None else None,
+            grad_h if spatial_gate is not None else None,
+        )
+
+    return {
+        "channel_pool": (channel_pool_backward, _setup_channel_pool),
+        "spatial_pool": (spatial_pool_backward, _setup_spatial_pool),
+        "gate_apply": (gate_apply_backward, _setup_gate_apply),
+    }
+
+
+_FAKES = {
+    "channel_pool": _fake_channel_pool,
+    "channel_pool_backward": _fake_channel_pool_backward,
+    "spatial_pool": _fake_spatial_pool,
+    "spatial_pool_backward": _fake_spatial_pool_backward,
+    "gate_apply": _fake_gate_apply,
+    "gate_apply_backward": _fake_gate_apply_backward,
+}
+
+
+def register(namespace: str) -> None:
+    """Register fake kernels for all six operators and autograd for the three forward ones."""
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    ops = getattr(torch.ops, namespace)
+    for name, (backward, setup_context) in _autograd(ops).items():
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)

@@ -1,0 +1,114 @@
+"""Backend choice: which implementation of the three fused operators serves a tensor.
+
+Every backend offers the same three calls, ``channel_pool(x) -> (avg, max)``,
+``spatial_pool(x, scale) -> (mean, max)`` and ``gate_apply(x, g, h) -> out``; the compiled and
+Triton ones are registered PyTorch operators with autograd, the reference is plain PyTorch.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from fused_cbam import _library, reference
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+
+class OperatorBackend:
+    """The operators of one namespace (``fused_cbam`` or ``fused_cbam_triton``)."""
+
+    def __init__(self, name: str, namespace: str):
+        self.name = name
+        self._ops = getattr(torch.ops, namespace)
+
+    def channel_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        avg, mx, _ = self._ops.channel_pool(x)
+        return avg, mx
+
+    def spatial_pool(self, x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+        mean, mx, _ = self._ops.spatial_pool(x, scale)
+        return mean, mx
+
+    def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
+        return self._ops.gate_apply(x, channel_gate, spatial_gate)
+
+
+class ReferenceBackend:
+    name = "reference"
+    channel_pool = staticmethod(reference.channel_pool)
+    spatial_pool = staticmethod(reference.spatial_pool)
+    gate_apply = staticmethod(reference.gate_apply)
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _unavailable_reason(backend: str) -> str | None:
+    """None when the backend can run on this machine, else why not."""
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda") and _library.LOAD_ERROR is not None:
+        return f"{_library.LOAD_ERROR}; {_library.REBUILD_HINT}"
+    if backend == "cpu" and not _library.has_kernels("CPU"):
+        return f"the compiled library has no CPU kernels; {_library.REBUILD_HINT}"
+    if backend == "cuda":
+        if not _library.has_kernels("CUDA"):
+            return (
+                "fused_cbam was built without its CUDA kernels; rebuild on a machine with the CUDA "
+                f"toolkit, with FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST set: {_library.REBUILD_HINT}"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if not (torch.cuda.is_available() or _triton_interpreted()):
+            return "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 for its CPU interpreter)"
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends usable on this machine, best first."""
+    return [b for b in ("cuda", "triton", "cpu", "reference") if _unavailable_reason(b) is None]
+
+
+@functools.cache
+def _backend(name: str):
+    if name == "reference":
+        return ReferenceBackend()
+    if name == "triton":
+        import fused_cbam.triton  # noqa: F401  (registers the fused_cbam_triton operators)
+
+        return OperatorBackend("triton", "fused_cbam_triton")
+    return OperatorBackend(name, "fused_cbam")
+
+
+def _auto(device: torch.device) -> str:
+    if device.type == "cuda":
+        for candidate in ("cuda", "triton"):
+            if _unavailable_reason(candidate) is None:
+                return candidate
+    elif device.type == "cpu" and _unavailable_reason("cpu") is None:
+        return "cpu"
+    return "reference"
+
+
+def resolve(backend: str, x: Tensor):
+    """The backend object that serves x, after checking it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = _auto(x.device)
+    reason = _unavailable_reason(backend)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
+    expected_device = {"cpu": "cpu", "cuda": "cuda", "triton": "cpu" if _triton_interpreted() else "cuda"}
+    if backend in expected_device and x.device.type != expected_device[backend]:
+        raise ValueError(
+            f"x: backend {backend!r} expects a {expected_device[backend]} tensor, got one on {x.device}"
+        )
+    return _backend(backend)

@@ -1,0 +1,62 @@
+"""Pure-PyTorch reference: the ground truth of every test and the ``"reference"`` backend.
+
+Written to be obviously correct, never to be fast. Float16/bfloat16 inputs are pooled and
+gated in float32 and rounded once at the end, which is also what the fused kernels do, so
+ties and maxima agree exactly across backends.
+
+Gradient of a max: the whole gradient goes to one element, the lowest index among the tied
+maxima (the first position ``h * W + w`` for channel pooling, the lowest channel for spatial
+pooling), as ``torch.max(dim)`` does. A NaN is the maximum wherever it appears, and the first
+NaN receives the gradient.
+"""
+
+import torch
+from torch import Tensor
+
+
+def _opmath(t: Tensor) -> Tensor:
+    """The dtype arithmetic is carried out in: float32 for 16-bit floats, else unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _first_max(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """Max along ``dim``; the gradient flows to the lowest index of the maximum (NaN first)."""
+    return t.max(dim=dim, keepdim=keepdim).values
+
+
+def channel_pool(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and max of each (n, c) plane over H x W: two [N, C] tensors in x's dtype."""
+    planes = _opmath(x).flatten(2)
+    return planes.mean(dim=2).to(x.dtype), _first_max(planes, dim=2).to(x.dtype)
+
+
+def spatial_pool(x: Tensor, channel_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mean and max over C of ``x * channel_scale[:, :, None, None]``: two [N, 1, H, W] tensors."""
+    y = _opmath(x)
+    if channel_scale is not None:
+        y = y * _opmath(channel_scale)[:, :, None, None]
+    return y.mean(dim=1, keepdim=True).to(x.dtype), _first_max(y, dim=1, keepdim=True).to(x.dtype)
+
+
+def gate_apply(x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
+    """``x * channel_gate[n, c] * spatial_gate[n, 0, h, w]``, either gate optional."""
+    out = _opmath(x)
+    if channel_gate is not None:
+        out = out * _opmath(channel_gate)[:, :, None, None]
+    if spatial_gate is not None:
+        out = out * _opmath(spatial_gate)
+    return out.to(x.dtype)
+
+
+def cbam(x: Tensor, mlp, spatial) -> Tensor:
+    """The official CBAM forward, unfused.
+
+    ``mlp`` maps an [N, C] pooled vector to [N, C] logits (it is applied to the mean and to the
+    max, and the two results are summed); ``spatial`` maps the [N, 2, H, W] stack [max, mean]
+    of the spatial maps to [N, 1, H, W] logits (conv + BN in the official layout).
+    """
+    avg, mx = channel_pool(x)
+    channel_gate = torch.sigmoid(mlp(avg) + mlp(mx))
+    s_mean, s_max = spatial_pool(x, channel_gate)
+    spatial_gate = torch.sigmoid(spatial(torch.cat([s_max, s_mean], dim=1)))
+    return gate_apply(x, channel_gate, spatial_gate)

@@ -1,0 +1,77 @@
+"""Triton implementation of the fused_cbam operators, in the namespace ``fused_cbam_triton``.
+
+Importing this package registers ``torch.ops.fused_cbam_triton.<op>`` for the six operators of
+``csrc/ops.cpp`` (same names, schemas and semantics as ``torch.ops.fused_cbam.<op>``), with the
+fake kernels and autograd formulas of ``fused_cbam._registrations`` shared by every namespace, so
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work on them.
+
+How this path differs from the C++/CUDA one:
+
+- dtypes: float16, bfloat16 and float32 only (all math in float32, rounded once to x's dtype);
+  float64 raises TypeError.
+- devices: CUDA tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set
+  before this package is imported), which is how CI tests it without a GPU.
+- block sizes and warps are autotuned per (N, C, P, dtype, memory format) on first use, which
+  costs time once per shape; under the interpreter there is a single fixed configuration.
+  Different configurations sum in a different order, so results may differ across shapes or
+  machines by float32 rounding (never in max/argmax, which are exact).
+- long reductions are split over several programs when N * C alone would not fill the GPU;
+  the float32 partial sums are added by a second launch in a fixed order. No atomics:
+  the backward is deterministic for a given configuration.
+- an empty reduction (H * W == 0 in channel_pool, C == 0 in spatial_pool) raises ValueError.
+
+Memory format: x may be NCHW-contiguous or channels_last; outputs shaped like x follow
+``_registrations._like_x`` (channels_last iff x is channels_last-contiguous and not contiguous).
+A channels_last x is read in place; any other layout is made contiguous first.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _registrations
+from . import channel_pool as _channel_pool
+from . import gate_apply as _gate_apply
+from . import spatial_pool as _spatial_pool
+
+NAMESPACE = "fused_cbam_triton"
+
+
+@torch.library.custom_op(f"{NAMESPACE}::channel_pool", mutates_args=())
+def _channel_pool_op(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _channel_pool.channel_pool(x)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::channel_pool_backward", mutates_args=())
+def _channel_pool_backward_op(grad_avg: Tensor, grad_max: Tensor, argmax: Tensor, x: Tensor) -> Tensor:
+    return _channel_pool.channel_pool_backward(grad_avg, grad_max, argmax, x)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::spatial_pool", mutates_args=())
+def _spatial_pool_op(x: Tensor, scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _spatial_pool.spatial_pool(x, scale)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::spatial_pool_backward", mutates_args=())
+def _spatial_pool_backward_op(
+    grad_mean: Tensor, grad_max: Tensor, argmax: Tensor, x: Tensor, scale: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    return _spatial_pool.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gate_apply", mutates_args=())
+def _gate_apply_op(x: Tensor, channel_gate: Optional[Tensor], spatial_gate: Optional[Tensor]) -> Tensor:
+    return _gate_apply.gate_apply(x, channel_gate, spatial_gate)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gate_apply_backward", mutates_args=())
+def _gate_apply_backward_op(
+    grad_out: Tensor, x: Tensor, channel_gate: Optional[Tensor], spatial_gate: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _gate_apply.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
+
+
+_registrations.register(NAMESPACE)
+
+ops = getattr(torch.ops, NAMESPACE)

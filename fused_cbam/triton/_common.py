@@ -1,0 +1,178 @@
+"""Helpers shared by the Triton kernel families.
+
+- Input checks and the (n, c, p) strides of x in either memory format.
+- Interpreter-aware autotuning: Triton's interpreter cannot benchmark, so it gets exactly one
+  configuration (small blocks, so that its tests run every loop and mask path).
+- How many programs share one long reduction (``num_splits``), and the deterministic second
+  pass that adds their float32 partial sums in a fixed order (no atomics anywhere).
+- The first-max rule as @triton.jit helpers: NaN is the maximum wherever it appears, and among
+  tied maxima (or NaNs) the lowest index wins, like ``torch.max(dim)``.
+"""
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._registrations import _is_channels_last, _like_x  # noqa: F401  (re-exported)
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Read once: @triton.jit picks the interpreter at decoration time too.
+INTERPRET = _interpreting()
+
+# A reduction is split over several programs only if each still reduces this many elements.
+_MIN_SPLIT_LENGTH = 16 if INTERPRET else 1024
+# Small launches (finalize passes over [N, C] or [N, P] partials).
+FINALIZE_BLOCK = 64 if INTERPRET else 1024
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autotune(gpu_configs, interpret_config, key):
+    """``triton.autotune`` over ``gpu_configs`` on a GPU, over ``[interpret_config]`` in the interpreter.
+
+    Configurations only change block shapes and warps; every kernel accumulates in float32, so the
+    choice changes results by rounding at most.
+    """
+    return triton.autotune(configs=[interpret_config] if INTERPRET else gpu_configs, key=key)
+
+
+def config(num_warps: int = 4, **blocks) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps)
+
+
+def check_x(x: torch.Tensor, op: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"fused_cbam_triton::{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fused_cbam_triton::{op}: the Triton backend supports float16, bfloat16 and float32, "
+            f"got {x.dtype}; use the fused_cbam C++/CUDA operators or fused_cbam.reference for it"
+        )
+    if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+        raise RuntimeError(
+            f"fused_cbam_triton::{op}: x is on {x.device}; the Triton kernels need CUDA tensors "
+            "(or CPU tensors with TRITON_INTERPRET=1 set before import)"
+        )
+
+
+def check_small(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str, dtype=None) -> torch.Tensor:
+    """A gate, scale or upstream gradient of x: right shape, dtype and device; returned contiguous."""
+    dtype = x.dtype if dtype is None else dtype
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"fused_cbam_triton::{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"fused_cbam_triton::{op}: {name} must have dtype {dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"fused_cbam_triton::{op}: {name} is on {t.device}, x on {x.device}")
+    return t.contiguous()
+
+
+def layout(x: torch.Tensor, like: torch.Tensor = None):
+    """``(x', channels_last, (stride_n, stride_c, stride_p))`` with x' in the memory format of ``like``.
+
+    ``like`` (default x) decides the format by the rule of ``_registrations._like_x``: channels_last
+    when it is channels_last-contiguous and not contiguous, else NCHW-contiguous; x' is x itself
+    when it already has that format (no copy of a channels_last x). P = H * W has a single stride
+    in both formats (1 for NCHW, C for channels_last), which is all the kernels use.
+    """
+    like = x if like is None else like
+    n, c, h, w = like.shape
+    p = h * w
+    if _is_channels_last(like):
+        return x.contiguous(memory_format=torch.channels_last), True, (p * c, 1, c)
+    return x.contiguous(), False, (c * p, p, 1)
+
+
+def device_guard(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits(x: torch.Tensor, rows: int, length: int) -> int:
+    """Programs per row for ``rows`` reductions of ``length`` elements each.
+
+    Aims at about four programs per SM in all (few rows of long reductions, e.g. small N, are
+    otherwise one program per SM at most), each still reducing ``_MIN_SPLIT_LENGTH`` elements.
+    ``rows`` is the number of programs without splitting (a guess where the block is autotuned).
+    """
+    target = 4 if INTERPRET or not x.is_cuda else 4 * _sm_count(x.device.index or 0)
+    want = triton.cdiv(target, max(rows, 1))
+    return max(1, min(want, length // _MIN_SPLIT_LENGTH))
+
+
+@triton.jit
+def split_range(split, num_splits, length, BLOCK: tl.constexpr):
+    """[start, end) of the ``split``-th of ``num_splits`` parts of [0, length), in whole BLOCKs."""
+    per = tl.cdiv(tl.cdiv(length, BLOCK), num_splits) * BLOCK
+    start = split * per
+    end = tl.minimum(length, start + per)
+    return start, end
+
+
+@triton.jit
+def first_max_merge(acc_val, acc_idx, val, idx):
+    """Fold (val, idx) into the running (max, argmax); val comes from higher indices than acc.
+
+    NaN beats everything and is never replaced; otherwise only a strictly larger value replaces
+    the running max, so ties keep the lowest index.
+    """
+    take = (acc_val == acc_val) & ((val != val) | (val > acc_val))
+    return tl.where(take, val, acc_val), tl.where(take, idx, acc_idx)
+
+
+@triton.jit
+def first_max_update(acc_val, acc_idx, v, valid, idx, AXIS: tl.constexpr):
+    """Fold a float32 block ``v`` (reduced along AXIS) into the running (max, argmax).
+
+    ``valid`` masks the block, ``idx`` (int32, broadcastable to v) is each element's index along
+    the reduced dimension. Blocks must arrive in increasing index order.
+    """
+    is_nan = (v != v) & valid
+    has_nan = tl.max(is_nan.to(tl.int32), axis=AXIS) > 0
+    nan_idx = tl.min(tl.where(is_nan, idx, 2147483647), axis=AXIS)
+    # NaN from the data itself (NaN + 0 + ... is NaN): no NaN literal in the kernel.
+    nan_val = tl.sum(tl.where(is_nan, v, 0.0), axis=AXIS)
+    ok = valid & (v == v)
+    vv = tl.where(ok, v, float("-inf"))
+    blk_max = tl.max(vv, axis=AXIS)
+    at_max = ok & (vv == tl.expand_dims(blk_max, AXIS))
+    max_idx = tl.min(tl.where(at_max, idx, 2147483647), axis=AXIS)
+    blk_val = tl.where(has_nan, nan_val, blk_max)
+    blk_idx = tl.where(has_nan, nan_idx, max_idx)
+    return first_max_merge(acc_val, acc_idx, blk_val, blk_idx)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, M, S, BLOCK: tl.constexpr):
+    """out[m] = sum over s = 0..S-1 of part[s, m] (float32, fixed order), rounded to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    acc = tl.zeros([BLOCK], tl.float32)
+    ptrs = part_ptr + offs
+    for _ in range(0, S):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += M
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Deterministic reduction of float32 ``partials`` [S, M] over S into ``out`` (M elements, contiguous)."""
+    s, m = partials.shape
+    if m:
+        _sum_partials_kernel[(triton.cdiv(m, FINALIZE_BLOCK),)](partials, out, m, s, BLOCK=FINALIZE_BLOCK)
+    return out

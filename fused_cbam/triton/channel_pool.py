@@ -1,0 +1,197 @@
+"""Channel pooling: mean, max and arg-max of each (n, c) plane over P = H * W, and its backward.
+
+Forward, two launches:
+1. ``_partial_kernel``: program (n, block of BLOCK_C channels, split) walks its part of P in
+   BLOCK_P chunks, keeping a float32 sum and the first max (NaN wins, lowest p on ties) in
+   registers; writes float32 partials [S, N * C].
+2. ``_finalize_kernel``: folds the S partials in split order (so the lowest p still wins) and
+   writes avg = sum / P and max in x's dtype, argmax in int64.
+S > 1 only when N * C alone would leave the GPU idle (see ``_common.num_splits``).
+
+Backward, one elementwise launch: dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c].
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    FINALIZE_BLOCK,
+    autotune,
+    check_small,
+    check_x,
+    config,
+    device_guard,
+    first_max_merge,
+    first_max_update,
+    layout,
+    num_splits,
+    split_range,
+    _like_x,
+)
+
+# Reduction over P: NCHW reads rows of P (long BLOCK_P); channels_last reads rows of C.
+_REDUCE_NCHW = [
+    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
+    config(BLOCK_C=2, BLOCK_P=512, num_warps=4),
+    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
+    config(BLOCK_C=4, BLOCK_P=512, num_warps=8),
+    config(BLOCK_C=8, BLOCK_P=256, num_warps=8),
+    config(BLOCK_C=16, BLOCK_P=128, num_warps=4),
+]
+_REDUCE_CL = [
+    config(BLOCK_C=32, BLOCK_P=32, num_warps=4),
+    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
+    config(BLOCK_C=64, BLOCK_P=32, num_warps=8),
+    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
+    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
+    config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
+]
+# Elementwise over [N, C, P].
+_POINTWISE_NCHW = [
+    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
+    config(BLOCK_C=2, BLOCK_P=1024, num_warps=8),
+    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
+    config(BLOCK_C=8, BLOCK_P=512, num_warps=8),
+]
+_POINTWISE_CL = [
+    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
+    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
+    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
+    config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
+]
+_INTERPRET_CONFIG = config(BLOCK_C=8, BLOCK_P=16)
+_KEY = ["N", "C", "P"]
+# Channels per program assumed by the split heuristic (the real BLOCK_C is autotuned).
+_ROWS_PER_PROGRAM = {False: 4, True: 64}
+
+
+@triton.jit
+def _partial_kernel(
+    x_ptr, psum_ptr, pmax_ptr, pidx_ptr,
+    N, C, P, stride_n, stride_c, stride_p, S,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    num_cblk = tl.cdiv(C, BLOCK_C)
+    n = (tl.program_id(0) // num_cblk).to(tl.int64)
+    offs_c = (tl.program_id(0) % num_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    split = tl.program_id(1)
+    start, end = split_range(split, S, P, BLOCK_P)
+
+    row_ptr = x_ptr + n * stride_n + offs_c.to(tl.int64)[:, None] * stride_c
+    acc_sum = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    acc_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    acc_idx = tl.zeros([BLOCK_C], tl.int32) + start
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = mask_c[:, None] & (offs_p < end)[None, :]
+        v = tl.load(row_ptr + offs_p.to(tl.int64)[None, :] * stride_p, mask=mask, other=0.0).to(tl.float32)
+        acc_sum += v
+        acc_max, acc_idx = first_max_update(acc_max, acc_idx, v, mask, offs_p[None, :], 1)
+
+    out = split.to(tl.int64) * N * C + n * C + offs_c
+    tl.store(psum_ptr + out, tl.sum(acc_sum, axis=1), mask=mask_c)
+    tl.store(pmax_ptr + out, acc_max, mask=mask_c)
+    tl.store(pidx_ptr + out, acc_idx, mask=mask_c)
+
+
+_partial_nchw = autotune(_REDUCE_NCHW, _INTERPRET_CONFIG, _KEY)(_partial_kernel)
+_partial_cl = autotune(_REDUCE_CL, _INTERPRET_CONFIG, _KEY)(_partial_kernel)
+
+
+@triton.jit
+def _finalize_kernel(
+    psum_ptr, pmax_ptr, pidx_ptr, avg_ptr, max_ptr, argmax_ptr, M, P, S, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    acc_sum = tl.load(psum_ptr + offs, mask=mask, other=0.0)
+    acc_max = tl.load(pmax_ptr + offs, mask=mask, other=0.0)
+    acc_idx = tl.load(pidx_ptr + offs, mask=mask, other=0)
+    for s in range(1, S):
+        at = s * M + offs
+        acc_sum += tl.load(psum_ptr + at, mask=mask, other=0.0)
+        val = tl.load(pmax_ptr + at, mask=mask, other=0.0)
+        idx = tl.load(pidx_ptr + at, mask=mask, other=0)
+        acc_max, acc_idx = first_max_merge(acc_max, acc_idx, val, idx)
+    tl.store(avg_ptr + offs, (acc_sum / P).to(avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(max_ptr + offs, acc_max.to(max_ptr.dtype.element_ty), mask=mask)
+    tl.store(argmax_ptr + offs, acc_idx.to(tl.int64), mask=mask)
+
+
+def channel_pool(x: torch.Tensor):
+    check_x(x, "channel_pool")
+    n, c, h, w = x.shape
+    p = h * w
+    avg = x.new_empty(n, c)
+    mx = x.new_empty(n, c)
+    argmax = x.new_empty(n, c, dtype=torch.int64)
+    if n * c == 0:
+        return avg, mx, argmax
+    if p == 0:
+        raise ValueError("fused_cbam_triton::channel_pool: max over an empty H x W plane")
+    x, cl, (sn, sc, sp) = layout(x)
+    splits = num_splits(x, n * c // _ROWS_PER_PROGRAM[cl], p)
+    psum = torch.empty(splits, n * c, device=x.device, dtype=torch.float32)
+    pmax = torch.empty_like(psum)
+    pidx = torch.empty(splits, n * c, device=x.device, dtype=torch.int32)
+    kernel = _partial_cl if cl else _partial_nchw
+
+    def grid(meta):
+        return (n * triton.cdiv(c, meta["BLOCK_C"]), splits)
+
+    with device_guard(x):
+        kernel[grid](x, psum, pmax, pidx, n, c, p, sn, sc, sp, splits)
+        _finalize_kernel[(triton.cdiv(n * c, FINALIZE_BLOCK),)](
+            psum, pmax, pidx, avg, mx, argmax, n * c, p, splits, BLOCK=FINALIZE_BLOCK
+        )
+    return avg, mx, argmax
+
+
+@triton.jit
+def _backward_kernel(
+    grad_avg_ptr, grad_max_ptr, argmax_ptr, dx_ptr,
+    N, C, P, stride_n, stride_c, stride_p,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    num_pblk = tl.cdiv(P, BLOCK_P)
+    num_cblk = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    n = (pid // (num_cblk * num_pblk)).to(tl.int64)
+    offs_c = (pid // num_pblk % num_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = (pid % num_pblk) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_c = offs_c < C
+    mask = mask_c[:, None] & (offs_p < P)[None, :]
+
+    ga = tl.load(grad_avg_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32) / P
+    gm = tl.load(grad_max_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    am = tl.load(argmax_ptr + n * C + offs_c, mask=mask_c, other=-1)
+    d = ga[:, None] + tl.where(offs_p[None, :] == am[:, None], gm[:, None], 0.0)
+    offs = n * stride_n + offs_c.to(tl.int64)[:, None] * stride_c + offs_p.to(tl.int64)[None, :] * stride_p
+    tl.store(dx_ptr + offs, d.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+_backward_nchw = autotune(_POINTWISE_NCHW, _INTERPRET_CONFIG, _KEY)(_backward_kernel)
+_backward_cl = autotune(_POINTWISE_CL, _INTERPRET_CONFIG, _KEY)(_backward_kernel)
+
+
+def channel_pool_backward(grad_avg, grad_max, argmax, x):
+    check_x(x, "channel_pool_backward")
+    n, c, h, w = x.shape
+    p = h * w
+    grad_avg = check_small(grad_avg, x, (n, c), "grad_avg", "channel_pool_backward")
+    grad_max = check_small(grad_max, x, (n, c), "grad_max", "channel_pool_backward")
+    argmax = check_small(argmax, x, (n, c), "argmax", "channel_pool_backward", dtype=torch.int64)
+    dx = _like_x(x)
+    if dx.numel() == 0:
+        return dx
+    _, cl, (sn, sc, sp) = layout(dx)
+    kernel = _backward_cl if cl else _backward_nchw
+
+    def grid(meta):
+        return (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),)
+
+    with device_guard(x):
+        kernel[grid](grad_avg, grad_max, argmax, dx, n, c, p, sn, sc, sp)
+    return dx

@@ -1,0 +1,202 @@
+"""Spatial pooling: mean, max and arg-max over C of y = x * scale[n, c], and its backward.
+
+Forward, one launch: program (n, block of BLOCK_P positions) walks C in BLOCK_C chunks, forms
+y in float32 (never stored) and keeps the float32 sum and the first max (NaN wins, lowest c on
+ties) in registers.
+
+Backward: w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
+grad_x = w * scale[n, c]; grad_scale[n, c] = sum_p w * x. Program (n, block of BLOCK_C channels,
+split) walks its part of P, writes grad_x and a float32 partial of grad_scale [S, N * C]; a second
+launch adds the S partials in a fixed order (``_common.sum_partials``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    autotune,
+    check_small,
+    check_x,
+    config,
+    device_guard,
+    first_max_update,
+    layout,
+    num_splits,
+    split_range,
+    sum_partials,
+    _like_x,
+)
+
+# Forward reduces over C: NCHW tiles are wide in P; channels_last tiles are tall in C.
+_FORWARD_NCHW = [
+    config(BLOCK_C=2, BLOCK_P=256, num_warps=4),
+    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
+    config(BLOCK_C=8, BLOCK_P=128, num_warps=4),
+    config(BLOCK_C=8, BLOCK_P=256, num_warps=8),
+    config(BLOCK_C=16, BLOCK_P=64, num_warps=4),
+]
+_FORWARD_CL = [
+    config(BLOCK_C=32, BLOCK_P=8, num_warps=4),
+    config(BLOCK_C=64, BLOCK_P=8, num_warps=4),
+    config(BLOCK_C=64, BLOCK_P=16, num_warps=8),
+    config(BLOCK_C=128, BLOCK_P=4, num_warps=4),
+    config(BLOCK_C=128, BLOCK_P=8, num_warps=8),
+]
+# Backward reduces over P (grad_scale) and writes grad_x.
+_BACKWARD_NCHW = [
+    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
+    config(BLOCK_C=2, BLOCK_P=512, num_warps=4),
+    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
+    config(BLOCK_C=4, BLOCK_P=512, num_warps=8),
+    config(BLOCK_C=8, BLOCK_P=256, num_warps=8),
+]
+_BACKWARD_CL = [
+    config(BLOCK_C=32, BLOCK_P=32, num_warps=4),
+    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
+    config(BLOCK_C=64, BLOCK_P=32, num_warps=8),
+    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
+    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
+]
+_INTERPRET_CONFIG = config(BLOCK_C=8, BLOCK_P=16)
+_KEY = ["N", "C", "P"]
+_ROWS_PER_PROGRAM = {False: 4, True: 64}
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, scale_ptr, mean_ptr, max_ptr, argmax_ptr,
+    N, C, P, stride_n, stride_c, stride_p,
+    HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    num_pblk = tl.cdiv(P, BLOCK_P)
+    n = (tl.program_id(0) // num_pblk).to(tl.int64)
+    offs_p = (tl.program_id(0) % num_pblk) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+
+    col_ptr = x_ptr + n * stride_n + offs_p.to(tl.int64)[None, :] * stride_p
+    acc_sum = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    acc_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    acc_idx = tl.zeros([BLOCK_P], tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask = mask_c[:, None] & mask_p[None, :]
+        y = tl.load(col_ptr + offs_c.to(tl.int64)[:, None] * stride_c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            y = y * s[:, None]
+        acc_sum += tl.where(mask, y, 0.0)
+        acc_max, acc_idx = first_max_update(acc_max, acc_idx, y, mask, offs_c[:, None], 0)
+
+    out = n * P + offs_p
+    tl.store(mean_ptr + out, (tl.sum(acc_sum, axis=0) / C).to(mean_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(max_ptr + out, acc_max.to(max_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(argmax_ptr + out, acc_idx.to(tl.int64), mask=mask_p)
+
+
+_forward_nchw = autotune(_FORWARD_NCHW, _INTERPRET_CONFIG, _KEY)(_forward_kernel)
+_forward_cl = autotune(_FORWARD_CL, _INTERPRET_CONFIG, _KEY)(_forward_kernel)
+
+
+def spatial_pool(x: torch.Tensor, scale):
+    check_x(x, "spatial_pool")
+    n, c, h, w = x.shape
+    p = h * w
+    if scale is not None:
+        scale = check_small(scale, x, (n, c), "scale", "spatial_pool")
+    mean = x.new_empty(n, 1, h, w)
+    mx = x.new_empty(n, 1, h, w)
+    argmax = x.new_empty(n, 1, h, w, dtype=torch.int64)
+    if n * p == 0:
+        return mean, mx, argmax
+    if c == 0:
+        raise ValueError("fused_cbam_triton::spatial_pool: max over an empty channel dimension")
+    x, cl, (sn, sc, sp) = layout(x)
+    kernel = _forward_cl if cl else _forward_nchw
+
+    def grid(meta):
+        return (n * triton.cdiv(p, meta["BLOCK_P"]),)
+
+    with device_guard(x):
+        kernel[grid](
+            x, x if scale is None else scale, mean, mx, argmax, n, c, p, sn, sc, sp, HAS_SCALE=scale is not None
+        )
+    return mean, mx, argmax
+
+
+@triton.jit
+def _backward_kernel(
+    grad_mean_ptr, grad_max_ptr, argmax_ptr, x_ptr, scale_ptr, dx_ptr, pscale_ptr,
+    N, C, P, stride_n, stride_c, stride_p, S,
+    HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    num_cblk = tl.cdiv(C, BLOCK_C)
+    n = (tl.program_id(0) // num_cblk).to(tl.int64)
+    offs_c = (tl.program_id(0) % num_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    split = tl.program_id(1)
+    start, end = split_range(split, S, P, BLOCK_P)
+
+    row_off = n * stride_n + offs_c.to(tl.int64)[:, None] * stride_c
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < end
+        mask = mask_c[:, None] & mask_p[None, :]
+        g_mean = tl.load(grad_mean_ptr + n * P + offs_p, mask=mask_p, other=0.0).to(tl.float32) / C
+        g_max = tl.load(grad_max_ptr + n * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        am = tl.load(argmax_ptr + n * P + offs_p, mask=mask_p, other=-1)
+        w = g_mean[None, :] + tl.where(offs_c[:, None] == am[None, :], g_max[None, :], 0.0)
+        offs = row_off + offs_p.to(tl.int64)[None, :] * stride_p
+        if HAS_SCALE:
+            xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, w * xv, 0.0)
+            dx = w * s[:, None]
+        else:
+            dx = w
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    if HAS_SCALE:
+        out = split.to(tl.int64) * N * C + n * C + offs_c
+        tl.store(pscale_ptr + out, tl.sum(acc, axis=1), mask=mask_c)
+
+
+_backward_nchw = autotune(_BACKWARD_NCHW, _INTERPRET_CONFIG, _KEY)(_backward_kernel)
+_backward_cl = autotune(_BACKWARD_CL, _INTERPRET_CONFIG, _KEY)(_backward_kernel)
+
+
+def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
+    op = "spatial_pool_backward"
+    check_x(x, op)
+    n, c, h, w = x.shape
+    p = h * w
+    grad_mean = check_small(grad_mean, x, (n, 1, h, w), "grad_mean", op)
+    grad_max = check_small(grad_max, x, (n, 1, h, w), "grad_max", op)
+    argmax = check_small(argmax, x, (n, 1, h, w), "argmax", op, dtype=torch.int64)
+    if scale is not None:
+        scale = check_small(scale, x, (n, c), "scale", op)
+        grad_scale = x.new_empty(n, c)
+    else:
+        grad_scale = x.new_empty(0)
+    dx = _like_x(x)
+    if dx.numel() == 0:
+        return dx, grad_scale.zero_()
+    x, cl, (sn, sc, sp) = layout(x)
+    splits = num_splits(x, n * c // _ROWS_PER_PROGRAM[cl], p)
+    pscale = torch.empty(splits, n * c, device=x.device, dtype=torch.float32) if scale is not None else dx
+    kernel = _backward_cl if cl else _backward_nchw
+
+    def grid(meta):
+        return (n * triton.cdiv(c, meta["BLOCK_C"]), splits)
+
+    with device_guard(x):
+        kernel[grid](
+            grad_mean, grad_max, argmax, x, x if scale is None else scale, dx, pscale,
+            n, c, p, sn, sc, sp, splits, HAS_SCALE=scale is not None,
+        )  # fmt: skip
+        if scale is not None:
+            sum_partials(pscale, grad_scale.view(-1))
+    return dx, grad_scale
