@@ -47,7 +47,7 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _unavailable_reason(backend: str) -> str | None:
+def _find_unavailable_reason(backend: str) -> str | None:
     """None when the backend can run on this machine, else why not."""
     if backend == "reference":
         return None
@@ -69,6 +69,14 @@ def _unavailable_reason(backend: str) -> str | None:
         if not (torch.cuda.is_available() or _triton_interpreted()):
             return "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 for its CPU interpreter)"
     return None
+
+
+# Decided once at import, so that resolving a backend inside torch.compile is plain Python.
+_UNAVAILABLE = {b: _find_unavailable_reason(b) for b in BACKENDS if b != "auto"}
+
+
+def _unavailable_reason(backend: str) -> str | None:
+    return _UNAVAILABLE[backend]
 
 
 def available_backends() -> list[str]:

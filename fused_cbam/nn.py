@@ -32,7 +32,7 @@ def fused_cbam_forward(x: Tensor, backend: str, channel_logits, spatial_logits, 
 
 class Flatten(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], -1)
+        return x.flatten(1)
 
 
 class BasicConv(nn.Module):
@@ -74,7 +74,7 @@ class ChannelGate(nn.Module):
         """Sum of the shared MLP over the pooled vectors, as one batched GEMM pair."""
         pooled = [{"avg": avg, "max": mx}[p] for p in self.pool_types]
         out = self.mlp(torch.cat(pooled, dim=0))
-        return out.reshape(len(pooled), avg.shape[0], -1).sum(dim=0)
+        return out.unflatten(0, (len(pooled), avg.shape[0])).sum(dim=0)
 
 
 class SpatialGate(nn.Module):

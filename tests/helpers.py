@@ -1,0 +1,64 @@
+"""Shared test helpers: backends under test, input makers, and comparisons that explain failures."""
+
+import pytest
+import torch
+
+import fused_cbam
+
+needs_cuda = pytest.mark.needs_cuda
+
+# (backend, device): every compiled backend with the device it runs on; cuda cases skip cleanly.
+COMPILED_BACKENDS = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("cuda", "cuda", id="cuda", marks=needs_cuda),
+]
+
+# Absolute tolerance per dtype, relative to the magnitude of the expected values.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# Shapes, each with why it is there.
+SHAPES = [
+    pytest.param((2, 3, 5, 7), id="small-odd"),
+    pytest.param((1, 1, 4, 4), id="C=1"),
+    pytest.param((3, 5, 1, 1), id="HW=1"),
+    pytest.param((2, 33, 7, 9), id="not-multiple-of-vector"),
+    pytest.param((2, 300, 3, 3), id="large-C-small-HW"),  # more channels than one CPU block (256)
+    pytest.param((1, 4, 45, 47), id="small-C-large-HW"),  # more pixels than one CPU block (1024)
+]
+
+FORMATS = ["nchw", "channels_last", "strided"]
+
+
+def make_input(shape, dtype, device, memory_format="nchw", requires_grad=False):
+    """Fresh random values in the given layout; "strided" is a non-contiguous slice view."""
+    if memory_format == "strided":
+        n, c, h, w = shape
+        x = torch.randn(n, c, h, 2 * w + 1, dtype=dtype, device=device)[..., 1::2]
+    else:
+        x = torch.randn(shape, dtype=dtype, device=device)
+        if memory_format == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
+
+
+def assert_close(actual, expected, atol, name="tensor"):
+    """Compare with an absolute tolerance scaled by the magnitude; print the worst elements."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double(), expected.double()
+    scale = max(1.0, expected.abs().nan_to_num().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs()
+    both_nan = actual.isnan() & expected.isnan()
+    err = torch.where(both_nan, torch.zeros_like(err), err.nan_to_num(nan=float("inf")))
+    if err.numel() == 0 or err.max().item() <= atol * scale:
+        return
+    worst = err.flatten().topk(min(5, err.numel())).indices
+    rows = [
+        f"  at {tuple(torch.unravel_index(i, err.shape))}: got {actual.flatten()[i].item():.6g}, "
+        f"expected {expected.flatten()[i].item():.6g}"
+        for i in worst
+    ]
+    raise AssertionError(f"{name}: max error {err.max().item():.3g} > {atol * scale:.3g}\n" + "\n".join(rows))
+
+
+def backend_available(backend):
+    return backend in fused_cbam.available_backends()

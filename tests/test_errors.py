@@ -1,0 +1,77 @@
+"""Bad input gets a TypeError/ValueError that names the argument and what was expected."""
+
+import pytest
+import torch
+
+import fused_cbam
+
+BACKENDS = ["reference"] + (["cpu"] if "cpu" in fused_cbam.available_backends() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "x,error,match",
+    [
+        (torch.randn(2, 3, 4), ValueError, r"x: expected a 4-D tensor \(N, C, H, W\)"),
+        (torch.randn(2, 3, 4, 4, 1), ValueError, r"\(N, C, H, W\)"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.int64), TypeError, "x: expected a floating-point dtype"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.bool), TypeError, "x: expected a floating-point dtype"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.complex64), TypeError, "x: expected a floating-point dtype"),
+        (torch.randn(2, 3, 0, 4), ValueError, "x: expected a non-empty spatial size"),
+        ([[1.0]], TypeError, "x: expected a torch.Tensor"),
+    ],
+)
+def test_bad_x(backend, x, error, match):
+    for call in (fused_cbam.channel_pool, fused_cbam.spatial_pool, fused_cbam.gate_apply):
+        with pytest.raises(error, match=match):
+            call(x, backend=backend)
+    with pytest.raises(error, match=match):
+        fused_cbam.nn.CBAM(3, reduction_ratio=1, backend=backend)(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channel_mismatch_names_both_numbers(backend):
+    with pytest.raises(ValueError, match="x: expected 32 channels.*got 16"):
+        fused_cbam.nn.CBAM(32, backend=backend)(torch.randn(2, 16, 5, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_scale_and_gates(backend):
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"channel_scale: expected shape \(2, 3\)"):
+        fused_cbam.spatial_pool(x, torch.rand(2, 4), backend=backend)
+    with pytest.raises(TypeError, match="channel_scale: expected a floating-point dtype"):
+        fused_cbam.spatial_pool(x, torch.ones(2, 3, dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match=r"spatial_gate: expected shape \(2, 1, 4, 5\)"):
+        fused_cbam.gate_apply(x, None, torch.rand(2, 1, 5, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"channel_gate: expected shape \(2, 3\)"):
+        fused_cbam.gate_apply(x, torch.rand(3, 2), backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_tensors_on_different_devices():
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="channel_scale: expected a tensor on cpu"):
+        fused_cbam.spatial_pool(x, torch.rand(2, 3, device="cuda"))
+
+
+def test_tensors_on_different_devices_meta():
+    """Without a GPU, a meta tensor stands in for the second device."""
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="channel_scale: expected a tensor on cpu"):
+        fused_cbam.spatial_pool(x, torch.rand(2, 3, device="meta"), backend="reference")
+
+
+def test_unknown_or_unavailable_backend():
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        fused_cbam.channel_pool(x, backend="fast")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        fused_cbam.nn.CBAM(16, backend="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+            fused_cbam.channel_pool(x, backend="cuda")
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in fused_cbam.available_backends()

@@ -1,0 +1,181 @@
+"""Every compiled operator against the reference: values, arg-max, gradients, gradcheck, opcheck."""
+
+import pytest
+import torch
+
+import fused_cbam
+from fused_cbam import reference
+from helpers import COMPILED_BACKENDS, FORMATS, SHAPES, TOLERANCE, assert_close, make_input
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _args(op, x):
+    """The per-sample tensors each operator takes besides x, fresh and random (never zeros)."""
+    n, c, h, w = x.shape
+    if op == "channel_pool":
+        return ()
+    scale = torch.rand(n, c, dtype=x.dtype, device=x.device) + 0.5
+    if op == "spatial_pool":
+        return (scale.requires_grad_(x.requires_grad),)
+    spatial = torch.rand(n, 1, h, w, dtype=x.dtype, device=x.device) + 0.5
+    return scale.requires_grad_(x.requires_grad), spatial.requires_grad_(x.requires_grad)
+
+
+def _run(op, backend, x, args):
+    fn = getattr(fused_cbam, op) if backend != "reference" else getattr(reference, op)
+    kwargs = {"backend": backend} if backend != "reference" else {}
+    out = fn(x, *args, **kwargs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+OPS = ["channel_pool", "spatial_pool", "gate_apply"]
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_and_backward_match_reference(backend, device, op, shape, memory_format, dtype):
+    x = make_input(shape, dtype, device, memory_format, requires_grad=True)
+    args = _args(op, x)
+    outs = _run(op, backend, x, args)
+    ref_x = x.detach().clone().requires_grad_()
+    ref_args = tuple(a.detach().clone().requires_grad_() for a in args)
+    ref_outs = _run(op, "reference", ref_x, ref_args)
+    atol = TOLERANCE[dtype]
+    for i, (out, ref) in enumerate(zip(outs, ref_outs)):
+        assert out.dtype == x.dtype
+        if op != "gate_apply" and i == 1:  # a max is exact in every dtype
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        else:
+            assert_close(out, ref, atol, f"{op} output {i}")
+    if op == "gate_apply":
+        expected_format = torch.channels_last if memory_format == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1 else torch.contiguous_format
+        assert outs[0].is_contiguous(memory_format=expected_format)
+
+    grads_out = [torch.randn_like(o) for o in outs]
+    inputs, ref_inputs = (x, *args), (ref_x, *ref_args)
+    grads = torch.autograd.grad(outs, inputs, grads_out)
+    ref_grads = torch.autograd.grad(ref_outs, ref_inputs, grads_out)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, rg, atol * 4, f"{op} grad of input {i}")
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ties_and_nan_follow_the_max_rule(backend, device, memory_format, dtype):
+    """Ties send the whole gradient to the lowest index; NaN is the max and its first copy wins."""
+    x = torch.randint(-2, 3, (2, 19, 6, 7), device=device).to(dtype)  # many ties
+    x[0, 3, 2, 4] = x[1, 5, 0, 0] = x[1, 5, 3, 3] = float("nan")
+    x[1, 7, 1, 1] = x[1, 9, 1, 1] = float("nan")
+    if memory_format == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    scale = torch.ones(2, 19, dtype=dtype, device=device)
+    ops = torch.ops.fused_cbam
+    _, cmax, cidx = ops.channel_pool(x)
+    _, smax, sidx = ops.spatial_pool(x, scale)
+    ref_c = reference._opmath(x).flatten(2).max(dim=2)
+    ref_s = reference._opmath(x).max(dim=1, keepdim=True)
+    torch.testing.assert_close(cmax, ref_c.values.to(dtype), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(cidx, ref_c.indices, rtol=0, atol=0)
+    torch.testing.assert_close(smax, ref_s.values.to(dtype), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(sidx, ref_s.indices, rtol=0, atol=0)
+    assert cidx[0, 3].item() == 2 * 7 + 4 and cidx[1, 5].item() == 0  # the first NaN wins
+    assert sidx[1, 0, 1, 1].item() == 7
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_gradcheck_float64(backend, device, op, memory_format):
+    x = make_input((2, 5, 3, 4), torch.float64, device, memory_format, requires_grad=True)
+    args = _args(op, x)
+    assert torch.autograd.gradcheck(lambda *t: _run(op, backend, *t[:1], t[1:]), (x, *args))
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_error_is_bounded_by_eager_error(backend, device, op, dtype):
+    """Against float64, the fused error is at most twice what eager PyTorch makes in that dtype."""
+    x = make_input((4, 64, 14, 14), dtype, device)
+    args = _args(op, x)
+    fused = _run(op, backend, x, args)
+    exact = _run(op, "reference", x.double(), tuple(a.double() for a in args))
+    eager = {
+        "channel_pool": lambda: (x.mean((2, 3)), x.amax((2, 3))),
+        "spatial_pool": lambda: ((x * args[0][:, :, None, None]).mean(1, keepdim=True),),
+        "gate_apply": lambda: (x * args[0][:, :, None, None] * args[1],),
+    }[op]()
+    for f, e, ex in zip(fused, eager, exact):
+        fused_err = (f.double() - ex).abs().max().item()
+        eager_err = (e.double() - ex).abs().max().item()
+        assert fused_err <= 2 * eager_err + 1e-6, f"{op}: fused error {fused_err:.3g} vs eager {eager_err:.3g}"
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_empty_batch(backend, device, op):
+    x = make_input((0, 4, 3, 5), torch.float32, device, requires_grad=True)
+    args = _args(op, x)
+    outs = _run(op, backend, x, args)
+    assert [tuple(o.shape) for o in outs] == [tuple(r.shape) for r in _run(op, "reference", x, args)]
+    grads = torch.autograd.grad(outs, (x, *args), [torch.ones_like(o) for o in outs])
+    assert [g.shape for g in grads] == [t.shape for t in (x, *args)]
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+def test_every_output_element_is_written(backend, device):
+    """Memory the allocator hands back is first filled with NaN; no NaN may survive."""
+    for _ in range(3):
+        torch.full((4, 32, 9, 9), float("nan"), device=device)
+    x = make_input((4, 32, 9, 9), torch.float32, device, "channels_last", requires_grad=True)
+    g, h = _args("gate_apply", x)
+    outs = [*torch.ops.fused_cbam.channel_pool(x), *torch.ops.fused_cbam.spatial_pool(x, g)]
+    outs.append(torch.ops.fused_cbam.gate_apply(x, g, h))
+    outs += torch.ops.fused_cbam.gate_apply_backward(torch.randn_like(x), x, g, h)
+    for out in outs:
+        assert not out.isnan().any()
+
+
+def _opcheck_cases(device):
+    """(operator, args) for all six operators, contiguous and channels_last, with and without grad."""
+    ops = torch.ops.fused_cbam
+    for memory_format in ("nchw", "channels_last"):
+        for requires_grad in (False, True):
+            x = make_input((2, 6, 3, 5), torch.float32, device, memory_format, requires_grad)
+            g, h = _args("gate_apply", x)
+            _, _, cidx = ops.channel_pool(x.detach())
+            mean, _, sidx = ops.spatial_pool(x.detach(), g.detach())
+            avg = torch.randn(2, 6, device=device)
+            yield ops.channel_pool.default, (x,)
+            yield ops.spatial_pool.default, (x, g)
+            yield ops.spatial_pool.default, (x, None)
+            yield ops.gate_apply.default, (x, g, h)
+            yield ops.gate_apply.default, (x, None, h)
+            if not requires_grad:
+                yield ops.channel_pool_backward.default, (avg, torch.randn_like(avg), cidx, x)
+                yield ops.spatial_pool_backward.default, (torch.randn_like(mean), torch.randn_like(mean), sidx, x, g)
+                yield ops.spatial_pool_backward.default, (torch.randn_like(mean), torch.randn_like(mean), sidx, x, None)
+                yield ops.gate_apply_backward.default, (torch.randn_like(x), x, g, h)
+                yield ops.gate_apply_backward.default, (torch.randn_like(x), x, g, None)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+def test_opcheck_every_operator(backend, device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+def test_every_operator_has_a_kernel_for_each_built_device():
+    from fused_cbam import _library
+
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_cbam::")]
+    assert len(names) == 6
+    keys = ["CPU"] + (["CUDA"] if _library.build_info().get("cuda") else [])
+    for name in names:
+        for key in keys:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"

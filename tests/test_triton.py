@@ -1,0 +1,343 @@
+"""Tests of the Triton operators ``torch.ops.fused_cbam_triton.*`` against ``fused_cbam.reference``.
+
+Without a GPU they run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be
+set before anything with @triton.jit is imported), where every kernel has one fixed, small
+block configuration, so the shapes below run each loop, mask and split path.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+pytest.importorskip("triton")
+
+import fused_cbam.triton  # noqa: E402,F401  (registers torch.ops.fused_cbam_triton)
+from fused_cbam import reference  # noqa: E402
+from fused_cbam._registrations import _like_x  # noqa: E402
+
+OPS = torch.ops.fused_cbam_triton
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Under the interpreter BLOCK_C = 8 and BLOCK_P = 16 (see fused_cbam/triton/*.py).
+SHAPES = [
+    (2, 3, 5, 7),  # odd sizes; P = 35 spans three BLOCK_P chunks and two splits of the P reductions
+    (1, 33, 3, 5),  # C not a multiple of BLOCK_C; a single split
+    (2, 1, 4, 4),  # C == 1: a channels_last tensor is also contiguous (treated as NCHW)
+    (3, 4, 1, 1),  # H == W == 1: P == 1
+    (0, 3, 4, 5),  # empty batch: nothing launched
+]
+if DEVICE == "cuda":
+    SHAPES.append((2, 40, 48, 48))  # long P reductions split over several programs with GPU blocks
+
+# (atol, rtol) per dtype; atol is scaled by the magnitude of the expected tensor.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FORMATS = ["nchw", "channels_last"]
+
+
+def _ids(values):
+    return ["x".join(map(str, v)) for v in values]
+
+
+def make_x(shape, dtype, fmt, requires_grad=False, values=None):
+    x = torch.randn(shape, device=DEVICE) if values is None else values
+    x = x.to(dtype)
+    if fmt == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
+
+
+def randn(*shape, dtype):
+    return torch.randn(shape, device=DEVICE).to(dtype)
+
+
+def gates(shape, dtype):
+    n, c, h, w = shape
+    g = torch.sigmoid(torch.randn(n, c, device=DEVICE)).to(dtype)
+    s = torch.sigmoid(torch.randn(n, 1, h, w, device=DEVICE)).to(dtype)
+    return g, s
+
+
+def assert_close(actual, expected, dtype, exact=False):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    if exact:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+        return
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, expected.float().abs().nan_to_num(0, 0, 0).max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True)
+
+
+def first_argmax(v, dim):
+    """Lowest index of the maximum along dim, NaN being the maximum (the rule of the reference)."""
+    v = v.float()
+    idx = torch.arange(v.shape[dim], device=v.device).view([-1 if d == dim else 1 for d in range(v.dim())])
+    big = torch.iinfo(torch.int64).max
+    nan = v.isnan()
+    at_max = v == torch.where(nan, float("-inf"), v).amax(dim, keepdim=True)
+    first_max = torch.where(at_max, idx, big).amin(dim)
+    first_nan = torch.where(nan, idx, big).amin(dim)
+    return torch.where(nan.any(dim), first_nan, first_max)
+
+
+def assert_format_like_x(t, x):
+    assert t.stride() == _like_x(x).stride(), (t.stride(), _like_x(x).stride())
+
+
+@pytest.fixture
+def poison():
+    """Fill every torch.empty with NaN (int: max) so that an unwritten output element shows."""
+    old = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward values
+
+
+def check_channel_pool(x):
+    avg, mx, argmax = OPS.channel_pool(x)
+    ref_avg, ref_max = reference.channel_pool(x)
+    assert_close(avg, ref_avg, x.dtype)
+    assert_close(mx, ref_max, x.dtype, exact=True)
+    assert argmax.dtype == torch.int64
+    torch.testing.assert_close(argmax, first_argmax(x.flatten(2), 2), rtol=0, atol=0)
+
+
+def check_spatial_pool(x, scale):
+    mean, mx, argmax = OPS.spatial_pool(x, scale)
+    ref_mean, ref_max = reference.spatial_pool(x, scale)
+    assert_close(mean, ref_mean, x.dtype)
+    assert_close(mx, ref_max, x.dtype, exact=True)
+    y = x.float() if scale is None else x.float() * scale.float()[:, :, None, None]
+    torch.testing.assert_close(argmax, first_argmax(y, 1).unsqueeze(1), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
+def test_forward(shape, dtype, fmt):
+    x = make_x(shape, dtype, fmt)
+    g, h = gates(shape, dtype)
+    check_channel_pool(x)
+    check_spatial_pool(x, g)
+    check_spatial_pool(x, None)
+    for cg, sg in [(g, h), (g, None), (None, h), (None, None)]:
+        out = OPS.gate_apply(x, cg, sg)
+        assert_format_like_x(out, x)
+        # Same float32 products in the same order as the reference: equal, not just close.
+        assert_close(out, reference.gate_apply(x, cg, sg), dtype, exact=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ties_and_infinities(dtype, fmt):
+    # Few distinct values: every max is tied many times; the lowest index must win.
+    shape = (2, 11, 5, 7)
+    values = torch.randint(-2, 3, shape, device=DEVICE).float()
+    values[0, 3] = float("-inf")  # a plane of -inf only: argmax 0
+    values[1, :, 2, 3] = float("inf")  # a position where every channel ties at +inf
+    x = make_x(shape, dtype, fmt, values=values)
+    scale = torch.randint(1, 3, (2, 11), device=DEVICE).to(dtype)
+    check_channel_pool(x)
+    check_spatial_pool(x, None)
+    check_spatial_pool(x, scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan(dtype, fmt):
+    shape = (2, 11, 5, 7)
+    values = torch.randn(shape, device=DEVICE)
+    values[0, 2, 4, 6] = float("nan")  # last position of a plane (last chunk)
+    values[1, 5, 0, 3] = float("nan")  # two NaNs in one plane and at one position: first wins
+    values[1, 5, 3, 1] = float("nan")
+    values[1, 9, 0, 3] = float("nan")
+    values[1, 0, 1, 1] = float("inf")  # +inf beside NaN in the plane below
+    values[1, 0, 4, 4] = float("nan")
+    x = make_x(shape, dtype, fmt, values=values)
+    check_channel_pool(x)
+    check_spatial_pool(x, None)
+    check_spatial_pool(x, torch.rand(2, 11, device=DEVICE).to(dtype))
+    # The gradient of the max goes to the first NaN, as in the reference.
+    x.requires_grad_(True)
+    gm = randn(2, 11, dtype=dtype)
+    (grad,) = torch.autograd.grad(OPS.channel_pool(x)[1], x, gm)
+    (ref_grad,) = torch.autograd.grad(reference.channel_pool(x)[1], x, gm)
+    assert_close(grad, ref_grad, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: autograd of the forward ops (which calls the *_backward ops) against the reference's
+# autograd, with the same random upstream gradients.
+
+
+def grads(outputs, inputs, upstream):
+    pairs = [(o, u) for o, u in zip(outputs, upstream) if u is not None]
+    wanted = [i for i in inputs if i is not None]
+    return torch.autograd.grad([o for o, _ in pairs], wanted, [u for _, u in pairs])
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
+def test_backward(shape, dtype, fmt):
+    n, c, h, w = shape
+    x = make_x(shape, dtype, fmt, requires_grad=True)
+    g, s = gates(shape, dtype)
+
+    up = (randn(n, c, dtype=dtype), randn(n, c, dtype=dtype))
+    (dx,) = grads(OPS.channel_pool(x)[:2], [x], up)
+    (ref_dx,) = grads(reference.channel_pool(x), [x], up)
+    assert_format_like_x(dx, x)
+    assert_close(dx, ref_dx, dtype)
+
+    up = (randn(n, 1, h, w, dtype=dtype), randn(n, 1, h, w, dtype=dtype))
+    for scale in (g.clone().requires_grad_(True), None):
+        got = grads(OPS.spatial_pool(x, scale)[:2], [x, scale], up)
+        want = grads(reference.spatial_pool(x, scale), [x, scale], up)
+        assert_format_like_x(got[0], x)
+        for a, b in zip(got, want):
+            assert_close(a, b, dtype)
+
+    dout = randn(*shape, dtype=dtype)
+    for cg, sg in [(g, s), (g, None), (None, s), (None, None)]:
+        cg = cg.clone().requires_grad_(True) if cg is not None else None
+        sg = sg.clone().requires_grad_(True) if sg is not None else None
+        for dout_fmt in FORMATS:  # grad_out in either memory format
+            d = make_x(shape, dtype, dout_fmt, values=dout)
+            got = grads([OPS.gate_apply(x, cg, sg)], [x, cg, sg], [d])
+            want = grads([reference.gate_apply(x, cg, sg)], [x, cg, sg], [d])
+            assert_format_like_x(got[0], x)
+            for a, b in zip(got, want):
+                assert_close(a, b, dtype)
+
+
+def test_backward_ops_direct():
+    """The *_backward ops called directly: shapes, empty gradients of absent inputs, formats."""
+    x = make_x((2, 3, 5, 7), torch.float32, "channels_last")
+    g, s = gates(x.shape, x.dtype)
+    _, _, am = OPS.spatial_pool(x, None)
+    dx, dscale = OPS.spatial_pool_backward(randn(2, 1, 5, 7, dtype=x.dtype), randn(2, 1, 5, 7, dtype=x.dtype), am, x, None)
+    assert dscale.shape == (0,) and dx.is_contiguous(memory_format=torch.channels_last)
+    dx, dg, dh = OPS.gate_apply_backward(torch.randn_like(x), x, None, None)
+    assert dg.shape == (0,) and dh.shape == (0,)
+    # With no gate, grad_x is grad_out itself (a new tensor, in x's format).
+    d = torch.randn(x.shape, device=DEVICE)
+    dx, _, _ = OPS.gate_apply_backward(d, x, None, None)
+    assert_format_like_x(dx, x)
+    torch.testing.assert_close(dx, d, rtol=0, atol=0)
+    assert dx.data_ptr() != d.data_ptr()
+    dx, dg, dh = OPS.gate_apply_backward(torch.randn_like(x), x, g, s)
+    assert dg.shape == (2, 3) and dh.shape == (2, 1, 5, 7)
+
+
+@pytest.mark.usefixtures("poison")
+def test_every_output_written():
+    """With torch.empty poisoned (NaN / int max), finite inputs must give finite outputs."""
+    for fmt in FORMATS:
+        for shape in [(2, 3, 5, 7), (1, 33, 3, 5)]:
+            x = make_x(shape, torch.float32, fmt)
+            n, c, h, w = shape
+            g, s = gates(shape, x.dtype)
+            outs = list(OPS.channel_pool(x)) + list(OPS.spatial_pool(x, g)) + [OPS.gate_apply(x, g, s)]
+            ga, gm = randn(n, c, dtype=x.dtype), randn(n, c, dtype=x.dtype)
+            outs.append(OPS.channel_pool_backward(ga, gm, outs[2], x))
+            gmean, gmax = randn(n, 1, h, w, dtype=x.dtype), randn(n, 1, h, w, dtype=x.dtype)
+            outs += list(OPS.spatial_pool_backward(gmean, gmax, outs[5], x, g))
+            outs += list(OPS.gate_apply_backward(torch.randn_like(x), x, g, s))
+            for o in outs:
+                assert o.isfinite().all()
+            assert int(outs[2].max()) < h * w and int(outs[5].max()) < c
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="float64"):
+        OPS.channel_pool(torch.randn(1, 2, 3, 3, device=DEVICE, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        x = torch.randn(1, 2, 3, 3, device=DEVICE)
+        OPS.gate_apply(x, torch.rand(1, 2, device=DEVICE, dtype=torch.float16), None)
+    with pytest.raises(ValueError, match="shape"):
+        OPS.spatial_pool(torch.randn(1, 2, 3, 3, device=DEVICE), torch.rand(1, 3, device=DEVICE))
+
+
+def test_non_contiguous_input():
+    # Neither NCHW nor channels_last: made contiguous first, results unchanged.
+    base = torch.randn(2, 5, 6, 7, device=DEVICE)
+    x = base[:, :, 1:5, ::2]
+    check_channel_pool(x)
+    check_spatial_pool(x, None)
+    g, s = gates(x.shape, x.dtype)
+    assert_close(OPS.gate_apply(x, g, s), reference.gate_apply(x, g, s), x.dtype, exact=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt, requires_grad):
+    shape = (2, 3, 2, 3)
+    x = make_x(shape, torch.float32, fmt, requires_grad=requires_grad)
+    g, s = gates(shape, x.dtype)
+    g.requires_grad_(requires_grad)
+    s.requires_grad_(requires_grad)
+    torch.library.opcheck(OPS.channel_pool, (x,))
+    torch.library.opcheck(OPS.spatial_pool, (x, g))
+    torch.library.opcheck(OPS.spatial_pool, (x, None))
+    torch.library.opcheck(OPS.gate_apply, (x, g, s))
+    torch.library.opcheck(OPS.gate_apply, (x, None, s))
+
+
+def test_opcheck_backward_ops():
+    shape = (2, 3, 2, 3)
+    x = make_x(shape, torch.float32, "channels_last")
+    g, s = gates(shape, x.dtype)
+    _, _, am_c = OPS.channel_pool(x)
+    _, _, am_s = OPS.spatial_pool(x, g)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(OPS.channel_pool_backward, (randn(2, 3, dtype=x.dtype), randn(2, 3, dtype=x.dtype), am_c, x), test_utils=utils)
+    up = (randn(2, 1, 2, 3, dtype=x.dtype), randn(2, 1, 2, 3, dtype=x.dtype))
+    torch.library.opcheck(OPS.spatial_pool_backward, (*up, am_s, x, g), test_utils=utils)
+    torch.library.opcheck(OPS.gate_apply_backward, (torch.randn_like(x), x, g, s), test_utils=utils)
+
+
+def _cbam_like(x, w_mlp, w_conv):
+    avg, mx, _ = OPS.channel_pool(x)
+    g = torch.sigmoid(avg @ w_mlp + mx @ w_mlp)
+    s_mean, s_max, _ = OPS.spatial_pool(x, g)
+    h = torch.sigmoid(torch.nn.functional.conv2d(torch.cat([s_max, s_mean], dim=1), w_conv, padding=1))
+    return OPS.gate_apply(x, g, h)
+
+
+def test_torch_compile():
+    torch._dynamo.reset()
+    x = make_x((2, 4, 5, 6), torch.float32, "channels_last", requires_grad=True)
+    w_mlp = torch.randn(4, 4, device=DEVICE, requires_grad=True)
+    w_conv = torch.randn(1, 2, 3, 3, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(_cbam_like, fullgraph=True)
+    dout = torch.randn(x.shape, device=DEVICE)
+    out = compiled(x, w_mlp, w_conv)
+    got = torch.autograd.grad(out, [x, w_mlp, w_conv], dout)
+    ref_out = _cbam_like(x, w_mlp, w_conv)
+    want = torch.autograd.grad(ref_out, [x, w_mlp, w_conv], dout)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
