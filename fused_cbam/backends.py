@@ -5,7 +5,6 @@ Every backend offers the same three calls, ``channel_pool(x) -> (avg, max)``,
 Triton ones are registered PyTorch operators with autograd, the reference is plain PyTorch.
 """
 
-import functools
 import importlib.util
 import os
 
@@ -43,8 +42,7 @@ class ReferenceBackend:
     gate_apply = staticmethod(reference.gate_apply)
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _find_unavailable_reason(backend: str) -> str | None:
@@ -66,7 +64,7 @@ def _find_unavailable_reason(backend: str) -> str | None:
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed (pip install triton)"
-        if not (torch.cuda.is_available() or _triton_interpreted()):
+        if not (torch.cuda.is_available() or _TRITON_INTERPRETED):
             return "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 for its CPU interpreter)"
     return None
 
@@ -84,15 +82,19 @@ def available_backends() -> list[str]:
     return [b for b in ("cuda", "triton", "cpu", "reference") if _unavailable_reason(b) is None]
 
 
-@functools.cache
-def _backend(name: str):
-    if name == "reference":
-        return ReferenceBackend()
-    if name == "triton":
-        import fused_cbam.triton  # noqa: F401  (registers the fused_cbam_triton operators)
+_INSTANCES = {
+    "reference": ReferenceBackend(),
+    "cpu": OperatorBackend("cpu", "fused_cbam"),
+    "cuda": OperatorBackend("cuda", "fused_cbam"),
+}
 
-        return OperatorBackend("triton", "fused_cbam_triton")
-    return OperatorBackend(name, "fused_cbam")
+
+def _backend(name: str):
+    if name not in _INSTANCES:  # triton: its operators are registered on first use
+        import fused_cbam.triton  # noqa: F401
+
+        _INSTANCES[name] = OperatorBackend("triton", "fused_cbam_triton")
+    return _INSTANCES[name]
 
 
 def _auto(device: torch.device) -> str:
@@ -114,7 +116,7 @@ def resolve(backend: str, x: Tensor):
     reason = _unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
-    expected_device = {"cpu": "cpu", "cuda": "cuda", "triton": "cpu" if _triton_interpreted() else "cuda"}
+    expected_device = {"cpu": "cpu", "cuda": "cuda", "triton": "cpu" if _TRITON_INTERPRETED else "cuda"}
     if backend in expected_device and x.device.type != expected_device[backend]:
         raise ValueError(
             f"x: backend {backend!r} expects a {expected_device[backend]} tensor, got one on {x.device}"
