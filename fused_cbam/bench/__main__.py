@@ -1,0 +1,173 @@
+"""python -m fused_cbam.bench: correctness gate, then speed, memory and bandwidth of the CBAM
+block and of each operator, for every provider available on the device, recorded and plotted."""
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fused_cbam.bench import providers as prov
+from fused_cbam.bench import record, report, timing
+
+RESNET50_SHAPES = ["256x56x56", "512x28x28", "1024x14x14", "2048x7x7"]
+YOLO_NECK_SHAPES = ["128x80x80"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GATE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+L2_BYTES = 60 * 2**20  # enough rotating inputs to leave the largest Hopper L2 cold
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m fused_cbam.bench", description=__doc__)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--shapes", help="comma-separated CxHxW (default: ResNet-50's CBAM blocks and a YOLO neck)")
+    p.add_argument("--batch", type=int, help="default: 64 on GPU, 8 on CPU")
+    p.add_argument("--backends", help="comma-separated providers to run (default: all available)")
+    p.add_argument("--formats", default="channels_last,nchw", help="channels_last and/or nchw")
+    p.add_argument("--quick", action="store_true", help="two shapes, shorter timing, no per-operator table")
+    p.add_argument("--out", default="benchmarks/results", help="folder of the record and the plot")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    gpu = args.device.type == "cuda"
+    args.dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
+    default_shapes = RESNET50_SHAPES[1:3] if args.quick else RESNET50_SHAPES + YOLO_NECK_SHAPES
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes.split(",") if args.shapes else default_shapes)]
+    args.batch = args.batch or (64 if gpu else 8)
+    args.formats = args.formats.split(",")
+    args.backends = args.backends.split(",") if args.backends else None
+    return args
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.device = args.device
+        gpu = self.device.type == "cuda"
+        min_run_time = 0.2 if args.quick else 1.0
+        reps = 20 if args.quick else 100
+        self._time_cpu = lambda fn: timing.time_cpu(fn, min_run_time)
+        self._time_cuda = lambda fn, buffers: timing.time_cuda(fn, buffers, reps)
+        self.gpu = gpu
+
+    def time(self, fn, x_bytes=0):
+        """fn(i) runs one call on rotating input i."""
+        if self.gpu:
+            return self._time_cuda(fn, self.buffers(x_bytes))
+        return self._time_cpu(fn)
+
+    def buffers(self, x_bytes):
+        return 1 if not self.gpu or x_bytes == 0 else max(2, math.ceil(2 * L2_BYTES / x_bytes) + 1)
+
+
+def _max_error(actual, expected):
+    scale = max(1.0, expected.abs().max().item())
+    return ((actual.float() - expected.float()).abs().max().item()) / scale
+
+
+def correctness_gate(module, ref, x, grad):
+    """Relative max errors of the forward output (eval) and the input gradient (train)."""
+    errors = {}
+    for train in (False, True):
+        module.train(train), ref.train(train)
+        xa, xr = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        out, expected = module(xa), ref(xr)
+        if train:
+            out.backward(grad), expected.backward(grad)
+            errors["grad"] = _max_error(xa.grad, xr.grad)
+        else:
+            errors["forward"] = _max_error(out, expected)
+    return errors
+
+
+def bench_block(runner, providers, shape, fmt, env):
+    args, device = runner.args, runner.device
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    c, h, w = shape
+    ref = prov.reference_module(c, device, args.dtype)
+    x = torch.randn(args.batch, c, h, w, device=device, dtype=args.dtype).to(memory_format=memory_format)
+    grad = torch.randn_like(x)
+    x_bytes = x.numel() * x.element_size()
+    xs = [x.clone() for _ in range(runner.buffers(x_bytes))]
+    x_grads = [t.clone().requires_grad_() for t in xs]
+    rows = []
+    for provider in providers:
+        module = provider.make(ref)
+        base = dict(env, dtype=str(args.dtype).removeprefix("torch."), format=fmt, batch=args.batch,
+                    shape=f"{c}x{h}x{w}", provider=provider.name, kind=provider.kind, target="cbam")
+        if provider.kind == "fused":
+            errors = correctness_gate(module, ref, x, grad)
+            if max(errors.values()) > GATE_TOLERANCE[args.dtype]:
+                tqdm.write(f"REFUSED {provider.name} at {base['shape']} {fmt}: errors {errors} exceed {GATE_TOLERANCE[args.dtype]}")
+                rows.append(dict(base, mode="refused", **errors))
+                continue
+        module.eval()
+        with torch.no_grad():
+            fwd = runner.time(lambda i: module(xs[i]), x_bytes)
+        module.train()
+
+        def step(i):
+            module(x_grads[i]).backward(grad)
+
+        fwd_bwd = runner.time(step, x_bytes)
+        saved = timing.saved_bytes(lambda: module(x_grads[0]))
+        peak = timing.peak_bytes(lambda: step(0), device, compiled=provider.name.startswith("compile"))
+        rows.append(dict(base, mode="forward", **fwd))
+        rows.append(dict(base, mode="forward+backward", **fwd_bwd, saved_bytes=saved, saved_over_x=saved / x_bytes, peak_bytes=peak))
+    return rows
+
+
+def bench_operators(runner, shape, fmt, env, bandwidth, backends):
+    args, device = runner.args, runner.device
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    c, h, w = shape
+    x = torch.randn(args.batch, c, h, w, device=device, dtype=args.dtype).to(memory_format=memory_format)
+    g = torch.rand(args.batch, c, device=device, dtype=args.dtype)
+    s = torch.rand(args.batch, 1, h, w, device=device, dtype=args.dtype)
+    x_bytes = x.numel() * x.element_size()
+    xs = [x.clone() for _ in range(runner.buffers(x_bytes))]
+    rows = []
+    for backend in backends:
+        for op, fn in prov.operator_calls(backend).items():
+            with torch.no_grad():
+                t = runner.time(lambda i: fn(xs[i], g, s), x_bytes)
+            moved = prov.operator_bytes(op, x)
+            achieved = moved / (t["median_ms"] / 1e3)
+            rows.append(dict(env, dtype=str(args.dtype).removeprefix("torch."), format=fmt, batch=args.batch,
+                             shape=f"{c}x{h}x{w}", provider=backend, target=op, mode="forward", **t,
+                             bytes=moved, bandwidth=achieved, bandwidth_fraction=achieved / bandwidth))
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    env = record.environment(args.device)
+    runner = Runner(args)
+    providers = prov.providers(args.device, args.backends)
+    bandwidth = timing.copy_bandwidth(args.device, lambda fn: runner.time(fn))
+    env["copy_bandwidth"] = bandwidth
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']}")
+    print(f"dtype {args.dtype} | batch {args.batch} | copy bandwidth {bandwidth / 1e9:.1f} GB/s | providers {[p.name for p in providers]}")
+    op_backends = [p.name for p in providers if p.kind == "fused"]
+    op_backends = (["reference"] if any(p.name == "reference" for p in providers) else []) + op_backends
+    jobs = [(shape, fmt) for fmt in args.formats for shape in args.shapes]
+    rows = []
+    for shape, fmt in tqdm(jobs, desc="benchmark", unit="shape"):
+        rows += bench_block(runner, providers, shape, fmt, env)
+        if not args.quick:
+            rows += bench_operators(runner, shape, fmt, env, bandwidth, op_backends)
+    out_dir = Path(args.out)
+    path = record.record_path(out_dir, env)
+    record.append(path, rows)
+    print(report.block_table(rows))
+    if not args.quick:
+        print(report.operator_table(rows))
+    plot = report.plot(rows, out_dir / path.with_suffix(".png").name)
+    print(f"record: {path}\nplot: {plot}")
+
+
+if __name__ == "__main__":
+    main()

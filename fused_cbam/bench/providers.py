@@ -1,0 +1,94 @@
+"""What gets timed: the CBAM block as each provider runs it, and each operator alone."""
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+import fused_cbam
+from fused_cbam import reference
+
+
+@dataclass
+class Provider:
+    name: str
+    kind: str  # "baseline" or "fused"
+    make: Callable[[nn.Module], nn.Module]  # from the reference module (same weights where possible)
+
+
+def _fused(backend: str) -> Callable[[nn.Module], nn.Module]:
+    def make(ref: nn.Module) -> nn.Module:
+        module = fused_cbam.nn.CBAM(ref.ChannelGate.gate_channels, backend=backend)
+        module.load_state_dict(ref.state_dict())
+        return module.to(next(ref.parameters()))
+
+    return make
+
+
+def _timm(ref: nn.Module) -> nn.Module:
+    from timm.layers.cbam import CbamModule
+
+    return CbamModule(ref.ChannelGate.gate_channels).to(next(ref.parameters()))
+
+
+def _compiled(mode: str) -> Callable[[nn.Module], nn.Module]:
+    return lambda ref: torch.compile(ref, mode=mode)
+
+
+def providers(device: torch.device, names: list[str] | None) -> list[Provider]:
+    """Every provider usable here, the baselines first; ``names`` keeps only those listed."""
+    found = [Provider("reference", "baseline", lambda ref: ref)]
+    if importlib.util.find_spec("timm") is not None:
+        found.append(Provider("timm", "baseline", _timm))
+    found.append(Provider("compile", "baseline", _compiled("default")))
+    if device.type == "cuda":
+        found.append(Provider("compile-max-autotune", "baseline", _compiled("max-autotune-no-cudagraphs")))
+    for backend in fused_cbam.available_backends():
+        runs_here = {"cpu": device.type == "cpu", "cuda": device.type == "cuda", "triton": device.type == "cuda"}
+        if runs_here.get(backend, False):
+            found.append(Provider(backend, "fused", _fused(backend)))
+    if names:
+        unknown = set(names) - {p.name for p in found}
+        if unknown:
+            raise SystemExit(f"--backends: {sorted(unknown)} not available here; choose from {[p.name for p in found]}")
+        found = [p for p in found if p.name in names]
+    return found
+
+
+def reference_module(channels: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The official layout on the reference backend, with non-trivial weights."""
+    module = fused_cbam.nn.CBAM(channels, backend="reference")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return module.to(device=device, dtype=dtype)
+
+
+def operator_calls(backend: str) -> dict[str, Callable[[Tensor, Tensor, Tensor], object]]:
+    """Each operator alone, called as ``fn(x, channel_gate, spatial_gate)``."""
+    if backend == "reference":
+        pool_c, pool_s, gate = reference.channel_pool, reference.spatial_pool, reference.gate_apply
+        return {
+            "channel_pool": lambda x, g, h: pool_c(x),
+            "spatial_pool": lambda x, g, h: pool_s(x, g),
+            "gate_apply": lambda x, g, h: gate(x, g, h),
+        }
+    return {
+        "channel_pool": lambda x, g, h: fused_cbam.channel_pool(x, backend=backend),
+        "spatial_pool": lambda x, g, h: fused_cbam.spatial_pool(x, g, backend=backend),
+        "gate_apply": lambda x, g, h: fused_cbam.gate_apply(x, g, h, backend=backend),
+    }
+
+
+def operator_bytes(op: str, x: Tensor) -> int:
+    """The bytes an operator must move: each input read once, each output written once."""
+    n, c, h, w = x.shape
+    e, big = x.element_size(), x.numel() * x.element_size()
+    per_channel, per_pixel = n * c * e, n * h * w * e
+    return {
+        "channel_pool": big + 2 * per_channel,
+        "spatial_pool": big + per_channel + 2 * per_pixel,
+        "gate_apply": 2 * big + per_channel + per_pixel,
+    }[op]

@@ -1,0 +1,98 @@
+"""Timing and memory measurements, one method per device, each returning plain numbers."""
+
+import statistics
+from typing import Callable
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def _quantiles(samples: list[float]) -> dict[str, float]:
+    """Median and the 20%/80% quantiles, in milliseconds."""
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+    return {"median_ms": statistics.median(samples) * 1e3, "p20_ms": q[1] * 1e3, "p80_ms": q[7] * 1e3}
+
+
+def time_cpu(fn: Callable[[int], object], min_run_time: float) -> dict[str, float]:
+    """torch.utils.benchmark on the CPU; each sample is one call (the input index is ignored)."""
+    timer = benchmark.Timer("fn(0)", globals={"fn": fn})
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return _quantiles([t for t in measurement.times])
+
+
+def time_cuda(fn: Callable[[int], object], buffers: int, reps: int, warmup: int = 5) -> dict[str, float]:
+    """CUDA events around each call; calls rotate among ``buffers`` input copies so that the
+    inputs of one call are not in L2 from the call before."""
+    for i in range(warmup):
+        fn(i % buffers)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fn(i % buffers)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return _quantiles([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after ``fn()``."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+class _LiveStorageTracker(TorchDispatchMode):
+    """Follows the storages that operators create (until they die) and their peak total."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+
+def peak_bytes(fn: Callable[[], None], device: torch.device, compiled: bool) -> int | None:
+    """Peak memory allocated during ``fn()`` above what was allocated before it. On the CPU,
+    the storages that operators create are followed; compiled code is not seen that way (None)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    if compiled:
+        return None
+    with _LiveStorageTracker() as tracker:
+        fn()
+    return tracker.peak
+
+
+def copy_bandwidth(device: torch.device, time: Callable) -> float:
+    """The device's copy bandwidth in bytes/s (bytes read + written), measured on 256 MiB."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    median_ms = time(lambda _: dst.copy_(src))["median_ms"]
+    return 2 * src.numel() * src.element_size() / (median_ms / 1e3)
