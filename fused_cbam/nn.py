@@ -11,23 +11,41 @@ from fused_cbam import backends
 from fused_cbam.ops import check_input
 
 
-def fused_cbam_forward(x: Tensor, backend: str, channel_logits, spatial_logits, pool_order) -> Tensor:
+def fused_cbam_forward(
+    x: Tensor, backend: str, channel_logits, spatial_logits, pool_order
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """The fused CBAM core that every layout shares.
 
     ``channel_logits(avg, max) -> [N, C]`` is the layout's channel MLP; ``spatial_logits(maps)``
     maps the [N, 2, H, W] stack of spatial maps (in ``pool_order``, e.g. ("max", "mean")) to
     [N, 1, H, W] logits, or is None for a channel-only block. x is read three times and written
-    once; nothing full-size but x is kept for backward.
+    once; nothing full-size but x is kept for backward. Returns the output and the two gates
+    (the spatial one None for a channel-only block).
     """
     ops = backends.resolve(backend, x)
     avg, mx = ops.channel_pool(x)
     channel_gate = torch.sigmoid(channel_logits(avg, mx)).to(x.dtype)
     if spatial_logits is None:
-        return ops.gate_apply(x, channel_gate, None)
+        return ops.gate_apply(x, channel_gate, None), channel_gate, None
     s_mean, s_max = ops.spatial_pool(x, channel_gate)
     maps = {"mean": s_mean, "max": s_max}
-    spatial_gate = torch.sigmoid(spatial_logits(torch.cat([maps[k] for k in pool_order], dim=1)))
-    return ops.gate_apply(x, channel_gate, spatial_gate.to(x.dtype))
+    spatial_gate = torch.sigmoid(spatial_logits(torch.cat([maps[k] for k in pool_order], dim=1))).to(x.dtype)
+    return ops.gate_apply(x, channel_gate, spatial_gate), channel_gate, spatial_gate
+
+
+class GateInspection:
+    """Lets a module hand back its last gates: set ``keep_gates = True`` and, after a forward,
+    read ``last_channel_gate`` ([N, C]) and ``last_spatial_gate`` ([N, 1, H, W], sigmoid map;
+    None for a channel-only block). Nothing is kept, and nothing costs, when it is False."""
+
+    keep_gates: bool = False
+    last_channel_gate: Tensor | None = None
+    last_spatial_gate: Tensor | None = None
+
+    def _keep(self, channel_gate: Tensor, spatial_gate: Tensor | None) -> None:
+        if self.keep_gates:
+            self.last_channel_gate = channel_gate.detach()
+            self.last_spatial_gate = None if spatial_gate is None else spatial_gate.detach()
 
 
 class Flatten(nn.Module):
@@ -85,7 +103,7 @@ class SpatialGate(nn.Module):
         self.spatial = BasicConv(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, relu=False)
 
 
-class CBAM(nn.Module):
+class CBAM(GateInspection, nn.Module):
     """Drop-in fused replacement of the official ``CBAM(gate_channels, reduction_ratio, pool_types, no_spatial)``."""
 
     def __init__(self, gate_channels, reduction_ratio=16, pool_types=("avg", "max"), no_spatial=False, *, backend="auto"):
@@ -104,4 +122,8 @@ class CBAM(nn.Module):
         if x.shape[1] != channels:
             raise ValueError(f"x: expected {channels} channels (the module's gate_channels), got {x.shape[1]}")
         spatial = None if self.no_spatial else self.SpatialGate.spatial
-        return fused_cbam_forward(x, self.backend, self.ChannelGate.logits, spatial, SpatialGate.pool_order)
+        out, channel_gate, spatial_gate = fused_cbam_forward(
+            x, self.backend, self.ChannelGate.logits, spatial, SpatialGate.pool_order
+        )
+        self._keep(channel_gate, spatial_gate)
+        return out

@@ -114,3 +114,16 @@ def test_torch_compile_fullgraph_forward_and_backward(backend, device):
     ref.sum().backward()
     assert_close(out, ref, 1e-5, "output")
     assert_close(x.grad, x_ref.grad, 1e-5, "grad of x")
+
+
+def test_last_gates_are_kept_only_when_asked():
+    _, fused = _pair(16, "reference", "cpu")
+    x = make_input((2, 16, 5, 6), torch.float32, "cpu")
+    fused(x)
+    assert fused.last_channel_gate is None and fused.last_spatial_gate is None
+    fused.keep_gates = True
+    out = fused(x)
+    g, h = fused.last_channel_gate, fused.last_spatial_gate
+    assert g.shape == (2, 16) and h.shape == (2, 1, 5, 6) and not g.requires_grad
+    assert ((h > 0) & (h < 1)).all()
+    assert_close(out, x * g[:, :, None, None] * h, 1e-6, "output from the kept gates")
