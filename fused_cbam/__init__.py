@@ -8,5 +8,6 @@ if _library.LOAD_ERROR is None:
     _registrations.register("fused_cbam")
 
 from fused_cbam import nn  # noqa: E402  (nn uses the operators registered above)
+from fused_cbam.convert import convert  # noqa: E402  (the function; its module stays in sys.modules)
 
-__all__ = ["available_backends", "channel_pool", "gate_apply", "nn", "spatial_pool"]
+__all__ = ["available_backends", "channel_pool", "convert", "gate_apply", "nn", "spatial_pool"]

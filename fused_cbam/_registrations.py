@@ -12,7 +12,8 @@ _EMPTY = (0,)
 
 
 def _like_x(x: Tensor) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+    memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=memory_format)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -64,20 +65,33 @@ def _setup_gate_apply(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _refuse_double_backward(*tensors) -> None:
+    """The backward operators have no derivatives of their own: say so instead of returning
+    gradients that silently lack their second-order terms."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "fused_cbam operators do not support double backward (create_graph=True); "
+            "use backend='reference' for higher-order gradients"
+        )
+
+
 def _autograd(ops):
     """Backward formulas that call the namespace's own backward operators."""
 
     def channel_pool_backward(ctx, grad_avg, grad_max, _grad_argmax):
         x, argmax = ctx.saved_tensors
+        _refuse_double_backward(grad_avg, grad_max, x)
         return ops.channel_pool_backward(grad_avg, grad_max, argmax, x)
 
     def spatial_pool_backward(ctx, grad_mean, grad_max, _grad_argmax):
         x, scale, argmax = ctx.saved_tensors
+        _refuse_double_backward(grad_mean, grad_max, x, scale)
         grad_x, grad_scale = ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
         return grad_x, grad_scale if ctx.has_scale else None
 
     def gate_apply_backward(ctx, grad_out):
         x, channel_gate, spatial_gate = ctx.saved_tensors
+        _refuse_double_backward(grad_out, x, channel_gate, spatial_gate)
         grad_x, grad_g, grad_h = ops.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
         return (
             grad_x,

@@ -1,10 +1,23 @@
-"""CBAM modules whose forward runs the fused operators.
+"""CBAM modules whose forward runs the fused operators, one for each CBAM layout users have.
 
-``CBAM`` has the constructor, attribute names, ``state_dict`` keys and numerics of the official
-CBAM code (Woo et al., ECCV 2018), so an official checkpoint loads with ``strict=True``.
+Each module has the constructor, attribute names, ``state_dict`` keys and numerics of the code it
+replaces, so that code's checkpoints load with ``strict=True``:
+
+- ``CBAM``: the official code (Woo et al., ECCV 2018);
+- ``CbamModule`` and ``LightCbamModule``: timm's ``timm.layers.cbam`` modules;
+- ``UltralyticsCBAM``: ultralytics' ``CBAM(c1, kernel_size)``;
+- ``MMYoloCBAM``: mmyolo's ``CBAM(in_channels, reduce_ratio, kernel_size)``.
+
+The layouts differ only in the small parts (the channel MLP, the spatial conv, the order of the
+spatial maps, the gate functions), which each module hands to ``fused_cbam_forward``, the
+fused core they all share. ``fused_cbam.convert`` puts them in place of a model's own modules.
 """
 
+import functools
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_cbam import backends
@@ -12,30 +25,32 @@ from fused_cbam.ops import check_input
 
 
 def fused_cbam_forward(
-    x: Tensor, backend: str, channel_logits, spatial_logits, pool_order
+    x: Tensor, backend: str, channel_logits, spatial_logits, pool_order, gate=torch.sigmoid, spatial_gate=None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The fused CBAM core that every layout shares.
 
     ``channel_logits(avg, max) -> [N, C]`` is the layout's channel MLP; ``spatial_logits(maps)``
     maps the [N, 2, H, W] stack of spatial maps (in ``pool_order``, e.g. ("max", "mean")) to
-    [N, 1, H, W] logits, or is None for a channel-only block. x is read three times and written
-    once; nothing full-size but x is kept for backward. Returns the output and the two gates
-    (the spatial one None for a channel-only block).
+    [N, 1, H, W] logits, or is None for a channel-only block. ``gate`` turns the channel logits,
+    and the spatial ones unless ``spatial_gate`` is given, into gates. x is read three times and
+    written once; nothing full-size but x is kept for backward. Returns the output and the two
+    gates (the spatial one None for a channel-only block).
     """
     ops = backends.resolve(backend, x)
     avg, mx = ops.channel_pool(x)
-    channel_gate = torch.sigmoid(channel_logits(avg, mx)).to(x.dtype)
+    channel_gate = gate(channel_logits(avg, mx)).to(x.dtype)
     if spatial_logits is None:
         return ops.gate_apply(x, channel_gate, None), channel_gate, None
     s_mean, s_max = ops.spatial_pool(x, channel_gate)
     maps = {"mean": s_mean, "max": s_max}
-    spatial_gate = torch.sigmoid(spatial_logits(torch.cat([maps[k] for k in pool_order], dim=1))).to(x.dtype)
-    return ops.gate_apply(x, channel_gate, spatial_gate), channel_gate, spatial_gate
+    spatial_fn = gate if spatial_gate is None else spatial_gate
+    spatial_map = spatial_fn(spatial_logits(torch.cat([maps[k] for k in pool_order], dim=1))).to(x.dtype)
+    return ops.gate_apply(x, channel_gate, spatial_map), channel_gate, spatial_map
 
 
 class GateInspection:
     """Lets a module hand back its last gates: set ``keep_gates = True`` and, after a forward,
-    read ``last_channel_gate`` ([N, C]) and ``last_spatial_gate`` ([N, 1, H, W], sigmoid map;
+    read ``last_channel_gate`` ([N, C]) and ``last_spatial_gate`` ([N, 1, H, W], the gate map;
     None for a channel-only block). Nothing is kept, and nothing costs, when it is False."""
 
     keep_gates: bool = False
@@ -48,6 +63,76 @@ class GateInspection:
             self.last_spatial_gate = None if spatial_gate is None else spatial_gate.detach()
 
 
+class FusedBlock(GateInspection, nn.Module):
+    """What every fused layout shares: the backend, the input checks and the call of the core."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def _fused(self, x: Tensor, channels: int, channel_logits, spatial_logits, pool_order, gate, spatial_gate=None):
+        check_input(x)
+        if x.shape[1] != channels:
+            raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
+        out, channel_map, spatial_map = fused_cbam_forward(
+            x, self.backend, channel_logits, spatial_logits, pool_order, gate, spatial_gate
+        )
+        self._keep(channel_map, spatial_map)
+        return out
+
+
+class Parts(nn.Module):
+    """The parameters of one half of a layout, under that layout's attribute names; the fused
+    forward belongs to the block that holds it."""
+
+    def __init__(self, **modules: nn.Module):
+        super().__init__()
+        for name, module in modules.items():
+            setattr(self, name, module)
+
+
+def _summed(mlp, rows: list[Tensor]) -> Tensor:
+    """``sum(mlp(r) for r in rows)`` as one batched call of the shared MLP over the stacked rows."""
+    out = mlp(torch.cat(rows, dim=0))
+    return out.unflatten(0, (len(rows), rows[0].shape[0])).sum(dim=0)
+
+
+def _pointwise(convs: nn.Module, pooled: Tensor) -> Tensor:
+    """An MLP of 1x1 convs applied to [M, C] pooled vectors, as to [M, C, 1, 1] images."""
+    return convs(pooled[:, :, None, None]).flatten(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# official layout
+
+def _lp_pool(x: Tensor) -> Tensor:
+    """L2 norm over H x W, as the official code computes it (``F.lp_pool2d`` with p = 2)."""
+    return F.lp_pool2d(x, 2, tuple(x.shape[2:])).flatten(1)
+
+
+def _lse_pool(x: Tensor) -> Tensor:
+    """Log-sum-exp over H x W."""
+    return torch.logsumexp(x.flatten(2), dim=2)
+
+
+# Pool types computed in plain PyTorch from x (an extra read of x each); avg and max are fused.
+_REFERENCE_POOLS = {"lp": _lp_pool, "lse": _lse_pool}
+_warned_reference_pools = False
+
+
+def _warn_reference_pools(pool_types) -> None:
+    global _warned_reference_pools
+    if not _warned_reference_pools:
+        _warned_reference_pools = True
+        warnings.warn(
+            f"fused_cbam.nn.CBAM: pool_types {tuple(pool_types)} include 'lp'/'lse', which are pooled in "
+            "plain PyTorch (an extra read of x each); 'avg' and 'max' stay fused",
+            stacklevel=4,
+        )
+
+
 class Flatten(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x.flatten(1)
@@ -56,10 +141,12 @@ class Flatten(nn.Module):
 class BasicConv(nn.Module):
     """The official code's conv (no bias) + optional BN + optional ReLU."""
 
-    def __init__(self, in_planes, out_planes, kernel_size, stride=1, padding=0, relu=True, bn=True):
+    def __init__(
+        self, in_planes, out_planes, kernel_size, stride=1, padding=0, relu=True, bn=True, *, bn_momentum=0.01
+    ):
         super().__init__()
         self.conv = nn.Conv2d(in_planes, out_planes, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=0.01, affine=True) if bn else None
+        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=bn_momentum, affine=True) if bn else None
         self.relu = nn.ReLU() if relu else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -74,9 +161,11 @@ class BasicConv(nn.Module):
 class ChannelGate(nn.Module):
     def __init__(self, gate_channels, reduction_ratio=16, pool_types=("avg", "max")):
         super().__init__()
-        unknown = set(pool_types) - {"avg", "max"}
-        if unknown or not pool_types:
-            raise ValueError(f"pool_types: expected a non-empty subset of ('avg', 'max'), got {pool_types}")
+        known = ("avg", "max", *_REFERENCE_POOLS)
+        if not pool_types or set(pool_types) - set(known):
+            raise ValueError(f"pool_types: expected a non-empty subset of {known}, got {pool_types}")
+        if set(pool_types) & set(_REFERENCE_POOLS):
+            _warn_reference_pools(pool_types)
         self.gate_channels = gate_channels
         self.pool_types = tuple(pool_types)
         hidden = gate_channels // reduction_ratio
@@ -88,11 +177,12 @@ class ChannelGate(nn.Module):
             Flatten(), nn.Linear(gate_channels, hidden), nn.ReLU(), nn.Linear(hidden, gate_channels)
         )
 
-    def logits(self, avg: Tensor, mx: Tensor) -> Tensor:
-        """Sum of the shared MLP over the pooled vectors, as one batched GEMM pair."""
-        pooled = [{"avg": avg, "max": mx}[p] for p in self.pool_types]
-        out = self.mlp(torch.cat(pooled, dim=0))
-        return out.unflatten(0, (len(pooled), avg.shape[0])).sum(dim=0)
+    def logits(self, avg: Tensor, mx: Tensor, x: Tensor | None = None) -> Tensor:
+        """Sum of the shared MLP over the pooled vectors, as one batched GEMM pair; x is pooled
+        in plain PyTorch for the pool types that are not fused ("lp", "lse")."""
+        fused = {"avg": avg, "max": mx}
+        rows = [fused[p] if p in fused else _REFERENCE_POOLS[p](x).to(avg.dtype) for p in self.pool_types]
+        return _summed(self.mlp, rows)
 
 
 class SpatialGate(nn.Module):
@@ -103,27 +193,192 @@ class SpatialGate(nn.Module):
         self.spatial = BasicConv(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, relu=False)
 
 
-class CBAM(GateInspection, nn.Module):
-    """Drop-in fused replacement of the official ``CBAM(gate_channels, reduction_ratio, pool_types, no_spatial)``."""
+class CBAM(FusedBlock):
+    """Drop-in fused replacement of the official
+    ``CBAM(gate_channels, reduction_ratio, pool_types, no_spatial)``.
 
-    def __init__(self, gate_channels, reduction_ratio=16, pool_types=("avg", "max"), no_spatial=False, *, backend="auto"):
-        super().__init__()
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
-        self.backend = backend
+    ``pool_types`` may also hold "lp" (L2 norm over H x W) and "lse" (log-sum-exp over H x W),
+    which are pooled in plain PyTorch (one warning per process says so).
+    """
+
+    def __init__(
+        self, gate_channels, reduction_ratio=16, pool_types=("avg", "max"), no_spatial=False, *, backend="auto"
+    ):
+        super().__init__(backend)
         self.ChannelGate = ChannelGate(gate_channels, reduction_ratio, pool_types)
         self.no_spatial = no_spatial
         if not no_spatial:
             self.SpatialGate = SpatialGate()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x)
-        channels = self.ChannelGate.gate_channels
-        if x.shape[1] != channels:
-            raise ValueError(f"x: expected {channels} channels (the module's gate_channels), got {x.shape[1]}")
+        channel = self.ChannelGate
         spatial = None if self.no_spatial else self.SpatialGate.spatial
-        out, channel_gate, spatial_gate = fused_cbam_forward(
-            x, self.backend, self.ChannelGate.logits, spatial, SpatialGate.pool_order
+        logits = functools.partial(channel.logits, x=x)
+        return self._fused(x, channel.gate_channels, logits, spatial, SpatialGate.pool_order, torch.sigmoid)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm layout
+
+def make_divisible(v: float, divisor: int = 1) -> int:
+    """timm's hidden size: ``v`` rounded to the nearest multiple of ``divisor``, at least ``divisor``."""
+    return max(divisor, int(v + divisor / 2) // divisor * divisor)
+
+
+def make_gate(gate_layer) -> nn.Module:
+    """The gate activation for timm's ``gate_layer``: timm's own ``create_act_layer`` when timm is
+    installed; without timm, "sigmoid", "hard_sigmoid" or an activation module class."""
+    try:
+        from timm.layers import create_act_layer
+    except ImportError:
+        create_act_layer = None
+    if create_act_layer is not None:
+        return create_act_layer(gate_layer)
+    if not isinstance(gate_layer, str):
+        return gate_layer()
+    known = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "hardsigmoid": nn.Hardsigmoid}
+    if gate_layer.lower() not in known:
+        raise ValueError(f"gate_layer: expected one of {sorted(known)} (install timm for more), got {gate_layer!r}")
+    return known[gate_layer.lower()]()
+
+
+class _TimmCbam(FusedBlock):
+    """timm's constructor and parameters; ``light`` selects the light variant's spatial conv."""
+
+    light = False
+
+    def __init__(
+        self,
+        channels,
+        rd_ratio=1.0 / 16,
+        rd_channels=None,
+        rd_divisor=1,
+        spatial_kernel_size=7,
+        act_layer=nn.ReLU,
+        gate_layer="sigmoid",
+        mlp_bias=False,
+        device=None,
+        dtype=None,
+        *,
+        backend="auto",
+    ):
+        super().__init__(backend)
+        rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor)
+        self.channel = Parts(
+            fc1=nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias),
+            act=act_layer(inplace=True),
+            fc2=nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias),
+            gate=make_gate(gate_layer),
         )
-        self._keep(channel_gate, spatial_gate)
-        return out
+        k = spatial_kernel_size
+        self.spatial = Parts(
+            conv=BasicConv(1 if self.light else 2, 1, k, padding=(k - 1) // 2, relu=False, bn_momentum=0.1),
+            gate=make_gate("sigmoid" if self.light else gate_layer),  # timm's light spatial gate is a sigmoid
+        )
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def _mlp(self, pooled: Tensor) -> Tensor:
+        c = self.channel
+        return _pointwise(lambda t: c.fc2(c.act(c.fc1(t))), pooled)
+
+
+class CbamModule(_TimmCbam):
+    """Drop-in fused replacement of timm's ``CbamModule``: its constructor, ``state_dict`` keys
+    (``channel.fc1``, ``channel.fc2``, ``spatial.conv.conv``, ``spatial.conv.bn``) and numerics
+    ([mean, max] spatial maps, BN momentum 0.1, gates from ``gate_layer``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fused(
+            x,
+            self.channel.fc1.in_channels,
+            lambda avg, mx: _summed(self._mlp, [avg, mx]),
+            self.spatial.conv,
+            ("mean", "max"),
+            self.channel.gate,
+            self.spatial.gate,
+        )
+
+
+class LightCbamModule(_TimmCbam):
+    """Drop-in fused replacement of timm's ``LightCbamModule``: one MLP pass over
+    0.5·mean + 0.5·max, a sigmoid channel gate (timm ignores ``gate_layer`` there), and a
+    1-channel spatial conv over 0.5·mean + 0.5·max of the channel-gated x."""
+
+    light = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fused(
+            x,
+            self.channel.fc1.in_channels,
+            lambda avg, mx: self._mlp(0.5 * avg + 0.5 * mx),
+            lambda maps: self.spatial.conv(0.5 * maps[:, :1] + 0.5 * maps[:, 1:]),
+            ("mean", "max"),
+            torch.sigmoid,
+            self.spatial.gate,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# ultralytics and mmyolo layouts
+
+
+class UltralyticsCBAM(FusedBlock):
+    """Drop-in fused replacement of ultralytics' ``CBAM(c1, kernel_size=7)``: channel attention
+    from the average pool only (``channel_attention.fc``, a 1x1 conv C -> C with bias), spatial
+    attention ``spatial_attention.cv1`` (2 -> 1, kernel 3 or 7, no bias, no BN) over [mean, max]."""
+
+    def __init__(self, c1, kernel_size=7, *, backend="auto"):
+        super().__init__(backend)
+        if kernel_size not in (3, 7):
+            raise ValueError(f"kernel_size: expected 3 or 7, got {kernel_size}")
+        self.channel_attention = Parts(fc=nn.Conv2d(c1, c1, 1, bias=True), act=nn.Sigmoid())
+        self.spatial_attention = Parts(
+            cv1=nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False), act=nn.Sigmoid()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        ca, sa = self.channel_attention, self.spatial_attention
+        return self._fused(
+            x, ca.fc.in_channels, lambda avg, mx: _pointwise(ca.fc, avg), sa.cv1, ("mean", "max"), ca.act, sa.act
+        )
+
+
+class ConvAct(nn.Module):
+    """mmcv's ``ConvModule`` layout without a norm: ``conv`` (with bias), then ``activate``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding=0, activate=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=True)
+        self.activate = activate or nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activate(self.conv(x))
+
+
+class MMYoloCBAM(FusedBlock):
+    """Drop-in fused replacement of mmyolo's ``CBAM(in_channels, reduce_ratio=16, kernel_size=7)``
+    (default activations: ReLU in the MLP, sigmoid gates): a channel MLP of 1x1 convs with bias
+    (``channel_attention.fc.{0,1}.conv``), a spatial conv with bias and no BN
+    (``spatial_attention.conv.conv``) over [avg, max]."""
+
+    def __init__(self, in_channels, reduce_ratio=16, kernel_size=7, *, backend="auto"):
+        super().__init__(backend)
+        hidden = int(in_channels / reduce_ratio)
+        self.channel_attention = Parts(
+            fc=nn.Sequential(ConvAct(in_channels, hidden, 1, activate=nn.ReLU()), ConvAct(hidden, in_channels, 1)),
+            sigmoid=nn.Sigmoid(),
+        )
+        self.spatial_attention = Parts(conv=ConvAct(2, 1, kernel_size, kernel_size // 2, nn.Sigmoid()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        ca, conv = self.channel_attention, self.spatial_attention.conv
+        return self._fused(
+            x,
+            ca.fc[0].conv.in_channels,
+            lambda avg, mx: _summed(lambda t: _pointwise(ca.fc, t), [avg, mx]),
+            conv.conv,
+            ("mean", "max"),
+            ca.sigmoid,
+            conv.activate,
+        )

@@ -31,7 +31,16 @@ class ChannelGate(nn.Module):
         total = None
         for pool_type in self.pool_types:
             size = (x.size(2), x.size(3))
-            pooled = F.avg_pool2d(x, size, stride=size) if pool_type == "avg" else F.max_pool2d(x, size, stride=size)
+            if pool_type == "avg":
+                pooled = F.avg_pool2d(x, size, stride=size)
+            elif pool_type == "max":
+                pooled = F.max_pool2d(x, size, stride=size)
+            elif pool_type == "lp":  # L2 norm over H x W
+                pooled = F.lp_pool2d(x, 2, size, stride=size)
+            else:  # "lse": log-sum-exp over H x W, shifted by the max
+                flat = x.flatten(2)
+                top = flat.max(dim=2, keepdim=True)[0]
+                pooled = top + (flat - top).exp().sum(dim=2, keepdim=True).log()
             att = self.mlp(pooled)
             total = att if total is None else total + att
         return x * torch.sigmoid(total)[:, :, None, None]

@@ -1,0 +1,268 @@
+"""Every CBAM layout users have, converted by fused_cbam.convert (or built as the fused module)
+and compared with the original: output, every gradient, BN state, checkpoints, compile, export."""
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import pytest
+import timm
+import torch
+from timm.layers.cbam import CbamModule as TimmCbamModule
+from timm.layers.cbam import LightCbamModule as TimmLightCbamModule
+from torch import nn
+
+import fused_cbam
+from helpers import COMPILED_BACKENDS, assert_close, make_input
+from layouts import MMYolo, Official, Ultralytics
+
+C = 32
+SHAPE = (2, C, 9, 11)  # odd H and W, more than one row of pixels
+STEM_CHANNELS = 8
+BACKENDS = COMPILED_BACKENDS + [pytest.param("reference", "cpu", id="reference")]
+
+# lp/lse pooling warns once that it runs in plain PyTorch; test_lp_and_lse_pools_warn_once checks it.
+pytestmark = pytest.mark.filterwarnings("ignore:fused_cbam.nn.CBAM. pool_types")
+
+
+@dataclass
+class Layout:
+    original: type
+    fused: type
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def make_original(self) -> nn.Module:
+        return self.original(*self.args, **self.kwargs)
+
+    def make_fused(self, backend) -> nn.Module:
+        return self.fused(*self.args, **self.kwargs, backend=backend)
+
+
+LAYOUTS = {
+    "official": Layout(Official.CBAM, fused_cbam.nn.CBAM, (C,)),
+    "official-no_spatial": Layout(Official.CBAM, fused_cbam.nn.CBAM, (C,), {"no_spatial": True}),
+    "official-lp-lse": Layout(Official.CBAM, fused_cbam.nn.CBAM, (C, 8, ("avg", "max", "lp", "lse"))),
+    "timm": Layout(TimmCbamModule, fused_cbam.nn.CbamModule, (C,)),
+    "timm-options": Layout(
+        TimmCbamModule,
+        fused_cbam.nn.CbamModule,
+        (C,),
+        {"rd_ratio": 1 / 6, "rd_divisor": 4, "spatial_kernel_size": 3, "gate_layer": "hard_sigmoid", "mlp_bias": True},
+    ),
+    "timm-light": Layout(TimmLightCbamModule, fused_cbam.nn.LightCbamModule, (C,), {"gate_layer": "hard_sigmoid"}),
+    "ultralytics-k7": Layout(Ultralytics.CBAM, fused_cbam.nn.UltralyticsCBAM, (C,)),
+    "ultralytics-k3": Layout(Ultralytics.CBAM, fused_cbam.nn.UltralyticsCBAM, (C, 3)),
+    "mmyolo": Layout(MMYolo.CBAM, fused_cbam.nn.MMYoloCBAM, (C, 8, 7)),
+}
+LAYOUT_IDS = list(LAYOUTS)
+
+
+class Deep(nn.Module):
+    """A block placed three levels down (in a ModuleList, in a Sequential), after a conv."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.stem = nn.Conv2d(STEM_CHANNELS, C, 1)
+        self.stages = nn.ModuleList([nn.Sequential(nn.Identity(), block)])
+
+    def forward(self, x):
+        return self.stages[0](self.stem(x))
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    """Non-trivial weights and BN running statistics, so that eval mode means something."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _original(layout: str, placement: str, device) -> tuple[nn.Module, tuple]:
+    block = LAYOUTS[layout].make_original()
+    model = block if placement == "shallow" else Deep(block)
+    shape = SHAPE if placement == "shallow" else (SHAPE[0], STEM_CHANNELS, *SHAPE[2:])
+    return _randomized(model).to(device), shape
+
+
+def _fused_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, fused_cbam.nn.FusedBlock)]
+
+
+def _compare_step(model, original, x, atol=1e-5, forward=None):
+    """One forward and backward of both (of ``forward``, e.g. a compiled model, in place of the
+    model's own); compare output, input and parameter gradients, buffers."""
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = (model if forward is None else forward)(x), original(x_ref)
+    assert_close(out, ref, atol, "output")
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    assert_close(x.grad, x_ref.grad, atol, "grad of x")
+    original_params = dict(original.named_parameters())
+    assert set(dict(model.named_parameters())) == set(original_params)
+    for name, p in model.named_parameters():
+        assert_close(p.grad, original_params[name].grad, 10 * atol, f"grad of {name}")
+    original_buffers = dict(original.named_buffers())
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(b, original_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("placement,memory_format", [("shallow", "nchw"), ("deep", "channels_last")])
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_converted_matches_original(layout, placement, memory_format, train, backend, device):
+    original, shape = _original(layout, placement, device)
+    model = copy.deepcopy(original)
+    tensors = model.state_dict(keep_vars=True)
+    model = fused_cbam.convert(model, backend=backend)
+    (block,) = _fused_blocks(model)
+    assert type(block) is LAYOUTS[layout].fused and block.backend == backend
+    converted = model.state_dict(keep_vars=True)
+    assert list(converted) == list(tensors)
+    assert all(converted[k] is tensors[k] for k in tensors), "the converted model holds other tensors"
+    original.train(train)
+    model.train(train)
+    x = make_input(shape, torch.float32, device, memory_format, requires_grad=True)
+    _compare_step(model, original, x)
+
+
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_checkpoints_load_both_ways_with_strict(layout):
+    original, _ = _original(layout, "deep", "cpu")
+    converted = fused_cbam.convert(_original(layout, "deep", "cpu")[0], backend="reference")
+    converted.load_state_dict(original.state_dict(), strict=True)
+    fresh, _ = _original(layout, "deep", "cpu")
+    fresh.load_state_dict(converted.state_dict(), strict=True)
+    for (name, a), (name_b, b) in zip(fresh.state_dict().items(), original.state_dict().items()):
+        assert name == name_b and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_fused_constructor_builds_the_layout(layout):
+    """The fused class takes the layout's own constructor arguments and loads its checkpoint."""
+    spec = LAYOUTS[layout]
+    original = _randomized(spec.make_original()).eval()
+    fused = spec.make_fused("cpu").eval()
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    assert list(fused.state_dict()) == list(original.state_dict())
+    fused.load_state_dict(original.state_dict(), strict=True)
+    x = make_input(SHAPE, torch.float32, "cpu")
+    assert_close(fused(x), original(x), 1e-5, "output")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"rd_ratio": 1 / 6, "rd_divisor": 4},
+        {"rd_ratio": 1 / 3, "rd_divisor": 8},
+        {"rd_ratio": 0.001},  # rounds to 0: at least one
+        {"rd_channels": 5},
+    ],
+    ids=str,
+)
+def test_timm_hidden_size_rule(kwargs):
+    for channels in (24, 32, 100):
+        ours = fused_cbam.nn.CbamModule(channels, **kwargs).channel.fc1.out_channels
+        assert ours == TimmCbamModule(channels, **kwargs).channel.fc1.out_channels, channels
+
+
+@pytest.mark.parametrize("attn_layer,train", [("cbam", True), ("lcbam", False)])
+def test_timm_resnet18(attn_layer, train, caplog):
+    """timm's real modules in a timm model: a train step with cbam, eval with lcbam (the block
+    tests cover each layout in both modes)."""
+    original = _randomized(timm.create_model("resnet18", num_classes=10, block_args=dict(attn_layer=attn_layer)))
+    model = copy.deepcopy(original)
+    with caplog.at_level(logging.INFO, logger="fused_cbam.convert"):
+        model = fused_cbam.convert(model, backend="cpu")
+    replaced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("replaced")]
+    assert len(replaced) == 8 and len(_fused_blocks(model)) == 8, replaced
+    original.train(train)
+    model.train(train)
+    x = make_input((2, 3, 64, 64), torch.float32, "cpu", requires_grad=True)
+    _compare_step(model, original, x, atol=1e-4)
+
+
+def test_log_names_what_was_replaced_and_why_the_rest_was_skipped(caplog):
+    class CBAM(nn.Module):  # a CBAM-named module of no known layout
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.Linear(C, C)
+
+    class MyCbamBlock(nn.Module):  # CBAM-like name, not a known class name
+        pass
+
+    model = nn.Sequential(Official.CBAM(C), nn.Sequential(CBAM(), MyCbamBlock()), nn.Conv2d(C, C, 1))
+    untouched = [model[1][0], model[1][1], model[2]]
+    with caplog.at_level(logging.INFO, logger="fused_cbam.convert"):
+        assert fused_cbam.convert(model) is model
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("replaced 0 (CBAM, official layout) with fused_cbam.nn.CBAM")
+    assert messages[1].startswith("skipped 1.0 (CBAM): not the official layout: no submodule ChannelGate.mlp")
+    assert "not the ultralytics layout" in messages[1] and "not the mmyolo layout" in messages[1]
+    assert messages[2].startswith("skipped 1.1 (MyCbamBlock): not a known CBAM class name")
+    assert len(messages) == 3
+    assert [model[1][0], model[1][1], model[2]] == untouched
+
+
+def test_convert_again_sets_the_backend_and_keeps_shared_modules_shared():
+    block = Ultralytics.CBAM(C)
+    model = fused_cbam.convert(nn.Sequential(block, block), backend="cpu")
+    assert model[0] is model[1] and model[0].backend == "cpu"
+    fused = model[0]
+    assert fused_cbam.convert(model, backend="reference") is model
+    assert model[0] is fused and fused.backend == "reference"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        fused_cbam.convert(model, backend="fast")
+
+
+def test_reference_backend_exports_without_custom_operators():
+    model = fused_cbam.convert(_original("timm", "deep", "cpu")[0], backend="reference").eval()
+    x = make_input((2, STEM_CHANNELS, 9, 11), torch.float32, "cpu")
+    graph = torch.export.export(model, (x,)).graph
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    assert targets and not [t for t in targets if "fused_cbam" in t]
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+def test_torch_compile_fullgraph_over_a_converted_model(backend, device):
+    original, shape = _original("timm", "deep", device)
+    model = fused_cbam.convert(copy.deepcopy(original), backend=backend)
+    x = make_input(shape, torch.float32, device, requires_grad=True)
+    _compare_step(model, original, x, forward=torch.compile(model, fullgraph=True))
+
+
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_every_layout_keeps_its_gates_when_asked(layout):
+    block = fused_cbam.convert(_original(layout, "shallow", "cpu")[0], backend="reference")
+    x = make_input(SHAPE, torch.float32, "cpu")
+    block(x)
+    assert block.last_channel_gate is None
+    block.keep_gates = True
+    out = block(x)
+    g, h = block.last_channel_gate, block.last_spatial_gate
+    assert g.shape == (2, C) and not g.requires_grad
+    expected = x * g[:, :, None, None]
+    if "no_spatial" in layout:
+        assert h is None
+    else:
+        assert h.shape == (2, 1, *SHAPE[2:])
+        expected = expected * h
+    assert_close(out, expected, 1e-6, "output from the kept gates")
+
+
+def test_lp_and_lse_pools_warn_once(monkeypatch):
+    monkeypatch.setattr(fused_cbam.nn, "_warned_reference_pools", False)
+    with pytest.warns(UserWarning, match="'lp'/'lse', which are pooled in plain PyTorch"):
+        fused_cbam.nn.CBAM(C, pool_types=("avg", "lse"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_cbam.nn.CBAM(C, pool_types=("lp",))
+        fused_cbam.nn.CBAM(C)
