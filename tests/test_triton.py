@@ -144,16 +144,23 @@ def test_forward(shape, dtype, fmt):
         assert_close(out, reference.gate_apply(x, cg, sg), dtype, exact=True)
 
 
+# (2, 5, 6, 7): the P reductions of channel pooling run as two splits merged afterwards;
+# (2, 19, 3, 5): the C loop of spatial pooling runs over three BLOCK_C chunks.
+SPECIAL_SHAPES = [(2, 5, 6, 7), (2, 19, 3, 5)]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_ties_and_infinities(dtype, fmt):
-    # Few distinct values: every max is tied many times; the lowest index must win.
-    shape = (2, 11, 5, 7)
+@pytest.mark.parametrize("shape", SPECIAL_SHAPES, ids=_ids(SPECIAL_SHAPES))
+def test_ties_and_infinities(shape, dtype, fmt):
+    # Few distinct values: every max is tied many times, across chunks and splits; the lowest
+    # index must win.
+    n, c, h, w = shape
     values = torch.randint(-2, 3, shape, device=DEVICE).float()
     values[0, 3] = float("-inf")  # a plane of -inf only: argmax 0
     values[1, :, 2, 3] = float("inf")  # a position where every channel ties at +inf
     x = make_x(shape, dtype, fmt, values=values)
-    scale = torch.randint(1, 3, (2, 11), device=DEVICE).to(dtype)
+    scale = torch.randint(1, 3, (n, c), device=DEVICE).to(dtype)
     check_channel_pool(x)
     check_spatial_pool(x, None)
     check_spatial_pool(x, scale)
@@ -161,24 +168,33 @@ def test_ties_and_infinities(dtype, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_nan(dtype, fmt):
-    shape = (2, 11, 5, 7)
+@pytest.mark.parametrize("shape", SPECIAL_SHAPES, ids=_ids(SPECIAL_SHAPES))
+def test_nan(shape, dtype, fmt):
+    n, c, h, w = shape
     values = torch.randn(shape, device=DEVICE)
-    values[0, 2, 4, 6] = float("nan")  # last position of a plane (last chunk)
-    values[1, 5, 0, 3] = float("nan")  # two NaNs in one plane and at one position: first wins
-    values[1, 5, 3, 1] = float("nan")
-    values[1, 9, 0, 3] = float("nan")
-    values[1, 0, 1, 1] = float("inf")  # +inf beside NaN in the plane below
-    values[1, 0, 4, 4] = float("nan")
+    planes = values.view(n, c, h * w)
+    planes[0, 1, -1] = float("nan")  # only in the last chunk / split of its plane
+    planes[0, 0, 0] = 100.0  # a large max early in the plane, NaN late: NaN wins
+    planes[0, 0, -1] = float("nan")
+    planes[1, c - 1, 1] = float("inf")  # +inf, then two NaNs in one plane: the first NaN wins
+    planes[1, c - 1, 3] = float("nan")
+    planes[1, c - 1, -2] = float("nan")
+    planes[1, 0, 3] = float("nan")  # position 3 of sample 1: NaN in channels 0 and c-1
+    planes[0, 0, 5] = 100.0  # position 5 of sample 0: large in channel 0, NaN in the last channel
+    planes[0, c - 1, 5] = float("nan")
     x = make_x(shape, dtype, fmt, values=values)
     check_channel_pool(x)
     check_spatial_pool(x, None)
-    check_spatial_pool(x, torch.rand(2, 11, device=DEVICE).to(dtype))
-    # The gradient of the max goes to the first NaN, as in the reference.
+    check_spatial_pool(x, torch.rand(n, c, device=DEVICE).to(dtype))
+    # The gradient of each max goes to the first NaN, as in the reference.
     x.requires_grad_(True)
-    gm = randn(2, 11, dtype=dtype)
-    (grad,) = torch.autograd.grad(OPS.channel_pool(x)[1], x, gm)
-    (ref_grad,) = torch.autograd.grad(reference.channel_pool(x)[1], x, gm)
+    up = randn(n, c, dtype=dtype)
+    (grad,) = torch.autograd.grad(OPS.channel_pool(x)[1], x, up)
+    (ref_grad,) = torch.autograd.grad(reference.channel_pool(x)[1], x, up)
+    assert_close(grad, ref_grad, dtype)
+    up = randn(n, 1, h, w, dtype=dtype)
+    (grad,) = torch.autograd.grad(OPS.spatial_pool(x, None)[1], x, up)
+    (ref_grad,) = torch.autograd.grad(reference.spatial_pool(x, None)[1], x, up)
     assert_close(grad, ref_grad, dtype)
 
 
@@ -234,7 +250,8 @@ def test_backward_ops_direct():
     x = make_x((2, 3, 5, 7), torch.float32, "channels_last")
     g, s = gates(x.shape, x.dtype)
     _, _, am = OPS.spatial_pool(x, None)
-    dx, dscale = OPS.spatial_pool_backward(randn(2, 1, 5, 7, dtype=x.dtype), randn(2, 1, 5, 7, dtype=x.dtype), am, x, None)
+    up = (randn(2, 1, 5, 7, dtype=x.dtype), randn(2, 1, 5, 7, dtype=x.dtype))
+    dx, dscale = OPS.spatial_pool_backward(*up, am, x, None)
     assert dscale.shape == (0,) and dx.is_contiguous(memory_format=torch.channels_last)
     dx, dg, dh = OPS.gate_apply_backward(torch.randn_like(x), x, None, None)
     assert dg.shape == (0,) and dh.shape == (0,)
@@ -265,6 +282,20 @@ def test_every_output_written():
             for o in outs:
                 assert o.isfinite().all()
             assert int(outs[2].max()) < h * w and int(outs[5].max()) < c
+
+
+def test_backward_deterministic():
+    """No atomics: the same inputs give bitwise the same gradients."""
+    shape = (2, 3, 5, 7) if DEVICE == "cpu" else (4, 64, 56, 56)
+    x = make_x(shape, torch.bfloat16, "channels_last")
+    g, s = gates(shape, x.dtype)
+    dout = torch.randn_like(x)
+    _, _, am = OPS.spatial_pool(x, g)
+    up = (randn(shape[0], 1, *shape[2:], dtype=x.dtype), randn(shape[0], 1, *shape[2:], dtype=x.dtype))
+    first = OPS.gate_apply_backward(dout, x, g, s) + OPS.spatial_pool_backward(*up, am, x, g)
+    again = OPS.gate_apply_backward(dout, x, g, s) + OPS.spatial_pool_backward(*up, am, x, g)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
 
 
 def test_errors():
@@ -313,7 +344,8 @@ def test_opcheck_backward_ops():
     _, _, am_c = OPS.channel_pool(x)
     _, _, am_s = OPS.spatial_pool(x, g)
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(OPS.channel_pool_backward, (randn(2, 3, dtype=x.dtype), randn(2, 3, dtype=x.dtype), am_c, x), test_utils=utils)
+    up = (randn(2, 3, dtype=x.dtype), randn(2, 3, dtype=x.dtype))
+    torch.library.opcheck(OPS.channel_pool_backward, (*up, am_c, x), test_utils=utils)
     up = (randn(2, 1, 2, 3, dtype=x.dtype), randn(2, 1, 2, 3, dtype=x.dtype))
     torch.library.opcheck(OPS.spatial_pool_backward, (*up, am_s, x, g), test_utils=utils)
     torch.library.opcheck(OPS.gate_apply_backward, (torch.randn_like(x), x, g, s), test_utils=utils)

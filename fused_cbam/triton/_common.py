@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._registrations import _is_channels_last, _like_x  # noqa: F401  (re-exported)
+from .._registrations import _is_channels_last
 
 
 def _interpreting() -> bool:
@@ -36,6 +36,10 @@ _MIN_SPLIT_LENGTH = 16 if INTERPRET else 1024
 FINALIZE_BLOCK = 64 if INTERPRET else 1024
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The interpreter rounds float32 -> bfloat16 toward zero (a GPU rounds to nearest even), which
+# would make its results differ from the reference by one bf16 ulp; ``cast_to`` emulates RTNE there.
+_EMULATE_BF16_RTNE = tl.constexpr(INTERPRET)
 
 
 def autotune(gpu_configs, interpret_config, key):
@@ -116,6 +120,18 @@ def num_splits(x: torch.Tensor, rows: int, length: int) -> int:
 
 
 @triton.jit
+def cast_to(v, ptr):
+    """float32 ``v`` rounded to nearest even in the element type of ``ptr`` (for ``tl.store``)."""
+    if _EMULATE_BF16_RTNE and ptr.dtype.element_ty == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where(v != v, (u >> 16) | 0x40, r)  # NaN stays a (quiet) NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def split_range(split, num_splits, length, BLOCK: tl.constexpr):
     """[start, end) of the ``split``-th of ``num_splits`` parts of [0, length), in whole BLOCKs."""
     per = tl.cdiv(tl.cdiv(length, BLOCK), num_splits) * BLOCK
@@ -167,7 +183,7 @@ def _sum_partials_kernel(part_ptr, out_ptr, M, S, BLOCK: tl.constexpr):
     for _ in range(0, S):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += M
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast_to(acc, out_ptr), mask=mask)
 
 
 def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registrations import _like_x
 from ._common import (
     FINALIZE_BLOCK,
     autotune,
+    cast_to,
     check_small,
     check_x,
     config,
@@ -27,7 +29,6 @@ from ._common import (
     layout,
     num_splits,
     split_range,
-    _like_x,
 )
 
 # Reduction over P: NCHW reads rows of P (long BLOCK_P); channels_last reads rows of C.
@@ -115,8 +116,8 @@ def _finalize_kernel(
         val = tl.load(pmax_ptr + at, mask=mask, other=0.0)
         idx = tl.load(pidx_ptr + at, mask=mask, other=0)
         acc_max, acc_idx = first_max_merge(acc_max, acc_idx, val, idx)
-    tl.store(avg_ptr + offs, (acc_sum / P).to(avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(max_ptr + offs, acc_max.to(max_ptr.dtype.element_ty), mask=mask)
+    tl.store(avg_ptr + offs, cast_to(acc_sum / P, avg_ptr), mask=mask)
+    tl.store(max_ptr + offs, cast_to(acc_max, max_ptr), mask=mask)
     tl.store(argmax_ptr + offs, acc_idx.to(tl.int64), mask=mask)
 
 
@@ -169,7 +170,7 @@ def _backward_kernel(
     am = tl.load(argmax_ptr + n * C + offs_c, mask=mask_c, other=-1)
     d = ga[:, None] + tl.where(offs_p[None, :] == am[:, None], gm[:, None], 0.0)
     offs = n * stride_n + offs_c.to(tl.int64)[:, None] * stride_c + offs_p.to(tl.int64)[None, :] * stride_p
-    tl.store(dx_ptr + offs, d.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, cast_to(d, dx_ptr), mask=mask)
 
 
 _backward_nchw = autotune(_POINTWISE_NCHW, _INTERPRET_CONFIG, _KEY)(_backward_kernel)

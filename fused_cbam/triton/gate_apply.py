@@ -16,9 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registrations import _like_x
 from ._common import (
     INTERPRET,
     autotune,
+    cast_to,
     check_small,
     check_x,
     config,
@@ -27,7 +29,6 @@ from ._common import (
     num_splits,
     split_range,
     sum_partials,
-    _like_x,
 )
 
 _FORWARD_NCHW = [
@@ -81,7 +82,7 @@ def _forward_kernel(
     if HAS_H:
         h = tl.load(h_ptr + n * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         out = out * h[None, :]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast_to(out, out_ptr), mask=mask)
 
 
 _forward_nchw = autotune(_FORWARD_NCHW, config(BLOCK_C=8, BLOCK_P=16), _KEY)(_forward_kernel)
@@ -150,9 +151,9 @@ def _backward_kernel(
         else:
             t = dout
         if HAS_G:
-            tl.store(dx_ptr + offs, (t * g[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + offs, cast_to(t * g[:, None], dx_ptr), mask=mask)
         else:
-            tl.store(dx_ptr + offs, t.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + offs, cast_to(t, dx_ptr), mask=mask)
         if HAS_G or HAS_H:
             xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_G:

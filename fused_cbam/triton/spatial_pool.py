@@ -14,8 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registrations import _like_x
 from ._common import (
     autotune,
+    cast_to,
     check_small,
     check_x,
     config,
@@ -25,7 +27,6 @@ from ._common import (
     num_splits,
     split_range,
     sum_partials,
-    _like_x,
 )
 
 # Forward reduces over C: NCHW tiles are wide in P; channels_last tiles are tall in C.
@@ -90,8 +91,8 @@ def _forward_kernel(
         acc_max, acc_idx = first_max_update(acc_max, acc_idx, y, mask, offs_c[:, None], 0)
 
     out = n * P + offs_p
-    tl.store(mean_ptr + out, (tl.sum(acc_sum, axis=0) / C).to(mean_ptr.dtype.element_ty), mask=mask_p)
-    tl.store(max_ptr + out, acc_max.to(max_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(mean_ptr + out, cast_to(tl.sum(acc_sum, axis=0) / C, mean_ptr), mask=mask_p)
+    tl.store(max_ptr + out, cast_to(acc_max, max_ptr), mask=mask_p)
     tl.store(argmax_ptr + out, acc_idx.to(tl.int64), mask=mask_p)
 
 
@@ -157,7 +158,7 @@ def _backward_kernel(
             dx = w * s[:, None]
         else:
             dx = w
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, cast_to(dx, dx_ptr), mask=mask)
 
     if HAS_SCALE:
         out = split.to(tl.int64) * N * C + n * C + offs_c
