@@ -14,6 +14,8 @@ def check_input(x, name: str = "x") -> None:
         raise ValueError(f"{name}: expected a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one channel, got shape {tuple(x.shape)}")
     if x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"{name}: expected a non-empty spatial size H x W, got {x.shape[2]} x {x.shape[3]}")
 

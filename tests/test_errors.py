@@ -18,6 +18,7 @@ BACKENDS = ["reference"] + (["cpu"] if "cpu" in fused_cbam.available_backends() 
         (torch.ones(2, 3, 4, 4, dtype=torch.bool), TypeError, "x: expected a floating-point dtype"),
         (torch.ones(2, 3, 4, 4, dtype=torch.complex64), TypeError, "x: expected a floating-point dtype"),
         (torch.randn(2, 3, 0, 4), ValueError, "x: expected a non-empty spatial size"),
+        (torch.randn(2, 0, 4, 4), ValueError, "x: expected at least one channel"),
         ([[1.0]], TypeError, "x: expected a torch.Tensor"),
     ],
 )

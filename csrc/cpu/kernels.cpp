@@ -66,13 +66,6 @@ inline Vectorized<S> takes_over(const Vectorized<S>& v, const Vectorized<S>& m) 
   return (v > m) | (v.isnan() & (m == m));
 }
 
-// The better of two (value, index) candidates of a maximum: NaN, then larger, then lower index.
-template <typename S>
-inline bool better(S v, int64_t i, S best_v, int64_t best_i) {
-  if (best_v != best_v) return v != v && i < best_i;
-  return takes_over(v, best_v) || (v == best_v && i < best_i);
-}
-
 template <typename S>
 inline S reduce_sum(const Vectorized<S>& v) {
   return at::vec::vec_reduce_all<S>([](auto a, auto b) { return a + b; }, v);
@@ -83,22 +76,22 @@ inline S reduce_max(const Vectorized<S>& v) {
   return at::vec::vec_reduce_all<S>([](auto a, auto b) { return at::vec::maximum(a, b); }, v);
 }
 
-// Lowest index p with row[p] == m (or the first NaN when m is NaN).
-template <typename T>
-int64_t first_index_of(const T* row, int64_t length, opmath_t<T> m) {
-  using Vec = OpVec<T>;
+// Lowest index i < length whose value equals m (the first NaN when m is NaN); the values come
+// from vec_at(i) (a vector of OpVec size) and scalar_at(i).
+template <typename Vec, typename S, typename VecAt, typename ScalarAt>
+int64_t first_index_of(int64_t length, S m, const VecAt& vec_at, const ScalarAt& scalar_at) {
   constexpr int64_t V = Vec::size();
   const bool find_nan = m != m;
   const Vec target(m);
-  int64_t p = 0;
-  for (; p + V <= length; p += V) {
-    const Vec v = load_opmath(row + p);
+  int64_t i = 0;
+  for (; i + V <= length; i += V) {
+    const Vec v = vec_at(i);
     const int misses = (find_nan ? v.isnan() : (v == target)).zero_mask();
-    if (misses != (1 << V) - 1) return p + __builtin_ctz(~misses);
+    if (misses != (1 << V) - 1) return i + __builtin_ctz(~misses);
   }
-  for (; p < length; ++p) {
-    const opmath_t<T> v = row[p];
-    if (find_nan ? v != v : v == m) return p;
+  for (; i < length; ++i) {
+    const S v = scalar_at(i);
+    if (find_nan ? v != v : v == m) return i;
   }
   return 0;
 }
@@ -135,7 +128,9 @@ void channel_pool_nchw(const T* x, T* avg, T* max, int64_t* argmax, int64_t rows
       }
       avg[r] = static_cast<T>(sum / P);
       max[r] = static_cast<T>(m);
-      argmax[r] = first_index_of(row, P, m);
+      argmax[r] = first_index_of<Vec>(
+          P, m, [&](int64_t p) { return load_opmath(row + p); },
+          [&](int64_t p) { return static_cast<acc_t>(row[p]); });
     }
   });
 }
@@ -272,50 +267,38 @@ void spatial_pool_nhwc(
   using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
   constexpr int64_t V = Vec::size();
+  // Two passes over each row of C values (the row stays in L1): sum and max, then the first
+  // position of the max.
   at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
-    acc_t lane_max[V], lane_pos[V];
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * C;
       const T* s = scale + (r / P) * C;
+      auto y_vec = [&](int64_t c) { return load_opmath(row + c) * load_opmath(s + c); };
+      auto y_scalar = [&](int64_t c) {
+        return static_cast<acc_t>(row[c]) * static_cast<acc_t>(s[c]);
+      };
       acc_t sum = 0;
-      acc_t m = static_cast<acc_t>(row[0]) * static_cast<acc_t>(s[0]);
-      int64_t pos = 0;
+      acc_t m = y_scalar(0);
       int64_t c = 0;
       if (C >= V) {
-        Vec vsum = load_opmath(row) * load_opmath(s);
+        Vec vsum = y_vec(0);
         Vec vmax = vsum;
-        Vec vpos = Vec::arange(0, 1);
         for (c = V; c + V <= C; c += V) {
-          const Vec y = load_opmath(row + c) * load_opmath(s + c);
+          const Vec y = y_vec(c);
           vsum = vsum + y;
-          const Vec take = takes_over(y, vmax);
-          vmax = Vec::blendv(vmax, y, take);
-          vpos = Vec::blendv(vpos, Vec::arange(static_cast<acc_t>(c), 1), take);
+          vmax = at::vec::maximum(vmax, y);
         }
         sum = reduce_sum(vsum);
-        vmax.store(lane_max);
-        vpos.store(lane_pos);
-        m = lane_max[0];
-        pos = static_cast<int64_t>(lane_pos[0]);
-        for (int64_t l = 1; l < V; ++l) {
-          const int64_t lane_index = static_cast<int64_t>(lane_pos[l]);
-          if (better(lane_max[l], lane_index, m, pos)) {
-            m = lane_max[l];
-            pos = lane_index;
-          }
-        }
+        m = reduce_max(vmax);
       }
       for (; c < C; ++c) {
-        const acc_t y = static_cast<acc_t>(row[c]) * static_cast<acc_t>(s[c]);
+        const acc_t y = y_scalar(c);
         sum += y;
-        if (takes_over(y, m)) {
-          m = y;
-          pos = c;
-        }
+        if (takes_over(y, m)) m = y;
       }
       mean[r] = static_cast<T>(sum / C);
       max[r] = static_cast<T>(m);
-      argmax[r] = pos;
+      argmax[r] = first_index_of<Vec>(C, m, y_vec, y_scalar);
     }
   });
 }

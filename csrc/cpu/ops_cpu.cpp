@@ -41,6 +41,10 @@ void check_input(const at::Tensor& x) {
   TORCH_CHECK_VALUE(
       x.size(2) * x.size(3) > 0, "x: expected a non-empty spatial size, got H x W = ", x.size(2),
       " x ", x.size(3));
+  // The kernels track arg-max channels in float lanes, exact below 2^24.
+  TORCH_CHECK_VALUE(
+      x.size(1) > 0 && x.size(1) < (int64_t{1} << 24),
+      "x: expected between 1 and 2^24 - 1 channels, got ", x.size(1));
 }
 
 // A small per-sample tensor (gate, scale, gradient) of the expected shape and x's dtype.

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One pass of every GPU check, for a fresh H100/H200 machine without internet.
+#
+#   benchmarks/gpu_check.sh LOG_DIR
+#
+# Builds the extension (sm_90), records the environment, runs the test-suite, runs
+# compute-sanitizer (memcheck, racecheck) over benchmarks/sanitizer_smoke.py, runs the quick
+# benchmark, and writes LOG_DIR/gpu-check-<device>.txt with the verdicts. Each step logs to
+# LOG_DIR/<step>.log under its own time limit (9.5 minutes in all at worst, typically 3 to 4);
+# a failing step does not stop the later ones, but the script exits non-zero if any failed.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: $0 LOG_DIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+LOG=$(cd "$1" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python}
+START=$(date +%s)
+FAILED=()
+
+elapsed() { echo $(($(date +%s) - START)); }
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND with a time limit, output to $LOG/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== ${name} (t=$(elapsed)s, limit ${limit}s)"
+  local rc=0
+  timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1 || rc=$?
+  echo "$rc" >"$LOG/$name.rc"
+  if [[ $rc -ne 0 ]]; then
+    FAILED+=("$name(rc=$rc)")
+    echo "   ${name} failed (rc=$rc); last lines of $LOG/$name.log:"
+    tail -n 15 "$LOG/$name.log" | sed 's/^/   | /'
+  fi
+  return 0
+}
+
+# ---- environment
+COMMIT=$(git rev-parse HEAD 2>/dev/null || echo "no-commit")
+if [[ -n "$(git status --porcelain 2>/dev/null || true)" ]]; then COMMIT="$COMMIT (dirty)"; fi
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $COMMIT"
+  echo "host: $(hostname)  cpus: $(nproc)"
+  nvidia-smi || true
+  command -v nvcc >/dev/null && nvcc --version || echo "nvcc not on PATH"
+  "$PY" - <<'EOF' || true
+import platform, torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton: unavailable", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+          round(p.total_memory / 2**30, 1), "GiB")
+EOF
+} >"$LOG/env.log" 2>&1
+cat "$LOG/env.log"
+
+DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
+DEVICE_TAG=$(echo "$DEVICE" | tr -c 'A-Za-z0-9._-' '_' | sed 's/_*$//')
+VERSIONS=$("$PY" -c "
+import torch
+try:
+    import triton; t = triton.__version__
+except Exception:
+    t = 'none'
+print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {t}')" 2>/dev/null || echo unknown)
+
+# ---- build (sm_90 only, all cores)
+step build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+  "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+
+# ---- tests
+step pytest 150 "$PY" -m pytest tests -q -p no:cacheprovider
+
+# ---- compute-sanitizer
+SANITIZER=$(command -v compute-sanitizer || true)
+if [[ -z "$SANITIZER" && -x /usr/local/cuda/bin/compute-sanitizer ]]; then
+  SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+fi
+if [[ -n "$SANITIZER" ]]; then
+  # Without the caching allocator every tensor is its own allocation, so memcheck sees
+  # out-of-bounds accesses that would otherwise land inside a cached block.
+  step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
+    --error-exitcode 1 "$PY" benchmarks/sanitizer_smoke.py
+  step racecheck 90 "$SANITIZER" --tool racecheck --error-exitcode 1 \
+    "$PY" benchmarks/sanitizer_smoke.py
+else
+  echo "compute-sanitizer not found" | tee "$LOG/memcheck.log" "$LOG/racecheck.log"
+  FAILED+=("sanitizer(missing)")
+fi
+
+# ---- quick benchmark
+step bench 60 "$PY" -m fused_cbam.bench --quick --out "$LOG/bench"
+
+# ---- summary
+verdict() {  # verdict NAME PATTERN: the step's rc and its matching summary line
+  local rc="missing"
+  [[ -f "$LOG/$1.rc" ]] && rc=$(cat "$LOG/$1.rc")
+  local line
+  line=$(grep -E "$2" "$LOG/$1.log" 2>/dev/null | tail -n 1 || true)
+  echo "rc=$rc ${line:-(no summary line)}"
+}
+SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
+{
+  echo "device: $DEVICE"
+  echo "versions: $VERSIONS"
+  echo "commit: $COMMIT"
+  echo "build: $(verdict build 'Successfully installed|error|Error')"
+  echo "pytest: $(verdict pytest '(passed|failed|error|no tests ran)')"
+  echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"
+  echo "racecheck: $(verdict racecheck 'RACECHECK SUMMARY|ERROR SUMMARY|sanitizer_smoke')"
+  echo "bench: $(verdict bench '.')"
+  echo "failed steps: ${FAILED[*]:-none}"
+  echo "total time: $(elapsed)s"
+} >"$SUMMARY"
+echo "== summary ($SUMMARY)"
+cat "$SUMMARY"
+[[ ${#FAILED[@]} -eq 0 ]]

@@ -1,0 +1,97 @@
+"""Run every CUDA kernel of fused_cbam at least once on small inputs, for compute-sanitizer.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/sanitizer_smoke.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitizer_smoke.py
+
+Covers both memory formats, float32 and bfloat16, all six operators (forward and backward
+operators called directly), with and without the optional gates/scale, odd sizes (scalar
+paths), a misaligned view (scalar head of the row kernel) and one N = 1 input large in H x W,
+which takes the split-H x W paths (partials + deterministic second kernel).
+Exits non-zero when a result is not finite or has the wrong shape; the sanitizer judges memory.
+"""
+
+import importlib
+import sys
+
+import torch
+
+
+def _ops():
+    import fused_cbam  # noqa: F401  (the package loads its compiled library)
+
+    try:
+        torch.ops.fused_cbam.channel_pool
+    except (AttributeError, RuntimeError):
+        importlib.import_module("fused_cbam._C")
+    return torch.ops.fused_cbam
+
+
+def _make(shape, dtype, fmt, misaligned=False):
+    n = 1
+    for s in shape:
+        n *= s
+    if misaligned:  # contiguous, but one element past a 16-byte boundary
+        x = torch.empty(n + 1, device="cuda", dtype=dtype)[1:].view(shape)
+        x.copy_(torch.randn(shape, device="cuda"))
+    else:
+        x = torch.randn(shape, device="cuda").to(dtype)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _finite(name, *tensors):
+    for t in tensors:
+        if t.numel() and t.is_floating_point() and not torch.isfinite(t).all():
+            raise SystemExit(f"sanitizer_smoke: non-finite result from {name}")
+
+
+def run_case(ops, shape, dtype, fmt, misaligned=False):
+    x = _make(shape, dtype, fmt, misaligned)
+    n, c, h, w = shape
+    small = dict(device="cuda", dtype=dtype)
+    g = torch.rand(n, c, **small)
+    hmap = torch.rand(n, 1, h, w, **small)
+
+    avg, mx, am = ops.channel_pool(x)
+    assert avg.shape == (n, c) and am.dtype == torch.int64
+    dx = ops.channel_pool_backward(torch.randn(n, c, **small), torch.randn(n, c, **small), am, x)
+    _finite("channel_pool", avg, mx, dx)
+
+    for scale in (None, g):
+        mean, smax, sam = ops.spatial_pool(x, scale)
+        assert mean.shape == (n, 1, h, w)
+        dx, gs = ops.spatial_pool_backward(
+            torch.randn(n, 1, h, w, **small), torch.randn(n, 1, h, w, **small), sam, x, scale
+        )
+        _finite("spatial_pool", mean, smax, dx, gs)
+
+    for cg, sg in ((g, hmap), (g, None), (None, hmap), (None, None)):
+        out = ops.gate_apply(x, cg, sg)
+        dx, gg, gh = ops.gate_apply_backward(torch.randn_like(x), x, cg, sg)
+        _finite("gate_apply", out, dx, gg, gh)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sanitizer_smoke: no CUDA device", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    ops = _ops()
+    cases = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in ("contiguous", "channels_last"):
+            run_case(ops, (2, 16, 7, 7), dtype, fmt)  # odd H x W: scalar tile paths, row head/tail
+            run_case(ops, (2, 32, 8, 8), dtype, fmt)  # 16-byte vector paths
+            run_case(ops, (2, 3, 5, 6), dtype, fmt)  # C not a multiple of the vector width
+            run_case(ops, (1, 4, 256, 256), dtype, fmt)  # N = 1, large H x W: split paths
+            cases += 4
+        run_case(ops, (2, 16, 8, 8), dtype, "contiguous", misaligned=True)
+        cases += 1
+    torch.cuda.synchronize()
+    print(f"sanitizer_smoke: OK ({cases} cases)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

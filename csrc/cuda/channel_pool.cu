@@ -1,0 +1,63 @@
+// channel_pool: mean, max and first arg-max of every (n, c) plane over H x W, and its backward.
+//   NCHW x:          each (n, c) row is contiguous -> row_pool (a group of threads per row,
+//                    rows split over several groups when N * C cannot fill the device).
+//   channels_last x: lanes along C, rows of the block along H x W -> outer_pool.
+//   backward:        dx = grad_avg / P + [p == argmax] * grad_max, one write of dx.
+#include "common.cuh"
+#include "kernels.h"
+#include "pool.cuh"
+
+namespace fused_cbam {
+namespace gpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool(const at::Tensor& x_in) {
+  constexpr const char* op = "fused_cbam::channel_pool";
+  check_x(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = dense_x(x_in);
+  const bool cl = is_channels_last(x);
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  at::Tensor avg = at::empty({N, C}, x.options());
+  at::Tensor mx = at::empty({N, C}, x.options());
+  at::Tensor idx = at::empty({N, C}, x.options().dtype(at::kLong));
+  if (N * C == 0) return {avg, mx, idx};  // H * W > 0 is checked
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* ap = avg.mutable_data_ptr<scalar_t>();
+    scalar_t* mp = mx.mutable_data_ptr<scalar_t>();
+    int64_t* ip = idx.mutable_data_ptr<int64_t>();
+    if (cl) {
+      launch_outer_pool<scalar_t, false>(x, xp, nullptr, N, /*Li=*/C, /*Lo=*/P, /*count=*/P,
+                                         ap, mp, ip);
+    } else {
+      launch_row_pool<scalar_t, false>(x, xp, nullptr, /*rows=*/N * C, /*rows_per_sample=*/C,
+                                       /*L=*/P, /*count=*/P, ap, mp, ip);
+    }
+  });
+  return {avg, mx, idx};
+}
+
+at::Tensor channel_pool_backward(const at::Tensor& grad_avg, const at::Tensor& grad_max,
+                                 const at::Tensor& argmax, const at::Tensor& x) {
+  constexpr const char* op = "fused_cbam::channel_pool_backward";
+  check_x(x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool cl = is_channels_last(x);
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  const at::Tensor ga = check_small(grad_avg, op, "grad_avg", x, {N, C}, x.scalar_type());
+  const at::Tensor gm = check_small(grad_max, op, "grad_max", x, {N, C}, x.scalar_type());
+  const at::Tensor am = check_small(argmax, op, "argmax", x, {N, C}, at::kLong);
+  at::Tensor dx = empty_like_x(x);  // x itself is never read
+  if (dx.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    // NCHW: kept (n, c) is the outer index, p the inner; channels_last the other way round.
+    launch_max_scatter_backward<scalar_t>(
+        ga.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(),
+        am.const_data_ptr<int64_t>(), /*count=*/P, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
+        /*kept_inner=*/cl, dx.mutable_data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
+}  // namespace gpu
+}  // namespace fused_cbam

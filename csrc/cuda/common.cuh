@@ -1,0 +1,365 @@
+// Shared pieces of the CUDA kernels: vector loads, the (value, index) arg-max rule, warp
+// reductions, the deterministic split finalisers, launch geometry and input checks.
+//
+// Layout vocabulary used by every kernel here: x is viewed as [N, Lo, Li] with the inner
+// dimension Li contiguous. NCHW: (Lo, Li) = (C, P); channels_last: (Lo, Li) = (P, C).
+// A "tile" block is TX x TY threads: TX lanes along Li (each lane VEC consecutive elements),
+// TY rows along Lo. Reductions over Li go through lane shuffles, reductions over Lo through
+// registers and a shared-memory tree; splits of either are written as float partials and summed
+// by a second kernel in a fixed order. No atomics anywhere: results are bitwise reproducible
+// for a given shape, alignment and device.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+namespace fused_cbam {
+namespace gpu {
+
+constexpr int kThreads = 256;  // threads per block of every kernel
+constexpr int kMaxSplits = 256;  // bound of the sequential loop of the finalisers
+constexpr int64_t kMaxRow = int64_t{1} << 30;  // largest C and H * W (32-bit index math)
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+constexpr int vec_width() {
+  return 16 / static_cast<int>(sizeof(T));  // elements of one 16-byte load
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) AlignedVec {
+  T val[N];
+};
+
+// Loads VEC elements (16-byte aligned when VEC > 1) and widens them to the math type.
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ void load_as(const T* __restrict__ p, A (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    out[0] = static_cast<A>(p[0]);
+  } else {
+    const AlignedVec<T, VEC> v = *reinterpret_cast<const AlignedVec<T, VEC>*>(p);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = static_cast<A>(v.val[j]);
+  }
+}
+
+// Rounds VEC math-type values once to T and stores them (16-byte aligned when VEC > 1).
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ void store_as(T* __restrict__ p, const A (&in)[VEC]) {
+  if constexpr (VEC == 1) {
+    p[0] = static_cast<T>(in[0]);
+  } else {
+    AlignedVec<T, VEC> v;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v.val[j] = static_cast<T>(in[j]);
+    *reinterpret_cast<AlignedVec<T, VEC>*>(p) = v;
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return static_cast<A>(-INFINITY);
+}
+
+constexpr int kNoIndex = INT_MAX;  // index of the empty arg-max; loses every comparison
+
+// The arg-max rule of torch.max(dim): NaN beats everything, then the larger value, and among
+// equals (NaN or not) the lower index. A total order on (value, index) pairs, so partial results
+// may be combined in any grouping. Returns whether (v, i) replaces (bv, bi).
+template <typename A>
+__device__ __forceinline__ bool arg_better(A v, int i, A bv, int bi) {
+  const bool v_nan = v != v;
+  const bool b_nan = bv != bv;
+  if (v_nan) return !b_nan || i < bi;
+  if (b_nan) return false;
+  return v > bv || (v == bv && i < bi);
+}
+
+template <typename A>
+__device__ __forceinline__ void arg_update(A v, int i, A& bv, int& bi) {
+  if (arg_better(v, i, bv, bi)) {
+    bv = v;
+    bi = i;
+  }
+}
+
+// Butterfly sum over aligned groups of `width` lanes (a power of two <= 32). Every lane of the
+// warp must call it. xor pairs add the same two operands, so all lanes of a group end with the
+// same bits.
+template <typename A>
+__device__ __forceinline__ A group_sum(A v, int width) {
+  for (int off = width >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Sum and (value, index) arg-max over aligned groups of `width` lanes; every lane must call it.
+template <typename A>
+__device__ __forceinline__ void group_pool(A& sum, A& bv, int& bi, int width) {
+  for (int off = width >> 1; off > 0; off >>= 1) {
+    const A s = __shfl_xor_sync(0xffffffffu, sum, off);
+    const A v = __shfl_xor_sync(0xffffffffu, bv, off);
+    const int i = __shfl_xor_sync(0xffffffffu, bi, off);
+    sum += s;
+    arg_update(v, i, bv, bi);
+  }
+}
+
+// Tile prologue: block b of a grid of itiles * splits * N blocks.
+struct TileCoord {
+  int64_t n;
+  int i0;       // first inner index of this lane
+  int itile;
+  int split;
+  int o_begin;  // outer range of this split
+  int o_end;
+};
+
+template <int VEC>
+__device__ __forceinline__ TileCoord tile_coord(int Lo, int64_t itiles, int splits, int chunk) {
+  TileCoord t;
+  // 32-bit division: the grid has at most INT_MAX blocks, so itiles and splits fit too.
+  const unsigned it = static_cast<unsigned>(itiles), sp = static_cast<unsigned>(splits);
+  unsigned b = blockIdx.x;
+  t.itile = static_cast<int>(b % it);
+  b /= it;
+  t.split = static_cast<int>(b % sp);
+  t.n = static_cast<int64_t>(b / sp);
+  t.i0 = (t.itile * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
+  t.o_begin = t.split * chunk;
+  t.o_end = min(Lo, t.o_begin + chunk);
+  return t;
+}
+
+// Deterministic tree over threadIdx.y of VEC values per thread, kept in `smem`
+// ([VEC][kThreads]); afterwards row ty == 0 holds the column sums. Every thread must call it.
+template <int VEC, typename A>
+__device__ __forceinline__ void tree_sum_over_y(A (&v)[VEC], A* smem) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) smem[j * kThreads + tid] = v[j];
+  __syncthreads();
+  for (int stride = blockDim.y >> 1; stride > 0; stride >>= 1) {
+    if (static_cast<int>(threadIdx.y) < stride) {
+      const int other = tid + stride * blockDim.x;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) smem[j * kThreads + tid] += smem[j * kThreads + other];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] = smem[j * kThreads + tid];
+}
+
+// out[r] = sum over s of part[s * rows + r], rounded once to scalar_t. `width` lanes (a power
+// of two <= 32) share a row: lane l adds s = l, l + width, ... in order, then a butterfly.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    sum_finalize_kernel(const acc_t* __restrict__ part, int64_t rows, int splits, int width,
+                        scalar_t* __restrict__ out) {
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t r = gid / width;
+  const int lane = static_cast<int>(gid % width);
+  acc_t s = 0;
+  if (r < rows) {
+    for (int k = lane; k < splits; k += width) s += part[k * rows + r];
+  }
+  s = group_sum(s, width);  // every lane takes part, live row or not
+  if (r < rows && lane == 0) out[r] = static_cast<scalar_t>(s);
+}
+
+// Combines pooling partials [splits, rows] (sum, max, arg-max) in split order.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pool_finalize_kernel(const acc_t* __restrict__ psum, const acc_t* __restrict__ pmax,
+                         const int* __restrict__ pidx, int64_t rows, int splits, acc_t count,
+                         scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
+                         int64_t* __restrict__ idx) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  acc_t s = psum[r];
+  acc_t bv = pmax[r];
+  int bi = pidx[r];
+  for (int k = 1; k < splits; ++k) {
+    const int64_t q = k * rows + r;
+    s += psum[q];
+    arg_update(pmax[q], pidx[q], bv, bi);
+  }
+  avg[r] = static_cast<scalar_t>(s / count);
+  mx[r] = static_cast<scalar_t>(bv);
+  idx[r] = bi;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers
+// ---------------------------------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int pow2_ceil(int64_t v) {
+  int p = 1;
+  while (p < v && p < (1 << 30)) p <<= 1;
+  return p;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Threads the current device holds at full occupancy (the size of one full wave).
+// Cached per device (the launch geometry, hence the summation order, depends on it).
+inline int64_t resident_threads() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cache[kMaxDevices] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int64_t cached = cache[dev].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
+  const int64_t threads = std::max<int64_t>(1, static_cast<int64_t>(sms) * per_sm);
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(threads, std::memory_order_relaxed);
+  return threads;
+}
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+template <typename acc_t>
+inline at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+// Geometry of a tile kernel over x viewed as [N, Lo, Li].
+struct TileConfig {
+  int vec = 1;
+  int tx = 32, ty = kThreads / 32;
+  int64_t itiles = 1;
+  int splits = 1;
+  int chunk = 0;  // outer rows per split
+  dim3 grid, block;
+};
+
+// Splits the outer dimension until one wave of the device is filled, keeping at least
+// `min_rows` outer rows per thread. `max_splits` bounds the partial buffers (1 = no split).
+inline TileConfig make_tile_config(int64_t N, int64_t Li, int64_t Lo, int vec, int min_rows,
+                                   int max_splits) {
+  TileConfig t;
+  t.vec = vec;
+  t.tx = static_cast<int>(std::min<int64_t>(32, pow2_ceil(ceil_div(Li, vec))));
+  t.ty = kThreads / t.tx;
+  t.itiles = ceil_div(Li, static_cast<int64_t>(t.tx) * vec);
+  const int64_t blocks0 = t.itiles * N;
+  const int64_t wave = std::max<int64_t>(1, resident_threads() / kThreads);
+  int64_t splits = 1;
+  if (blocks0 < wave) {
+    splits = ceil_div(wave, blocks0);
+    splits = std::min<int64_t>(splits, ceil_div(Lo, static_cast<int64_t>(t.ty) * min_rows));
+    splits = std::min<int64_t>(splits, max_splits);
+    splits = std::max<int64_t>(splits, 1);
+  }
+  t.chunk = static_cast<int>(ceil_div(Lo, splits));
+  t.splits = static_cast<int>(ceil_div(Lo, t.chunk));  // every split non-empty
+  const int64_t blocks = blocks0 * t.splits;
+  TORCH_CHECK(blocks <= INT_MAX, "fused_cbam: tensor too large for the CUDA kernels' grid");
+  t.grid = dim3(static_cast<unsigned>(blocks));
+  t.block = dim3(t.tx, t.ty);
+  return t;
+}
+
+// Sums partials [splits, rows] into out[rows] (scalar_t), deterministically.
+template <typename scalar_t, typename acc_t>
+void launch_sum_finalize(const acc_t* part, int64_t rows, int splits, scalar_t* out) {
+  if (rows == 0) return;
+  const int width = static_cast<int>(std::min<int64_t>(32, pow2_ceil(ceil_div(splits, 16))));
+  const int64_t blocks = ceil_div(rows * width, kThreads);
+  TORCH_CHECK(blocks <= INT_MAX, "fused_cbam: tensor too large for the CUDA kernels' grid");
+  sum_finalize_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(part, rows, splits,
+                                                                        width, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_pool_finalize(const acc_t* psum, const acc_t* pmax, const int* pidx, int64_t rows,
+                          int splits, acc_t count, scalar_t* avg, scalar_t* mx, int64_t* idx) {
+  if (rows == 0) return;
+  TORCH_CHECK(ceil_div(rows, kThreads) <= INT_MAX, "fused_cbam: tensor too large");
+  pool_finalize_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(ceil_div(rows, kThreads)), kThreads, 0, current_stream()>>>(
+          psum, pmax, pidx, rows, splits, count, avg, mx, idx);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- memory format and input checks
+
+// The memory-format rule shared with the CPU path and fused_cbam/_registrations.py `_like_x`.
+inline bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat format_of(const at::Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// x as the kernels read it: channels_last stays, anything else becomes NCHW contiguous.
+inline at::Tensor dense_x(const at::Tensor& x) {
+  return is_channels_last(x) ? x : x.contiguous();
+}
+
+inline at::Tensor empty_like_x(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(format_of(x)));
+}
+
+// Messages follow the CPU path: "<argument>: expected ..., got ...", prefixed with the operator.
+inline void check_x(const at::Tensor& x, const char* op, const char* name = "x") {
+  TORCH_CHECK_VALUE(x.defined(), op, ": ", name, ": expected a defined tensor");
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got one on ",
+                    x.device());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name,
+                    ": expected a 4-D tensor (N, C, H, W), got shape ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                   op, ": ", name,
+                   ": expected a floating-point tensor (float16, bfloat16, float32 or float64), "
+                   "got ",
+                   t);
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) > 0, op, ": ", name,
+                    ": expected a non-empty spatial size, got H x W = ", x.size(2), " x ",
+                    x.size(3));
+  // Indices inside one row (a channel or a pixel) are 32-bit; offsets of rows are 64-bit.
+  TORCH_CHECK_VALUE(x.size(1) <= kMaxRow && x.size(2) * x.size(3) <= kMaxRow, op, ": ", name,
+                    ": expected C <= 2^30 and H * W <= 2^30, got shape ", x.sizes());
+}
+
+// Checks a small tensor against x (device, dtype, shape) and returns it contiguous.
+inline at::Tensor check_small(const at::Tensor& t, const char* op, const char* name,
+                              const at::Tensor& x, at::IntArrayRef shape,
+                              at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, ": expected a defined tensor");
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, ": expected shape ", shape, ", got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, ": expected dtype ", dtype,
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, ": expected a tensor on ",
+                    x.device(), " (x's device), got one on ", t.device());
+  return t.contiguous();
+}
+
+}  // namespace gpu
+}  // namespace fused_cbam

@@ -1,0 +1,384 @@
+// Pooling kernels shared by channel_pool.cu and spatial_pool.cu, and the backward of a pooled
+// pair (mean, max) without a scale.
+//
+//   row_pool:   reduction along contiguous rows (channel pooling of NCHW x, spatial pooling of
+//               channels_last x). A group of 4..256 threads per row segment, 16-byte loads
+//               after a scalar head that reaches alignment, split rows when there are too few.
+//   outer_pool: reduction over the strided outer dimension of [N, Lo, Li] (channel pooling of
+//               channels_last x, spatial pooling of NCHW x). Lanes along Li, rows of the block
+//               along Lo, a shared-memory tree across rows, split Lo when there are too few.
+//   max_scatter_backward: d(mean, max) -> dx, written once, vectorised.
+// Every pooled row holds at least one element (the host checks), so no empty arg-max escapes.
+#pragma once
+
+#include "common.cuh"
+
+namespace fused_cbam {
+namespace gpu {
+
+constexpr int64_t kMinChunk = 2048;  // smallest segment of a split row
+
+// Row r is x[r * L, (r + 1) * L). Segment (r, s) covers [s * chunk, min(L, (s + 1) * chunk))
+// and belongs to `group` consecutive threads (a power of two, 4..kThreads). With SCALE, element
+// i of row r is multiplied by scale[(r / rows_per_sample) * L + i] (math type) before pooling.
+// splits == 1: writes avg = sum / count, max, arg-max of each row; otherwise partials
+// [splits, rows] for pool_finalize_kernel.
+template <typename scalar_t, typename acc_t, bool SCALE>
+__global__ void __launch_bounds__(kThreads)
+    row_pool_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale,
+                    int64_t rows, int64_t rows_per_sample, int L, int chunk, int splits,
+                    int group, acc_t count, scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
+                    int64_t* __restrict__ idx, acc_t* __restrict__ psum,
+                    acc_t* __restrict__ pmax, int* __restrict__ pidx) {
+  constexpr int VEC = vec_width<scalar_t>();
+  __shared__ acc_t s_sum[kThreads / 32];
+  __shared__ acc_t s_max[kThreads / 32];
+  __shared__ int s_idx[kThreads / 32];
+
+  const int tid = threadIdx.x;
+  const int t = tid & (group - 1);
+  const int64_t seg = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + tid / group;
+  const bool live = seg < rows * splits;
+
+  acc_t sum = 0;
+  acc_t bv = neg_inf<acc_t>();
+  int bi = kNoIndex;
+  int64_t row = 0;
+  int s = 0;
+  if (live) {
+    row = seg / splits;
+    s = static_cast<int>(seg - row * splits);
+    const int begin = s * chunk;
+    const int end = min(L, begin + chunk);
+    const scalar_t* __restrict__ xr = x + row * L;
+    const scalar_t* __restrict__ sr = nullptr;
+    if constexpr (SCALE) sr = scale + (row / rows_per_sample) * L;
+
+    auto visit = [&](int i) {
+      acc_t v = static_cast<acc_t>(xr[i]);
+      if constexpr (SCALE) v *= static_cast<acc_t>(sr[i]);
+      sum += v;
+      arg_update(v, i, bv, bi);
+    };
+    // Scalar head up to the first 16-byte boundary of x, vector body, scalar tail; each thread
+    // visits increasing indices (not required by arg_update, which is order-free).
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(xr + begin);
+    const int head =
+        min(end - begin, static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(scalar_t)));
+    const int body = begin + head;
+    const int nvec = (end - body) / VEC;
+    const int tail = body + nvec * VEC;
+    for (int i = begin + t; i < body; i += group) visit(i);
+    bool scale_vec = false;
+    if constexpr (SCALE) scale_vec = (reinterpret_cast<uintptr_t>(sr + body) & 15) == 0;
+    for (int k = t; k < nvec; k += group) {
+      const int i = body + k * VEC;
+      acc_t v[VEC];
+      load_as<VEC>(xr + i, v);
+      if constexpr (SCALE) {
+        acc_t sc[VEC];
+        if (scale_vec) {
+          load_as<VEC>(sr + i, sc);
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) sc[j] = static_cast<acc_t>(sr[i + j]);
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] *= sc[j];
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        sum += v[j];
+        arg_update(v[j], i + j, bv, bi);
+      }
+    }
+    for (int i = tail + t; i < end; i += group) visit(i);
+  }
+
+  // Every thread of the block reaches the reductions (no early return above).
+  group_pool(sum, bv, bi, min(group, 32));
+  if (group > 32) {  // uniform over the block
+    const int warp = tid >> 5;
+    if ((tid & 31) == 0) {
+      s_sum[warp] = sum;
+      s_max[warp] = bv;
+      s_idx[warp] = bi;
+    }
+    __syncthreads();
+    if (t == 0) {  // lane 0 of the group's first warp adds the group's other warps in order
+      for (int w = 1; w < group / 32; ++w) {
+        sum += s_sum[warp + w];
+        arg_update(s_max[warp + w], s_idx[warp + w], bv, bi);
+      }
+    }
+  }
+  if (live && t == 0) {
+    if (splits == 1) {
+      avg[row] = static_cast<scalar_t>(sum / count);
+      mx[row] = static_cast<scalar_t>(bv);
+      idx[row] = bi;
+    } else {
+      const int64_t q = s * rows + row;
+      psum[q] = sum;
+      pmax[q] = bv;
+      pidx[q] = bi;
+    }
+  }
+}
+
+// x viewed as [N, Lo, Li]; pools over o for every (n, i). With SCALE, x[n, o, i] is multiplied
+// by scale[n * Lo + o] first. splits == 1: final outputs at n * Li + i; otherwise partials
+// [splits, N * Li].
+template <typename scalar_t, typename acc_t, int VEC, bool SCALE>
+__global__ void __launch_bounds__(kThreads)
+    outer_pool_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale, int Li,
+                      int Lo, int64_t itiles, int splits, int chunk, int64_t rows, acc_t count,
+                      scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
+                      int64_t* __restrict__ idx, acc_t* __restrict__ psum,
+                      acc_t* __restrict__ pmax, int* __restrict__ pidx) {
+  __shared__ acc_t s_sum[VEC * kThreads];
+  __shared__ acc_t s_max[VEC * kThreads];
+  __shared__ int s_idx[VEC * kThreads];
+
+  const TileCoord tc = tile_coord<VEC>(Lo, itiles, splits, chunk);
+  const bool active = tc.i0 < Li;  // Li % VEC == 0 when VEC > 1, so the whole vector is in
+  acc_t sum[VEC], bv[VEC];
+  int bi[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    sum[j] = 0;
+    bv[j] = neg_inf<acc_t>();
+    bi[j] = kNoIndex;
+  }
+  if (active) {
+    const scalar_t* __restrict__ xp = x + tc.n * Lo * Li + tc.i0;
+#pragma unroll 4
+    for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
+      acc_t v[VEC];
+      load_as<VEC>(xp + static_cast<int64_t>(o) * Li, v);
+      if constexpr (SCALE) {
+        const acc_t sc = static_cast<acc_t>(scale[tc.n * Lo + o]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] *= sc;
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        sum[j] += v[j];
+        arg_update(v[j], o, bv[j], bi[j]);
+      }
+    }
+  }
+
+  // Fixed-shape tree over threadIdx.y; every thread takes part.
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    s_sum[j * kThreads + tid] = sum[j];
+    s_max[j * kThreads + tid] = bv[j];
+    s_idx[j * kThreads + tid] = bi[j];
+  }
+  __syncthreads();
+  for (int stride = blockDim.y >> 1; stride > 0; stride >>= 1) {
+    if (static_cast<int>(threadIdx.y) < stride) {
+      const int other = tid + stride * blockDim.x;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const int a = j * kThreads + tid, b = j * kThreads + other;
+        s_sum[a] += s_sum[b];
+        if (arg_better(s_max[b], s_idx[b], s_max[a], s_idx[a])) {
+          s_max[a] = s_max[b];
+          s_idx[a] = s_idx[b];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int a = j * kThreads + tid;
+      const int64_t r = tc.n * Li + tc.i0 + j;
+      if (splits == 1) {
+        avg[r] = static_cast<scalar_t>(s_sum[a] / count);
+        mx[r] = static_cast<scalar_t>(s_max[a]);
+        idx[r] = s_idx[a];
+      } else {
+        const int64_t q = tc.split * rows + r;
+        psum[q] = s_sum[a];
+        pmax[q] = s_max[a];
+        pidx[q] = s_idx[a];
+      }
+    }
+  }
+}
+
+// dx[n, o, i] = ga[k] / count + (am[k] == q ? gm[k] : 0), with (k, q) = ((n, i), o) when
+// KEPT_INNER, else ((n, o), i): the gradient of a (mean, first-max) pair pooled over q.
+template <typename scalar_t, typename acc_t, int VEC, bool KEPT_INNER>
+__global__ void __launch_bounds__(kThreads)
+    max_scatter_backward_kernel(const scalar_t* __restrict__ ga, const scalar_t* __restrict__ gm,
+                                const int64_t* __restrict__ am, acc_t count, int Li, int Lo,
+                                int64_t itiles, int splits, int chunk,
+                                scalar_t* __restrict__ dx) {
+  const TileCoord tc = tile_coord<VEC>(Lo, itiles, splits, chunk);
+  if (tc.i0 >= Li) return;  // no block-wide synchronisation in this kernel
+  scalar_t* __restrict__ dp = dx + tc.n * Lo * Li + tc.i0;
+  if constexpr (KEPT_INNER) {
+    acc_t a[VEC], m[VEC];
+    int64_t id[VEC];
+    const int64_t k0 = tc.n * Li + tc.i0;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      a[j] = static_cast<acc_t>(ga[k0 + j]) / count;
+      m[j] = static_cast<acc_t>(gm[k0 + j]);
+      id[j] = am[k0 + j];
+    }
+#pragma unroll 4
+    for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
+      acc_t out[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = a[j] + (id[j] == o ? m[j] : acc_t(0));
+      store_as<VEC>(dp + static_cast<int64_t>(o) * Li, out);
+    }
+  } else {
+#pragma unroll 4
+    for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
+      const int64_t k = tc.n * Lo + o;
+      const acc_t a = static_cast<acc_t>(ga[k]) / count;
+      const acc_t m = static_cast<acc_t>(gm[k]);
+      const int64_t id = am[k];
+      acc_t out[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = a + (id == tc.i0 + j ? m : acc_t(0));
+      store_as<VEC>(dp + static_cast<int64_t>(o) * Li, out);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers. `like` supplies the device for partial buffers.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, bool SCALE>
+void launch_row_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
+                     int64_t rows, int64_t rows_per_sample, int64_t L, int64_t count,
+                     scalar_t* avg, scalar_t* mx, int64_t* idx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  // About two vectors per thread, 4..kThreads threads per segment.
+  auto group_for = [](int64_t len) {
+    return static_cast<int>(
+        std::clamp<int64_t>(pow2_ceil(ceil_div(ceil_div(len, VEC), 2)), 4, kThreads));
+  };
+  int group = group_for(L);
+  int64_t splits = 1;
+  const int64_t target = resident_threads();
+  if (rows * group < target && L > kMinChunk) {
+    splits = std::min<int64_t>({ceil_div(target, rows * group), ceil_div(L, kMinChunk),
+                                static_cast<int64_t>(kMaxSplits)});
+  }
+  int64_t chunk = L;
+  if (splits > 1) {
+    chunk = ceil_div(ceil_div(L, splits), 64) * 64;
+    splits = ceil_div(L, chunk);  // every segment non-empty
+    if (splits == 1) chunk = L;
+    group = group_for(chunk);
+  }
+  const int64_t blocks = ceil_div(rows * splits, kThreads / group);
+  TORCH_CHECK(blocks <= INT_MAX, "fused_cbam: tensor too large for the CUDA kernels' grid");
+
+  at::Tensor psum, pmax, pidx;
+  if (splits > 1) {
+    psum = at::empty({splits, rows}, acc_options<acc_t>(like));
+    pmax = at::empty({splits, rows}, acc_options<acc_t>(like));
+    pidx = at::empty({splits, rows}, like.options().dtype(at::kInt));
+  }
+  acc_t* ps = splits > 1 ? psum.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* pm = splits > 1 ? pmax.mutable_data_ptr<acc_t>() : nullptr;
+  int* pi = splits > 1 ? pidx.mutable_data_ptr<int>() : nullptr;
+  row_pool_kernel<scalar_t, acc_t, SCALE>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
+          x, scale, rows, rows_per_sample, static_cast<int>(L), static_cast<int>(chunk),
+          static_cast<int>(splits), group, static_cast<acc_t>(count), avg, mx, idx, ps, pm, pi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    launch_pool_finalize<scalar_t, acc_t>(ps, pm, pi, rows, static_cast<int>(splits),
+                                          static_cast<acc_t>(count), avg, mx, idx);
+  }
+}
+
+template <typename scalar_t, int VEC, bool SCALE>
+void launch_outer_pool_vec(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
+                           int64_t N, int64_t Li, int64_t Lo, int64_t count, scalar_t* avg,
+                           scalar_t* mx, int64_t* idx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const TileConfig cfg = make_tile_config(N, Li, Lo, VEC, /*min_rows=*/4, kMaxSplits);
+  const int64_t rows = N * Li;
+  at::Tensor psum, pmax, pidx;
+  if (cfg.splits > 1) {
+    psum = at::empty({cfg.splits, rows}, acc_options<acc_t>(like));
+    pmax = at::empty({cfg.splits, rows}, acc_options<acc_t>(like));
+    pidx = at::empty({cfg.splits, rows}, like.options().dtype(at::kInt));
+  }
+  acc_t* ps = cfg.splits > 1 ? psum.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* pm = cfg.splits > 1 ? pmax.mutable_data_ptr<acc_t>() : nullptr;
+  int* pi = cfg.splits > 1 ? pidx.mutable_data_ptr<int>() : nullptr;
+  outer_pool_kernel<scalar_t, acc_t, VEC, SCALE><<<cfg.grid, cfg.block, 0, current_stream()>>>(
+      x, scale, static_cast<int>(Li), static_cast<int>(Lo), cfg.itiles, cfg.splits, cfg.chunk,
+      rows, static_cast<acc_t>(count), avg, mx, idx, ps, pm, pi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (cfg.splits > 1) {
+    launch_pool_finalize<scalar_t, acc_t>(ps, pm, pi, rows, cfg.splits,
+                                          static_cast<acc_t>(count), avg, mx, idx);
+  }
+}
+
+template <typename scalar_t, bool SCALE>
+void launch_outer_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
+                       int64_t N, int64_t Li, int64_t Lo, int64_t count, scalar_t* avg,
+                       scalar_t* mx, int64_t* idx) {
+  constexpr int V = vec_width<scalar_t>();
+  if (Li % V == 0 && aligned16(x)) {
+    launch_outer_pool_vec<scalar_t, V, SCALE>(like, x, scale, N, Li, Lo, count, avg, mx, idx);
+  } else {
+    launch_outer_pool_vec<scalar_t, 1, SCALE>(like, x, scale, N, Li, Lo, count, avg, mx, idx);
+  }
+}
+
+template <typename scalar_t, int VEC, bool KEPT_INNER>
+void launch_max_scatter_backward_vec(const scalar_t* ga, const scalar_t* gm, const int64_t* am,
+                                     int64_t count, int64_t N, int64_t Li, int64_t Lo,
+                                     scalar_t* dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const TileConfig cfg = make_tile_config(N, Li, Lo, VEC, /*min_rows=*/4, INT_MAX);
+  max_scatter_backward_kernel<scalar_t, acc_t, VEC, KEPT_INNER>
+      <<<cfg.grid, cfg.block, 0, current_stream()>>>(ga, gm, am, static_cast<acc_t>(count),
+                                                     static_cast<int>(Li), static_cast<int>(Lo),
+                                                     cfg.itiles, cfg.splits, cfg.chunk, dx);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dx of x viewed as [N, Lo, Li] from a (mean, max, arg-max) triple of small [N, kept] tensors.
+template <typename scalar_t>
+void launch_max_scatter_backward(const scalar_t* ga, const scalar_t* gm, const int64_t* am,
+                                 int64_t count, int64_t N, int64_t Li, int64_t Lo,
+                                 bool kept_inner, scalar_t* dx) {
+  constexpr int V = vec_width<scalar_t>();
+  const bool vec = Li % V == 0 && aligned16(dx);
+  if (kept_inner) {
+    if (vec) {
+      launch_max_scatter_backward_vec<scalar_t, V, true>(ga, gm, am, count, N, Li, Lo, dx);
+    } else {
+      launch_max_scatter_backward_vec<scalar_t, 1, true>(ga, gm, am, count, N, Li, Lo, dx);
+    }
+  } else {
+    if (vec) {
+      launch_max_scatter_backward_vec<scalar_t, V, false>(ga, gm, am, count, N, Li, Lo, dx);
+    } else {
+      launch_max_scatter_backward_vec<scalar_t, 1, false>(ga, gm, am, count, N, Li, Lo, dx);
+    }
+  }
+}
+
+}  // namespace gpu
+}  // namespace fused_cbam

@@ -1,0 +1,13 @@
+// CUDA implementations of the fused_cbam operators (schemas in csrc/ops.cpp).
+#include <torch/library.h>
+
+#include "kernels.h"
+
+TORCH_LIBRARY_IMPL(fused_cbam, CUDA, m) {
+  m.impl("channel_pool", &fused_cbam::gpu::channel_pool);
+  m.impl("channel_pool_backward", &fused_cbam::gpu::channel_pool_backward);
+  m.impl("spatial_pool", &fused_cbam::gpu::spatial_pool);
+  m.impl("spatial_pool_backward", &fused_cbam::gpu::spatial_pool_backward);
+  m.impl("gate_apply", &fused_cbam::gpu::gate_apply);
+  m.impl("gate_apply_backward", &fused_cbam::gpu::gate_apply_backward);
+}

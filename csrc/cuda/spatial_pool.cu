@@ -1,0 +1,257 @@
+// spatial_pool: mean, max and first arg-max over C of y = x * scale[n, c] (math type, never
+// stored), and its backward.
+//   NCHW x:          lanes along H x W, rows of the block along C -> outer_pool (scale per row).
+//   channels_last x: each pixel's C values are contiguous -> row_pool (a group per pixel).
+//   backward:        w = grad_mean / C + [c == argmax] * grad_max; dx = w * scale[n, c];
+//                    grad_scale[n, c] = sum_p w * x, reduced without atomics.
+#include "common.cuh"
+#include "kernels.h"
+#include "pool.cuh"
+
+namespace fused_cbam {
+namespace gpu {
+
+// Backward with a scale, x viewed as [N, Lo, Li]; `rows` = N * C.
+// NCHW (CL = false): inner p, outer c. Each lane keeps its pixels' (mean, max, arg-max) grads in
+//   registers; grad_scale of (n, c) is a lane reduction per row -> final, or partials
+//   [itiles, N * C] when the pixels span several tiles.
+// channels_last:  inner c, outer p. Each lane keeps its channels' scale in registers and adds
+//   w * x over its rows; a tree over the block's rows -> final, or partials [splits, N * C].
+template <typename scalar_t, typename acc_t, int VEC, bool CL>
+__global__ void __launch_bounds__(kThreads)
+    scaled_spatial_backward_kernel(const scalar_t* __restrict__ gmean,
+                                   const scalar_t* __restrict__ gmax,
+                                   const int64_t* __restrict__ am, const scalar_t* __restrict__ x,
+                                   const scalar_t* __restrict__ scale, acc_t count, int Li,
+                                   int Lo, int64_t itiles, int splits, int chunk, int64_t rows,
+                                   scalar_t* __restrict__ dx, acc_t* __restrict__ part,
+                                   scalar_t* __restrict__ gscale) {
+  const TileCoord tc = tile_coord<VEC>(Lo, itiles, splits, chunk);
+  const bool active = tc.i0 < Li;  // inactive lanes still join the reductions
+  const int64_t base = tc.n * Lo * Li + tc.i0;
+  if constexpr (!CL) {
+    acc_t a[VEC], m[VEC];
+    int64_t id[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      a[j] = 0;
+      m[j] = 0;
+      id[j] = -1;
+    }
+    if (active) {
+      const int64_t k0 = tc.n * Li + tc.i0;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        a[j] = static_cast<acc_t>(gmean[k0 + j]) / count;
+        m[j] = static_cast<acc_t>(gmax[k0 + j]);
+        id[j] = am[k0 + j];
+      }
+    }
+    // The trip count is uniform over the block: the lane reduction needs the whole warp.
+    for (int ob = tc.o_begin; ob < tc.o_end; ob += blockDim.y) {
+      const int o = ob + threadIdx.y;
+      const bool row = o < tc.o_end;
+      acc_t psum = 0;
+      if (active && row) {
+        const int64_t off = base + static_cast<int64_t>(o) * Li;
+        const acc_t sc = static_cast<acc_t>(scale[tc.n * Lo + o]);
+        acc_t xv[VEC], out[VEC];
+        load_as<VEC>(x + off, xv);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t w = a[j] + (id[j] == o ? m[j] : acc_t(0));
+          out[j] = w * sc;
+          psum += w * xv[j];
+        }
+        store_as<VEC>(dx + off, out);
+      }
+      psum = group_sum(psum, blockDim.x);
+      if (threadIdx.x == 0 && row) {
+        const int64_t r = tc.n * Lo + o;
+        if (itiles == 1) {
+          gscale[r] = static_cast<scalar_t>(psum);
+        } else {
+          part[tc.itile * rows + r] = psum;
+        }
+      }
+    }
+  } else {
+    __shared__ acc_t smem[VEC * kThreads];
+    acc_t sc[VEC], acc[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      sc[j] = 0;
+      acc[j] = 0;
+    }
+    if (active) {
+      const int64_t k0 = tc.n * Li + tc.i0;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sc[j] = static_cast<acc_t>(scale[k0 + j]);
+#pragma unroll 4
+      for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
+        const int64_t k = tc.n * Lo + o;
+        const acc_t a = static_cast<acc_t>(gmean[k]) / count;
+        const acc_t m = static_cast<acc_t>(gmax[k]);
+        const int64_t id = am[k];
+        const int64_t off = base + static_cast<int64_t>(o) * Li;
+        acc_t xv[VEC], out[VEC];
+        load_as<VEC>(x + off, xv);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t w = a + (id == tc.i0 + j ? m : acc_t(0));
+          out[j] = w * sc[j];
+          acc[j] += w * xv[j];
+        }
+        store_as<VEC>(dx + off, out);
+      }
+    }
+    tree_sum_over_y<VEC>(acc, smem);
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const int64_t r = tc.n * Li + tc.i0 + j;
+        if (splits == 1) {
+          gscale[r] = static_cast<scalar_t>(acc[j]);
+        } else {
+          part[tc.split * rows + r] = acc[j];
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int VEC, bool CL>
+void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* gmean,
+                                        const scalar_t* gmax, const int64_t* am,
+                                        const scalar_t* x, const scalar_t* scale, int64_t N,
+                                        int64_t C, int64_t P, scalar_t* dx, scalar_t* gscale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Li = CL ? C : P, Lo = CL ? P : C;
+  const TileConfig cfg = make_tile_config(N, Li, Lo, VEC, /*min_rows=*/4, kMaxSplits);
+  const int64_t nparts = CL ? cfg.splits : cfg.itiles;
+  const int64_t rows = N * C;
+  at::Tensor part;
+  if (nparts > 1) part = at::empty({nparts, rows}, acc_options<acc_t>(like));
+  acc_t* pp = nparts > 1 ? part.mutable_data_ptr<acc_t>() : nullptr;
+  scaled_spatial_backward_kernel<scalar_t, acc_t, VEC, CL>
+      <<<cfg.grid, cfg.block, 0, current_stream()>>>(
+          gmean, gmax, am, x, scale, static_cast<acc_t>(C), static_cast<int>(Li),
+          static_cast<int>(Lo), cfg.itiles, cfg.splits, cfg.chunk, rows, dx, pp, gscale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (nparts > 1) {
+    TORCH_CHECK(nparts <= INT_MAX, "fused_cbam: tensor too large for the CUDA kernels");
+    launch_sum_finalize<scalar_t, acc_t>(pp, rows, static_cast<int>(nparts), gscale);
+  }
+}
+
+template <typename scalar_t, bool CL>
+void launch_scaled_spatial_backward(const at::Tensor& like, const scalar_t* gmean,
+                                    const scalar_t* gmax, const int64_t* am, const scalar_t* x,
+                                    const scalar_t* scale, int64_t N, int64_t C, int64_t P,
+                                    scalar_t* dx, scalar_t* gscale) {
+  constexpr int V = vec_width<scalar_t>();
+  const int64_t Li = CL ? C : P;
+  if (Li % V == 0 && aligned16(x) && aligned16(dx)) {
+    launch_scaled_spatial_backward_vec<scalar_t, V, CL>(like, gmean, gmax, am, x, scale, N, C, P,
+                                                        dx, gscale);
+  } else {
+    launch_scaled_spatial_backward_vec<scalar_t, 1, CL>(like, gmean, gmax, am, x, scale, N, C, P,
+                                                        dx, gscale);
+  }
+}
+
+static bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_opt) {
+  constexpr const char* op = "fused_cbam::spatial_pool";
+  check_x(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = dense_x(x_in);
+  const bool cl = is_channels_last(x);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
+  const bool has_scale = present(scale_opt);
+  const at::Tensor scale =
+      has_scale ? check_small(*scale_opt, op, "scale", x, {N, C}, x.scalar_type()) : at::Tensor();
+  at::Tensor mean = at::empty({N, 1, H, W}, x.options());
+  at::Tensor mx = at::empty({N, 1, H, W}, x.options());
+  at::Tensor idx = at::empty({N, 1, H, W}, x.options().dtype(at::kLong));
+  if (N * P == 0) return {mean, mx, idx};
+  // Like torch.max(dim) over an empty dimension.
+  TORCH_CHECK_INDEX(C > 0, op, ": x: cannot take the max over C = 0 channels (like torch.max), "
+                    "got shape ", x.sizes());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = has_scale ? scale.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ap = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* mp = mx.mutable_data_ptr<scalar_t>();
+    int64_t* ip = idx.mutable_data_ptr<int64_t>();
+    if (cl) {  // rows are pixels (n, p), of length C; scale row n = pixel row / P
+      if (has_scale) {
+        launch_row_pool<scalar_t, true>(x, xp, sp, N * P, P, C, C, ap, mp, ip);
+      } else {
+        launch_row_pool<scalar_t, false>(x, xp, nullptr, N * P, P, C, C, ap, mp, ip);
+      }
+    } else {  // [N, Lo = C, Li = P], scale indexed by the outer row
+      if (has_scale) {
+        launch_outer_pool<scalar_t, true>(x, xp, sp, N, P, C, C, ap, mp, ip);
+      } else {
+        launch_outer_pool<scalar_t, false>(x, xp, nullptr, N, P, C, C, ap, mp, ip);
+      }
+    }
+  });
+  return {mean, mx, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
+    const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
+    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_opt) {
+  constexpr const char* op = "fused_cbam::spatial_pool_backward";
+  check_x(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool cl = is_channels_last(x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t P = H * W;
+  const auto dtype = x_in.scalar_type();
+  const at::Tensor gmean = check_small(grad_mean, op, "grad_mean", x_in, {N, 1, H, W}, dtype);
+  const at::Tensor gmax = check_small(grad_max, op, "grad_max", x_in, {N, 1, H, W}, dtype);
+  const at::Tensor am = check_small(argmax, op, "argmax", x_in, {N, 1, H, W}, at::kLong);
+  const bool has_scale = present(scale_opt);
+  const at::Tensor scale =
+      has_scale ? check_small(*scale_opt, op, "scale", x_in, {N, C}, dtype) : at::Tensor();
+  at::Tensor dx = empty_like_x(x_in);
+  if (dx.numel() == 0) {  // sum over zero pixels
+    at::Tensor gs = has_scale ? at::zeros({N, C}, x_in.options()) : at::empty({0}, x_in.options());
+    return {dx, gs};
+  }
+  if (!has_scale) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
+      // Kept (n, p): inner for NCHW, outer for channels_last; c is the pooled coordinate.
+      launch_max_scatter_backward<scalar_t>(
+          gmean.const_data_ptr<scalar_t>(), gmax.const_data_ptr<scalar_t>(),
+          am.const_data_ptr<int64_t>(), /*count=*/C, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
+          /*kept_inner=*/!cl, dx.mutable_data_ptr<scalar_t>());
+    });
+    return {dx, at::empty({0}, x_in.options())};
+  }
+  const at::Tensor x = dense_x(x_in);
+  at::Tensor gs = at::empty({N, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
+    const scalar_t* gmp = gmean.const_data_ptr<scalar_t>();
+    const scalar_t* gxp = gmax.const_data_ptr<scalar_t>();
+    const int64_t* ap = am.const_data_ptr<int64_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* gsp = gs.mutable_data_ptr<scalar_t>();
+    if (cl) {
+      launch_scaled_spatial_backward<scalar_t, true>(x, gmp, gxp, ap, xp, sp, N, C, P, dxp, gsp);
+    } else {
+      launch_scaled_spatial_backward<scalar_t, false>(x, gmp, gxp, ap, xp, sp, N, C, P, dxp, gsp);
+    }
+  });
+  return {dx, gs};
+}
+
+}  // namespace gpu
+}  // namespace fused_cbam

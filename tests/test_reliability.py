@@ -1,0 +1,489 @@
+"""Reliability of the fused modules and operators in long training runs: determinism, autocast,
+export, DistributedDataParallel, tensors of more than 2^31 elements, concurrent threads, and
+the refusal of double backward."""
+
+import copy
+import math
+import os
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import fused_cbam
+from fused_cbam import reference
+from helpers import COMPILED_BACKENDS, TOLERANCE, assert_close, backend_available, make_input, needs_cuda
+
+
+class Net(nn.Module):
+    """A small model around a fused CBAM block: conv stem with BN, CBAM, global average pool, linear."""
+
+    def __init__(self, backend: str, channels: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.cbam = fused_cbam.nn.CBAM(channels, reduction_ratio=4, backend=backend)
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x):
+        return self.head(self.cbam(self.stem(x)).mean((2, 3)))
+
+
+def _cbam(channels: int, backend: str, device: str) -> fused_cbam.nn.CBAM:
+    """A fused CBAM with non-trivial weights (BN affine parameters included), in train mode."""
+    module = fused_cbam.nn.CBAM(channels, backend=backend).to(device)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return module
+
+
+def _forward_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Output, input gradient and every parameter gradient of a fresh copy of ``module``."""
+    module = copy.deepcopy(module)  # train-mode BN updates its running statistics
+    x = x.detach().clone().requires_grad_()
+    out = module(x)
+    return [out, *torch.autograd.grad(out, [x, *module.parameters()], grad_out)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+
+
+@pytest.fixture
+def deterministic_algorithms(monkeypatch):
+    """``torch.use_deterministic_algorithms(True)`` for one test, then the previous setting."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (the CBAM MLP)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
+
+
+# (2, 300, 45, 47): more channels (300) than one CPU channel block (256) and more pixels (2115)
+# than one pixel block (1024), so every reduction runs over several blocks.
+DETERMINISM_SHAPES = [pytest.param((2, 32, 9, 11), id="small"), pytest.param((2, 300, 45, 47), id="multi-block")]
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("shape", DETERMINISM_SHAPES)
+def test_gradients_are_bitwise_identical_run_after_run(backend, device, shape):
+    module = _cbam(shape[1], backend, device)
+    x = make_input(shape, torch.float32, device)
+    grad_out = torch.randn_like(x)
+    first = _forward_backward(module, x, grad_out)
+    for _ in range(2):
+        again = _forward_backward(module, x, grad_out)
+        names = ["output", "grad of x", *(f"grad of {n}" for n, _ in module.named_parameters())]
+        for name, a, b in zip(names, first, again):
+            assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def _operators_forward_backward(x, scale, spatial_gate, backend):
+    """Every output and every gradient of the three operators, for fixed inputs."""
+    x, scale, spatial_gate = (t.detach().clone().requires_grad_() for t in (x, scale, spatial_gate))
+    outs = [
+        *fused_cbam.channel_pool(x, backend=backend),
+        *fused_cbam.spatial_pool(x, scale, backend=backend),
+        fused_cbam.gate_apply(x, scale, spatial_gate, backend=backend),
+    ]
+    gen = torch.Generator().manual_seed(1)
+    grads_out = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
+    return outs + list(torch.autograd.grad(outs, [x, scale, spatial_gate], grads_out))
+
+
+@pytest.mark.usefixtures("deterministic_algorithms")
+def test_cpu_operators_are_bitwise_identical_across_thread_counts():
+    """The CPU kernels split work among threads but reduce every output in a fixed order.
+
+    (The module as a whole is not compared across thread counts: PyTorch's own CPU Conv2d weight
+    gradient, in the spatial gate, changes with the thread count.)"""
+    if not backend_available("cpu"):
+        pytest.skip("the compiled CPU backend is unavailable")
+    n, c, h, w = 2, 300, 45, 47  # several channel and pixel blocks
+    x = make_input((n, c, h, w), torch.float32, "cpu")
+    scale, spatial_gate = torch.rand(n, c) + 0.5, torch.rand(n, 1, h, w) + 0.5
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results[count] = _operators_forward_backward(x, scale, spatial_gate, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for count in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[count])):
+            assert torch.equal(a, b), f"tensor {i} differs between 1 and {count} threads"
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast
+
+
+AUTOCAST_CASES = [
+    pytest.param("cpu", "cpu", torch.bfloat16, id="cpu-bfloat16"),
+    pytest.param("cuda", "cuda", torch.float16, id="cuda-float16", marks=needs_cuda),
+    pytest.param("cuda", "cuda", torch.bfloat16, id="cuda-bfloat16", marks=needs_cuda),
+]
+
+
+@pytest.mark.parametrize("backend,device,autocast_dtype", AUTOCAST_CASES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_autocast_output_dtype_is_the_input_dtype_and_matches_reference(backend, device, autocast_dtype, train):
+    """Under autocast the fused operators run in the dtype of x (float32 accumulation), the
+    MLP and the spatial conv in the autocast dtype, and the block returns x's dtype: the same
+    rule as the reference backend under the same autocast."""
+    fused = _cbam(64, backend, device).train(train)
+    ref = copy.deepcopy(fused)
+    ref.backend = "reference"
+    x = make_input((2, 64, 14, 14), torch.float32, device)
+    grad_out = torch.randn_like(x)
+    with torch.autocast(device, dtype=autocast_dtype):
+        out, *grads = _forward_backward(fused, x, grad_out)
+        ref_out, *ref_grads = _forward_backward(ref, x, grad_out)
+    assert out.dtype == x.dtype == ref_out.dtype
+    atol = TOLERANCE[autocast_dtype]
+    assert_close(out, ref_out, atol, "output")
+    names = ["x", *(n for n, _ in fused.named_parameters())]
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert g.dtype == rg.dtype
+        assert_close(g, rg, 4 * atol, f"grad of {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _namespaces(exported) -> set[str]:
+    """The operator namespaces (aten, fused_cbam, ...) called by an exported program."""
+    return {
+        getattr(node.target, "namespace", "python")
+        for node in exported.graph_module.graph.nodes
+        if node.op == "call_function"
+    }
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+def test_torch_export_runs_the_fused_operators_with_a_dynamic_batch(backend, device):
+    model = Net(backend).to(device).eval()
+    x = make_input((2, 3, 12, 12), torch.float32, device)
+    exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    assert "fused_cbam" in _namespaces(exported)
+    for batch in (x, make_input((3, 3, 12, 12), torch.float32, device)):
+        assert torch.equal(exported.module()(batch), model(batch))
+
+
+def test_converted_to_reference_exports_plain_pytorch():
+    """``convert(model, backend="reference")`` leaves no custom operator for exporters."""
+    if not hasattr(fused_cbam, "convert"):
+        pytest.skip("fused_cbam.convert is not available yet")
+    model = Net("auto").eval()
+    x = make_input((2, 3, 12, 12), torch.float32, "cpu")
+    expected = model(x)
+    converted = fused_cbam.convert(copy.deepcopy(model), backend="reference")
+    exported = torch.export.export(converted, (x,))
+    assert _namespaces(exported) <= {"aten", "python"}, _namespaces(exported)
+    assert_close(exported.module()(x), expected, 1e-5, "exported reference model")
+
+
+def test_onnx_export_of_the_converted_model(tmp_path):
+    pytest.importorskip("onnxscript", reason="the ONNX exporter (onnx, onnxscript) is not installed")
+    model = fused_cbam.convert(Net("auto").eval(), backend="reference")
+    x = make_input((2, 3, 12, 12), torch.float32, "cpu")
+    torch.onnx.export(model, (x,), str(tmp_path / "net.onnx"), dynamo=True)
+    assert (tmp_path / "net.onnx").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+
+
+WORLD_SIZE = 2
+
+# How BN behaves in each DDP mode, and the single-process run whose gradients DDP must give:
+# - "frozen_bn": BN in eval mode (as in fine-tuning); the shards' mean loss is the batch's loss.
+# - "local_bn": BN in train mode, each process normalising its own shard; DDP averages the
+#   shards' gradients.
+# - "sync_bn": SyncBatchNorm (GPU only in PyTorch; both processes share the one GPU through
+#   gloo): the statistics of the whole batch, as BN computes them in one process.
+DDP_CASES = [
+    pytest.param("cpu", ("frozen_bn", "local_bn"), id="cpu"),
+    pytest.param("cuda", ("sync_bn",), id="cuda-sync-bn", marks=needs_cuda),
+]
+
+
+def _ddp_model(state: dict, device: str, mode: str, distributed: bool) -> nn.Module:
+    """The model of one DDP mode, in train mode; SyncBatchNorm in the distributed "sync_bn" runs."""
+    model = Net(device).to(device)
+    model.load_state_dict(state)
+    model.train()
+    if mode == "sync_bn" and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if mode == "frozen_bn":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return model
+
+
+def _ddp_worker(rank, init_file, state, x, target, device, modes, out_dir):
+    """One process of the DDP test (top level: the spawn start method pickles it by name)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        for mode in modes:
+            model = _ddp_model(state, device, mode, distributed=True)
+            device_ids = [0] if device == "cuda" else None
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            shard = x.chunk(WORLD_SIZE)[rank].to(device)
+            F.cross_entropy(ddp(shard), target.chunk(WORLD_SIZE)[rank].to(device)).backward()
+            if rank == 0:
+                grads = {n: p.grad.cpu() for n, p in model.named_parameters()}
+                torch.save(grads, os.path.join(out_dir, f"{mode}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process_grads(state, device, mode, x, target):
+    """What DDP must give, computed in one process."""
+    model = _ddp_model(state, device, mode, distributed=False)
+    shards = WORLD_SIZE if mode == "local_bn" else 1
+    for xs, ts in zip(x.chunk(shards), target.chunk(shards)):
+        (F.cross_entropy(model(xs.to(device)), ts.to(device)) / shards).backward()
+    return {n: p.grad.cpu() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("device,modes", DDP_CASES)
+def test_ddp_two_processes_match_one_process(tmp_path, device, modes):
+    if not backend_available(device) or not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip(f"needs the compiled {device} backend and torch.distributed with gloo")
+    state = _cbam_net_state()
+    x = make_input((4, 3, 10, 10), torch.float32, "cpu")
+    target = torch.randint(0, 5, (4,))
+    args = (str(tmp_path / "init"), state, x, target, device, modes, str(tmp_path))
+    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=WORLD_SIZE)
+    for mode in modes:
+        ddp_grads = torch.load(tmp_path / f"{mode}.pt")
+        expected = _single_process_grads(state, device, mode, x, target)
+        assert ddp_grads.keys() == expected.keys()
+        for name, g in expected.items():
+            torch.testing.assert_close(ddp_grads[name], g, rtol=1e-5, atol=1e-5, msg=f"{mode}: grad of {name}")
+
+
+def _cbam_net_state() -> dict:
+    """A state dict of ``Net`` with non-trivial BN parameters and statistics."""
+    model = Net("cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_sync_batchnorm_conversion_keeps_the_fused_block(train):
+    """The spatial gate's BN becomes a SyncBatchNorm; without a process group it computes what
+    the BN did, and the state_dict keys are the same."""
+    model = Net("auto")
+    model.load_state_dict(_cbam_net_state())
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert isinstance(synced.cbam, fused_cbam.nn.CBAM)
+    assert isinstance(synced.cbam.SpatialGate.spatial.bn, nn.SyncBatchNorm)
+    assert list(synced.state_dict()) == list(model.state_dict())
+    model.train(train), synced.train(train)
+    x = make_input((4, 3, 10, 10), torch.float32, "cpu")
+    grad_out = torch.randn(4, 5)
+    results = zip(_forward_backward(synced, x, grad_out), _forward_backward(model, x, grad_out))
+    names = ["output", "grad of x", *(f"grad of {n}" for n, _ in model.named_parameters())]
+    for name, (a, b) in zip(names, results, strict=True):
+        assert_close(a, b, 1e-6, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors of more than 2^31 elements
+
+
+def _mem_available() -> int:
+    """Bytes of memory available (``MemAvailable`` of /proc/meminfo), 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# N * C * H * W = 2 * 23171 * 215 * 216 = 2_152_122_480 > 2^31; the pooled maps stay small.
+LARGE_SHAPE = (2, 23171, 215, 216)
+LARGE_BYTES = math.prod(LARGE_SHAPE) * 2  # bfloat16: 4.3 GB
+# x and one other full-size tensor (an output or a gradient) at a time, plus the checks: the
+# test peaks at 9.6 GB of resident memory on the CPU.
+LARGE_NEEDS = 2 * LARGE_BYTES + 2 * 2**30
+# Sample 1 starts at element 23171 * 46440 = 1_076_061_240; element 2^31 lies in its channel
+# 23071, so sample 1's channels from 23000 on hold elements on both sides of 2^31 and beyond.
+TAIL_CHANNELS = slice(23000, None)
+ROWS = slice(213, None)  # the last two rows of sample 1: every channel, the late ones beyond 2^31
+
+
+def _fill_large(x: torch.Tensor) -> None:
+    """Random values repeating with a prime period: an element read from a wrong offset (an
+    index that wrapped by a multiple of 2^32) has, in all likelihood, a different value."""
+    period = 9_999_991
+    block = torch.randn(period, generator=torch.Generator().manual_seed(0)).to(x.dtype).to(x.device)
+    flat = x.view(-1)
+    for start in range(0, flat.numel(), period):
+        chunk = flat[start : start + period]
+        chunk.copy_(block[: chunk.numel()])
+
+
+def _free_memory(device: str) -> int:
+    return _mem_available() if device == "cpu" else torch.cuda.mem_get_info()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+def test_more_than_2_31_elements(backend, device):
+    """Every operator, forward and backward, on a bfloat16 x of 2.15e9 elements, checked against
+    the reference on the parts of x that lie beyond element 2^31."""
+    if not backend_available(backend):
+        pytest.skip(f"the {backend} backend is unavailable")
+    if _free_memory(device) < LARGE_NEEDS:
+        pytest.skip(
+            f"needs {LARGE_NEEDS / 2**30:.1f} GiB of free {device} memory, {_free_memory(device) / 2**30:.1f} GiB free"
+        )
+    n, c, h, w = LARGE_SHAPE
+    ops = torch.ops.fused_cbam
+    atol = TOLERANCE[torch.bfloat16]
+    x = torch.empty(LARGE_SHAPE, dtype=torch.bfloat16, device=device)
+    assert x.numel() > 2**31
+    _fill_large(x)
+    gen = torch.Generator().manual_seed(1)
+
+    def rand(*shape, offset=0.0, normal=False):
+        t = torch.randn(shape, generator=gen) if normal else torch.rand(shape, generator=gen) + offset
+        return t.to(x.dtype).to(device)
+
+    def ref_grads(fn, inputs, grads_out):
+        inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        return torch.autograd.grad(fn(*inputs), inputs, grads_out)
+
+    scale, spatial_gate = rand(n, c, offset=0.5), rand(n, 1, h, w, offset=0.5)
+    x_tail, x_rows = x[1:, TAIL_CHANNELS], x[1:, :, ROWS]  # views: no copy
+
+    # channel_pool: per (n, c) plane
+    avg, mx = fused_cbam.channel_pool(x, backend=backend)
+    ref_avg, ref_max = reference.channel_pool(x_tail)
+    assert_close(avg[1:, TAIL_CHANNELS], ref_avg, atol, "channel_pool mean")
+    torch.testing.assert_close(mx[1:, TAIL_CHANNELS], ref_max, rtol=0, atol=0)
+    _, _, argmax = ops.channel_pool(x)
+    grad_avg, grad_max = rand(n, c, normal=True), rand(n, c, normal=True)
+    grad_x = ops.channel_pool_backward(grad_avg, grad_max, argmax, x)
+    (ref_grad_x,) = ref_grads(reference.channel_pool, [x_tail], [grad_avg[1:, TAIL_CHANNELS], grad_max[1:, TAIL_CHANNELS]])
+    assert_close(grad_x[1:, TAIL_CHANNELS], ref_grad_x, atol, "channel_pool grad of x")
+    del grad_x, ref_grad_x
+
+    # spatial_pool: per pixel, over all channels (the late ones beyond 2^31)
+    mean, mx = fused_cbam.spatial_pool(x, scale, backend=backend)
+    ref_mean, ref_max = reference.spatial_pool(x_rows, scale[1:])
+    assert_close(mean[1:, :, ROWS], ref_mean, atol, "spatial_pool mean")
+    torch.testing.assert_close(mx[1:, :, ROWS], ref_max, rtol=0, atol=0)
+    _, _, argmax = ops.spatial_pool(x, scale)
+    grad_mean, grad_max = rand(n, 1, h, w, normal=True), rand(n, 1, h, w, normal=True)
+    grad_x, _ = ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
+    ref_grad_x, _ = ref_grads(reference.spatial_pool, [x_rows, scale[1:]], [grad_mean[1:, :, ROWS], grad_max[1:, :, ROWS]])
+    assert_close(grad_x[1:, :, ROWS], ref_grad_x, atol, "spatial_pool grad of x")
+    del grad_x, ref_grad_x
+
+    # gate_apply: elementwise
+    out = fused_cbam.gate_apply(x, scale, spatial_gate, backend=backend)
+    ref_out = reference.gate_apply(x_tail, scale[1:, TAIL_CHANNELS], spatial_gate[1:])
+    assert_close(out[1:, TAIL_CHANNELS], ref_out, atol, "gate_apply output")
+    del out, ref_out
+    # x itself as the upstream gradient, so that only one more full-size tensor is made
+    grad_x, grad_scale, grad_spatial = ops.gate_apply_backward(x, x, scale, spatial_gate)
+    ref_grad_x, ref_grad_scale, _ = ref_grads(
+        reference.gate_apply, [x_tail, scale[1:, TAIL_CHANNELS], spatial_gate[1:]], [x_tail]
+    )
+    assert_close(grad_x[1:, TAIL_CHANNELS], ref_grad_x, atol, "gate_apply grad of x")
+    assert_close(grad_scale[1:, TAIL_CHANNELS], ref_grad_scale, atol, "gate_apply grad of channel_gate")
+    del grad_x, ref_grad_x
+    _, _, ref_grad_spatial = ref_grads(reference.gate_apply, [x_rows, scale[1:], spatial_gate[1:, :, ROWS]], [x_rows])
+    assert_close(grad_spatial[1:, :, ROWS], ref_grad_spatial, atol, "gate_apply grad of spatial_gate")
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+def test_concurrent_forward_calls_from_threads_agree(backend, device):
+    module = _cbam(64, backend, device).eval()
+    x = make_input((2, 64, 28, 28), torch.float32, device)
+    expected = module(x)
+    results, errors = [], []
+    start = threading.Barrier(4)
+
+    def worker():
+        try:
+            start.wait()
+            for _ in range(5):
+                results.append(module(x))
+        except Exception as e:  # noqa: BLE001  (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 20
+    for out in results:
+        assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Double backward
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+def test_double_backward_raises_a_clear_error(backend, device):
+    module = _cbam(16, backend, device)
+    x = make_input((2, 16, 5, 6), torch.float32, device, requires_grad=True)
+    # Refused as soon as a backward would build a graph of its own (create_graph=True), rather
+    # than returning first gradients whose second-order terms are silently missing.
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("op", ["channel_pool", "spatial_pool", "gate_apply"])
+def test_every_operator_refuses_double_backward(backend, device, op):
+    x = make_input((2, 5, 3, 4), torch.float32, device, requires_grad=True)
+    gates = {"channel_pool": (), "spatial_pool": (torch.rand(2, 5, device=device),)}.get(
+        op, (torch.rand(2, 5, device=device), torch.rand(2, 1, 3, 4, device=device))
+    )
+    out = getattr(fused_cbam, op)(x, *gates, backend=backend)
+    loss = sum(o.square().sum() for o in (out if isinstance(out, tuple) else (out,)))
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_double_backward_works_on_the_reference_backend():
+    module = _cbam(16, "reference", "cpu").double().eval()
+    x = make_input((1, 16, 3, 4), torch.float64, "cpu", requires_grad=True)
+    (grad,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+    (grad2,) = torch.autograd.grad(grad.square().sum(), x)
+    assert grad2.shape == x.shape and grad2.abs().sum() > 0
+    assert torch.autograd.gradgradcheck(module, (x,))
