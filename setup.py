@@ -115,9 +115,11 @@ class BuildExtensionWithCpuCapabilities(BuildExtension):
             "cpu_capabilities": list(CPU_CAPABILITIES),
             "python": sys.version.split()[0],
         }
-        out_dir = os.path.dirname(self.get_ext_fullpath(ext.name))
-        with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        # Beside the library in the build tree (wheels), and in the source package (editable
+        # installs, whose library is copied out of a temporary build tree).
+        for out_dir in {os.path.dirname(self.get_ext_fullpath(ext.name)), os.path.join(ROOT, "fused_cbam")}:
+            with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
+                json.dump(info, f, indent=2)
 
 
 print(
