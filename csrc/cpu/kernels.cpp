@@ -528,109 +528,58 @@ void gate_apply(
 }
 
 // dx = dout * g * h; dg[n, c] = sum_p dout * x * h; dh[n, p] = sum_c dout * x * g, all from one
-// read of dout and x. The reduction across rows goes through per-block partial sums that are
-// added in block order.
+// read of dout and x. In either layout, x is rows of `length` contiguous values, `rows` rows per
+// sample; each row has one gate value (row_gate[r]: g in NCHW, h in NHWC) and each position in
+// the row one value of the other gate (line_gate[n, i]: h in NCHW, g in NHWC). The gradient of
+// row_gate is a sum along the row; the gradient of line_gate is a sum across rows, taken through
+// per-block partial sums that are added in block order.
 template <typename T>
-void gate_apply_backward_nchw(
-    const T* dout, const T* x, const T* g, const T* h, T* dx, T* dg, T* dh, int64_t N,
-    int64_t C, int64_t P) {
+void gate_backward_rows(
+    const T* dout, const T* x, const T* row_gate, const T* line_gate, T* dx, T* grad_row_gate,
+    T* grad_line_gate, int64_t N, int64_t rows, int64_t length, int64_t rows_per_block) {
   using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
   constexpr int64_t V = Vec::size();
-  constexpr int64_t kRowsPerBlock = 64;
-  const int64_t blocks = (C + kRowsPerBlock - 1) / kRowsPerBlock;
-  std::vector<acc_t> dh_partial(N * blocks * P, acc_t(0));
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  std::vector<acc_t> line_partial(N * blocks * length, acc_t(0));
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
-      const int64_t c0 = (task % blocks) * kRowsPerBlock;
-      const int64_t c1 = std::min(C, c0 + kRowsPerBlock);
-      const T* hn = h + n * P;
-      acc_t* part = dh_partial.data() + task * P;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t r = n * C + c;
-        const T *dr = dout + r * P, *xr = x + r * P;
-        T* dxr = dx + r * P;
-        const acc_t gc = g[r];
-        const Vec vg(gc);
-        Vec vdg(0);
-        int64_t p = 0;
-        for (; p + V <= P; p += V) {
-          const Vec d = load_opmath(dr + p), xv = load_opmath(xr + p), hv = load_opmath(hn + p);
-          store_opmath(d * vg * hv, dxr + p);
+      const int64_t r0 = (task % blocks) * rows_per_block;
+      const int64_t r1 = std::min(rows, r0 + rows_per_block);
+      const T* line = line_gate + n * length;
+      acc_t* part = line_partial.data() + task * length;
+      for (int64_t r = n * rows + r0; r < n * rows + r1; ++r) {
+        const T *dr = dout + r * length, *xr = x + r * length;
+        T* dxr = dx + r * length;
+        const acc_t a = row_gate[r];
+        const Vec va(a);
+        Vec vsum(0);
+        int64_t i = 0;
+        for (; i + V <= length; i += V) {
+          const Vec d = load_opmath(dr + i), xv = load_opmath(xr + i), b = load_opmath(line + i);
+          store_opmath(d * b * va, dxr + i);
           const Vec dxv = d * xv;
-          vdg = vdg + dxv * hv;
-          (Vec::loadu(part + p) + dxv * vg).store(part + p);
+          vsum = vsum + dxv * b;
+          (Vec::loadu(part + i) + dxv * va).store(part + i);
         }
-        acc_t sum_g = reduce_sum(vdg);
-        for (; p < P; ++p) {
-          const acc_t d = dr[p], xv = xr[p], hv = hn[p];
-          dxr[p] = static_cast<T>(d * gc * hv);
-          sum_g += d * xv * hv;
-          part[p] += d * xv * gc;
+        acc_t sum = reduce_sum(vsum);
+        for (; i < length; ++i) {
+          const acc_t d = dr[i], xv = xr[i], b = line[i];
+          dxr[i] = static_cast<T>(d * b * a);
+          sum += d * xv * b;
+          part[i] += d * xv * a;
         }
-        dg[r] = static_cast<T>(sum_g);
+        grad_row_gate[r] = static_cast<T>(sum);
       }
     }
   });
-  at::parallel_for(0, N * P, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t np = begin; np < end; ++np) {
-      const int64_t n = np / P, p = np % P;
+  at::parallel_for(0, N * length, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t ni = begin; ni < end; ++ni) {
+      const int64_t n = ni / length, i = ni % length;
       acc_t sum = 0;
-      for (int64_t b = 0; b < blocks; ++b) sum += dh_partial[(n * blocks + b) * P + p];
-      dh[np] = static_cast<T>(sum);
-    }
-  });
-}
-
-template <typename T>
-void gate_apply_backward_nhwc(
-    const T* dout, const T* x, const T* g, const T* h, T* dx, T* dg, T* dh, int64_t N,
-    int64_t C, int64_t P) {
-  using Vec = OpVec<T>;
-  using acc_t = opmath_t<T>;
-  constexpr int64_t V = Vec::size();
-  const int64_t blocks = (P + kBlockP - 1) / kBlockP;
-  std::vector<acc_t> dg_partial(N * blocks * C, acc_t(0));
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / blocks;
-      const int64_t p0 = (task % blocks) * kBlockP;
-      const int64_t p1 = std::min(P, p0 + kBlockP);
-      const T* gn = g + n * C;
-      acc_t* part = dg_partial.data() + task * C;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t np = n * P + p;
-        const T *dr = dout + np * C, *xr = x + np * C;
-        T* dxr = dx + np * C;
-        const acc_t hp = h[np];
-        const Vec vh(hp);
-        Vec vdh(0);
-        int64_t c = 0;
-        for (; c + V <= C; c += V) {
-          const Vec d = load_opmath(dr + c), xv = load_opmath(xr + c), gv = load_opmath(gn + c);
-          store_opmath(d * gv * vh, dxr + c);
-          const Vec dxv = d * xv;
-          vdh = vdh + dxv * gv;
-          (Vec::loadu(part + c) + dxv * vh).store(part + c);
-        }
-        acc_t sum_h = reduce_sum(vdh);
-        for (; c < C; ++c) {
-          const acc_t d = dr[c], xv = xr[c], gv = gn[c];
-          dxr[c] = static_cast<T>(d * gv * hp);
-          sum_h += d * xv * gv;
-          part[c] += d * xv * hp;
-        }
-        dh[np] = static_cast<T>(sum_h);
-      }
-    }
-  });
-  at::parallel_for(0, N * C, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / C, c = r % C;
-      acc_t sum = 0;
-      for (int64_t b = 0; b < blocks; ++b) sum += dg_partial[(n * blocks + b) * C + c];
-      dg[r] = static_cast<T>(sum);
+      for (int64_t b = 0; b < blocks; ++b) sum += line_partial[(n * blocks + b) * length + i];
+      grad_line_gate[ni] = static_cast<T>(sum);
     }
   });
 }
@@ -642,13 +591,18 @@ void gate_apply_backward(
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "gate_apply_backward", [&] {
-        auto impl = is_channels_last(x) ? gate_apply_backward_nhwc<scalar_t>
-                                        : gate_apply_backward_nchw<scalar_t>;
-        impl(
-            grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            channel_gate.const_data_ptr<scalar_t>(), spatial_gate.const_data_ptr<scalar_t>(),
-            grad_x.data_ptr<scalar_t>(), grad_channel_gate.data_ptr<scalar_t>(),
-            grad_spatial_gate.data_ptr<scalar_t>(), N, C, P);
+        const scalar_t* g = channel_gate.const_data_ptr<scalar_t>();
+        const scalar_t* h = spatial_gate.const_data_ptr<scalar_t>();
+        scalar_t* dg = grad_channel_gate.data_ptr<scalar_t>();
+        scalar_t* dh = grad_spatial_gate.data_ptr<scalar_t>();
+        const scalar_t* dout = grad_out.const_data_ptr<scalar_t>();
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* dx = grad_x.data_ptr<scalar_t>();
+        if (is_channels_last(x)) {
+          gate_backward_rows(dout, xp, h, g, dx, dh, dg, N, P, C, kBlockP);
+        } else {
+          gate_backward_rows(dout, xp, g, h, dx, dg, dh, N, C, P, /*rows_per_block=*/64);
+        }
       });
 }
 

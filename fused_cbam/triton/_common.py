@@ -55,6 +55,43 @@ def config(num_warps: int = 4, **blocks) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps)
 
 
+# Tiles shared by the kernel families (autotuned among them, keyed on the shape).
+# Reductions over P: NCHW reads rows of P (long BLOCK_P); channels_last reads rows of C.
+REDUCE_NCHW = [
+    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
+    config(BLOCK_C=2, BLOCK_P=512, num_warps=4),
+    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
+    config(BLOCK_C=4, BLOCK_P=512, num_warps=8),
+    config(BLOCK_C=8, BLOCK_P=256, num_warps=8),
+    config(BLOCK_C=16, BLOCK_P=128, num_warps=4),
+]
+REDUCE_CL = [
+    config(BLOCK_C=32, BLOCK_P=32, num_warps=4),
+    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
+    config(BLOCK_C=64, BLOCK_P=32, num_warps=8),
+    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
+    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
+    config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
+]
+# Elementwise over [N, C, P].
+POINTWISE_NCHW = [
+    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
+    config(BLOCK_C=2, BLOCK_P=1024, num_warps=8),
+    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
+    config(BLOCK_C=8, BLOCK_P=512, num_warps=8),
+]
+POINTWISE_CL = [
+    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
+    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
+    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
+    config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
+]
+INTERPRET_CONFIG = config(BLOCK_C=8, BLOCK_P=16)
+SHAPE_KEY = ["N", "C", "P"]
+# Channels per program assumed by the split heuristic (the real BLOCK_C is autotuned).
+ROWS_PER_PROGRAM = {False: 4, True: 64}
+
+
 def check_x(x: torch.Tensor, op: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"fused_cbam_triton::{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")

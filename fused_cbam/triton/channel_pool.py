@@ -17,12 +17,18 @@ import triton.language as tl
 
 from .._registrations import _like_x
 from ._common import (
+    INTERPRET_CONFIG,
+    POINTWISE_CL,
+    POINTWISE_NCHW,
+    REDUCE_CL,
+    REDUCE_NCHW,
+    ROWS_PER_PROGRAM,
+    SHAPE_KEY,
     FINALIZE_BLOCK,
     autotune,
     cast_to,
     check_small,
     check_x,
-    config,
     device_guard,
     first_max_merge,
     first_max_update,
@@ -31,40 +37,6 @@ from ._common import (
     split_range,
 )
 
-# Reduction over P: NCHW reads rows of P (long BLOCK_P); channels_last reads rows of C.
-_REDUCE_NCHW = [
-    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
-    config(BLOCK_C=2, BLOCK_P=512, num_warps=4),
-    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
-    config(BLOCK_C=4, BLOCK_P=512, num_warps=8),
-    config(BLOCK_C=8, BLOCK_P=256, num_warps=8),
-    config(BLOCK_C=16, BLOCK_P=128, num_warps=4),
-]
-_REDUCE_CL = [
-    config(BLOCK_C=32, BLOCK_P=32, num_warps=4),
-    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
-    config(BLOCK_C=64, BLOCK_P=32, num_warps=8),
-    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
-    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
-    config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
-]
-# Elementwise over [N, C, P].
-_POINTWISE_NCHW = [
-    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
-    config(BLOCK_C=2, BLOCK_P=1024, num_warps=8),
-    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
-    config(BLOCK_C=8, BLOCK_P=512, num_warps=8),
-]
-_POINTWISE_CL = [
-    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
-    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
-    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
-    config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
-]
-_INTERPRET_CONFIG = config(BLOCK_C=8, BLOCK_P=16)
-_KEY = ["N", "C", "P"]
-# Channels per program assumed by the split heuristic (the real BLOCK_C is autotuned).
-_ROWS_PER_PROGRAM = {False: 4, True: 64}
 
 
 @triton.jit
@@ -97,8 +69,8 @@ def _partial_kernel(
     tl.store(pidx_ptr + out, acc_idx, mask=mask_c)
 
 
-_partial_nchw = autotune(_REDUCE_NCHW, _INTERPRET_CONFIG, _KEY)(_partial_kernel)
-_partial_cl = autotune(_REDUCE_CL, _INTERPRET_CONFIG, _KEY)(_partial_kernel)
+_partial_nchw = autotune(REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_partial_kernel)
+_partial_cl = autotune(REDUCE_CL, INTERPRET_CONFIG, SHAPE_KEY)(_partial_kernel)
 
 
 @triton.jit
@@ -133,7 +105,7 @@ def channel_pool(x: torch.Tensor):
     if p == 0:
         raise ValueError("fused_cbam_triton::channel_pool: max over an empty H x W plane")
     x, cl, (sn, sc, sp) = layout(x)
-    splits = num_splits(x, n * c // _ROWS_PER_PROGRAM[cl], p)
+    splits = num_splits(x, n * c // ROWS_PER_PROGRAM[cl], p)
     psum = torch.empty(splits, n * c, device=x.device, dtype=torch.float32)
     pmax = torch.empty_like(psum)
     pidx = torch.empty(splits, n * c, device=x.device, dtype=torch.int32)
@@ -173,8 +145,8 @@ def _backward_kernel(
     tl.store(dx_ptr + offs, cast_to(d, dx_ptr), mask=mask)
 
 
-_backward_nchw = autotune(_POINTWISE_NCHW, _INTERPRET_CONFIG, _KEY)(_backward_kernel)
-_backward_cl = autotune(_POINTWISE_CL, _INTERPRET_CONFIG, _KEY)(_backward_kernel)
+_backward_nchw = autotune(POINTWISE_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
+_backward_cl = autotune(POINTWISE_CL, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
 
 
 def channel_pool_backward(grad_avg, grad_max, argmax, x):

@@ -18,6 +18,10 @@ import triton.language as tl
 
 from .._registrations import _like_x
 from ._common import (
+    INTERPRET_CONFIG,
+    POINTWISE_CL,
+    POINTWISE_NCHW,
+    SHAPE_KEY,
     INTERPRET,
     autotune,
     cast_to,
@@ -31,18 +35,6 @@ from ._common import (
     sum_partials,
 )
 
-_FORWARD_NCHW = [
-    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
-    config(BLOCK_C=2, BLOCK_P=1024, num_warps=8),
-    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
-    config(BLOCK_C=8, BLOCK_P=512, num_warps=8),
-]
-_FORWARD_CL = [
-    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
-    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
-    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
-    config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
-]
 _BACKWARD_NCHW = [
     config(BLOCK_P=64, num_warps=4),
     config(BLOCK_P=128, num_warps=4),
@@ -55,7 +47,6 @@ _BACKWARD_CL = [
     config(BLOCK_P=16, num_warps=8),
     config(BLOCK_P=32, num_warps=8),
 ]
-_KEY = ["N", "C", "P"]
 
 
 @triton.jit
@@ -85,8 +76,8 @@ def _forward_kernel(
     tl.store(out_ptr + offs, cast_to(out, out_ptr), mask=mask)
 
 
-_forward_nchw = autotune(_FORWARD_NCHW, config(BLOCK_C=8, BLOCK_P=16), _KEY)(_forward_kernel)
-_forward_cl = autotune(_FORWARD_CL, config(BLOCK_C=8, BLOCK_P=16), _KEY)(_forward_kernel)
+_forward_nchw = autotune(POINTWISE_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_forward_kernel)
+_forward_cl = autotune(POINTWISE_CL, INTERPRET_CONFIG, SHAPE_KEY)(_forward_kernel)
 
 
 def _gates(x, g, h, op):
@@ -171,8 +162,8 @@ def _backward_kernel(
         tl.store(pg_ptr + out, tl.sum(acc_g, axis=1), mask=mask_c)
 
 
-_backward_nchw = autotune(_BACKWARD_NCHW, config(BLOCK_P=16), _KEY)(_backward_kernel)
-_backward_cl = autotune(_BACKWARD_CL, config(BLOCK_P=16), _KEY)(_backward_kernel)
+_backward_nchw = autotune(_BACKWARD_NCHW, config(BLOCK_P=16), SHAPE_KEY)(_backward_kernel)
+_backward_cl = autotune(_BACKWARD_CL, config(BLOCK_P=16), SHAPE_KEY)(_backward_kernel)
 
 
 def _backward_block_c(c: int, cl: bool) -> int:

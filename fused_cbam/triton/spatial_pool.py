@@ -16,6 +16,11 @@ import triton.language as tl
 
 from .._registrations import _like_x
 from ._common import (
+    INTERPRET_CONFIG,
+    REDUCE_CL,
+    REDUCE_NCHW,
+    ROWS_PER_PROGRAM,
+    SHAPE_KEY,
     autotune,
     cast_to,
     check_small,
@@ -44,24 +49,6 @@ _FORWARD_CL = [
     config(BLOCK_C=128, BLOCK_P=4, num_warps=4),
     config(BLOCK_C=128, BLOCK_P=8, num_warps=8),
 ]
-# Backward reduces over P (grad_scale) and writes grad_x.
-_BACKWARD_NCHW = [
-    config(BLOCK_C=1, BLOCK_P=1024, num_warps=4),
-    config(BLOCK_C=2, BLOCK_P=512, num_warps=4),
-    config(BLOCK_C=4, BLOCK_P=256, num_warps=4),
-    config(BLOCK_C=4, BLOCK_P=512, num_warps=8),
-    config(BLOCK_C=8, BLOCK_P=256, num_warps=8),
-]
-_BACKWARD_CL = [
-    config(BLOCK_C=32, BLOCK_P=32, num_warps=4),
-    config(BLOCK_C=64, BLOCK_P=16, num_warps=4),
-    config(BLOCK_C=64, BLOCK_P=32, num_warps=8),
-    config(BLOCK_C=128, BLOCK_P=8, num_warps=4),
-    config(BLOCK_C=128, BLOCK_P=16, num_warps=8),
-]
-_INTERPRET_CONFIG = config(BLOCK_C=8, BLOCK_P=16)
-_KEY = ["N", "C", "P"]
-_ROWS_PER_PROGRAM = {False: 4, True: 64}
 
 
 @triton.jit
@@ -96,8 +83,8 @@ def _forward_kernel(
     tl.store(argmax_ptr + out, acc_idx.to(tl.int64), mask=mask_p)
 
 
-_forward_nchw = autotune(_FORWARD_NCHW, _INTERPRET_CONFIG, _KEY)(_forward_kernel)
-_forward_cl = autotune(_FORWARD_CL, _INTERPRET_CONFIG, _KEY)(_forward_kernel)
+_forward_nchw = autotune(_FORWARD_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_forward_kernel)
+_forward_cl = autotune(_FORWARD_CL, INTERPRET_CONFIG, SHAPE_KEY)(_forward_kernel)
 
 
 def spatial_pool(x: torch.Tensor, scale):
@@ -165,8 +152,8 @@ def _backward_kernel(
         tl.store(pscale_ptr + out, tl.sum(acc, axis=1), mask=mask_c)
 
 
-_backward_nchw = autotune(_BACKWARD_NCHW, _INTERPRET_CONFIG, _KEY)(_backward_kernel)
-_backward_cl = autotune(_BACKWARD_CL, _INTERPRET_CONFIG, _KEY)(_backward_kernel)
+_backward_nchw = autotune(REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
+_backward_cl = autotune(REDUCE_CL, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
 
 
 def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
@@ -186,7 +173,7 @@ def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
     if dx.numel() == 0:
         return dx, grad_scale.zero_()
     x, cl, (sn, sc, sp) = layout(x)
-    splits = num_splits(x, n * c // _ROWS_PER_PROGRAM[cl], p)
+    splits = num_splits(x, n * c // ROWS_PER_PROGRAM[cl], p)
     pscale = torch.empty(splits, n * c, device=x.device, dtype=torch.float32) if scale is not None else dx
     kernel = _backward_cl if cl else _backward_nchw
 
