@@ -1,6 +1,5 @@
 """The public functional API: argument checks, then the chosen backend's operator."""
 
-import torch
 from torch import Tensor
 
 from fused_cbam import backends
