@@ -34,7 +34,13 @@ def _timm(ref: nn.Module) -> nn.Module:
 
 
 def _compiled(mode: str) -> Callable[[nn.Module], nn.Module]:
-    return lambda ref: torch.compile(ref, mode=mode)
+    def make(ref: nn.Module) -> nn.Module:
+        # Every shape and mode recompiles the same forward; starting afresh for each shape keeps
+        # Dynamo under its recompilation limit (past it, it silently runs eager).
+        torch._dynamo.reset()
+        return torch.compile(ref, mode=mode)
+
+    return make
 
 
 def providers(device: torch.device, names: list[str] | None) -> list[Provider]:

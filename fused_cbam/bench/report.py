@@ -81,7 +81,8 @@ def plot(rows, path: Path) -> Path:
             ax.bar([j + i * width for j in range(len(keys))], speedups, width, label=provider)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-        ax.set_xticklabels([f"{s}\n{f}" for f, s in keys], fontsize=7)
+        ax.set_xticklabels([f"{s}\n{'NHWC' if f == 'channels_last' else 'NCHW'}" for f, s in keys], fontsize=7, rotation=30)
+        ax.tick_params(labelleft=True)
         ax.set_title(f"CBAM {mode}")
         ax.set_ylabel("speedup over the eager reference")
     axes[0].legend(fontsize=8)
@@ -108,7 +109,7 @@ def readme_section(record_paths) -> str:
             f"#### {env['device']}, {env['dtype']}, batch {env['batch']}\n\n"
             f"Measured {env['date'][:10]} at commit `{env['commit']}` with torch {env['torch']}, triton {env['triton']}, "
             f"CUDA {env['cuda']}; copy bandwidth {env['copy_bandwidth'] / 1e9:.1f} GB/s. Record: `{path}`.\n\n"
-            f"{block_table(rows)}\n"
+            f"{block_table(rows)}\n\n![speedup over the eager reference]({path.with_suffix('.png')})\n"
         )
         if any(r.get("target") != "cbam" for r in rows):
             parts.append(f"Each operator alone (forward):\n\n{operator_table(rows)}\n")

@@ -18,6 +18,7 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
 
 def time_cpu(fn: Callable[[int], object], min_run_time: float) -> dict[str, float]:
     """torch.utils.benchmark on the CPU; each sample is one call (the input index is ignored)."""
+    fn(0)  # warm-up (and compilation, for compiled providers)
     timer = benchmark.Timer("fn(0)", globals={"fn": fn})
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return _quantiles([t for t in measurement.times])
