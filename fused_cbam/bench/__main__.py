@@ -112,7 +112,7 @@ def bench_block(runner, providers, shape, fmt, env):
             module(x_grads[i]).backward(grad)
 
         fwd_bwd = runner.time(step, x_bytes)
-        saved = timing.saved_bytes(lambda: module(x_grads[0]))
+        saved = timing.saved_bytes(lambda: module(x_grads[0]), module)
         peak = timing.peak_bytes(lambda: step(0), device, compiled=provider.name.startswith("compile"))
         rows.append(dict(base, mode="forward", **fwd))
         rows.append(dict(base, mode="forward+backward", **fwd_bwd, saved_bytes=saved, saved_over_x=saved / x_bytes, peak_bytes=peak))

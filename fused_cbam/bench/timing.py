@@ -40,13 +40,16 @@ def time_cuda(fn: Callable[[int], object], buffers: int, reps: int, warmup: int 
     return _quantiles([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
 
 
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd keeps for backward after ``fn()``."""
+def saved_bytes(fn: Callable[[], torch.Tensor], module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after ``fn()``, leaving out
+    the module's own parameters and buffers (they are held whether or not autograd saves them)."""
+    owned = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
     storages = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in owned:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
