@@ -361,5 +361,13 @@ inline at::Tensor check_small(const at::Tensor& t, const char* op, const char* n
   return t.contiguous();
 }
 
+// An optional small tensor, checked as above; an undefined tensor when it is absent.
+inline at::Tensor check_optional_small(const std::optional<at::Tensor>& t, const char* op,
+                                       const char* name, const at::Tensor& x,
+                                       at::IntArrayRef shape, at::ScalarType dtype) {
+  const bool present = t.has_value() && t->defined();
+  return present ? check_small(*t, op, name, x, shape, dtype) : at::Tensor();
+}
+
 }  // namespace gpu
 }  // namespace fused_cbam

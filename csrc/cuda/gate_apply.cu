@@ -167,8 +167,6 @@ void launch_gate_apply_backward_vec(const at::Tensor& like, const scalar_t* dout
   if (op) launch_sum_finalize<scalar_t, acc_t>(op, outer_rows, cfg.splits, outer_final);
 }
 
-static bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 at::Tensor gate_apply(const at::Tensor& x_in, const std::optional<at::Tensor>& channel_gate,
                       const std::optional<at::Tensor>& spatial_gate) {
   constexpr const char* op = "fused_cbam::gate_apply";
@@ -178,12 +176,10 @@ at::Tensor gate_apply(const at::Tensor& x_in, const std::optional<at::Tensor>& c
   const bool cl = is_channels_last(x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
   const auto dtype = x.scalar_type();
-  const bool has_g = present(channel_gate), has_h = present(spatial_gate);
-  const at::Tensor g =
-      has_g ? check_small(*channel_gate, op, "channel_gate", x, {N, C}, dtype) : at::Tensor();
-  const at::Tensor h = has_h ? check_small(*spatial_gate, op, "spatial_gate", x, {N, 1, H, W},
-                                           dtype)
-                             : at::Tensor();
+  const at::Tensor g = check_optional_small(channel_gate, op, "channel_gate", x, {N, C}, dtype);
+  const at::Tensor h =
+      check_optional_small(spatial_gate, op, "spatial_gate", x, {N, 1, H, W}, dtype);
+  const bool has_g = g.defined(), has_h = h.defined();
   at::Tensor out = empty_like_x(x);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
@@ -230,12 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
   TORCH_CHECK_VALUE(grad_out.device() == x.device(), op, ": grad_out: expected a tensor on ",
                     x.device(), " (x's device), got one on ", grad_out.device());
   const at::Tensor dout = grad_out.contiguous(format_of(x));
-  const bool has_g = present(channel_gate), has_h = present(spatial_gate);
-  const at::Tensor g =
-      has_g ? check_small(*channel_gate, op, "channel_gate", x, {N, C}, dtype) : at::Tensor();
-  const at::Tensor h = has_h ? check_small(*spatial_gate, op, "spatial_gate", x, {N, 1, H, W},
-                                           dtype)
-                             : at::Tensor();
+  const at::Tensor g = check_optional_small(channel_gate, op, "channel_gate", x, {N, C}, dtype);
+  const at::Tensor h =
+      check_optional_small(spatial_gate, op, "spatial_gate", x, {N, 1, H, W}, dtype);
+  const bool has_g = g.defined(), has_h = h.defined();
   at::Tensor dx = empty_like_x(x);
   if (dx.numel() == 0) {  // sums over an empty dimension
     return {dx, has_g ? at::zeros({N, C}, x.options()) : at::empty({0}, x.options()),

@@ -160,8 +160,6 @@ void launch_scaled_spatial_backward(const at::Tensor& like, const scalar_t* gmea
   }
 }
 
-static bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
     const at::Tensor& x_in, const std::optional<at::Tensor>& scale_opt) {
   constexpr const char* op = "fused_cbam::spatial_pool";
@@ -170,9 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
   const at::Tensor x = dense_x(x_in);
   const bool cl = is_channels_last(x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
-  const bool has_scale = present(scale_opt);
-  const at::Tensor scale =
-      has_scale ? check_small(*scale_opt, op, "scale", x, {N, C}, x.scalar_type()) : at::Tensor();
+  const at::Tensor scale = check_optional_small(scale_opt, op, "scale", x, {N, C}, x.scalar_type());
+  const bool has_scale = scale.defined();
   at::Tensor mean = at::empty({N, 1, H, W}, x.options());
   at::Tensor mx = at::empty({N, 1, H, W}, x.options());
   at::Tensor idx = at::empty({N, 1, H, W}, x.options().dtype(at::kLong));
@@ -216,9 +213,8 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
   const at::Tensor gmean = check_small(grad_mean, op, "grad_mean", x_in, {N, 1, H, W}, dtype);
   const at::Tensor gmax = check_small(grad_max, op, "grad_max", x_in, {N, 1, H, W}, dtype);
   const at::Tensor am = check_small(argmax, op, "argmax", x_in, {N, 1, H, W}, at::kLong);
-  const bool has_scale = present(scale_opt);
-  const at::Tensor scale =
-      has_scale ? check_small(*scale_opt, op, "scale", x_in, {N, C}, dtype) : at::Tensor();
+  const at::Tensor scale = check_optional_small(scale_opt, op, "scale", x_in, {N, C}, dtype);
+  const bool has_scale = scale.defined();
   at::Tensor dx = empty_like_x(x_in);
   if (dx.numel() == 0) {  // sum over zero pixels
     at::Tensor gs = has_scale ? at::zeros({N, C}, x_in.options()) : at::empty({0}, x_in.options());
