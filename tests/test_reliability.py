@@ -246,6 +246,9 @@ def _ddp_worker(rank, init_file, state, x, target, device, modes, out_dir):
             if rank == 0:
                 grads = {n: p.grad.cpu() for n, p in model.named_parameters()}
                 torch.save(grads, os.path.join(out_dir, f"{mode}.pt"))
+            del ddp
+        # Neither rank tears gloo down while the other still uses it (that aborts the process).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
