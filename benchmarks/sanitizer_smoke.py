@@ -10,19 +10,15 @@ which takes the split-H x W paths (partials + deterministic second kernel).
 Exits non-zero when a result is not finite or has the wrong shape; the sanitizer judges memory.
 """
 
-import importlib
 import sys
 
 import torch
 
 
 def _ops():
-    import fused_cbam  # noqa: F401  (the package loads its compiled library)
+    from fused_cbam import _library  # loads the compiled library, or says why it could not
 
-    try:
-        torch.ops.fused_cbam.channel_pool
-    except (AttributeError, RuntimeError):
-        importlib.import_module("fused_cbam._C")
+    assert _library.LOAD_ERROR is None, _library.LOAD_ERROR
     return torch.ops.fused_cbam
 
 
