@@ -166,6 +166,18 @@ __device__ __forceinline__ void tree_sum_over_y(A (&v)[VEC], A* smem) {
   for (int j = 0; j < VEC; ++j) v[j] = smem[j * kThreads + tid];
 }
 
+// Stores the sum v of row r from part `part_index` of `parts`: the final value when one part
+// covers the row, else a float partial that a finalize kernel adds in part order.
+template <typename scalar_t, typename A>
+__device__ __forceinline__ void store_row_sum(A v, int64_t r, int64_t part_index, int64_t parts,
+                                              int64_t rows, scalar_t* final_out, A* partials) {
+  if (parts == 1) {
+    final_out[r] = static_cast<scalar_t>(v);
+  } else {
+    partials[part_index * rows + r] = v;
+  }
+}
+
 // out[r] = sum over s of part[s * rows + r], rounded once to scalar_t. `width` lanes (a power
 // of two <= 32) share a row: lane l adds s = l, l + width, ... in order, then a butterfly.
 template <typename scalar_t, typename acc_t>

@@ -99,12 +99,7 @@ __global__ void __launch_bounds__(kThreads)
     if (do_inner) {
       isum = group_sum(isum, blockDim.x);
       if (threadIdx.x == 0 && row) {
-        const int64_t r = tc.n * Lo + o;
-        if (itiles == 1) {
-          inner_final[r] = static_cast<scalar_t>(isum);
-        } else {
-          inner_part[tc.itile * inner_rows + r] = isum;
-        }
+        store_row_sum(isum, tc.n * Lo + o, tc.itile, itiles, inner_rows, inner_final, inner_part);
       }
     }
   }
@@ -114,12 +109,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t outer_rows = N * Li;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const int64_t r = tc.n * Li + tc.i0 + j;
-        if (splits == 1) {
-          outer_final[r] = static_cast<scalar_t>(oacc[j]);
-        } else {
-          outer_part[tc.split * outer_rows + r] = oacc[j];
-        }
+        store_row_sum(oacc[j], tc.n * Li + tc.i0 + j, tc.split, splits, outer_rows, outer_final,
+                      outer_part);
       }
     }
   }

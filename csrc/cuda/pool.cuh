@@ -16,6 +16,21 @@
 namespace fused_cbam {
 namespace gpu {
 
+// The VEC consecutive kept positions from k0 of a pooling backward: the share of the mean's
+// gradient (grad_mean / count), the max's gradient and its arg-max.
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_pool_grads(const scalar_t* ga, const scalar_t* gm,
+                                                const int64_t* am, int64_t k0, acc_t count,
+                                                acc_t (&a)[VEC], acc_t (&m)[VEC],
+                                                int64_t (&id)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    a[j] = static_cast<acc_t>(ga[k0 + j]) / count;
+    m[j] = static_cast<acc_t>(gm[k0 + j]);
+    id[j] = am[k0 + j];
+  }
+}
+
 constexpr int64_t kMinChunk = 2048;  // smallest segment of a split row
 
 // Row r is x[r * L, (r + 1) * L). Segment (r, s) covers [s * chunk, min(L, (s + 1) * chunk))
@@ -226,13 +241,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (KEPT_INNER) {
     acc_t a[VEC], m[VEC];
     int64_t id[VEC];
-    const int64_t k0 = tc.n * Li + tc.i0;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      a[j] = static_cast<acc_t>(ga[k0 + j]) / count;
-      m[j] = static_cast<acc_t>(gm[k0 + j]);
-      id[j] = am[k0 + j];
-    }
+    load_pool_grads<VEC>(ga, gm, am, tc.n * Li + tc.i0, count, a, m, id);
 #pragma unroll 4
     for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
       acc_t out[VEC];

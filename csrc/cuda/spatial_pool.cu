@@ -39,13 +39,7 @@ __global__ void __launch_bounds__(kThreads)
       id[j] = -1;
     }
     if (active) {
-      const int64_t k0 = tc.n * Li + tc.i0;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        a[j] = static_cast<acc_t>(gmean[k0 + j]) / count;
-        m[j] = static_cast<acc_t>(gmax[k0 + j]);
-        id[j] = am[k0 + j];
-      }
+      load_pool_grads<VEC>(gmean, gmax, am, tc.n * Li + tc.i0, count, a, m, id);
     }
     // The trip count is uniform over the block: the lane reduction needs the whole warp.
     for (int ob = tc.o_begin; ob < tc.o_end; ob += blockDim.y) {
@@ -109,12 +103,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.y == 0 && active) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const int64_t r = tc.n * Li + tc.i0 + j;
-        if (splits == 1) {
-          gscale[r] = static_cast<scalar_t>(acc[j]);
-        } else {
-          part[tc.split * rows + r] = acc[j];
-        }
+        store_row_sum(acc[j], tc.n * Li + tc.i0 + j, tc.split, splits, rows, gscale, part);
       }
     }
   }
