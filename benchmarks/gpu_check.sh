@@ -6,8 +6,12 @@
 # Builds the extension (sm_90), records the environment, runs the test-suite, runs
 # compute-sanitizer (memcheck, racecheck) over benchmarks/sanitizer_smoke.py, runs the quick
 # benchmark, and writes LOG_DIR/gpu-check-<device>.txt with the verdicts. Each step logs to
-# LOG_DIR/<step>.log under its own time limit (9.5 minutes in all at worst, typically 3 to 4);
-# a failing step does not stop the later ones, but the script exits non-zero if any failed.
+# LOG_DIR/<step>.log under its own time limit; the test-suite and the two sanitizer runs share
+# the GPU at once (correctness only), the benchmark runs alone after them. At worst 8 minutes,
+# typically 4 to 5. A failing step does not stop the later ones, but the script exits non-zero
+# if any failed.
+#
+#   BENCH_ARGS   arguments of python -m fused_cbam.bench (default: --quick)
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -20,11 +24,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python}
 START=$(date +%s)
-FAILED=()
 
 elapsed() { echo $(($(date +%s) - START)); }
 
-# step NAME LIMIT_S COMMAND...: runs COMMAND with a time limit, output to $LOG/NAME.log.
+# step NAME LIMIT_S COMMAND...: runs COMMAND with a time limit, output to $LOG/NAME.log, exit
+# status to $LOG/NAME.rc (safe to run in the background: nothing is kept in shell variables).
 step() {
   local name=$1 limit=$2
   shift 2
@@ -33,9 +37,10 @@ step() {
   timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1 || rc=$?
   echo "$rc" >"$LOG/$name.rc"
   if [[ $rc -ne 0 ]]; then
-    FAILED+=("$name(rc=$rc)")
-    echo "   ${name} failed (rc=$rc); last lines of $LOG/$name.log:"
+    echo "   ${name} failed (rc=$rc, t=$(elapsed)s); last lines of $LOG/$name.log:"
     tail -n 15 "$LOG/$name.log" | sed 's/^/   | /'
+  else
+    echo "   ${name} passed (t=$(elapsed)s)"
   fi
   return 0
 }
@@ -80,8 +85,12 @@ print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {t}')" 2>/
 step build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
   "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 
-# ---- tests
-step pytest 150 "$PY" -m pytest tests -q -p no:cacheprovider
+# ---- tests, in parallel workers when pytest-xdist is there (Triton compiles its autotuning
+# configurations in each), each test under a time limit when pytest-timeout is there
+PYTEST_ARGS=(tests -q -p no:cacheprovider -rfE)
+if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8); fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout 150); fi
+OMP_NUM_THREADS=2 step pytest 240 "$PY" -m pytest "${PYTEST_ARGS[@]}" &
 
 # ---- compute-sanitizer
 SANITIZER=$(command -v compute-sanitizer || true)
@@ -91,17 +100,21 @@ fi
 if [[ -n "$SANITIZER" ]]; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees
   # out-of-bounds accesses that would otherwise land inside a cached block.
-  step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
-    --error-exitcode 1 "$PY" benchmarks/sanitizer_smoke.py
-  step racecheck 90 "$SANITIZER" --tool racecheck --error-exitcode 1 \
-    "$PY" benchmarks/sanitizer_smoke.py
+  step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
+    --error-exitcode 1 "$PY" benchmarks/sanitizer_smoke.py &
+  step racecheck 180 "$SANITIZER" --tool racecheck --error-exitcode 1 \
+    "$PY" benchmarks/sanitizer_smoke.py &
 else
-  echo "compute-sanitizer not found" | tee "$LOG/memcheck.log" "$LOG/racecheck.log"
-  FAILED+=("sanitizer(missing)")
+  for name in memcheck racecheck; do
+    echo "compute-sanitizer not found" >"$LOG/$name.log"
+    echo missing >"$LOG/$name.rc"
+  done
 fi
+wait
 
-# ---- quick benchmark
-step bench 60 "$PY" -m fused_cbam.bench --quick --out "$LOG/bench"
+# ---- benchmark (alone on the GPU)
+read -r -a BENCH <<<"${BENCH_ARGS:---quick}"
+step bench 200 "$PY" -m fused_cbam.bench "${BENCH[@]}" --out "$LOG/bench"
 
 # ---- summary
 verdict() {  # verdict NAME PATTERN: the step's rc and its matching summary line
@@ -111,6 +124,11 @@ verdict() {  # verdict NAME PATTERN: the step's rc and its matching summary line
   line=$(grep -E "$2" "$LOG/$1.log" 2>/dev/null | tail -n 1 || true)
   echo "rc=$rc ${line:-(no summary line)}"
 }
+FAILED=()
+for rc_file in "$LOG"/*.rc; do
+  rc=$(cat "$rc_file")
+  [[ "$rc" == 0 ]] || FAILED+=("$(basename "$rc_file" .rc)(rc=$rc)")
+done
 SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
 {
   echo "device: $DEVICE"
@@ -122,6 +140,8 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   echo "racecheck: $(verdict racecheck 'RACECHECK SUMMARY|ERROR SUMMARY|sanitizer_smoke')"
   echo "bench: $(verdict bench '.')"
   echo "failed steps: ${FAILED[*]:-none}"
+  echo "test failures:"
+  grep -E "^(FAILED|ERROR) " "$LOG/pytest.log" 2>/dev/null | sed 's/^/  /' | head -n 40 || true
   echo "total time: $(elapsed)s"
 } >"$SUMMARY"
 echo "== summary ($SUMMARY)"

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_quick_records_and_plots(tmp_path, capsys):
-    bench.main(["--quick", "--shapes", "32x6x6", "--batch", "2", "--backends", "reference,timm,cpu", "--out", str(tmp_path)])
+    bench.main(["--device", "cpu", "--quick", "--shapes", "32x6x6", "--batch", "2", "--backends", "reference,timm,cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     records = list(tmp_path.glob("bench-*.jsonl"))
     assert len(records) == 1 and records[0].with_suffix(".png").exists()
@@ -36,7 +36,7 @@ def test_a_backend_that_disagrees_is_refused(tmp_path, monkeypatch, capsys):
     wrong = backends.OperatorBackend("cpu", "fused_cbam")
     wrong.gate_apply = lambda x, g, h: backends.ReferenceBackend.gate_apply(x, g, h) * 1.01
     monkeypatch.setitem(backends._INSTANCES, "cpu", wrong)
-    bench.main(["--quick", "--shapes", "32x6x6", "--batch", "2", "--backends", "reference,cpu", "--formats", "nchw", "--out", str(tmp_path)])
+    bench.main(["--device", "cpu", "--quick", "--shapes", "32x6x6", "--batch", "2", "--backends", "reference,cpu", "--formats", "nchw", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "REFUSED cpu" in out
     rows = [json.loads(line) for line in next(tmp_path.glob("bench-*.jsonl")).read_text().splitlines()]
