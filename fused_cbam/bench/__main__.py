@@ -154,14 +154,15 @@ def main(argv=None):
     op_backends = [p.name for p in providers if p.kind == "fused"]
     op_backends = (["reference"] if any(p.name == "reference" for p in providers) else []) + op_backends
     jobs = [(shape, fmt) for fmt in args.formats for shape in args.shapes]
-    rows = []
-    for shape, fmt in tqdm(jobs, desc="benchmark", unit="shape"):
-        rows += bench_block(runner, providers, shape, fmt, env)
-        if not args.quick:
-            rows += bench_operators(runner, shape, fmt, env, bandwidth, op_backends)
     out_dir = Path(args.out)
     path = record.record_path(out_dir, env)
-    record.append(path, rows)
+    rows = []
+    for shape, fmt in tqdm(jobs, desc="benchmark", unit="shape"):
+        job_rows = bench_block(runner, providers, shape, fmt, env)
+        if not args.quick:
+            job_rows += bench_operators(runner, shape, fmt, env, bandwidth, op_backends)
+        record.append(path, job_rows)  # each shape as it finishes: an interrupted run keeps them
+        rows += job_rows
     print(report.block_table(rows))
     if not args.quick:
         print(report.operator_table(rows))
