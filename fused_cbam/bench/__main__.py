@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="default: 64 on GPU, 8 on CPU")
     p.add_argument("--backends", help="comma-separated providers to run (default: all available)")
     p.add_argument("--formats", default="channels_last,nchw", help="channels_last and/or nchw")
-    p.add_argument("--quick", action="store_true", help="two shapes, shorter timing, no per-operator table")
+    p.add_argument("--quick", action="store_true", help="two shapes, shorter timing, no per-operator table, no max-autotune")
     p.add_argument("--out", default="benchmarks/results", help="folder of the record and the plot")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
@@ -50,6 +50,7 @@ class Runner:
         reps = 20 if args.quick else 100
         self._time_cpu = lambda fn: timing.time_cpu(fn, min_run_time)
         self._time_cuda = lambda fn, buffers: timing.time_cuda(fn, buffers, reps)
+        self.reps = reps
         self.gpu = gpu
 
     def time(self, fn, x_bytes=0):
@@ -60,6 +61,15 @@ class Runner:
 
     def buffers(self, x_bytes):
         return 1 if not self.gpu or x_bytes == 0 else max(2, math.ceil(2 * L2_BYTES / x_bytes) + 1)
+
+    def device_detail(self, fn, x_bytes):
+        """On a GPU: the per-call time of CUDA-graph replays (no launch costs), and the device
+        activities per call with their summed duration. Nothing on a CPU."""
+        if not self.gpu:
+            return {}
+        graph = timing.time_cuda_graph(fn, self.buffers(x_bytes), self.reps)
+        detail = {"graph_ms": graph["median_ms"]} if isinstance(graph, dict) else {"graph_error": graph}
+        return detail | timing.cuda_kernels(lambda: fn(0))
 
 
 def _max_error(actual, expected):
@@ -106,6 +116,7 @@ def bench_block(runner, providers, shape, fmt, env):
         module.eval()
         with torch.no_grad():
             fwd = runner.time(lambda i: module(xs[i]), x_bytes)
+            fwd |= runner.device_detail(lambda i: module(xs[i]), x_bytes)
         module.train()
 
         def step(i):
@@ -133,8 +144,11 @@ def bench_operators(runner, shape, fmt, env, bandwidth, backends):
         for op, fn in prov.operator_calls(backend).items():
             with torch.no_grad():
                 t = runner.time(lambda i: fn(xs[i], g, s), x_bytes)
+                t |= runner.device_detail(lambda i: fn(xs[i], g, s), x_bytes)
             moved = prov.operator_bytes(op, x)
             achieved = moved / (t["median_ms"] / 1e3)
+            if "graph_ms" in t:  # the kernels' own bandwidth, without launch costs
+                t["graph_bandwidth_fraction"] = moved / (t["graph_ms"] / 1e3) / bandwidth
             rows.append(dict(env, dtype=str(args.dtype).removeprefix("torch."), format=fmt, batch=args.batch,
                              shape=f"{c}x{h}x{w}", provider=backend, target=op, mode="forward", **t,
                              bytes=moved, bandwidth=achieved, bandwidth_fraction=achieved / bandwidth))
@@ -146,7 +160,7 @@ def main(argv=None):
     torch.manual_seed(0)
     env = record.environment(args.device)
     runner = Runner(args)
-    providers = prov.providers(args.device, args.backends)
+    providers = prov.providers(args.device, args.backends, args.quick)
     bandwidth = timing.copy_bandwidth(args.device, lambda fn: runner.time(fn))
     env["copy_bandwidth"] = bandwidth
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']}")

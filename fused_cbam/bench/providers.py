@@ -43,13 +43,15 @@ def _compiled(mode: str) -> Callable[[nn.Module], nn.Module]:
     return make
 
 
-def providers(device: torch.device, names: list[str] | None) -> list[Provider]:
-    """Every provider usable here, the baselines first; ``names`` keeps only those listed."""
+def providers(device: torch.device, names: list[str] | None, quick: bool = False) -> list[Provider]:
+    """Every provider usable here, the baselines first; ``names`` keeps only those listed.
+    Quick runs leave out max-autotune unless named (it autotunes each shape's GEMMs and convs
+    for minutes: on an H200 the first shape, with the other providers, was not done after 2 minutes)."""
     found = [Provider("reference", "baseline", lambda ref: ref)]
     if importlib.util.find_spec("timm") is not None:
         found.append(Provider("timm", "baseline", _timm))
     found.append(Provider("compile", "baseline", _compiled("default")))
-    if device.type == "cuda":
+    if device.type == "cuda" and (not quick or (names and "compile-max-autotune" in names)):
         found.append(Provider("compile-max-autotune", "baseline", _compiled("max-autotune-no-cudagraphs")))
     for backend in fused_cbam.available_backends():
         runs_here = {"cpu": device.type == "cpu", "cuda": device.type == "cuda", "triton": device.type == "cuda"}

@@ -20,18 +20,31 @@ def _block_rows(rows):
     return table
 
 
+def _graph_cells(r) -> list[str]:
+    """A GPU forward's CUDA-graph replay time (or why it has none), device activities per call
+    and their summed duration."""
+    graph = f"{r['graph_ms']:.3f}" if "graph_ms" in r else r.get("graph_error", "")
+    return [graph, f"{r['kernels']:.0f}", f"{r['device_busy_ms']:.3f}"]
+
+
+_GRAPH_HEADER = " graph ms | kernels | busy ms |"
+
+
 def block_table(rows) -> str:
     """Markdown: per format and shape, each provider's forward and forward+backward medians,
-    the speedup over the reference, and the bytes saved for backward relative to |x|."""
+    the speedup over the reference, and the bytes saved for backward relative to |x|; on a GPU
+    also the forward's CUDA-graph replay time, kernels per call and their summed duration."""
+    gpu = any("kernels" in r for r in rows)
     lines = [
-        "| format | shape | provider | forward ms | × ref | fwd+bwd ms | × ref | saved / abs(x) | peak MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| format | shape | provider | forward ms | × ref | fwd+bwd ms | × ref | saved / abs(x) | peak MiB |"
+        + (_GRAPH_HEADER if gpu else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if gpu else ""),
     ]
     for (fmt, shape), by_provider in _block_rows(rows).items():
         ref = by_provider.get("reference", {})
         for provider, modes in by_provider.items():
             if "refused" in modes:
-                lines.append(f"| {fmt} | {shape} | {provider} | refused: disagrees with the reference | | | | | |")
+                lines.append(f"| {fmt} | {shape} | {provider} | refused: disagrees with the reference |" + " |" * (8 if gpu else 5))
                 continue
             cells = []
             for mode in ("forward", "forward+backward"):
@@ -42,21 +55,31 @@ def block_table(rows) -> str:
             fb = modes.get("forward+backward", {})
             saved = f"{fb['saved_over_x']:.2f}" if "saved_over_x" in fb else ""
             peak = f"{fb['peak_bytes'] / 2**20:.1f}" if fb.get("peak_bytes") is not None else ""
-            lines.append(f"| {fmt} | {shape} | {provider} | " + " | ".join(cells) + f" | {saved} | {peak} |")
+            graph = _graph_cells(modes["forward"]) if gpu and "kernels" in modes.get("forward", {}) else ["", "", ""]
+            lines.append(
+                f"| {fmt} | {shape} | {provider} | " + " | ".join(cells) + f" | {saved} | {peak} |"
+                + (" " + " | ".join(graph) + " |" if gpu else "")
+            )
     return "\n".join(lines)
 
 
 def operator_table(rows) -> str:
+    gpu = any("kernels" in r for r in rows)
     lines = [
-        "| format | shape | operator | provider | ms | GB/s | of copy bandwidth |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| format | shape | operator | provider | ms | GB/s | of copy bandwidth |"
+        + (_GRAPH_HEADER + " graph: of copy bandwidth |" if gpu else ""),
+        "|---|---|---|---|---:|---:|---:|" + ("---:|---:|---:|---:|" if gpu else ""),
     ]
     for r in rows:
         if r.get("target") in ("channel_pool", "spatial_pool", "gate_apply"):
-            lines.append(
+            line = (
                 f"| {r['format']} | {r['shape']} | {r['target']} | {r['provider']} | {r['median_ms']:.3f} | "
                 f"{r['bandwidth'] / 1e9:.1f} | {100 * r['bandwidth_fraction']:.0f}% |"
             )
+            if gpu:
+                fraction = f"{100 * r['graph_bandwidth_fraction']:.0f}%" if "graph_bandwidth_fraction" in r else ""
+                line += " " + " | ".join(_graph_cells(r) if "kernels" in r else ["", "", ""]) + f" | {fraction} |"
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -40,6 +40,44 @@ def time_cuda(fn: Callable[[int], object], buffers: int, reps: int, warmup: int 
     return _quantiles([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
 
 
+def time_cuda_graph(fn: Callable[[int], object], buffers: int, reps: int) -> dict[str, float] | str:
+    """Replays of a CUDA graph holding one call per input copy, per call: the device's time
+    without the host's launch costs (what CUDA graphs, or torch.compile's "reduce-overhead",
+    give). Returns the reason instead when the calls cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream: autotuning, compilation
+        for i in range(buffers):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(buffers):
+                fn(i)
+    except Exception as e:  # e.g. a host synchronisation inside the calls
+        torch.cuda.synchronize()
+        return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    per_replay = time_cuda(lambda _: graph.replay(), 1, reps)
+    return {k: v / buffers for k, v in per_replay.items()}
+
+
+def cuda_kernels(fn: Callable[[], object], reps: int = 3) -> dict[str, float]:
+    """Device activities (kernels, copies, fills) per call and their summed duration, from the
+    profiler: with the eager time, it tells launch-bound calls from device-bound ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in device_events)
+    return {"kernels": len(device_events) / reps, "device_busy_ms": busy_us / reps / 1e3}
+
+
 def saved_bytes(fn: Callable[[], torch.Tensor], module: torch.nn.Module) -> int:
     """Bytes of the distinct storages autograd keeps for backward after ``fn()``, leaving out
     the module's own parameters and buffers (they are held whether or not autograd saves them)."""
