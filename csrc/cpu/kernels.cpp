@@ -31,6 +31,8 @@ constexpr int64_t kBlockC = 256;
 constexpr int64_t kBlockP = 1024;
 // Positions are tracked in float lanes, exact below 2^24; longer spans are merged in int64.
 constexpr int64_t kIndexSpan = int64_t{1} << 24;
+// Rows of at most this many vectors are searched for their arg-max without an early exit.
+constexpr int64_t kShortScan = 8;
 
 inline int64_t grain_for_row(int64_t row_length) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_length, 1));
@@ -84,10 +86,25 @@ int64_t first_index_of(int64_t length, S m, const VecAt& vec_at, const ScalarAt&
   const bool find_nan = m != m;
   const Vec target(m);
   int64_t i = 0;
-  for (; i + V <= length; i += V) {
-    const Vec v = vec_at(i);
-    const int misses = (find_nan ? v.isnan() : (v == target)).zero_mask();
-    if (misses != (1 << V) - 1) return i + __builtin_ctz(~misses);
+  if (length <= kShortScan * V) {
+    // A short row is scanned whole, without a data-dependent exit: where the maximum lies is
+    // random, and such an exit costs a branch miss per row, more than the few extra vectors.
+    // Lane indices are exact in S (length < 2^24).
+    const Vec none(static_cast<S>(length));
+    Vec lanes = Vec::arange(0, 1);
+    Vec first = none;
+    for (; i + V <= length; i += V, lanes = lanes + Vec(static_cast<S>(V))) {
+      const Vec v = vec_at(i);
+      first = at::vec::minimum(first, Vec::blendv(none, lanes, find_nan ? v.isnan() : (v == target)));
+    }
+    const S found = at::vec::vec_reduce_all<S>([](auto a, auto b) { return at::vec::minimum(a, b); }, first);
+    if (found < static_cast<S>(length)) return static_cast<int64_t>(found);
+  } else {
+    for (; i + V <= length; i += V) {
+      const Vec v = vec_at(i);
+      const int misses = (find_nan ? v.isnan() : (v == target)).zero_mask();
+      if (misses != (1 << V) - 1) return i + __builtin_ctz(~misses);
+    }
   }
   for (; i < length; ++i) {
     const S v = scalar_at(i);
@@ -111,9 +128,26 @@ void channel_pool_nchw(const T* x, T* avg, T* max, int64_t* argmax, int64_t rows
       acc_t m = row[0];
       int64_t p = 0;
       if (P >= V) {
+        // Two independent chains each for the sum and the max: one chain waits on the latency
+        // of its adds instead of keeping the load ports busy.
         Vec vsum = load_opmath(row);
         Vec vmax = vsum;
-        for (p = V; p + V <= P; p += V) {
+        p = V;
+        if (P >= 2 * V) {
+          Vec vsum1 = load_opmath(row + V);
+          Vec vmax1 = vsum1;
+          for (p = 2 * V; p + 2 * V <= P; p += 2 * V) {
+            const Vec v0 = load_opmath(row + p);
+            const Vec v1 = load_opmath(row + p + V);
+            vsum = vsum + v0;
+            vsum1 = vsum1 + v1;
+            vmax = at::vec::maximum(vmax, v0);
+            vmax1 = at::vec::maximum(vmax1, v1);
+          }
+          vsum = vsum + vsum1;
+          vmax = at::vec::maximum(vmax, vmax1);
+        }
+        for (; p + V <= P; p += V) {
           const Vec v = load_opmath(row + p);
           vsum = vsum + v;
           vmax = at::vec::maximum(vmax, v);

@@ -19,7 +19,8 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
 def time_cpu(fn: Callable[[int], object], min_run_time: float) -> dict[str, float]:
     """torch.utils.benchmark on the CPU; each sample is one call (the input index is ignored)."""
     fn(0)  # warm-up (and compilation, for compiled providers)
-    timer = benchmark.Timer("fn(0)", globals={"fn": fn})
+    # torch.utils.benchmark times one thread unless told otherwise
+    timer = benchmark.Timer("fn(0)", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return _quantiles([t for t in measurement.times])
 
