@@ -192,12 +192,19 @@ def test_converted_to_reference_exports_plain_pytorch():
     assert_close(exported.module()(x), expected, 1e-5, "exported reference model")
 
 
-def test_onnx_export_of_the_converted_model(tmp_path):
+def test_onnx_export_of_the_converted_model_runs_in_onnxruntime(tmp_path):
     pytest.importorskip("onnxscript", reason="the ONNX exporter (onnx, onnxscript) is not installed")
-    model = fused_cbam.convert(Net("auto").eval(), backend="reference")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    model = Net("auto").eval()
+    model.load_state_dict(_cbam_net_state())
     x = make_input((2, 3, 12, 12), torch.float32, "cpu")
-    torch.onnx.export(model, (x,), str(tmp_path / "net.onnx"), dynamo=True)
-    assert (tmp_path / "net.onnx").stat().st_size > 0
+    expected = model(x)
+    converted = fused_cbam.convert(copy.deepcopy(model), backend="reference")
+    path = str(tmp_path / "net.onnx")
+    torch.onnx.export(converted, (x,), path, dynamo=True)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert_close(torch.from_numpy(got), expected, 1e-5, "ONNX Runtime output")
 
 
 # ---------------------------------------------------------------------------------------------
