@@ -223,9 +223,18 @@ def _sum_partials_kernel(part_ptr, out_ptr, M, S, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, cast_to(acc, out_ptr), mask=mask)
 
 
+def sum_target(parts: int, out: torch.Tensor) -> torch.Tensor:
+    """Where a kernel stores its sums (through ``cast_to``) of the M elements of ``out``
+    (contiguous): ``out`` itself, viewed as [1, M], when one program makes each sum; else float32
+    partials [parts, M] for ``sum_partials``. One part, the usual case on a full GPU, saves the
+    second launch."""
+    return out.view(1, -1) if parts == 1 else torch.empty(parts, out.numel(), device=out.device, dtype=torch.float32)
+
+
 def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Deterministic reduction of float32 ``partials`` [S, M] over S into ``out`` (M elements, contiguous)."""
+    """Deterministic reduction of ``partials`` [S, M] (from ``sum_target``) over S into ``out``
+    (M elements, contiguous); nothing to do when the kernel wrote ``out`` itself."""
     s, m = partials.shape
-    if m:
+    if m and s > 1:
         _sum_partials_kernel[(triton.cdiv(m, FINALIZE_BLOCK),)](partials, out, m, s, BLOCK=FINALIZE_BLOCK)
     return out

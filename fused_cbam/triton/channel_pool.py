@@ -1,11 +1,12 @@
 """Channel pooling: mean, max and arg-max of each (n, c) plane over P = H * W, and its backward.
 
-Forward, two launches:
+Forward, one launch, or two when P is split:
 1. ``_partial_kernel``: program (n, block of BLOCK_C channels, split) walks its part of P in
    BLOCK_P chunks, keeping a float32 sum and the first max (NaN wins, lowest p on ties) in
-   registers; writes float32 partials [S, N * C].
-2. ``_finalize_kernel``: folds the S partials in split order (so the lowest p still wins) and
-   writes avg = sum / P and max in x's dtype, argmax in int64.
+   registers. With one split (FINAL) it writes avg = sum / P and max in x's dtype and argmax in
+   int64 itself; else float32 partials [S, N * C].
+2. ``_finalize_kernel`` (S > 1): folds the S partials in split order (so the lowest p still
+   wins) and writes avg, max and argmax.
 S > 1 only when N * C alone would leave the GPU idle (see ``_common.num_splits``).
 
 Backward, one elementwise launch: dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c].
@@ -43,7 +44,7 @@ from ._common import (
 def _partial_kernel(
     x_ptr, psum_ptr, pmax_ptr, pidx_ptr,
     N, C, P, stride_n, stride_c, stride_p, S,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    FINAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     num_cblk = tl.cdiv(C, BLOCK_C)
     n = (tl.program_id(0) // num_cblk).to(tl.int64)
@@ -64,9 +65,12 @@ def _partial_kernel(
         acc_max, acc_idx = first_max_update(acc_max, acc_idx, v, mask, offs_p[None, :], 1)
 
     out = split.to(tl.int64) * N * C + n * C + offs_c
-    tl.store(psum_ptr + out, tl.sum(acc_sum, axis=1), mask=mask_c)
-    tl.store(pmax_ptr + out, acc_max, mask=mask_c)
-    tl.store(pidx_ptr + out, acc_idx, mask=mask_c)
+    acc_sum = tl.sum(acc_sum, axis=1)
+    if FINAL:  # the pointers are avg, max and argmax themselves
+        acc_sum = acc_sum / P
+    tl.store(psum_ptr + out, cast_to(acc_sum, psum_ptr), mask=mask_c)
+    tl.store(pmax_ptr + out, cast_to(acc_max, pmax_ptr), mask=mask_c)
+    tl.store(pidx_ptr + out, acc_idx.to(pidx_ptr.dtype.element_ty), mask=mask_c)
 
 
 _partial_nchw = autotune(REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_partial_kernel)
@@ -106,19 +110,23 @@ def channel_pool(x: torch.Tensor):
         raise ValueError("fused_cbam_triton::channel_pool: max over an empty H x W plane")
     x, cl, (sn, sc, sp) = layout(x)
     splits = num_splits(x, n * c // ROWS_PER_PROGRAM[cl], p)
-    psum = torch.empty(splits, n * c, device=x.device, dtype=torch.float32)
-    pmax = torch.empty_like(psum)
-    pidx = torch.empty(splits, n * c, device=x.device, dtype=torch.int32)
+    if splits == 1:
+        psum, pmax, pidx = avg, mx, argmax
+    else:
+        psum = torch.empty(splits, n * c, device=x.device, dtype=torch.float32)
+        pmax = torch.empty_like(psum)
+        pidx = torch.empty(splits, n * c, device=x.device, dtype=torch.int32)
     kernel = _partial_cl if cl else _partial_nchw
 
     def grid(meta):
         return (n * triton.cdiv(c, meta["BLOCK_C"]), splits)
 
     with device_guard(x):
-        kernel[grid](x, psum, pmax, pidx, n, c, p, sn, sc, sp, splits)
-        _finalize_kernel[(triton.cdiv(n * c, FINALIZE_BLOCK),)](
-            psum, pmax, pidx, avg, mx, argmax, n * c, p, splits, BLOCK=FINALIZE_BLOCK
-        )
+        kernel[grid](x, psum, pmax, pidx, n, c, p, sn, sc, sp, splits, FINAL=splits == 1)
+        if splits > 1:
+            _finalize_kernel[(triton.cdiv(n * c, FINALIZE_BLOCK),)](
+                psum, pmax, pidx, avg, mx, argmax, n * c, p, splits, BLOCK=FINALIZE_BLOCK
+            )
     return avg, mx, argmax
 
 

@@ -33,6 +33,7 @@ from ._common import (
     num_splits,
     split_range,
     sum_partials,
+    sum_target,
 )
 
 _BACKWARD_NCHW = [
@@ -155,11 +156,11 @@ def _backward_kernel(
             else:
                 xg = xv
             part_h = tl.sum(tl.where(mask, dout * xg, 0.0), axis=0)
-            tl.store(ph_row + offs_p, part_h, mask=mask_p)
+            tl.store(ph_row + offs_p, cast_to(part_h, ph_ptr), mask=mask_p)
 
     if HAS_G:
         out = split.to(tl.int64) * N * C + n * C + offs_c
-        tl.store(pg_ptr + out, tl.sum(acc_g, axis=1), mask=mask_c)
+        tl.store(pg_ptr + out, cast_to(tl.sum(acc_g, axis=1), pg_ptr), mask=mask_c)
 
 
 _backward_nchw = autotune(_BACKWARD_NCHW, config(BLOCK_P=16), SHAPE_KEY)(_backward_kernel)
@@ -190,9 +191,8 @@ def gate_apply_backward(grad_out, x, channel_gate, spatial_gate):
     block_c = _backward_block_c(c, cl)
     num_cblk = triton.cdiv(c, block_c)
     splits = num_splits(x, n * num_cblk, p)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    pg = torch.empty(splits, n * c, **f32) if g is not None else dx
-    ph = torch.empty(num_cblk, n * p, **f32) if h is not None else dx
+    pg = sum_target(splits, grad_g) if g is not None else dx
+    ph = sum_target(num_cblk, grad_h) if h is not None else dx
     kernel = _backward_cl if cl else _backward_nchw
     with device_guard(x):
         kernel[(n * num_cblk, splits)](

@@ -32,6 +32,7 @@ from ._common import (
     num_splits,
     split_range,
     sum_partials,
+    sum_target,
 )
 
 # Forward reduces over C: NCHW tiles are wide in P; channels_last tiles are tall in C.
@@ -149,7 +150,7 @@ def _backward_kernel(
 
     if HAS_SCALE:
         out = split.to(tl.int64) * N * C + n * C + offs_c
-        tl.store(pscale_ptr + out, tl.sum(acc, axis=1), mask=mask_c)
+        tl.store(pscale_ptr + out, cast_to(tl.sum(acc, axis=1), pscale_ptr), mask=mask_c)
 
 
 _backward_nchw = autotune(REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
@@ -174,7 +175,7 @@ def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
         return dx, grad_scale.zero_()
     x, cl, (sn, sc, sp) = layout(x)
     splits = num_splits(x, n * c // ROWS_PER_PROGRAM[cl], p)
-    pscale = torch.empty(splits, n * c, device=x.device, dtype=torch.float32) if scale is not None else dx
+    pscale = sum_target(splits, grad_scale) if scale is not None else dx
     kernel = _backward_cl if cl else _backward_nchw
 
     def grid(meta):
