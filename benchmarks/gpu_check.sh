@@ -4,12 +4,14 @@
 #   benchmarks/gpu_check.sh LOG_DIR
 #
 # Builds the extension (sm_90), records the environment, runs the test-suite, runs
-# compute-sanitizer (memcheck, racecheck) over benchmarks/sanitizer_smoke.py, runs the quick
-# benchmark, and writes LOG_DIR/gpu-check-<device>.txt with the verdicts. Each step logs to
-# LOG_DIR/<step>.log under its own time limit; the test-suite and the two sanitizer runs share
-# the GPU at once (correctness only), the benchmark runs alone after them. At worst 10 minutes,
-# typically 6. On the device tool, whose $OUT takes 8 files at most, tar LOG_DIR into $OUT. A failing step does not stop the later ones, but the script exits non-zero
-# if any failed.
+# compute-sanitizer (memcheck, racecheck) over benchmarks/sanitizer_smoke.py, runs the
+# benchmark, lists the kernels torch.compile generates for the reference
+# (benchmarks/inductor_passes.py), and writes LOG_DIR/gpu-check-<device>.txt with the verdicts.
+# Each step logs to LOG_DIR/<step>.log under its own time limit; the test-suite and the two
+# sanitizer runs share the GPU at once (correctness only), the benchmark runs alone after them.
+# At worst 9.5 minutes (the sum of the limits), typically 6. A failing step does not stop the
+# later ones, but the script exits non-zero if any failed. On the device tool, whose $OUT takes
+# 8 files at most, tar LOG_DIR into $OUT.
 #
 #   BENCH_ARGS   arguments of python -m fused_cbam.bench (default: --quick)
 set -euo pipefail
@@ -82,7 +84,7 @@ except Exception:
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {t}')" 2>/dev/null || echo unknown)
 
 # ---- build (sm_90 only, all cores)
-step build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+step build 120 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
   "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 
 # ---- tests, in parallel workers when pytest-xdist is there (Triton compiles its autotuning
@@ -92,7 +94,7 @@ step build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
 PYTEST_ARGS=(tests -q -p no:cacheprovider -rfE)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$(($(nproc) > 4 ? $(nproc) - 2 : 2))"); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout 150); fi
-OMP_NUM_THREADS=1 FUSED_CBAM_FAILURE_LOG="$LOG/failures.log" step pytest 270 "$PY" -m pytest "${PYTEST_ARGS[@]}" &
+OMP_NUM_THREADS=1 FUSED_CBAM_FAILURE_LOG="$LOG/failures.log" step pytest 240 "$PY" -m pytest "${PYTEST_ARGS[@]}" &
 
 # ---- compute-sanitizer
 SANITIZER=$(command -v compute-sanitizer || true)
@@ -118,6 +120,10 @@ wait
 read -r -a BENCH <<<"${BENCH_ARGS:---quick}"
 step bench 150 "$PY" -m fused_cbam.bench "${BENCH[@]}" --out "$LOG/bench"
 
+# ---- what torch.compile generates for the reference (its passes over x), bf16 at a bench shape
+step inductor 60 "$PY" benchmarks/inductor_passes.py --dtype bfloat16 --batch 64 --shape 512x28x28 \
+  --out "$LOG/inductor.txt"
+
 # ---- summary
 verdict() {  # verdict NAME PATTERN: the step's rc and its matching summary line
   local rc="missing"
@@ -141,6 +147,7 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"
   echo "racecheck: $(verdict racecheck 'RACECHECK SUMMARY|ERROR SUMMARY|sanitizer_smoke')"
   echo "bench: $(verdict bench '.')"
+  echo "inductor: $(verdict inductor 'kernels touching')"
   echo "failed steps: ${FAILED[*]:-none}"
   echo "test failures:"
   grep -E "^==== " "$LOG/failures.log" 2>/dev/null | sed 's/^==== /  /' | head -n 40 || true
