@@ -33,12 +33,12 @@ def _timm(ref: nn.Module) -> nn.Module:
     return CbamModule(ref.ChannelGate.gate_channels).to(next(ref.parameters()))
 
 
-def _compiled(mode: str) -> Callable[[nn.Module], nn.Module]:
+def _compiled(mode: str, make_module: Callable[[nn.Module], nn.Module] = lambda ref: ref) -> Callable[[nn.Module], nn.Module]:
     def make(ref: nn.Module) -> nn.Module:
         # Every shape and mode recompiles the same forward; starting afresh for each shape keeps
         # Dynamo under its recompilation limit (past it, it silently runs eager).
         torch._dynamo.reset()
-        return torch.compile(ref, mode=mode)
+        return torch.compile(make_module(ref), mode=mode)
 
     return make
 
@@ -57,6 +57,9 @@ def providers(device: torch.device, names: list[str] | None, quick: bool = False
         runs_here = {"cpu": device.type == "cpu", "cuda": device.type == "cuda", "triton": device.type == "cuda"}
         if runs_here.get(backend, False):
             found.append(Provider(backend, "fused", _fused(backend)))
+    if device.type in fused_cbam.available_backends():
+        # What users get from torch.compile of a model holding the fused block.
+        found.append(Provider(f"compile+{device.type}", "fused", _compiled("default", _fused(device.type))))
     if names:
         unknown = set(names) - {p.name for p in found}
         if unknown:
