@@ -65,3 +65,15 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
     assert all(line.count("|") == ops[0].count("|") for line in ops)
     cpu_rows = [{k: v for k, v in r.items() if k not in ("graph_ms", "graph_error", "kernels", "device_busy_ms")} for r in rows]
     assert "graph ms" not in report.block_table(cpu_rows)
+
+
+def test_full_mode_times_each_operator_of_each_backend(tmp_path):
+    """Without --quick: the block for every provider named (a compiled fused block too), and each
+    operator alone for the reference and each fused backend (a compiled block is no backend)."""
+    bench.main(["--device", "cpu", "--shapes", "16x5x5", "--batch", "2", "--formats", "nchw",
+                "--backends", "reference,cpu,compile+cpu", "--out", str(tmp_path)])  # fmt: skip
+    rows = [json.loads(line) for line in next(tmp_path.glob("bench-*.jsonl")).read_text().splitlines()]
+    block = {(r["provider"], r["mode"]) for r in rows if r["target"] == "cbam"}
+    assert block == {(p, m) for p in ("reference", "cpu", "compile+cpu") for m in ("forward", "forward+backward")}
+    ops = {(r["provider"], r["target"]) for r in rows if r["target"] != "cbam"}
+    assert ops == {(p, op) for p in ("reference", "cpu") for op in ("channel_pool", "spatial_pool", "gate_apply")}

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import fused_cbam
+
 from fused_cbam.bench import providers as prov
 from fused_cbam.bench import record, report, timing
 
@@ -165,7 +167,7 @@ def main(argv=None):
     env["copy_bandwidth"] = bandwidth
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']}")
     print(f"dtype {args.dtype} | batch {args.batch} | copy bandwidth {bandwidth / 1e9:.1f} GB/s | providers {[p.name for p in providers]}")
-    op_backends = [p.name for p in providers if p.kind == "fused"]
+    op_backends = [p.name for p in providers if p.kind == "fused" and p.name in fused_cbam.available_backends()]
     op_backends = (["reference"] if any(p.name == "reference" for p in providers) else []) + op_backends
     jobs = [(shape, fmt) for fmt in args.formats for shape in args.shapes]
     out_dir = Path(args.out)
