@@ -20,16 +20,24 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// flexible_layout: the kernels take x in any layout (outputs follow it, as the fake kernels say),
+// so torch.compile hands them its own tensors. With Inductor's default for custom operators
+// (keep eager's stride order), a compiled training step copied x once per operator call.
 TORCH_LIBRARY(fused_cbam, m) {
-  m.def("channel_pool(Tensor x) -> (Tensor avg, Tensor max, Tensor argmax)");
+  const std::vector<at::Tag> any_layout = {at::Tag::flexible_layout};
+  m.def("channel_pool(Tensor x) -> (Tensor avg, Tensor max, Tensor argmax)", any_layout);
   m.def(
-      "channel_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor argmax, Tensor x) -> Tensor");
-  m.def("spatial_pool(Tensor x, Tensor? scale) -> (Tensor mean, Tensor max, Tensor argmax)");
+      "channel_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor argmax, Tensor x) -> Tensor",
+      any_layout);
+  m.def("spatial_pool(Tensor x, Tensor? scale) -> (Tensor mean, Tensor max, Tensor argmax)",
+        any_layout);
   m.def(
       "spatial_pool_backward(Tensor grad_mean, Tensor grad_max, Tensor argmax, Tensor x, "
-      "Tensor? scale) -> (Tensor grad_x, Tensor grad_scale)");
-  m.def("gate_apply(Tensor x, Tensor? channel_gate, Tensor? spatial_gate) -> Tensor");
+      "Tensor? scale) -> (Tensor grad_x, Tensor grad_scale)",
+      any_layout);
+  m.def("gate_apply(Tensor x, Tensor? channel_gate, Tensor? spatial_gate) -> Tensor", any_layout);
   m.def(
       "gate_apply_backward(Tensor grad_out, Tensor x, Tensor? channel_gate, Tensor? spatial_gate) "
-      "-> (Tensor grad_x, Tensor grad_channel_gate, Tensor grad_spatial_gate)");
+      "-> (Tensor grad_x, Tensor grad_channel_gate, Tensor grad_spatial_gate)",
+      any_layout);
 }

@@ -5,7 +5,7 @@ import torch
 
 import fused_cbam
 from fused_cbam import reference
-from helpers import COMPILED_BACKENDS, FORMATS, SHAPES, TOLERANCE, assert_close, make_input
+from helpers import COMPILED_BACKENDS, FORMATS, SHAPES, TOLERANCE, assert_close, backend_available, make_input
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -179,3 +179,20 @@ def test_every_operator_has_a_kernel_for_each_built_device():
     for name in names:
         for key in keys:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"
+
+
+def test_every_operator_takes_any_layout_under_torch_compile():
+    """flexible_layout lets Inductor hand the operators its own tensors: with its default for custom
+    operators it copied x back to eager's stride order for every call of a compiled training step."""
+    names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_cbam::")]
+    assert len(names) == 6
+    namespaces = ["fused_cbam"]
+    if backend_available("triton"):
+        import fused_cbam.triton as triton_ops
+
+        if triton_ops._ANY_LAYOUT:  # custom_op takes tags in this torch
+            namespaces.append(triton_ops.NAMESPACE)
+    for namespace in namespaces:
+        for name in names:
+            op = getattr(getattr(torch.ops, namespace), name).default
+            assert torch.Tag.flexible_layout in op.tags, f"{namespace}::{name} tags {op.tags}"

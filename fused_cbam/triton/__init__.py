@@ -25,6 +25,7 @@ Memory format: x may be NCHW-contiguous or channels_last; outputs shaped like x 
 A channels_last x is read in place; any other layout is made contiguous first.
 """
 
+import inspect
 from typing import Optional
 
 import torch
@@ -36,36 +37,42 @@ from . import gate_apply as _gate_apply
 from . import spatial_pool as _spatial_pool
 
 NAMESPACE = "fused_cbam_triton"
+# The kernels take x in any layout, so torch.compile hands them its own tensors instead of copies
+# in eager's stride order (see csrc/ops.cpp). A torch whose custom_op takes no tags keeps
+# Inductor's default.
+_ANY_LAYOUT = (
+    {"tags": (torch.Tag.flexible_layout,)} if "tags" in inspect.signature(torch.library.custom_op).parameters else {}
+)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::channel_pool", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::channel_pool", mutates_args=(), **_ANY_LAYOUT)
 def _channel_pool_op(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _channel_pool.channel_pool(x)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::channel_pool_backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::channel_pool_backward", mutates_args=(), **_ANY_LAYOUT)
 def _channel_pool_backward_op(grad_avg: Tensor, grad_max: Tensor, argmax: Tensor, x: Tensor) -> Tensor:
     return _channel_pool.channel_pool_backward(grad_avg, grad_max, argmax, x)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::spatial_pool", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::spatial_pool", mutates_args=(), **_ANY_LAYOUT)
 def _spatial_pool_op(x: Tensor, scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return _spatial_pool.spatial_pool(x, scale)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::spatial_pool_backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::spatial_pool_backward", mutates_args=(), **_ANY_LAYOUT)
 def _spatial_pool_backward_op(
     grad_mean: Tensor, grad_max: Tensor, argmax: Tensor, x: Tensor, scale: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     return _spatial_pool.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::gate_apply", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::gate_apply", mutates_args=(), **_ANY_LAYOUT)
 def _gate_apply_op(x: Tensor, channel_gate: Optional[Tensor], spatial_gate: Optional[Tensor]) -> Tensor:
     return _gate_apply.gate_apply(x, channel_gate, spatial_gate)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::gate_apply_backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::gate_apply_backward", mutates_args=(), **_ANY_LAYOUT)
 def _gate_apply_backward_op(
     grad_out: Tensor, x: Tensor, channel_gate: Optional[Tensor], spatial_gate: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
