@@ -176,7 +176,8 @@ def test_torch_export_runs_the_fused_operators_with_a_dynamic_batch(backend, dev
     exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
     assert "fused_cbam" in _namespaces(exported)
     for batch in (x, make_input((3, 3, 12, 12), torch.float32, device)):
-        assert torch.equal(exported.module()(batch), model(batch))
+        got, expected = exported.module()(batch), model(batch)
+        assert torch.equal(got, expected), f"batch {batch.shape[0]}: differs by {(got - expected).abs().max().item():.3g}"
 
 
 def test_converted_to_reference_exports_plain_pytorch():

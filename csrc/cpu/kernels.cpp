@@ -113,58 +113,72 @@ int64_t first_index_of(int64_t length, S m, const VecAt& vec_at, const ScalarAt&
   return 0;
 }
 
+template <typename S>
+struct RowStats {
+  S sum;
+  S max;
+  int64_t argmax;
+};
+
+// Sum, maximum (NaN wins) and first position of the maximum of one contiguous row of `length`
+// values, read through vec_at / scalar_at as in first_index_of. The vector loop keeps two
+// independent chains each for the sum and the max: one chain waits on the latency of its adds
+// instead of keeping the load ports busy. The row is read twice; the second pass hits L1.
+template <typename Vec, typename S, typename VecAt, typename ScalarAt>
+RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scalar_at) {
+  constexpr int64_t V = Vec::size();
+  S sum = 0;
+  S m = scalar_at(0);
+  int64_t i = 0;
+  if (length >= V) {
+    Vec vsum = vec_at(0);
+    Vec vmax = vsum;
+    i = V;
+    if (length >= 2 * V) {
+      Vec vsum1 = vec_at(V);
+      Vec vmax1 = vsum1;
+      for (i = 2 * V; i + 2 * V <= length; i += 2 * V) {
+        const Vec v0 = vec_at(i);
+        const Vec v1 = vec_at(i + V);
+        vsum = vsum + v0;
+        vsum1 = vsum1 + v1;
+        vmax = at::vec::maximum(vmax, v0);
+        vmax1 = at::vec::maximum(vmax1, v1);
+      }
+      vsum = vsum + vsum1;
+      vmax = at::vec::maximum(vmax, vmax1);
+    }
+    for (; i + V <= length; i += V) {
+      const Vec v = vec_at(i);
+      vsum = vsum + v;
+      vmax = at::vec::maximum(vmax, v);
+    }
+    sum = reduce_sum(vsum);
+    m = reduce_max(vmax);
+  }
+  for (; i < length; ++i) {
+    const S v = scalar_at(i);
+    sum += v;
+    if (takes_over(v, m)) m = v;
+  }
+  return {sum, m, first_index_of<Vec>(length, m, vec_at, scalar_at)};
+}
+
 // ---------------------------------------------------------------------------------------------
 // channel_pool: mean, max and arg-max of every (n, c) over the P pixels.
 
 template <typename T>
 void channel_pool_nchw(const T* x, T* avg, T* max, int64_t* argmax, int64_t rows, int64_t P) {
-  using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
-  constexpr int64_t V = Vec::size();
   at::parallel_for(0, rows, grain_for_row(P), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * P;
-      acc_t sum = 0;
-      acc_t m = row[0];
-      int64_t p = 0;
-      if (P >= V) {
-        // Two independent chains each for the sum and the max: one chain waits on the latency
-        // of its adds instead of keeping the load ports busy.
-        Vec vsum = load_opmath(row);
-        Vec vmax = vsum;
-        p = V;
-        if (P >= 2 * V) {
-          Vec vsum1 = load_opmath(row + V);
-          Vec vmax1 = vsum1;
-          for (p = 2 * V; p + 2 * V <= P; p += 2 * V) {
-            const Vec v0 = load_opmath(row + p);
-            const Vec v1 = load_opmath(row + p + V);
-            vsum = vsum + v0;
-            vsum1 = vsum1 + v1;
-            vmax = at::vec::maximum(vmax, v0);
-            vmax1 = at::vec::maximum(vmax1, v1);
-          }
-          vsum = vsum + vsum1;
-          vmax = at::vec::maximum(vmax, vmax1);
-        }
-        for (; p + V <= P; p += V) {
-          const Vec v = load_opmath(row + p);
-          vsum = vsum + v;
-          vmax = at::vec::maximum(vmax, v);
-        }
-        sum = reduce_sum(vsum);
-        m = reduce_max(vmax);
-      }
-      for (; p < P; ++p) {
-        const acc_t v = row[p];
-        sum += v;
-        if (takes_over(v, m)) m = v;
-      }
-      avg[r] = static_cast<T>(sum / P);
-      max[r] = static_cast<T>(m);
-      argmax[r] = first_index_of<Vec>(
-          P, m, [&](int64_t p) { return load_opmath(row + p); },
+      const auto stats = row_stats<OpVec<T>, acc_t>(
+          P, [&](int64_t p) { return load_opmath(row + p); },
           [&](int64_t p) { return static_cast<acc_t>(row[p]); });
+      avg[r] = static_cast<T>(stats.sum / P);
+      max[r] = static_cast<T>(stats.max);
+      argmax[r] = stats.argmax;
     }
   });
 }
@@ -298,11 +312,7 @@ template <typename T>
 void spatial_pool_nhwc(
     const T* x, const T* scale, T* mean, T* max, int64_t* argmax, int64_t N, int64_t C,
     int64_t P) {
-  using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
-  constexpr int64_t V = Vec::size();
-  // Two passes over each row of C values (the row stays in L1): sum and max, then the first
-  // position of the max.
   at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * C;
@@ -311,28 +321,10 @@ void spatial_pool_nhwc(
       auto y_scalar = [&](int64_t c) {
         return static_cast<acc_t>(row[c]) * static_cast<acc_t>(s[c]);
       };
-      acc_t sum = 0;
-      acc_t m = y_scalar(0);
-      int64_t c = 0;
-      if (C >= V) {
-        Vec vsum = y_vec(0);
-        Vec vmax = vsum;
-        for (c = V; c + V <= C; c += V) {
-          const Vec y = y_vec(c);
-          vsum = vsum + y;
-          vmax = at::vec::maximum(vmax, y);
-        }
-        sum = reduce_sum(vsum);
-        m = reduce_max(vmax);
-      }
-      for (; c < C; ++c) {
-        const acc_t y = y_scalar(c);
-        sum += y;
-        if (takes_over(y, m)) m = y;
-      }
-      mean[r] = static_cast<T>(sum / C);
-      max[r] = static_cast<T>(m);
-      argmax[r] = first_index_of<Vec>(C, m, y_vec, y_scalar);
+      const auto stats = row_stats<OpVec<T>, acc_t>(C, y_vec, y_scalar);
+      mean[r] = static_cast<T>(stats.sum / C);
+      max[r] = static_cast<T>(stats.max);
+      argmax[r] = stats.argmax;
     }
   });
 }
