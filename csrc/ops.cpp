@@ -3,8 +3,8 @@
 // (fused_cbam/_registrations.py).
 //
 // x is [N, C, H, W] (NCHW or channels_last), P = H * W. Gates and scales have x's dtype.
-//   channel_pool(x)            -> avg [N, C], max [N, C] (x's dtype), argmax [N, C] int64 (index p)
-//   spatial_pool(x, scale?)    -> mean [N, 1, H, W], max [N, 1, H, W] (x's dtype), argmax int64
+//   channel_pool(x)            -> avg [N, C], max [N, C] (x's dtype), argmax [N, C] int32 (index p)
+//   spatial_pool(x, scale?)    -> mean [N, 1, H, W], max [N, 1, H, W] (x's dtype), argmax int32
 //                                 (channel c) of y = x * scale[n, c]; y is never stored
 //   gate_apply(x, g?, h?)      -> x * g[n, c] * h[n, 0, h, w], in x's memory format
 // The backward operators return the gradient of x in x's memory format, and an empty tensor

@@ -22,7 +22,7 @@ def _is_channels_last(x: Tensor) -> bool:
 
 def _fake_channel_pool(x):
     n, c = x.shape[:2]
-    return x.new_empty(n, c), x.new_empty(n, c), x.new_empty(n, c, dtype=torch.int64)
+    return x.new_empty(n, c), x.new_empty(n, c), x.new_empty(n, c, dtype=torch.int32)
 
 
 def _fake_channel_pool_backward(grad_avg, grad_max, argmax, x):
@@ -31,7 +31,7 @@ def _fake_channel_pool_backward(grad_avg, grad_max, argmax, x):
 
 def _fake_spatial_pool(x, scale):
     n, _, h, w = x.shape
-    return x.new_empty(n, 1, h, w), x.new_empty(n, 1, h, w), x.new_empty(n, 1, h, w, dtype=torch.int64)
+    return x.new_empty(n, 1, h, w), x.new_empty(n, 1, h, w), x.new_empty(n, 1, h, w, dtype=torch.int32)
 
 
 def _fake_spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):

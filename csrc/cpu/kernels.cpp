@@ -168,7 +168,7 @@ RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scala
 // channel_pool: mean, max and arg-max of every (n, c) over the P pixels.
 
 template <typename T>
-void channel_pool_nchw(const T* x, T* avg, T* max, int64_t* argmax, int64_t rows, int64_t P) {
+void channel_pool_nchw(const T* x, T* avg, T* max, int32_t* argmax, int64_t rows, int64_t P) {
   using acc_t = opmath_t<T>;
   at::parallel_for(0, rows, grain_for_row(P), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -178,14 +178,14 @@ void channel_pool_nchw(const T* x, T* avg, T* max, int64_t* argmax, int64_t rows
           [&](int64_t p) { return static_cast<acc_t>(row[p]); });
       avg[r] = static_cast<T>(stats.sum / P);
       max[r] = static_cast<T>(stats.max);
-      argmax[r] = stats.argmax;
+      argmax[r] = static_cast<int32_t>(stats.argmax);
     }
   });
 }
 
 template <typename T>
 void channel_pool_nhwc(
-    const T* x, T* avg, T* max, int64_t* argmax, int64_t N, int64_t C, int64_t P) {
+    const T* x, T* avg, T* max, int32_t* argmax, int64_t N, int64_t C, int64_t P) {
   using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
   constexpr int64_t V = Vec::size();
@@ -237,7 +237,7 @@ void channel_pool_nhwc(
       for (int64_t c = 0; c < cn; ++c) {
         avg[out + c] = static_cast<T>(sum[c] / P);
         max[out + c] = static_cast<T>(best[c]);
-        argmax[out + c] = best_pos[c];
+        argmax[out + c] = static_cast<int32_t>(best_pos[c]);
       }
     }
   });
@@ -249,11 +249,11 @@ void channel_pool(const at::Tensor& x, at::Tensor& avg, at::Tensor& max, at::Ten
     if (is_channels_last(x)) {
       channel_pool_nhwc(
           x.const_data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(), max.data_ptr<scalar_t>(),
-          argmax.data_ptr<int64_t>(), N, C, P);
+          argmax.data_ptr<int32_t>(), N, C, P);
     } else {
       channel_pool_nchw(
           x.const_data_ptr<scalar_t>(), avg.data_ptr<scalar_t>(), max.data_ptr<scalar_t>(),
-          argmax.data_ptr<int64_t>(), N * C, P);
+          argmax.data_ptr<int32_t>(), N * C, P);
     }
   });
 }
@@ -262,7 +262,7 @@ void channel_pool(const at::Tensor& x, at::Tensor& avg, at::Tensor& max, at::Ten
 // the share of the mean, then the arg-max positions are overwritten with both terms.
 template <typename T>
 void channel_pool_backward_impl(
-    const T* grad_avg, const T* grad_max, const int64_t* argmax, T* dx, int64_t N, int64_t C,
+    const T* grad_avg, const T* grad_max, const int32_t* argmax, T* dx, int64_t N, int64_t C,
     int64_t P, bool channels_last) {
   using acc_t = opmath_t<T>;
   const int64_t rows = N * C;
@@ -300,7 +300,7 @@ void channel_pool_backward(
       at::kHalf, at::kBFloat16, grad_x.scalar_type(), "channel_pool_backward", [&] {
         channel_pool_backward_impl(
             grad_avg.const_data_ptr<scalar_t>(), grad_max.const_data_ptr<scalar_t>(),
-            argmax.const_data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(), N, C, P,
+            argmax.const_data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), N, C, P,
             is_channels_last(grad_x));
       });
 }
@@ -310,7 +310,7 @@ void channel_pool_backward(
 
 template <typename T>
 void spatial_pool_nhwc(
-    const T* x, const T* scale, T* mean, T* max, int64_t* argmax, int64_t N, int64_t C,
+    const T* x, const T* scale, T* mean, T* max, int32_t* argmax, int64_t N, int64_t C,
     int64_t P) {
   using acc_t = opmath_t<T>;
   at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
@@ -324,14 +324,14 @@ void spatial_pool_nhwc(
       const auto stats = row_stats<OpVec<T>, acc_t>(C, y_vec, y_scalar);
       mean[r] = static_cast<T>(stats.sum / C);
       max[r] = static_cast<T>(stats.max);
-      argmax[r] = stats.argmax;
+      argmax[r] = static_cast<int32_t>(stats.argmax);
     }
   });
 }
 
 template <typename T>
 void spatial_pool_nchw(
-    const T* x, const T* scale, T* mean, T* max, int64_t* argmax, int64_t N, int64_t C,
+    const T* x, const T* scale, T* mean, T* max, int32_t* argmax, int64_t N, int64_t C,
     int64_t P) {
   using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
@@ -377,7 +377,7 @@ void spatial_pool_nchw(
       for (int64_t p = 0; p < pn; ++p) {
         mean[out + p] = static_cast<T>(sum[p] / C);
         max[out + p] = static_cast<T>(best[p]);
-        argmax[out + p] = static_cast<int64_t>(best_c[p]);
+        argmax[out + p] = static_cast<int32_t>(best_c[p]);
       }
     }
   });
@@ -391,7 +391,7 @@ void spatial_pool(
     auto impl = is_channels_last(x) ? spatial_pool_nhwc<scalar_t> : spatial_pool_nchw<scalar_t>;
     impl(
         x.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-        max.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), N, C, P);
+        max.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), N, C, P);
   });
 }
 
@@ -399,7 +399,7 @@ void spatial_pool(
 // dx = w * scale[n, c]; grad_scale[n, c] = sum_p w * x.
 template <typename T>
 void spatial_pool_backward_nhwc(
-    const T* grad_mean, const T* grad_max, const int64_t* argmax, const T* x, const T* scale,
+    const T* grad_mean, const T* grad_max, const int32_t* argmax, const T* x, const T* scale,
     T* dx, T* grad_scale, int64_t N, int64_t C, int64_t P) {
   using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
@@ -443,7 +443,7 @@ void spatial_pool_backward_nhwc(
 
 template <typename T>
 void spatial_pool_backward_nchw(
-    const T* grad_mean, const T* grad_max, const int64_t* argmax, const T* x, const T* scale,
+    const T* grad_mean, const T* grad_max, const int32_t* argmax, const T* x, const T* scale,
     T* dx, T* grad_scale, int64_t N, int64_t C, int64_t P) {
   using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
@@ -455,7 +455,7 @@ void spatial_pool_backward_nchw(
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       int64_t* start = bucket_start.data() + n * (C + 1);
-      const int64_t* j = argmax + n * P;
+      const int32_t* j = argmax + n * P;
       for (int64_t p = 0; p < P; ++p) ++start[j[p] + 1];
       for (int64_t c = 0; c < C; ++c) start[c + 1] += start[c];
       std::vector<int64_t> fill(start, start + C);
@@ -505,7 +505,7 @@ void spatial_pool_backward(
                                         : spatial_pool_backward_nchw<scalar_t>;
         impl(
             grad_mean.const_data_ptr<scalar_t>(), grad_max.const_data_ptr<scalar_t>(),
-            argmax.const_data_ptr<int64_t>(), x.const_data_ptr<scalar_t>(),
+            argmax.const_data_ptr<int32_t>(), x.const_data_ptr<scalar_t>(),
             scale.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
             grad_scale.data_ptr<scalar_t>(), N, C, P);
       });

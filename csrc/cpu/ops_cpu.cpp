@@ -9,6 +9,8 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "kernels.h"
 
 namespace fused_cbam::cpu {
@@ -41,10 +43,22 @@ void check_input(const at::Tensor& x) {
   TORCH_CHECK_VALUE(
       x.size(2) * x.size(3) > 0, "x: expected a non-empty spatial size, got H x W = ", x.size(2),
       " x ", x.size(3));
-  // The kernels track arg-max channels in float lanes, exact below 2^24.
+  // The kernels track arg-max channels in float lanes, exact below 2^24; arg-max positions are
+  // stored in int32.
   TORCH_CHECK_VALUE(
       x.size(1) > 0 && x.size(1) < (int64_t{1} << 24),
       "x: expected between 1 and 2^24 - 1 channels, got ", x.size(1));
+  TORCH_CHECK_VALUE(
+      x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(),
+      "x: expected H * W < 2^31, got H x W = ", x.size(2), " x ", x.size(3));
+}
+
+// The arg-max a forward operator returned: its shape, int32.
+at::Tensor argmax_of(const at::Tensor& argmax, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(argmax.sizes() == shape, "argmax: expected shape ", shape, ", got ", argmax.sizes());
+  TORCH_CHECK_TYPE(
+      argmax.scalar_type() == at::kInt, "argmax: expected dtype int32, got ", argmax.scalar_type());
+  return argmax.contiguous();
 }
 
 // A small per-sample tensor (gate, scale, gradient) of the expected shape and x's dtype.
@@ -78,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool(const at::Tensor& x_
   const at::Tensor x = dense(x_in);
   at::Tensor avg = at::empty(per_channel(x), x.options());
   at::Tensor max = at::empty_like(avg);
-  at::Tensor argmax = at::empty(per_channel(x), x.options().dtype(at::kLong));
+  at::Tensor argmax = at::empty(per_channel(x), x.options().dtype(at::kInt));
   if (x.numel() > 0) kernels().channel_pool(x, avg, max, argmax);
   return {avg, max, argmax};
 }
@@ -91,9 +105,9 @@ at::Tensor channel_pool_backward(
   const auto shape = per_channel(x);
   const at::Tensor ga = small(grad_avg, x, shape, "grad_avg");
   const at::Tensor gm = small(grad_max, x, shape, "grad_max");
-  TORCH_CHECK_VALUE(argmax.sizes() == at::IntArrayRef(shape), "argmax: expected shape ", shape);
+  const at::Tensor am = argmax_of(argmax, shape);
   at::Tensor grad_x = empty_like_x(x);
-  if (x.numel() > 0) kernels().channel_pool_backward(ga, gm, argmax.contiguous(), grad_x);
+  if (x.numel() > 0) kernels().channel_pool_backward(ga, gm, am, grad_x);
   return grad_x;
 }
 
@@ -104,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
   const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
   at::Tensor mean = at::empty(per_pixel(x), x.options());
   at::Tensor max = at::empty_like(mean);
-  at::Tensor argmax = at::empty(per_pixel(x), x.options().dtype(at::kLong));
+  at::Tensor argmax = at::empty(per_pixel(x), x.options().dtype(at::kInt));
   if (x.numel() > 0) kernels().spatial_pool(x, scale, mean, max, argmax);
   return {mean, max, argmax};
 }
@@ -117,12 +131,12 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
   const auto shape = per_pixel(x);
   const at::Tensor gmean = small(grad_mean, x, shape, "grad_mean");
   const at::Tensor gmax = small(grad_max, x, shape, "grad_max");
-  TORCH_CHECK_VALUE(argmax.sizes() == at::IntArrayRef(shape), "argmax: expected shape ", shape);
+  const at::Tensor am = argmax_of(argmax, shape);
   const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
   at::Tensor grad_x = empty_like_x(x);
   at::Tensor grad_scale = at::empty(per_channel(x), x.options());
   if (x.numel() > 0) {
-    kernels().spatial_pool_backward(gmean, gmax, argmax.contiguous(), x, scale, grad_x, grad_scale);
+    kernels().spatial_pool_backward(gmean, gmax, am, x, scale, grad_x, grad_scale);
   } else {
     grad_scale.zero_();
   }

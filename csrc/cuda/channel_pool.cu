@@ -19,13 +19,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool(const at::Tensor& x_
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   at::Tensor avg = at::empty({N, C}, x.options());
   at::Tensor mx = at::empty({N, C}, x.options());
-  at::Tensor idx = at::empty({N, C}, x.options().dtype(at::kLong));
+  at::Tensor idx = at::empty({N, C}, x.options().dtype(at::kInt));
   if (N * C == 0) return {avg, mx, idx};  // H * W > 0 is checked
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* ap = avg.mutable_data_ptr<scalar_t>();
     scalar_t* mp = mx.mutable_data_ptr<scalar_t>();
-    int64_t* ip = idx.mutable_data_ptr<int64_t>();
+    int32_t* ip = idx.mutable_data_ptr<int32_t>();
     if (cl) {
       launch_outer_pool<scalar_t, false>(x, xp, nullptr, N, /*Li=*/C, /*Lo=*/P, /*count=*/P,
                                          ap, mp, ip);
@@ -46,14 +46,14 @@ at::Tensor channel_pool_backward(const at::Tensor& grad_avg, const at::Tensor& g
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   const at::Tensor ga = check_small(grad_avg, op, "grad_avg", x, {N, C}, x.scalar_type());
   const at::Tensor gm = check_small(grad_max, op, "grad_max", x, {N, C}, x.scalar_type());
-  const at::Tensor am = check_small(argmax, op, "argmax", x, {N, C}, at::kLong);
+  const at::Tensor am = check_small(argmax, op, "argmax", x, {N, C}, at::kInt);
   at::Tensor dx = empty_like_x(x);  // x itself is never read
   if (dx.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     // NCHW: kept (n, c) is the outer index, p the inner; channels_last the other way round.
     launch_max_scatter_backward<scalar_t>(
         ga.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(),
-        am.const_data_ptr<int64_t>(), /*count=*/P, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
+        am.const_data_ptr<int32_t>(), /*count=*/P, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
         /*kept_inner=*/cl, dx.mutable_data_ptr<scalar_t>());
   });
   return dx;

@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
     pool_finalize_kernel(const acc_t* __restrict__ psum, const acc_t* __restrict__ pmax,
                          const int* __restrict__ pidx, int64_t rows, int splits, acc_t count,
                          scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
-                         int64_t* __restrict__ idx) {
+                         int32_t* __restrict__ idx) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   acc_t s = psum[r];
@@ -309,7 +309,7 @@ void launch_sum_finalize(const acc_t* part, int64_t rows, int splits, scalar_t* 
 
 template <typename scalar_t, typename acc_t>
 void launch_pool_finalize(const acc_t* psum, const acc_t* pmax, const int* pidx, int64_t rows,
-                          int splits, acc_t count, scalar_t* avg, scalar_t* mx, int64_t* idx) {
+                          int splits, acc_t count, scalar_t* avg, scalar_t* mx, int32_t* idx) {
   if (rows == 0) return;
   TORCH_CHECK(ceil_div(rows, kThreads) <= INT_MAX, "fused_cbam: tensor too large");
   pool_finalize_kernel<scalar_t, acc_t>

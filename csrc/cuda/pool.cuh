@@ -20,7 +20,7 @@ namespace gpu {
 // gradient (grad_mean / count), the max's gradient and its arg-max.
 template <int VEC, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_pool_grads(const scalar_t* ga, const scalar_t* gm,
-                                                const int64_t* am, int64_t k0, acc_t count,
+                                                const int32_t* am, int64_t k0, acc_t count,
                                                 acc_t (&a)[VEC], acc_t (&m)[VEC],
                                                 int64_t (&id)[VEC]) {
 #pragma unroll
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads)
     row_pool_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale,
                     int64_t rows, int64_t rows_per_sample, int L, int chunk, int splits,
                     int group, acc_t count, scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
-                    int64_t* __restrict__ idx, acc_t* __restrict__ psum,
+                    int32_t* __restrict__ idx, acc_t* __restrict__ psum,
                     acc_t* __restrict__ pmax, int* __restrict__ pidx) {
   constexpr int VEC = vec_width<scalar_t>();
   __shared__ acc_t s_sum[kThreads / 32];
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
     outer_pool_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale, int Li,
                       int Lo, int64_t itiles, int splits, int chunk, int64_t rows, acc_t count,
                       scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
-                      int64_t* __restrict__ idx, acc_t* __restrict__ psum,
+                      int32_t* __restrict__ idx, acc_t* __restrict__ psum,
                       acc_t* __restrict__ pmax, int* __restrict__ pidx) {
   __shared__ acc_t s_sum[VEC * kThreads];
   __shared__ acc_t s_max[VEC * kThreads];
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t, int VEC, bool KEPT_INNER>
 __global__ void __launch_bounds__(kThreads)
     max_scatter_backward_kernel(const scalar_t* __restrict__ ga, const scalar_t* __restrict__ gm,
-                                const int64_t* __restrict__ am, acc_t count, int Li, int Lo,
+                                const int32_t* __restrict__ am, acc_t count, int Li, int Lo,
                                 int64_t itiles, int splits, int chunk,
                                 scalar_t* __restrict__ dx) {
   const TileCoord tc = tile_coord<VEC>(Lo, itiles, splits, chunk);
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, bool SCALE>
 void launch_row_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
                      int64_t rows, int64_t rows_per_sample, int64_t L, int64_t count,
-                     scalar_t* avg, scalar_t* mx, int64_t* idx) {
+                     scalar_t* avg, scalar_t* mx, int32_t* idx) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = vec_width<scalar_t>();
   // About two vectors per thread, 4..kThreads threads per segment.
@@ -319,7 +319,7 @@ void launch_row_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* 
 template <typename scalar_t, int VEC, bool SCALE>
 void launch_outer_pool_vec(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
                            int64_t N, int64_t Li, int64_t Lo, int64_t count, scalar_t* avg,
-                           scalar_t* mx, int64_t* idx) {
+                           scalar_t* mx, int32_t* idx) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileConfig cfg = make_tile_config(N, Li, Lo, VEC, /*min_rows=*/4, kMaxSplits);
   const int64_t rows = N * Li;
@@ -345,7 +345,7 @@ void launch_outer_pool_vec(const at::Tensor& like, const scalar_t* x, const scal
 template <typename scalar_t, bool SCALE>
 void launch_outer_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
                        int64_t N, int64_t Li, int64_t Lo, int64_t count, scalar_t* avg,
-                       scalar_t* mx, int64_t* idx) {
+                       scalar_t* mx, int32_t* idx) {
   constexpr int V = vec_width<scalar_t>();
   if (Li % V == 0 && aligned16(x)) {
     launch_outer_pool_vec<scalar_t, V, SCALE>(like, x, scale, N, Li, Lo, count, avg, mx, idx);
@@ -355,7 +355,7 @@ void launch_outer_pool(const at::Tensor& like, const scalar_t* x, const scalar_t
 }
 
 template <typename scalar_t, int VEC, bool KEPT_INNER>
-void launch_max_scatter_backward_vec(const scalar_t* ga, const scalar_t* gm, const int64_t* am,
+void launch_max_scatter_backward_vec(const scalar_t* ga, const scalar_t* gm, const int32_t* am,
                                      int64_t count, int64_t N, int64_t Li, int64_t Lo,
                                      scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -369,7 +369,7 @@ void launch_max_scatter_backward_vec(const scalar_t* ga, const scalar_t* gm, con
 
 // dx of x viewed as [N, Lo, Li] from a (mean, max, arg-max) triple of small [N, kept] tensors.
 template <typename scalar_t>
-void launch_max_scatter_backward(const scalar_t* ga, const scalar_t* gm, const int64_t* am,
+void launch_max_scatter_backward(const scalar_t* ga, const scalar_t* gm, const int32_t* am,
                                  int64_t count, int64_t N, int64_t Li, int64_t Lo,
                                  bool kept_inner, scalar_t* dx) {
   constexpr int V = vec_width<scalar_t>();

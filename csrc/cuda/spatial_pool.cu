@@ -21,7 +21,7 @@ template <typename scalar_t, typename acc_t, int VEC, bool CL>
 __global__ void __launch_bounds__(kThreads)
     scaled_spatial_backward_kernel(const scalar_t* __restrict__ gmean,
                                    const scalar_t* __restrict__ gmax,
-                                   const int64_t* __restrict__ am, const scalar_t* __restrict__ x,
+                                   const int32_t* __restrict__ am, const scalar_t* __restrict__ x,
                                    const scalar_t* __restrict__ scale, acc_t count, int Li,
                                    int Lo, int64_t itiles, int splits, int chunk, int64_t rows,
                                    scalar_t* __restrict__ dx, acc_t* __restrict__ part,
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, int VEC, bool CL>
 void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* gmean,
-                                        const scalar_t* gmax, const int64_t* am,
+                                        const scalar_t* gmax, const int32_t* am,
                                         const scalar_t* x, const scalar_t* scale, int64_t N,
                                         int64_t C, int64_t P, scalar_t* dx, scalar_t* gscale) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -135,7 +135,7 @@ void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* 
 
 template <typename scalar_t, bool CL>
 void launch_scaled_spatial_backward(const at::Tensor& like, const scalar_t* gmean,
-                                    const scalar_t* gmax, const int64_t* am, const scalar_t* x,
+                                    const scalar_t* gmax, const int32_t* am, const scalar_t* x,
                                     const scalar_t* scale, int64_t N, int64_t C, int64_t P,
                                     scalar_t* dx, scalar_t* gscale) {
   constexpr int V = vec_width<scalar_t>();
@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
   const bool has_scale = scale.defined();
   at::Tensor mean = at::empty({N, 1, H, W}, x.options());
   at::Tensor mx = at::empty({N, 1, H, W}, x.options());
-  at::Tensor idx = at::empty({N, 1, H, W}, x.options().dtype(at::kLong));
+  at::Tensor idx = at::empty({N, 1, H, W}, x.options().dtype(at::kInt));
   if (N * P == 0) return {mean, mx, idx};
   // Like torch.max(dim) over an empty dimension.
   TORCH_CHECK_INDEX(C > 0, op, ": x: cannot take the max over C = 0 channels (like torch.max), "
@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
     const scalar_t* sp = has_scale ? scale.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* ap = mean.mutable_data_ptr<scalar_t>();
     scalar_t* mp = mx.mutable_data_ptr<scalar_t>();
-    int64_t* ip = idx.mutable_data_ptr<int64_t>();
+    int32_t* ip = idx.mutable_data_ptr<int32_t>();
     if (cl) {  // rows are pixels (n, p), of length C; scale row n = pixel row / P
       if (has_scale) {
         launch_row_pool<scalar_t, true>(x, xp, sp, N * P, P, C, C, ap, mp, ip);
@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
   const auto dtype = x_in.scalar_type();
   const at::Tensor gmean = check_small(grad_mean, op, "grad_mean", x_in, {N, 1, H, W}, dtype);
   const at::Tensor gmax = check_small(grad_max, op, "grad_max", x_in, {N, 1, H, W}, dtype);
-  const at::Tensor am = check_small(argmax, op, "argmax", x_in, {N, 1, H, W}, at::kLong);
+  const at::Tensor am = check_small(argmax, op, "argmax", x_in, {N, 1, H, W}, at::kInt);
   const at::Tensor scale = check_optional_small(scale_opt, op, "scale", x_in, {N, C}, dtype);
   const bool has_scale = scale.defined();
   at::Tensor dx = empty_like_x(x_in);
@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
       // Kept (n, p): inner for NCHW, outer for channels_last; c is the pooled coordinate.
       launch_max_scatter_backward<scalar_t>(
           gmean.const_data_ptr<scalar_t>(), gmax.const_data_ptr<scalar_t>(),
-          am.const_data_ptr<int64_t>(), /*count=*/C, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
+          am.const_data_ptr<int32_t>(), /*count=*/C, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
           /*kept_inner=*/!cl, dx.mutable_data_ptr<scalar_t>());
     });
     return {dx, at::empty({0}, x_in.options())};
@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
     const scalar_t* gmp = gmean.const_data_ptr<scalar_t>();
     const scalar_t* gxp = gmax.const_data_ptr<scalar_t>();
-    const int64_t* ap = am.const_data_ptr<int64_t>();
+    const int32_t* ap = am.const_data_ptr<int32_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* sp = scale.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();

@@ -4,7 +4,7 @@ Forward, one launch, or two when P is split:
 1. ``_partial_kernel``: program (n, block of BLOCK_C channels, split) walks its part of P in
    BLOCK_P chunks, keeping a float32 sum and the first max (NaN wins, lowest p on ties) in
    registers. With one split (FINAL) it writes avg = sum / P and max in x's dtype and argmax in
-   int64 itself; else float32 partials [S, N * C].
+   int32 itself; else float32 partials [S, N * C].
 2. ``_finalize_kernel`` (S > 1): folds the S partials in split order (so the lowest p still
    wins) and writes avg, max and argmax.
 S > 1 only when N * C alone would leave the GPU idle (see ``_common.num_splits``).
@@ -94,7 +94,7 @@ def _finalize_kernel(
         acc_max, acc_idx = first_max_merge(acc_max, acc_idx, val, idx)
     tl.store(avg_ptr + offs, cast_to(acc_sum / P, avg_ptr), mask=mask)
     tl.store(max_ptr + offs, cast_to(acc_max, max_ptr), mask=mask)
-    tl.store(argmax_ptr + offs, acc_idx.to(tl.int64), mask=mask)
+    tl.store(argmax_ptr + offs, acc_idx, mask=mask)
 
 
 def channel_pool(x: torch.Tensor):
@@ -103,7 +103,7 @@ def channel_pool(x: torch.Tensor):
     p = h * w
     avg = x.new_empty(n, c)
     mx = x.new_empty(n, c)
-    argmax = x.new_empty(n, c, dtype=torch.int64)
+    argmax = x.new_empty(n, c, dtype=torch.int32)
     if n * c == 0:
         return avg, mx, argmax
     if p == 0:
@@ -163,7 +163,7 @@ def channel_pool_backward(grad_avg, grad_max, argmax, x):
     p = h * w
     grad_avg = check_small(grad_avg, x, (n, c), "grad_avg", "channel_pool_backward")
     grad_max = check_small(grad_max, x, (n, c), "grad_max", "channel_pool_backward")
-    argmax = check_small(argmax, x, (n, c), "argmax", "channel_pool_backward", dtype=torch.int64)
+    argmax = check_small(argmax, x, (n, c), "argmax", "channel_pool_backward", dtype=torch.int32)
     dx = _like_x(x)
     if dx.numel() == 0:
         return dx

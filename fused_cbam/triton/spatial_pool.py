@@ -81,7 +81,7 @@ def _forward_kernel(
     out = n * P + offs_p
     tl.store(mean_ptr + out, cast_to(tl.sum(acc_sum, axis=0) / C, mean_ptr), mask=mask_p)
     tl.store(max_ptr + out, cast_to(acc_max, max_ptr), mask=mask_p)
-    tl.store(argmax_ptr + out, acc_idx.to(tl.int64), mask=mask_p)
+    tl.store(argmax_ptr + out, acc_idx, mask=mask_p)
 
 
 _forward_nchw = autotune(_FORWARD_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_forward_kernel)
@@ -96,7 +96,7 @@ def spatial_pool(x: torch.Tensor, scale):
         scale = check_small(scale, x, (n, c), "scale", "spatial_pool")
     mean = x.new_empty(n, 1, h, w)
     mx = x.new_empty(n, 1, h, w)
-    argmax = x.new_empty(n, 1, h, w, dtype=torch.int64)
+    argmax = x.new_empty(n, 1, h, w, dtype=torch.int32)
     if n * p == 0:
         return mean, mx, argmax
     if c == 0:
@@ -164,7 +164,7 @@ def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
     p = h * w
     grad_mean = check_small(grad_mean, x, (n, 1, h, w), "grad_mean", op)
     grad_max = check_small(grad_max, x, (n, 1, h, w), "grad_max", op)
-    argmax = check_small(argmax, x, (n, 1, h, w), "argmax", op, dtype=torch.int64)
+    argmax = check_small(argmax, x, (n, 1, h, w), "argmax", op, dtype=torch.int32)
     if scale is not None:
         scale = check_small(scale, x, (n, c), "scale", op)
         grad_scale = x.new_empty(n, c)
