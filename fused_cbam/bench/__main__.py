@@ -47,19 +47,15 @@ class Runner:
     def __init__(self, args):
         self.args = args
         self.device = args.device
-        gpu = self.device.type == "cuda"
-        min_run_time = 0.2 if args.quick else 1.0
-        reps = 20 if args.quick else 100
-        self._time_cpu = lambda fn: timing.time_cpu(fn, min_run_time)
-        self._time_cuda = lambda fn, buffers: timing.time_cuda(fn, buffers, reps)
-        self.reps = reps
-        self.gpu = gpu
+        self.gpu = self.device.type == "cuda"
+        self.min_run_time = 0.2 if args.quick else 1.0  # CPU: seconds of samples
+        self.reps = 20 if args.quick else 100  # GPU: timed calls
 
     def time(self, fn, x_bytes=0):
         """fn(i) runs one call on rotating input i."""
         if self.gpu:
-            return self._time_cuda(fn, self.buffers(x_bytes))
-        return self._time_cpu(fn)
+            return timing.time_cuda(fn, self.buffers(x_bytes), self.reps)
+        return timing.time_cpu(fn, self.min_run_time)
 
     def buffers(self, x_bytes):
         return 1 if not self.gpu or x_bytes == 0 else max(2, math.ceil(2 * L2_BYTES / x_bytes) + 1)
