@@ -123,3 +123,21 @@ def register(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
     for name, (backward, setup_context) in _autograd(ops).items():
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
+
+
+def _fake_cbam_inference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias):
+    return _like_x(x)
+
+
+def _cbam_inference_backward(ctx, grad_out):
+    raise RuntimeError(
+        "fused_cbam::cbam_inference is the inference path and has no backward; the fused modules "
+        "use it only when no gradient is needed (no_grad or inference mode, eval mode)"
+    )
+
+
+def register_inference() -> None:
+    """The fake kernel of ``fused_cbam::cbam_inference``, and an autograd formula that refuses."""
+    name = "fused_cbam::cbam_inference"
+    torch.library.register_fake(name, _fake_cbam_inference)
+    torch.library.register_autograd(name, _cbam_inference_backward, setup_context=lambda ctx, inputs, output: None)

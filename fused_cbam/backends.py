@@ -23,6 +23,11 @@ class OperatorBackend:
         self.name = name
         self._ops = getattr(torch.ops, namespace)
 
+    @property
+    def cbam_inference(self):
+        """The whole-block inference operator where this backend has one (C++ CPU only), else None."""
+        return self._ops.cbam_inference if self.name == "cpu" else None
+
     def channel_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         avg, mx, _ = self._ops.channel_pool(x)
         return avg, mx
@@ -40,6 +45,7 @@ class ReferenceBackend:
     channel_pool = staticmethod(reference.channel_pool)
     spatial_pool = staticmethod(reference.spatial_pool)
     gate_apply = staticmethod(reference.gate_apply)
+    cbam_inference = None
 
 
 _TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

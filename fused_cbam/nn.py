@@ -72,15 +72,33 @@ class FusedBlock(GateInspection, nn.Module):
             raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
         self.backend = backend
 
-    def _fused(self, x: Tensor, channels: int, channel_logits, spatial_logits, pool_order, gate, spatial_gate=None):
+    def _fused(
+        self, x: Tensor, channels: int, channel_logits, spatial_logits, pool_order, gate, spatial_gate=None, plain=None
+    ):
+        """``plain()`` gives the arguments of ``cbam_inference`` when the module is, as configured
+        now, the plain CBAM that operator computes, else None."""
         check_input(x)
         if x.shape[1] != channels:
             raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
+        out = self._inference(x, plain)
+        if out is not None:
+            return out
         out, channel_map, spatial_map = fused_cbam_forward(
             x, self.backend, channel_logits, spatial_logits, pool_order, gate, spatial_gate
         )
         self._keep(channel_map, spatial_map)
         return out
+
+    def _inference(self, x: Tensor, plain) -> Tensor | None:
+        """The whole block in one operator, when nothing needs a gradient or the gates and the
+        backend has that operator: x is read from memory once instead of three times."""
+        if plain is None or self.keep_gates:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        operator = backends.resolve(self.backend, x).cbam_inference
+        args = plain() if operator is not None else None
+        return None if args is None else operator(x, *args)
 
 
 class Parts(nn.Module):
@@ -102,6 +120,62 @@ def _summed(mlp, rows: list[Tensor]) -> Tensor:
 def _pointwise(convs: nn.Module, pooled: Tensor) -> Tensor:
     """An MLP of 1x1 convs applied to [M, C] pooled vectors, as to [M, C, 1, 1] images."""
     return convs(pooled[:, :, None, None]).flatten(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plain CBAM that the inference operator computes: sigmoid(fc2(relu(fc1(avg))) +
+# fc2(relu(fc1(max)))) as channel gate, sigmoid(conv(maps) + bias) as spatial gate
+
+def _is_sigmoid(fn) -> bool:
+    return fn is torch.sigmoid or type(fn) is nn.Sigmoid or (
+        type(fn).__name__ == "Sigmoid" and type(fn).__module__.startswith("timm.")
+    )
+
+
+def _plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> list[Tensor] | None:
+    """[fc1 weight, fc1 bias, fc2 weight, fc2 bias] of a Linear/1x1-conv MLP with a ReLU, as 2-D
+    weights and 1-D biases (zeros for absent ones); None for any other MLP."""
+    if type(act) is not nn.ReLU:
+        return None
+    parts = []
+    for fc in (fc1, fc2):
+        if isinstance(fc, nn.Linear):
+            weight = fc.weight
+        elif type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.padding == (0, 0):
+            weight = fc.weight.flatten(1)
+        else:
+            return None
+        parts += [weight, fc.bias if fc.bias is not None else weight.new_zeros(weight.shape[0])]
+    return parts
+
+
+def _plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list[Tensor] | None:
+    """The spatial conv (2 -> 1 channels, odd square kernel, 'same' zero padding) with an
+    eval-mode BatchNorm folded in: [weight [2, K, K] with the mean map's kernel first, bias [1]];
+    None for any other conv, or for a BatchNorm that would use batch statistics."""
+    k = conv.kernel_size if type(conv) is nn.Conv2d else (0, 0)
+    if (
+        k[0] != k[1] or k[0] % 2 == 0 or (conv.in_channels, conv.out_channels) != (2, 1) or conv.stride != (1, 1)
+        or conv.padding != (k[0] // 2,) * 2 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
+    ):
+        return None
+    weight = conv.weight[0]
+    bias = conv.bias if conv.bias is not None else weight.new_zeros(1)
+    if bn is not None:
+        if type(bn) is not nn.BatchNorm2d or bn.training or bn.running_mean is None:
+            return None
+        scale = (bn.running_var + bn.eps).rsqrt()
+        shift = -bn.running_mean * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        weight, bias = weight * scale, bias * scale + shift
+    if tuple(pool_order) == ("max", "mean"):
+        weight = weight.flip(0)
+    return [weight, bias]
+
+
+def _plain(mlp: list[Tensor] | None, conv: list[Tensor] | None, *gates) -> list[Tensor] | None:
+    return mlp + conv if mlp is not None and conv is not None and all(map(_is_sigmoid, gates)) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +288,17 @@ class CBAM(FusedBlock):
         channel = self.ChannelGate
         spatial = None if self.no_spatial else self.SpatialGate.spatial
         logits = functools.partial(channel.logits, x=x)
-        return self._fused(x, channel.gate_channels, logits, spatial, SpatialGate.pool_order, torch.sigmoid)
+        return self._fused(
+            x, channel.gate_channels, logits, spatial, SpatialGate.pool_order, torch.sigmoid, plain=self._plain
+        )
+
+    def _plain(self) -> list[Tensor] | None:
+        if self.no_spatial or sorted(self.ChannelGate.pool_types) != ["avg", "max"]:
+            return None
+        mlp, spatial = self.ChannelGate.mlp, self.SpatialGate.spatial
+        if spatial.relu is not None:
+            return None
+        return _plain(_plain_mlp(mlp[1], mlp[2], mlp[3]), _plain_conv(spatial.conv, spatial.bn, SpatialGate.pool_order))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +381,13 @@ class CbamModule(_TimmCbam):
             ("mean", "max"),
             self.channel.gate,
             self.spatial.gate,
+            plain=self._plain,
         )
+
+    def _plain(self) -> list[Tensor] | None:
+        c, s = self.channel, self.spatial
+        conv = _plain_conv(s.conv.conv, s.conv.bn, ("mean", "max")) if s.conv.relu is None else None
+        return _plain(_plain_mlp(c.fc1, c.act, c.fc2), conv, c.gate, s.gate)
 
 
 class LightCbamModule(_TimmCbam):
@@ -381,4 +471,13 @@ class MMYoloCBAM(FusedBlock):
             ("mean", "max"),
             ca.sigmoid,
             conv.activate,
+            plain=self._plain,
         )
+
+    def _plain(self) -> list[Tensor] | None:
+        fc = self.channel_attention.fc
+        if type(fc[1].activate) is not nn.Identity:
+            return None
+        mlp = _plain_mlp(fc[0].conv, fc[0].activate, fc[1].conv)
+        conv = self.spatial_attention.conv
+        return _plain(mlp, _plain_conv(conv.conv, None, ("mean", "max")), self.channel_attention.sigmoid, conv.activate)

@@ -175,10 +175,11 @@ def test_every_operator_has_a_kernel_for_each_built_device():
     from fused_cbam import _library
 
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_cbam::")]
-    assert len(names) == 6
+    assert len(names) == 7
     keys = ["CPU"] + (["CUDA"] if _library.build_info().get("cuda") else [])
     for name in names:
-        for key in keys:
+        # The whole-block inference operator has a CPU kernel only (GPU inference: issue #7).
+        for key in ["CPU"] if name == "fused_cbam::cbam_inference" else keys:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"
 
 
@@ -186,7 +187,7 @@ def test_every_operator_takes_any_layout_under_torch_compile():
     """flexible_layout lets Inductor hand the operators its own tensors: with its default for custom
     operators it copied x back to eager's stride order for every call of a compiled training step."""
     names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_cbam::")]
-    assert len(names) == 6
+    assert len(names) == 7
     namespaces = ["fused_cbam"]
     if backend_available("triton"):
         import fused_cbam.triton as triton_ops
@@ -194,6 +195,6 @@ def test_every_operator_takes_any_layout_under_torch_compile():
         if triton_ops._ANY_LAYOUT:  # custom_op takes tags in this torch
             namespaces.append(triton_ops.NAMESPACE)
     for namespace in namespaces:
-        for name in names:
+        for name in names if namespace == "fused_cbam" else [n for n in names if n != "cbam_inference"]:
             op = getattr(getattr(torch.ops, namespace), name).default
             assert torch.Tag.flexible_layout in op.tags, f"{namespace}::{name} tags {op.tags}"

@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace fused_cbam::cpu {
@@ -120,11 +121,11 @@ struct RowStats {
   int64_t argmax;
 };
 
-// Sum, maximum (NaN wins) and first position of the maximum of one contiguous row of `length`
-// values, read through vec_at / scalar_at as in first_index_of. The vector loop keeps two
-// independent chains each for the sum and the max: one chain waits on the latency of its adds
-// instead of keeping the load ports busy. The row is read twice; the second pass hits L1.
-template <typename Vec, typename S, typename VecAt, typename ScalarAt>
+// Sum, maximum (NaN wins) and first position of the maximum (when kArgmax) of one contiguous
+// row of `length` values, read through vec_at / scalar_at as in first_index_of. The vector loop
+// keeps two independent chains each for the sum and the max: one chain waits on the latency of
+// its adds instead of keeping the load ports busy. The arg-max search reads the row again, from L1.
+template <typename Vec, typename S, bool kArgmax = true, typename VecAt, typename ScalarAt>
 RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scalar_at) {
   constexpr int64_t V = Vec::size();
   S sum = 0;
@@ -161,7 +162,11 @@ RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scala
     sum += v;
     if (takes_over(v, m)) m = v;
   }
-  return {sum, m, first_index_of<Vec>(length, m, vec_at, scalar_at)};
+  if constexpr (kArgmax) {
+    return {sum, m, first_index_of<Vec>(length, m, vec_at, scalar_at)};
+  } else {
+    return {sum, m, 0};
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -632,11 +637,231 @@ void gate_apply_backward(
       });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Inference: the whole block, one sample per thread at a time, so that x comes from memory once
+// (the channel pooling) and the spatial pooling and the gate find it in that core's L2. The
+// caller (inference.cpp) runs the channel MLP between inference_pool and inference_gate, for a
+// chunk of samples small enough to stay in the threads' L2 caches; both calls split the chunk
+// the same way over the threads, so each thread finds its own samples again.
+
+// Bytes of x one channels_last spatial-pool band covers: the gate pass follows the pooling band
+// by band (a few conv rows behind), so its reads of x hit the cache even when a whole sample
+// does not fit in L2.
+constexpr int64_t kBandBytes = 128 * 1024;
+
+// pooled [2, n1 - n0, C] (opmath dtype): the mean of each (n, c) over H x W, then the max, each
+// rounded to x's dtype as the modules' pooling outputs are.
+template <typename T>
+void inference_pool_impl(
+    const T* x, opmath_t<T>* pooled, int64_t n0, int64_t n1, int64_t C, int64_t P,
+    bool channels_last) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  acc_t* avg = pooled;
+  acc_t* max = pooled + (n1 - n0) * C;
+  auto rounded = [](acc_t v) { return static_cast<acc_t>(static_cast<T>(v)); };
+  at::parallel_for(n0, n1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(channels_last ? C : 0), best(channels_last ? C : 0);
+    for (int64_t n = begin; n < end; ++n) {
+      const T* xs = x + n * C * P;
+      acc_t* a = avg + (n - n0) * C;
+      acc_t* m = max + (n - n0) * C;
+      if (!channels_last) {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* row = xs + c * P;
+          const auto stats = row_stats<Vec, acc_t, false>(
+              P, [&](int64_t p) { return load_opmath(row + p); },
+              [&](int64_t p) { return static_cast<acc_t>(row[p]); });
+          a[c] = rounded(stats.sum / P);
+          m[c] = rounded(stats.max);
+        }
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c) sum[c] = best[c] = static_cast<acc_t>(xs[c]);
+      for (int64_t p = 1; p < P; ++p) {
+        const T* row = xs + p * C;
+        int64_t c = 0;
+        for (; c + V <= C; c += V) {
+          const Vec v = load_opmath(row + c);
+          (Vec::loadu(&sum[c]) + v).store(&sum[c]);
+          at::vec::maximum(Vec::loadu(&best[c]), v).store(&best[c]);
+        }
+        for (; c < C; ++c) {
+          const acc_t v = row[c];
+          sum[c] += v;
+          if (takes_over(v, best[c])) best[c] = v;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        a[c] = rounded(sum[c] / P);
+        m[c] = rounded(best[c]);
+      }
+    }
+  });
+}
+
+// Sum and maximum over the C channels of y = x * gate[c] for B vectors of consecutive pixels of
+// an NCHW sample (channel stride P), the accumulators in registers; emit(i, sum, max) per pixel.
+template <int64_t B, typename T, typename Emit>
+inline void pool_pixels(const T* x, const T* gate, int64_t C, int64_t P, const Emit& emit) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  Vec sum[B], max[B];
+  const Vec g0(static_cast<acc_t>(gate[0]));
+  for (int64_t b = 0; b < B; ++b) sum[b] = max[b] = load_opmath(x + b * V) * g0;
+  for (int64_t c = 1; c < C; ++c) {
+    const T* row = x + c * P;
+    const Vec gc(static_cast<acc_t>(gate[c]));
+    for (int64_t b = 0; b < B; ++b) {
+      const Vec y = load_opmath(row + b * V) * gc;
+      sum[b] = sum[b] + y;
+      max[b] = at::vec::maximum(max[b], y);
+    }
+  }
+  acc_t sums[V], maxima[V];
+  for (int64_t b = 0; b < B; ++b) {
+    sum[b].store(sums);
+    max[b].store(maxima);
+    for (int64_t i = 0; i < V; ++i) emit(b * V + i, sums[i], maxima[i]);
+  }
+}
+
+// For samples [n0, n1): maps = [mean, max] over c of y = x * gate[n, c] (rounded to x's dtype),
+// h = sigmoid(conv_KxK(maps, weight, zero padding) + bias) (rounded), out = x * gate * h.
+template <typename T>
+void inference_gate_impl(
+    const T* x, const T* gate, const opmath_t<T>* weight, int64_t K, opmath_t<T> bias, T* out,
+    int64_t n0, int64_t n1, int64_t C, int64_t H, int64_t W, bool channels_last) {
+  using Vec = OpVec<T>;
+  using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t P = H * W, pad = K / 2;
+  // Padded maps; V spare columns keep the conv's vector loads inside the buffer.
+  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad + V;
+  // NCHW pools whole channel rows (bands would cut them short); its pooling keeps pixel blocks
+  // in registers across all channels instead.
+  const int64_t band =
+      channels_last ? std::clamp<int64_t>(kBandBytes / (W * C * int64_t(sizeof(T))), 1, H) : H;
+  auto rounded = [](acc_t v) { return static_cast<acc_t>(static_cast<T>(v)); };
+  at::parallel_for(n0, n1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> maps(2 * Hp * Wp);
+    std::vector<T> h(P);
+    acc_t* mean_map = maps.data();
+    acc_t* max_map = maps.data() + Hp * Wp;
+    for (int64_t n = begin; n < end; ++n) {
+      const T* xs = x + n * C * P;
+      T* os = out + n * C * P;
+      const T* g = gate + (n - n0) * C;
+      std::fill(maps.begin(), maps.end(), acc_t(0));
+      auto set_maps = [&](int64_t p, acc_t total, acc_t maximum) {
+        const int64_t at = (pad + p / W) * Wp + pad + p % W;
+        mean_map[at] = rounded(total / C);
+        max_map[at] = rounded(maximum);
+      };
+      auto pool_rows = [&](int64_t r0, int64_t r1) {
+        if (channels_last) {
+          for (int64_t p = r0 * W; p < r1 * W; ++p) {
+            const T* row = xs + p * C;
+            const auto stats = row_stats<Vec, acc_t, false>(
+                C, [&](int64_t c) { return load_opmath(row + c) * load_opmath(g + c); },
+                [&](int64_t c) { return static_cast<acc_t>(row[c]) * static_cast<acc_t>(g[c]); });
+            set_maps(p, stats.sum, stats.max);
+          }
+          return;
+        }
+        // NCHW: blocks of pixels whose sums and maxima stay in registers across all C channels.
+        int64_t p = r0 * W;
+        for (; p + 4 * V <= r1 * W; p += 4 * V) pool_pixels<4>(xs + p, g, C, P, [&](int64_t i, acc_t t, acc_t m) { set_maps(p + i, t, m); });
+        for (; p + V <= r1 * W; p += V) pool_pixels<1>(xs + p, g, C, P, [&](int64_t i, acc_t t, acc_t m) { set_maps(p + i, t, m); });
+        for (; p < r1 * W; ++p) {
+          acc_t total = static_cast<acc_t>(xs[p]) * static_cast<acc_t>(g[0]), maximum = total;
+          for (int64_t c = 1; c < C; ++c) {
+            const acc_t y = static_cast<acc_t>(xs[c * P + p]) * static_cast<acc_t>(g[c]);
+            total += y;
+            if (takes_over(y, maximum)) maximum = y;
+          }
+          set_maps(p, total, maximum);
+        }
+      };
+      auto spatial_gate_rows = [&](int64_t r0, int64_t r1) {
+        acc_t u[V];
+        for (int64_t i = r0; i < r1; ++i) {
+          for (int64_t j0 = 0; j0 < W; j0 += V) {
+            Vec acc(bias);
+            for (int64_t map = 0; map < 2; ++map) {
+              for (int64_t di = 0; di < K; ++di) {
+                const acc_t* src = maps.data() + map * Hp * Wp + (i + di) * Wp + j0;
+                const acc_t* w = weight + (map * K + di) * K;
+                for (int64_t dj = 0; dj < K; ++dj) {
+                  acc = at::vec::fmadd(Vec(w[dj]), Vec::loadu(src + dj), acc);
+                }
+              }
+            }
+            acc.store(u);
+            for (int64_t j = j0; j < std::min(W, j0 + V); ++j) {
+              h[i * W + j] = static_cast<T>(acc_t(1) / (acc_t(1) + std::exp(-u[j - j0])));
+            }
+          }
+        }
+      };
+      auto gate_rows = [&](int64_t r0, int64_t r1) {
+        if (channels_last) {
+          for (int64_t p = r0 * W; p < r1 * W; ++p) {
+            const Vec hp(static_cast<acc_t>(h[p]));
+            at::vec::map2<T>([&](Vec xv, Vec gv) { return xv * gv * hp; }, os + p * C, xs + p * C, g, C);
+          }
+          return;
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec gc(static_cast<acc_t>(g[c]));
+          const int64_t offset = c * P + r0 * W;
+          at::vec::map2<T>(
+              [&](Vec xv, Vec hv) { return xv * gc * hv; }, os + offset, xs + offset,
+              h.data() + r0 * W, (r1 - r0) * W);
+        }
+      };
+      int64_t done = 0;  // rows whose output is written
+      for (int64_t r0 = 0; r0 < H; r0 += band) {
+        const int64_t r1 = std::min(H, r0 + band);
+        pool_rows(r0, r1);
+        // A conv row needs the maps `pad` rows below it.
+        const int64_t ready = r1 == H ? H : std::max(done, r1 - pad);
+        spatial_gate_rows(done, ready);
+        gate_rows(done, ready);
+        done = ready;
+      }
+    }
+  });
+}
+
+void inference_pool(const at::Tensor& x, int64_t n0, int64_t n1, at::Tensor& pooled) {
+  const int64_t C = x.size(1), P = x.size(2) * x.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inference_pool", [&] {
+    inference_pool_impl(
+        x.const_data_ptr<scalar_t>(), pooled.data_ptr<opmath_t<scalar_t>>(), n0, n1, C, P,
+        is_channels_last(x));
+  });
+}
+
+void inference_gate(
+    const at::Tensor& x, int64_t n0, int64_t n1, const at::Tensor& channel_gate,
+    const at::Tensor& spatial_weight, double spatial_bias, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inference_gate", [&] {
+    inference_gate_impl(
+        x.const_data_ptr<scalar_t>(), channel_gate.const_data_ptr<scalar_t>(),
+        spatial_weight.const_data_ptr<opmath_t<scalar_t>>(), spatial_weight.size(-1),
+        static_cast<opmath_t<scalar_t>>(spatial_bias), out.data_ptr<scalar_t>(), n0, n1,
+        x.size(1), x.size(2), x.size(3), is_channels_last(x));
+  });
+}
+
 }  // namespace
 
 extern const KernelTable kernels = {
-    channel_pool, channel_pool_backward, spatial_pool,
-    spatial_pool_backward, gate_apply, gate_apply_backward,
+    channel_pool,   channel_pool_backward, spatial_pool,   spatial_pool_backward,
+    gate_apply,     gate_apply_backward,   inference_pool, inference_gate,
 };
 
 }  // namespace CPU_CAPABILITY

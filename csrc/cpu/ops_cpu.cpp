@@ -1,14 +1,22 @@
 // CPU entry points of the fused_cbam operators: argument checks, output allocation, and the
 // choice of the kernel build that matches the CPU (the same capability PyTorch itself uses,
 // so ATEN_CPU_CAPABILITY=default|avx2|avx512 also applies here).
+#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "kernels.h"
@@ -179,6 +187,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
   return {grad_x, grad_g, grad_h};
 }
 
+// A parameter of cbam_inference: floating, on x's device, of the expected shape; returned in
+// the kernels' accumulation dtype (float, or double for double x).
+at::Tensor parameter(
+    const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ",
+      t.scalar_type());
+  TORCH_CHECK_VALUE(
+      t.device() == x.device(), name, ": expected device ", x.device(), " (x's), got ", t.device());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return t.to(acc).contiguous();
+}
+
+// Samples each thread takes per chunk: as many as fit in three quarters of its L2 cache (the
+// rest holds the output it writes and the small buffers), at least one.
+int64_t samples_per_thread(const at::Tensor& x) {
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  const int64_t budget = (l2 > 0 ? l2 : 1 << 20) * 3 / 4;
+  const int64_t sample_bytes = x[0].numel() * x.element_size();
+  return std::max<int64_t>(1, budget / std::max<int64_t>(sample_bytes, 1));
+}
+
+// The whole block without autograd (inference), x read from memory once: chunk by chunk of
+// samples, the channel pooling, the MLP fc2(relu(fc1(avg))) + fc2(relu(fc1(max))) and its
+// sigmoid, then the spatial pooling, the spatial gate sigmoid(conv(maps) + bias) and the output,
+// with x still in cache. The MLP runs as two GEMMs per chunk, so its weights are read once per
+// chunk rather than once per sample.
+at::Tensor cbam_inference(
+    const at::Tensor& x_in, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
+    const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const at::Tensor& spatial_weight,
+    const at::Tensor& spatial_bias) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK_VALUE(
+      fc1_weight.dim() == 2 && fc1_weight.size(0) > 0, "fc1_weight: expected shape [hidden, ", C,
+      "], got ", fc1_weight.sizes());
+  const int64_t hidden = fc1_weight.size(0);
+  const at::Tensor w1 = parameter(fc1_weight, x, {hidden, C}, "fc1_weight");
+  const at::Tensor b1 = parameter(fc1_bias, x, {hidden}, "fc1_bias");
+  const at::Tensor w2 = parameter(fc2_weight, x, {C, hidden}, "fc2_weight");
+  // Both pooled vectors pass through fc2's bias: fc2(r_avg) + fc2(r_max) = W2 (r_avg + r_max) + 2 b2.
+  const at::Tensor b2_twice = at::mul(parameter(fc2_bias, x, {C}, "fc2_bias"), 2);
+  const int64_t K = spatial_weight.dim() == 3 ? spatial_weight.size(2) : 0;
+  TORCH_CHECK_VALUE(
+      K % 2 == 1, "spatial_weight: expected shape [2, K, K] with K odd, got ",
+      spatial_weight.sizes());
+  const at::Tensor conv_weight = parameter(spatial_weight, x, {2, K, K}, "spatial_weight");
+  const double bias = parameter(spatial_bias, x, {1}, "spatial_bias").item<double>();
+  at::Tensor out = empty_like_x(x);
+  if (x.numel() == 0) return out;
+  const int64_t chunk = samples_per_thread(x) * at::get_num_threads();
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n1 = std::min(N, n0 + chunk), k = n1 - n0;
+    at::Tensor pooled = at::empty({2, k, C}, w1.options());
+    kernels().inference_pool(x, n0, n1, pooled);
+    const at::Tensor relu = at::relu(at::addmm(b1, pooled.view({2 * k, C}), w1.t())).view({2, k, hidden});
+    const at::Tensor logits = at::addmm(b2_twice, at::add(relu[0], relu[1]), w2.t());
+    const at::Tensor gate = at::sigmoid(logits).to(x.scalar_type());
+    kernels().inference_gate(x, n0, n1, gate, conv_weight, bias, out);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_cbam, CPU, m) {
@@ -188,6 +261,7 @@ TORCH_LIBRARY_IMPL(fused_cbam, CPU, m) {
   m.impl("spatial_pool_backward", &spatial_pool_backward);
   m.impl("gate_apply", &gate_apply);
   m.impl("gate_apply_backward", &gate_apply_backward);
+  m.impl("cbam_inference", &cbam_inference);
 }
 
 }  // namespace fused_cbam::cpu

@@ -1,0 +1,170 @@
+"""The whole-block inference operator (fused_cbam::cbam_inference, C++ CPU) and the modules'
+use of it: under no_grad/inference mode in eval, every plain layout computes its block in that one
+operator; the result must equal the reference backend's, and anything else must take the
+three-operator path."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_cbam
+from helpers import SHAPES, TOLERANCE, assert_close, backend_available, make_input
+
+pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
+
+LAYOUTS = {
+    "official": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=min(16, c), **kw),
+    "timm": lambda c, **kw: fused_cbam.nn.CbamModule(c, rd_channels=max(1, c // 4), **kw),
+    "mmyolo": lambda c, **kw: fused_cbam.nn.MMYoloCBAM(c, reduce_ratio=min(16, c), **kw),
+}
+
+
+class OperatorLog(TorchDispatchMode):
+    """Names of the aten/fused_cbam operators dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _pair(layout, channels, dtype=torch.float32):
+    """The fused module (eval, random weights and BN statistics) and the same on the reference backend."""
+    fused = LAYOUTS[layout](channels)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for name, b in fused.named_buffers():
+            if "running" in name:
+                b.add_(torch.rand_like(b))
+    reference = LAYOUTS[layout](channels, backend="reference")
+    reference.load_state_dict(fused.state_dict())
+    return fused.to(dtype).eval(), reference.to(dtype).eval()
+
+
+def _run_logged(module, x):
+    with torch.no_grad(), OperatorLog() as log:
+        out = module(x)
+    return out, log.names
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_the_reference_in_one_operator(layout, dtype, memory_format, shape):
+    fused, reference = _pair(layout, shape[1], dtype)
+    x = make_input(shape, dtype, "cpu", memory_format)
+    out, ops = _run_logged(fused, x)
+    assert "fused_cbam.cbam_inference" in ops and "fused_cbam.channel_pool" not in ops, ops
+    with torch.no_grad():
+        expected = reference(x)
+    assert_close(out, expected, TOLERANCE[dtype] * 4, "out")
+    if memory_format == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_batches_larger_than_one_chunk(memory_format):
+    """Chunks of samples sized to the L2 cache: a batch of many chunks, odd sizes, 2 threads or 1."""
+    fused, reference = _pair("official", 64)
+    x = make_input((37, 64, 29, 31), torch.float32, "cpu", memory_format)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                assert_close(fused(x), reference(x), TOLERANCE[torch.float32] * 4, f"out, {n} threads")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_inference_mode_empty_batch_and_nan():
+    fused, reference = _pair("timm", 8)
+    with torch.inference_mode():
+        assert fused(torch.randn(0, 8, 5, 5)).shape == (0, 8, 5, 5)
+        x = torch.randn(2, 8, 5, 5)
+        x[1, 3, 2, 2] = float("nan")
+        out, expected = fused(x), reference(x)
+    assert_close(out, expected, TOLERANCE[torch.float32] * 4, "out")
+    assert out[1].isnan().all() and not out[0].isnan().any()
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["grad", "train", "keep_gates", "silu", "no_spatial", "avg_only", "reference_backend"],
+)
+def test_other_cases_take_the_three_operator_path(why):
+    kwargs = {"no_spatial": {"no_spatial": True}, "avg_only": {"pool_types": ("avg",)}}.get(why, {})
+    if why == "silu":
+        fused = fused_cbam.nn.CbamModule(16, act_layer=nn.SiLU)
+    else:
+        fused = fused_cbam.nn.CBAM(16, **kwargs, backend="reference" if why == "reference_backend" else "auto")
+    fused.train(why == "train")
+    fused.keep_gates = why == "keep_gates"
+    x = torch.randn(2, 16, 6, 6)
+    if why == "grad":
+        with OperatorLog() as log:
+            fused(x)
+        ops = log.names
+    else:
+        ops = _run_logged(fused, x)[1]
+    assert "fused_cbam.cbam_inference" not in ops, ops
+
+
+def _operator_args(memory_format="nchw", c=12, hidden=3, k=7):
+    x = make_input((3, c, 9, 10), torch.float32, "cpu", memory_format)
+    return (
+        x, torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden), torch.randn(c),
+        torch.randn(2, k, k), torch.randn(1),
+    )
+
+
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_opcheck(memory_format):
+    torch.library.opcheck(torch.ops.fused_cbam.cbam_inference.default, _operator_args(memory_format))
+
+
+def test_operator_formula():
+    """The operator against its formula written out in plain PyTorch."""
+    x, w1, b1, w2, b2, sw, sb = _operator_args(k=3)
+    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, b2, sw, sb)
+
+    def mlp(v):
+        return torch.relu(v @ w1.T + b1) @ w2.T + b2
+
+    g = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))
+    y = x * g[:, :, None, None]
+    maps = torch.stack([y.mean(1), y.amax(1)], 1)
+    h = torch.sigmoid(torch.nn.functional.conv2d(maps, sw[None], sb, padding=1))
+    assert_close(out, y * h, 1e-5, "out")
+
+
+@pytest.mark.parametrize(
+    "index,value,match",
+    [
+        (1, torch.randn(3, 5), "fc1_weight: expected shape"),
+        (2, torch.randn(4), "fc1_bias: expected shape"),
+        (3, torch.randn(3, 12), "fc2_weight: expected shape"),
+        (5, torch.randn(2, 4, 4), "spatial_weight: expected shape \\[2, K, K\\] with K odd"),
+        (6, torch.randn(2), "spatial_bias: expected shape"),
+        (1, torch.ones(3, 12, dtype=torch.int64), "fc1_weight: expected a floating-point tensor"),
+    ],
+)
+def test_bad_parameters_name_the_argument(index, value, match):
+    args = list(_operator_args())
+    args[index] = value
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.fused_cbam.cbam_inference(*args)
+
+
+def test_backward_is_refused_with_a_reason():
+    args = list(_operator_args())
+    args[0].requires_grad_()
+    out = torch.ops.fused_cbam.cbam_inference(*args)
+    with pytest.raises(RuntimeError, match="inference path and has no backward"):
+        out.sum().backward()
