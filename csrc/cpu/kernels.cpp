@@ -70,6 +70,11 @@ inline Vectorized<S> takes_over(const Vectorized<S>& v, const Vectorized<S>& m) 
 }
 
 template <typename S>
+inline Vectorized<S> sigmoid(const Vectorized<S>& v) {
+  return (Vectorized<S>(S(1)) + v.neg().exp()).reciprocal();
+}
+
+template <typename S>
 inline S reduce_sum(const Vectorized<S>& v) {
   return at::vec::vec_reduce_all<S>([](auto a, auto b) { return a + b; }, v);
 }
@@ -799,10 +804,8 @@ void inference_gate_impl(
                 }
               }
             }
-            acc.store(u);
-            for (int64_t j = j0; j < std::min(W, j0 + V); ++j) {
-              h[i * W + j] = static_cast<T>(acc_t(1) / (acc_t(1) + std::exp(-u[j - j0])));
-            }
+            sigmoid(acc).store(u);
+            for (int64_t j = j0; j < std::min(W, j0 + V); ++j) h[i * W + j] = static_cast<T>(u[j - j0]);
           }
         }
       };
@@ -836,6 +839,85 @@ void inference_gate_impl(
   });
 }
 
+// out[v] = row . vectors[v] for `count` contiguous vectors of `length` opmath values, in a fixed
+// order. The row is loaded once for B vectors at a time, whose B accumulator chains run
+// independently (one chain per dot product would wait on the FMA latency).
+template <int64_t B, typename S>
+inline void dots_block(const S* row, const S* vectors, int64_t length, S* out) {
+  using Vec = Vectorized<S>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[B];
+  for (int64_t b = 0; b < B; ++b) acc[b] = Vec(0);
+  int64_t i = 0;
+  for (; i + V <= length; i += V) {
+    const Vec r = Vec::loadu(row + i);
+    for (int64_t b = 0; b < B; ++b) acc[b] = at::vec::fmadd(r, Vec::loadu(vectors + b * length + i), acc[b]);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    S sum = reduce_sum(acc[b]);
+    for (int64_t t = i; t < length; ++t) sum += row[t] * vectors[b * length + t];
+    out[b] = sum;
+  }
+}
+
+template <typename S>
+inline void dots(const S* row, const S* vectors, int64_t count, int64_t length, S* out) {
+  int64_t v = 0;
+  for (; v + 8 <= count; v += 8) dots_block<8>(row, vectors + v * length, length, out + v);
+  for (; v + 2 <= count; v += 2) dots_block<2>(row, vectors + v * length, length, out + v);
+  for (; v < count; ++v) dots_block<1>(row, vectors + v * length, length, out + v);
+}
+
+// The channel MLP of a chunk of k samples: hidden[i] = relu(W1 avg_i + b1) + relu(W1 max_i + b1),
+// gate[i] = sigmoid(W2 hidden[i] + 2 b2) (rounded to x's dtype). Each weight row is read once
+// per chunk and used for all of the chunk's vectors; rows are split over the threads. These
+// GEMMs have a handful of rows: as ATen calls they cost more in dispatch and threading than in
+// arithmetic.
+template <typename T>
+void inference_mlp_impl(
+    const opmath_t<T>* pooled, const opmath_t<T>* w1, const opmath_t<T>* b1,
+    const opmath_t<T>* w2, const opmath_t<T>* b2, opmath_t<T>* hidden, T* gate, int64_t k,
+    int64_t C, int64_t hidden_size) {
+  using acc_t = opmath_t<T>;
+  at::parallel_for(0, hidden_size, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> d(2 * k);  // the row's dot products with [avg_0..avg_k-1, max_0..max_k-1]
+    for (int64_t j = begin; j < end; ++j) {
+      dots(w1 + j * C, pooled, 2 * k, C, d.data());
+      for (int64_t i = 0; i < k; ++i) {
+        hidden[i * hidden_size + j] = std::max(d[i] + b1[j], acc_t(0)) + std::max(d[k + i] + b1[j], acc_t(0));
+      }
+    }
+  });
+  at::parallel_for(0, C, grain_for_row(hidden_size * k), [&](int64_t begin, int64_t end) {
+    const int64_t length = end - begin;
+    std::vector<acc_t> z(k), logits(k * length);
+    for (int64_t c = begin; c < end; ++c) {
+      dots(w2 + c * hidden_size, hidden, k, hidden_size, z.data());
+      for (int64_t i = 0; i < k; ++i) logits[i * length + c - begin] = z[i] + 2 * b2[c];
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      at::vec::map<T>(
+          [](Vectorized<acc_t> v) { return sigmoid(v); }, gate + i * C + begin,
+          logits.data() + i * length, length);
+    }
+  });
+}
+
+void inference_mlp(
+    const at::Tensor& pooled, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
+    const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, at::Tensor& hidden,
+    at::Tensor& gate) {
+  const int64_t k = gate.size(0), C = gate.size(1), hidden_size = fc1_weight.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "inference_mlp", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    inference_mlp_impl(
+        pooled.const_data_ptr<acc_t>(), fc1_weight.const_data_ptr<acc_t>(),
+        fc1_bias.const_data_ptr<acc_t>(), fc2_weight.const_data_ptr<acc_t>(),
+        fc2_bias.const_data_ptr<acc_t>(), hidden.data_ptr<acc_t>(), gate.data_ptr<scalar_t>(), k,
+        C, hidden_size);
+  });
+}
+
 void inference_pool(const at::Tensor& x, int64_t n0, int64_t n1, at::Tensor& pooled) {
   const int64_t C = x.size(1), P = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inference_pool", [&] {
@@ -861,7 +943,8 @@ void inference_gate(
 
 extern const KernelTable kernels = {
     channel_pool,   channel_pool_backward, spatial_pool,   spatial_pool_backward,
-    gate_apply,     gate_apply_backward,   inference_pool, inference_gate,
+    gate_apply,     gate_apply_backward,   inference_pool, inference_mlp,
+    inference_gate,
 };
 
 }  // namespace CPU_CAPABILITY

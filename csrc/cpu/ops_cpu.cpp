@@ -5,13 +5,8 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/add.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/ones.h>
-#include <ATen/ops/relu.h>
-#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 #include <unistd.h>
@@ -212,9 +207,8 @@ int64_t samples_per_thread(const at::Tensor& x) {
 
 // The whole block without autograd (inference), x read from memory once: chunk by chunk of
 // samples, the channel pooling, the MLP fc2(relu(fc1(avg))) + fc2(relu(fc1(max))) and its
-// sigmoid, then the spatial pooling, the spatial gate sigmoid(conv(maps) + bias) and the output,
-// with x still in cache. The MLP runs as two GEMMs per chunk, so its weights are read once per
-// chunk rather than once per sample.
+// sigmoid (its weights read once per chunk rather than once per sample), then the spatial
+// pooling, the spatial gate sigmoid(conv(maps) + bias) and the output, with x still in cache.
 at::Tensor cbam_inference(
     const at::Tensor& x_in, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
     const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const at::Tensor& spatial_weight,
@@ -229,8 +223,7 @@ at::Tensor cbam_inference(
   const at::Tensor w1 = parameter(fc1_weight, x, {hidden, C}, "fc1_weight");
   const at::Tensor b1 = parameter(fc1_bias, x, {hidden}, "fc1_bias");
   const at::Tensor w2 = parameter(fc2_weight, x, {C, hidden}, "fc2_weight");
-  // Both pooled vectors pass through fc2's bias: fc2(r_avg) + fc2(r_max) = W2 (r_avg + r_max) + 2 b2.
-  const at::Tensor b2_twice = at::mul(parameter(fc2_bias, x, {C}, "fc2_bias"), 2);
+  const at::Tensor b2 = parameter(fc2_bias, x, {C}, "fc2_bias");
   const int64_t K = spatial_weight.dim() == 3 ? spatial_weight.size(2) : 0;
   TORCH_CHECK_VALUE(
       K % 2 == 1, "spatial_weight: expected shape [2, K, K] with K odd, got ",
@@ -239,14 +232,18 @@ at::Tensor cbam_inference(
   const double bias = parameter(spatial_bias, x, {1}, "spatial_bias").item<double>();
   at::Tensor out = empty_like_x(x);
   if (x.numel() == 0) return out;
-  const int64_t chunk = samples_per_thread(x) * at::get_num_threads();
+  const int64_t chunk = std::min(N, samples_per_thread(x) * at::get_num_threads());
+  at::Tensor pooled = at::empty({2, chunk, C}, w1.options());
+  at::Tensor hidden_sums = at::empty({chunk, hidden}, w1.options());
+  at::Tensor gate = at::empty({chunk, C}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t n1 = std::min(N, n0 + chunk), k = n1 - n0;
-    at::Tensor pooled = at::empty({2, k, C}, w1.options());
+    if (k < chunk) {  // the last chunk
+      pooled = at::empty({2, k, C}, w1.options());
+      gate = at::empty({k, C}, x.options());
+    }
     kernels().inference_pool(x, n0, n1, pooled);
-    const at::Tensor relu = at::relu(at::addmm(b1, pooled.view({2 * k, C}), w1.t())).view({2, k, hidden});
-    const at::Tensor logits = at::addmm(b2_twice, at::add(relu[0], relu[1]), w2.t());
-    const at::Tensor gate = at::sigmoid(logits).to(x.scalar_type());
+    kernels().inference_mlp(pooled, w1, b1, w2, b2, hidden_sums, gate);
     kernels().inference_gate(x, n0, n1, gate, conv_weight, bias, out);
   }
   return out;
