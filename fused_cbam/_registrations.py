@@ -125,7 +125,7 @@ def register(namespace: str) -> None:
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
 
 
-def _fake_cbam_inference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias):
+def _fake_cbam_inference(x, *parameters):
     return _like_x(x)
 
 

@@ -132,49 +132,38 @@ def _is_sigmoid(fn) -> bool:
     )
 
 
-def _plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> list[Tensor] | None:
-    """[fc1 weight, fc1 bias, fc2 weight, fc2 bias] of a Linear/1x1-conv MLP with a ReLU, as 2-D
-    weights and 1-D biases (zeros for absent ones); None for any other MLP."""
+def _plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> list | None:
+    """[fc1 weight, fc1 bias, fc2 weight, fc2 bias] of a Linear/1x1-conv MLP with a ReLU (biases
+    may be None); None for any other MLP."""
     if type(act) is not nn.ReLU:
         return None
-    parts = []
     for fc in (fc1, fc2):
-        if isinstance(fc, nn.Linear):
-            weight = fc.weight
-        elif type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.padding == (0, 0):
-            weight = fc.weight.flatten(1)
-        else:
+        pointwise = type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.padding == (0, 0)
+        if not (pointwise or isinstance(fc, nn.Linear)):
             return None
-        parts += [weight, fc.bias if fc.bias is not None else weight.new_zeros(weight.shape[0])]
-    return parts
+    return [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
 
 
-def _plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list[Tensor] | None:
-    """The spatial conv (2 -> 1 channels, odd square kernel, 'same' zero padding) with an
-    eval-mode BatchNorm folded in: [weight [2, K, K] with the mean map's kernel first, bias [1]];
-    None for any other conv, or for a BatchNorm that would use batch statistics."""
+def _plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list | None:
+    """[weight, bias, BN running mean, running var, weight, bias, eps, max_first] of the spatial
+    conv (2 -> 1 channels, odd square kernel, 'same' zero padding) and its eval-mode BatchNorm
+    (the operator folds it in); None for any other conv, or a BatchNorm using batch statistics."""
     k = conv.kernel_size if type(conv) is nn.Conv2d else (0, 0)
     if (
         k[0] != k[1] or k[0] % 2 == 0 or (conv.in_channels, conv.out_channels) != (2, 1) or conv.stride != (1, 1)
         or conv.padding != (k[0] // 2,) * 2 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
     ):
         return None
-    weight = conv.weight[0]
-    bias = conv.bias if conv.bias is not None else weight.new_zeros(1)
-    if bn is not None:
-        if type(bn) is not nn.BatchNorm2d or bn.training or bn.running_mean is None:
-            return None
-        scale = (bn.running_var + bn.eps).rsqrt()
-        shift = -bn.running_mean * scale
-        if bn.affine:
-            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-        weight, bias = weight * scale, bias * scale + shift
-    if tuple(pool_order) == ("max", "mean"):
-        weight = weight.flip(0)
-    return [weight, bias]
+    if bn is None:
+        norm = [None, None, None, None, 0.0]
+    elif type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None:
+        norm = [bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps]
+    else:
+        return None
+    return [conv.weight, conv.bias, *norm, tuple(pool_order) == ("max", "mean")]
 
 
-def _plain(mlp: list[Tensor] | None, conv: list[Tensor] | None, *gates) -> list[Tensor] | None:
+def _plain(mlp: list | None, conv: list | None, *gates) -> list | None:
     return mlp + conv if mlp is not None and conv is not None and all(map(_is_sigmoid, gates)) else None
 
 
@@ -292,7 +281,7 @@ class CBAM(FusedBlock):
             x, channel.gate_channels, logits, spatial, SpatialGate.pool_order, torch.sigmoid, plain=self._plain
         )
 
-    def _plain(self) -> list[Tensor] | None:
+    def _plain(self) -> list | None:
         if self.no_spatial or sorted(self.ChannelGate.pool_types) != ["avg", "max"]:
             return None
         mlp, spatial = self.ChannelGate.mlp, self.SpatialGate.spatial
@@ -384,7 +373,7 @@ class CbamModule(_TimmCbam):
             plain=self._plain,
         )
 
-    def _plain(self) -> list[Tensor] | None:
+    def _plain(self) -> list | None:
         c, s = self.channel, self.spatial
         conv = _plain_conv(s.conv.conv, s.conv.bn, ("mean", "max")) if s.conv.relu is None else None
         return _plain(_plain_mlp(c.fc1, c.act, c.fc2), conv, c.gate, s.gate)
@@ -474,7 +463,7 @@ class MMYoloCBAM(FusedBlock):
             plain=self._plain,
         )
 
-    def _plain(self) -> list[Tensor] | None:
+    def _plain(self) -> list | None:
         fc = self.channel_attention.fc
         if type(fc[1].activate) is not nn.Identity:
             return None

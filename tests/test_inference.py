@@ -116,11 +116,12 @@ def test_other_cases_take_the_three_operator_path(why):
     assert "fused_cbam.cbam_inference" not in ops, ops
 
 
-def _operator_args(memory_format="nchw", c=12, hidden=3, k=7):
+def _operator_args(memory_format="nchw", c=12, hidden=3, k=7, bn=True):
     x = make_input((3, c, 9, 10), torch.float32, "cpu", memory_format)
+    norm = [torch.randn(1), torch.rand(1) + 0.5, torch.randn(1), torch.randn(1), 1e-5] if bn else [None] * 4 + [0.0]
     return (
-        x, torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden), torch.randn(c),
-        torch.randn(2, k, k), torch.randn(1),
+        x, torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden, 1, 1), None,
+        torch.randn(1, 2, k, k), torch.randn(1), *norm, True,
     )
 
 
@@ -129,29 +130,34 @@ def test_opcheck(memory_format):
     torch.library.opcheck(torch.ops.fused_cbam.cbam_inference.default, _operator_args(memory_format))
 
 
-def test_operator_formula():
+@pytest.mark.parametrize("bn", [True, False], ids=["bn", "no-bn"])
+def test_operator_formula(bn):
     """The operator against its formula written out in plain PyTorch."""
-    x, w1, b1, w2, b2, sw, sb = _operator_args(k=3)
-    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, b2, sw, sb)
+    x, w1, b1, w2, _, conv_weight, conv_bias, mean, var, gamma, beta, eps, max_first = _operator_args(k=3, bn=bn)
+    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, None, conv_weight, conv_bias, mean, var, gamma, beta, eps, max_first)
 
     def mlp(v):
-        return torch.relu(v @ w1.T + b1) @ w2.T + b2
+        return torch.relu(v @ w1.T + b1) @ w2.flatten(1).T
 
     g = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))
     y = x * g[:, :, None, None]
-    maps = torch.stack([y.mean(1), y.amax(1)], 1)
-    h = torch.sigmoid(torch.nn.functional.conv2d(maps, sw[None], sb, padding=1))
-    assert_close(out, y * h, 1e-5, "out")
+    u = torch.nn.functional.conv2d(torch.stack([y.amax(1), y.mean(1)], 1), conv_weight, conv_bias, padding=1)
+    if bn:
+        u = (u - mean) / torch.sqrt(var + eps) * gamma + beta
+    assert_close(out, y * torch.sigmoid(u), 1e-5, "out")
 
 
 @pytest.mark.parametrize(
     "index,value,match",
     [
-        (1, torch.randn(3, 5), "fc1_weight: expected shape"),
+        (1, torch.randn(3, 5), "fc1_weight: expected shape \\[3, 12\\]"),
         (2, torch.randn(4), "fc1_bias: expected shape"),
-        (3, torch.randn(3, 12), "fc2_weight: expected shape"),
-        (5, torch.randn(2, 4, 4), "spatial_weight: expected shape \\[2, K, K\\] with K odd"),
-        (6, torch.randn(2), "spatial_bias: expected shape"),
+        (3, torch.randn(3, 12), "fc2_weight: expected shape \\[12, 3\\]"),
+        (4, torch.randn(5), "fc2_bias: expected shape"),
+        (5, torch.randn(1, 2, 4, 4), "conv_weight: expected shape \\[1, 2, K, K\\] with K odd"),
+        (5, torch.randn(1, 3, 7, 7), "conv_weight: expected shape"),
+        (6, torch.randn(2), "conv_bias: expected shape"),
+        (8, None, "bn_mean, bn_var: expected both or neither"),
         (1, torch.ones(3, 12, dtype=torch.int64), "fc1_weight: expected a floating-point tensor"),
     ],
 )

@@ -1,17 +1,21 @@
 // CPU entry points of the fused_cbam operators: argument checks, output allocation, and the
 // choice of the kernel build that matches the CPU (the same capability PyTorch itself uses,
 // so ATEN_CPU_CAPABILITY=default|avx2|avx512 also applies here).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/reshape.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "kernels.h"
@@ -196,40 +200,96 @@ at::Tensor parameter(
   return t.to(acc).contiguous();
 }
 
+// An MLP weight: [rows, cols], or a 1x1 conv's [rows, cols, 1, 1], as [rows, cols].
+at::Tensor matrix(const at::Tensor& t, const at::Tensor& x, int64_t rows, int64_t cols, const char* name) {
+  const bool conv = t.dim() == 4 && t.size(2) == 1 && t.size(3) == 1;
+  TORCH_CHECK_VALUE(
+      (t.dim() == 2 || conv) && t.size(0) == rows && t.size(1) == cols, name, ": expected shape [",
+      rows, ", ", cols, "] (or [", rows, ", ", cols, ", 1, 1]), got ", t.sizes());
+  return parameter(conv ? t.reshape({rows, cols}) : t, x, {rows, cols}, name);
+}
+
+at::Tensor bias_or_zeros(
+    const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t size, const char* name) {
+  return t.has_value() ? parameter(*t, x, {size}, name)
+                       : at::zeros({size}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+double scalar(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  const at::Tensor p = parameter(t, x, {1}, name);
+  return p.scalar_type() == at::kDouble ? p.const_data_ptr<double>()[0] : p.const_data_ptr<float>()[0];
+}
+
+// The spatial conv (weight [1, 2, K, K]) with an eval-mode BatchNorm folded in, its two kernels
+// ordered [mean map, max map]: weight [2, K, K] in opmath dtype, and the bias.
+std::pair<at::Tensor, double> folded_spatial_conv(
+    const at::Tensor& x, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    double bn_eps, bool max_first) {
+  const int64_t K = conv_weight.dim() == 4 ? conv_weight.size(3) : 0;
+  TORCH_CHECK_VALUE(
+      K % 2 == 1, "conv_weight: expected shape [1, 2, K, K] with K odd, got ", conv_weight.sizes());
+  const at::Tensor w = parameter(conv_weight, x, {1, 2, K, K}, "conv_weight");
+  double scale = 1, shift = 0;
+  if (bn_mean.has_value() || bn_var.has_value()) {
+    TORCH_CHECK_VALUE(
+        bn_mean.has_value() && bn_var.has_value(), "bn_mean, bn_var: expected both or neither");
+    scale = 1 / std::sqrt(scalar(*bn_var, x, "bn_var") + bn_eps);
+    shift = -scalar(*bn_mean, x, "bn_mean") * scale;
+    if (bn_weight.has_value()) {
+      const double gamma = scalar(*bn_weight, x, "bn_weight");
+      scale *= gamma;
+      shift *= gamma;
+    }
+    if (bn_bias.has_value()) shift += scalar(*bn_bias, x, "bn_bias");
+  }
+  const double bias = (conv_bias.has_value() ? scalar(*conv_bias, x, "conv_bias") : 0) * scale + shift;
+  at::Tensor folded = at::empty({2, K, K}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "folded_spatial_conv", [&] {
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
+    scalar_t* dst = folded.data_ptr<scalar_t>();
+    for (int64_t map = 0; map < 2; ++map) {
+      const int64_t from = max_first ? 1 - map : map;
+      for (int64_t i = 0; i < K * K; ++i) dst[map * K * K + i] = static_cast<scalar_t>(src[from * K * K + i] * scale);
+    }
+  });
+  return {folded, bias};
+}
+
 // Samples each thread takes per chunk: as many as fit in three quarters of its L2 cache (the
 // rest holds the output it writes and the small buffers), at least one.
 int64_t samples_per_thread(const at::Tensor& x) {
   const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
   const int64_t budget = (l2 > 0 ? l2 : 1 << 20) * 3 / 4;
-  const int64_t sample_bytes = x[0].numel() * x.element_size();
+  const int64_t sample_bytes = x.numel() / x.size(0) * x.element_size();
   return std::max<int64_t>(1, budget / std::max<int64_t>(sample_bytes, 1));
 }
 
 // The whole block without autograd (inference), x read from memory once: chunk by chunk of
 // samples, the channel pooling, the MLP fc2(relu(fc1(avg))) + fc2(relu(fc1(max))) and its
 // sigmoid (its weights read once per chunk rather than once per sample), then the spatial
-// pooling, the spatial gate sigmoid(conv(maps) + bias) and the output, with x still in cache.
+// pooling, the spatial gate sigmoid(bn(conv(maps))) and the output, with x still in cache.
 at::Tensor cbam_inference(
-    const at::Tensor& x_in, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
-    const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const at::Tensor& spatial_weight,
-    const at::Tensor& spatial_bias) {
+    const at::Tensor& x_in, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+    const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    double bn_eps, bool max_first) {
   check_input(x_in);
   const at::Tensor x = dense(x_in);
   const int64_t N = x.size(0), C = x.size(1);
   TORCH_CHECK_VALUE(
-      fc1_weight.dim() == 2 && fc1_weight.size(0) > 0, "fc1_weight: expected shape [hidden, ", C,
-      "], got ", fc1_weight.sizes());
+      fc1_weight.dim() >= 2 && fc1_weight.size(0) > 0, "fc1_weight: expected shape [hidden, ", C,
+      "] (or [hidden, ", C, ", 1, 1]), got ", fc1_weight.sizes());
   const int64_t hidden = fc1_weight.size(0);
-  const at::Tensor w1 = parameter(fc1_weight, x, {hidden, C}, "fc1_weight");
-  const at::Tensor b1 = parameter(fc1_bias, x, {hidden}, "fc1_bias");
-  const at::Tensor w2 = parameter(fc2_weight, x, {C, hidden}, "fc2_weight");
-  const at::Tensor b2 = parameter(fc2_bias, x, {C}, "fc2_bias");
-  const int64_t K = spatial_weight.dim() == 3 ? spatial_weight.size(2) : 0;
-  TORCH_CHECK_VALUE(
-      K % 2 == 1, "spatial_weight: expected shape [2, K, K] with K odd, got ",
-      spatial_weight.sizes());
-  const at::Tensor conv_weight = parameter(spatial_weight, x, {2, K, K}, "spatial_weight");
-  const double bias = parameter(spatial_bias, x, {1}, "spatial_bias").item<double>();
+  const at::Tensor w1 = matrix(fc1_weight, x, hidden, C, "fc1_weight");
+  const at::Tensor b1 = bias_or_zeros(fc1_bias, x, hidden, "fc1_bias");
+  const at::Tensor w2 = matrix(fc2_weight, x, C, hidden, "fc2_weight");
+  const at::Tensor b2 = bias_or_zeros(fc2_bias, x, C, "fc2_bias");
+  const auto [spatial_weight, spatial_bias] = folded_spatial_conv(
+      x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first);
   at::Tensor out = empty_like_x(x);
   if (x.numel() == 0) return out;
   const int64_t chunk = std::min(N, samples_per_thread(x) * at::get_num_threads());
@@ -244,7 +304,7 @@ at::Tensor cbam_inference(
     }
     kernels().inference_pool(x, n0, n1, pooled);
     kernels().inference_mlp(pooled, w1, b1, w2, b2, hidden_sums, gate);
-    kernels().inference_gate(x, n0, n1, gate, conv_weight, bias, out);
+    kernels().inference_gate(x, n0, n1, gate, spatial_weight, spatial_bias, out);
   }
   return out;
 }
