@@ -177,3 +177,23 @@ def test_backward_is_refused_with_a_reason():
     out = torch.ops.fused_cbam.cbam_inference(*args)
     with pytest.raises(RuntimeError, match="inference path and has no backward"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_compile_traces_the_inference_operator(layout):
+    """fullgraph: the modules' choice of path and their parameter gathering trace without breaks."""
+    torch._dynamo.reset()
+    fused, reference = _pair(layout, 16)
+    x = make_input((2, 16, 7, 9), torch.float32, "cpu", "channels_last")
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(str(graph_module.graph))
+        return graph_module.forward
+
+    compiled = torch.compile(fused, fullgraph=True, backend=keep_graph)
+    with torch.no_grad():
+        out = compiled(x)
+        expected = reference(x)
+    assert len(graphs) == 1 and "cbam_inference" in graphs[0] and "channel_pool" not in graphs[0], graphs
+    assert_close(out, expected, TOLERANCE[torch.float32] * 4, "out")
