@@ -132,16 +132,18 @@ def _is_sigmoid(fn) -> bool:
     )
 
 
+def _is_pointwise(fc: nn.Module) -> bool:
+    """A Linear layer, or a 1x1 convolution that acts as one on a 1x1 input."""
+    conv = type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.padding == (0, 0)
+    return conv or isinstance(fc, nn.Linear)
+
+
 def _plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> list | None:
-    """[fc1 weight, fc1 bias, fc2 weight, fc2 bias] of a Linear/1x1-conv MLP with a ReLU (biases
-    may be None); None for any other MLP."""
-    if type(act) is not nn.ReLU:
+    """[fc1 weight, fc1 bias, fc2 weight, fc2 bias, pool_max] of a Linear/1x1-conv MLP with a
+    ReLU over the average and max pools (biases may be None); None for any other MLP."""
+    if type(act) is not nn.ReLU or not (_is_pointwise(fc1) and _is_pointwise(fc2)):
         return None
-    for fc in (fc1, fc2):
-        pointwise = type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.padding == (0, 0)
-        if not (pointwise or isinstance(fc, nn.Linear)):
-            return None
-    return [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    return [fc1.weight, fc1.bias, fc2.weight, fc2.bias, True]
 
 
 def _plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list | None:
@@ -282,12 +284,13 @@ class CBAM(FusedBlock):
         )
 
     def _plain(self) -> list | None:
-        if self.no_spatial or sorted(self.ChannelGate.pool_types) != ["avg", "max"]:
+        pools = sorted(self.ChannelGate.pool_types)
+        if self.no_spatial or pools not in (["avg"], ["avg", "max"]) or self.SpatialGate.spatial.relu is not None:
             return None
-        mlp, spatial = self.ChannelGate.mlp, self.SpatialGate.spatial
-        if spatial.relu is not None:
-            return None
-        return _plain(_plain_mlp(mlp[1], mlp[2], mlp[3]), _plain_conv(spatial.conv, spatial.bn, SpatialGate.pool_order))
+        mlp, spatial = _plain_mlp(*self.ChannelGate.mlp[1:]), self.SpatialGate.spatial
+        if mlp is not None:
+            mlp[-1] = "max" in pools
+        return _plain(mlp, _plain_conv(spatial.conv, spatial.bn, SpatialGate.pool_order))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,8 +422,14 @@ class UltralyticsCBAM(FusedBlock):
     def forward(self, x: Tensor) -> Tensor:
         ca, sa = self.channel_attention, self.spatial_attention
         return self._fused(
-            x, ca.fc.in_channels, lambda avg, mx: _pointwise(ca.fc, avg), sa.cv1, ("mean", "max"), ca.act, sa.act
+            x, ca.fc.in_channels, lambda avg, mx: _pointwise(ca.fc, avg), sa.cv1, ("mean", "max"), ca.act, sa.act,
+            plain=self._plain,
         )
+
+    def _plain(self) -> list | None:
+        ca, sa = self.channel_attention, self.spatial_attention
+        mlp = [ca.fc.weight, ca.fc.bias, None, None, False] if _is_pointwise(ca.fc) else None
+        return _plain(mlp, _plain_conv(sa.cv1, None, ("mean", "max")), ca.act, sa.act)
 
 
 class ConvAct(nn.Module):

@@ -15,8 +15,11 @@ pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CP
 
 LAYOUTS = {
     "official": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=min(16, c), **kw),
+    "official-avg": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=min(16, c), pool_types=("avg",), **kw),
     "timm": lambda c, **kw: fused_cbam.nn.CbamModule(c, rd_channels=max(1, c // 4), **kw),
     "mmyolo": lambda c, **kw: fused_cbam.nn.MMYoloCBAM(c, reduce_ratio=min(16, c), **kw),
+    "ultralytics": lambda c, **kw: fused_cbam.nn.UltralyticsCBAM(c, **kw),
+    "ultralytics-k3": lambda c, **kw: fused_cbam.nn.UltralyticsCBAM(c, kernel_size=3, **kw),
 }
 
 
@@ -97,12 +100,15 @@ def test_inference_mode_empty_batch_and_nan():
     assert out[1].isnan().all() and not out[0].isnan().any()
 
 
+@pytest.mark.filterwarnings("ignore:fused_cbam.nn.CBAM. pool_types")
 @pytest.mark.parametrize(
     "why",
-    ["grad", "train", "keep_gates", "silu", "no_spatial", "avg_only", "reference_backend"],
+    ["grad", "train", "keep_gates", "silu", "no_spatial", "max_only", "lse", "reference_backend"],
 )
 def test_other_cases_take_the_three_operator_path(why):
-    kwargs = {"no_spatial": {"no_spatial": True}, "avg_only": {"pool_types": ("avg",)}}.get(why, {})
+    kwargs = {
+        "no_spatial": {"no_spatial": True}, "max_only": {"pool_types": ("max",)}, "lse": {"pool_types": ("avg", "lse")}
+    }.get(why, {})
     if why == "silu":
         fused = fused_cbam.nn.CbamModule(16, act_layer=nn.SiLU)
     else:
@@ -123,7 +129,7 @@ def _operator_args(memory_format="nchw", c=12, hidden=3, k=7, bn=True):
     x = make_input((3, c, 9, 10), torch.float32, "cpu", memory_format)
     norm = [torch.randn(1), torch.rand(1) + 0.5, torch.randn(1), torch.randn(1), 1e-5] if bn else [None] * 4 + [0.0]
     return (
-        x, torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden, 1, 1), None,
+        x, torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden, 1, 1), None, True,
         torch.randn(1, 2, k, k), torch.randn(1), *norm, True,
     )
 
@@ -136,8 +142,9 @@ def test_opcheck(memory_format):
 @pytest.mark.parametrize("bn", [True, False], ids=["bn", "no-bn"])
 def test_operator_formula(bn):
     """The operator against its formula written out in plain PyTorch."""
-    x, w1, b1, w2, _, conv_weight, conv_bias, mean, var, gamma, beta, eps, max_first = _operator_args(k=3, bn=bn)
-    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, None, conv_weight, conv_bias, mean, var, gamma, beta, eps, max_first)
+    x, w1, b1, w2, _, _, conv_weight, conv_bias, mean, var, gamma, beta, eps, max_first = _operator_args(k=3, bn=bn)
+    norm = (mean, var, gamma, beta, eps, max_first)
+    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, None, True, conv_weight, conv_bias, *norm)
 
     def mlp(v):
         return torch.relu(v @ w1.T + b1) @ w2.flatten(1).T
@@ -150,6 +157,16 @@ def test_operator_formula(bn):
     assert_close(out, y * torch.sigmoid(u), 1e-5, "out")
 
 
+def test_operator_formula_one_layer_average_only():
+    """Without fc2 and pool_max: fc1 of the average pool alone gives the channel logits."""
+    x, _, _, _, _, _, conv_weight, _, *norm = _operator_args(k=3, bn=False)
+    w1, b1 = torch.randn(12, 12), torch.randn(12)
+    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, None, None, False, conv_weight, None, *norm)
+    y = x * torch.sigmoid(x.mean((2, 3)) @ w1.T + b1)[:, :, None, None]
+    u = torch.nn.functional.conv2d(torch.stack([y.amax(1), y.mean(1)], 1), conv_weight, padding=1)
+    assert_close(out, y * torch.sigmoid(u), 1e-5, "out")
+
+
 @pytest.mark.parametrize(
     "index,value,match",
     [
@@ -157,10 +174,10 @@ def test_operator_formula(bn):
         (2, torch.randn(4), "fc1_bias: expected shape"),
         (3, torch.randn(3, 12), "fc2_weight: expected shape \\[12, 3\\]"),
         (4, torch.randn(5), "fc2_bias: expected shape"),
-        (5, torch.randn(1, 2, 4, 4), "conv_weight: expected shape \\[1, 2, K, K\\] with K odd"),
-        (5, torch.randn(1, 3, 7, 7), "conv_weight: expected shape"),
-        (6, torch.randn(2), "conv_bias: expected shape"),
-        (8, None, "bn_mean, bn_var: expected both or neither"),
+        (6, torch.randn(1, 2, 4, 4), "conv_weight: expected shape \\[1, 2, K, K\\] with K odd"),
+        (6, torch.randn(1, 3, 7, 7), "conv_weight: expected shape"),
+        (7, torch.randn(2), "conv_bias: expected shape"),
+        (9, None, "bn_mean, bn_var: expected both or neither"),
         (1, torch.ones(3, 12, dtype=torch.int64), "fc1_weight: expected a floating-point tensor"),
     ],
 )
@@ -168,6 +185,13 @@ def test_bad_parameters_name_the_argument(index, value, match):
     args = list(_operator_args())
     args[index] = value
     with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.fused_cbam.cbam_inference(*args)
+
+
+def test_fc2_bias_without_fc2_weight_is_refused():
+    args = list(_operator_args())
+    args[3], args[4] = None, torch.randn(12)
+    with pytest.raises(ValueError, match="fc2_bias: expected None without fc2_weight"):
         torch.ops.fused_cbam.cbam_inference(*args)
 
 

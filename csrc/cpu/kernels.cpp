@@ -868,53 +868,62 @@ inline void dots(const S* row, const S* vectors, int64_t count, int64_t length, 
   for (; v < count; ++v) dots_block<1>(row, vectors + v * length, length, out + v);
 }
 
-// The channel MLP of a chunk of k samples: hidden[i] = relu(W1 avg_i + b1) + relu(W1 max_i + b1),
-// gate[i] = sigmoid(W2 hidden[i] + 2 b2) (rounded to x's dtype). Each weight row is read once
-// per chunk and used for all of the chunk's vectors; rows are split over the threads. These
-// GEMMs have a handful of rows: as ATen calls they cost more in dispatch and threading than in
-// arithmetic.
+// The channel gates of a chunk of k samples: sigmoid of the sum, over the pooled vectors v it
+// takes (the means, and the maxima when pools == 2), of fc2(relu(fc1(v))), or of fc1(v) for a
+// one-layer MLP (w2 null). Each weight row is read once per chunk and used for all of the
+// chunk's vectors; rows are split over the threads. These GEMMs have a handful of rows: as
+// ATen calls they cost more in dispatch and threading than in arithmetic.
 template <typename T>
 void inference_mlp_impl(
-    const opmath_t<T>* pooled, const opmath_t<T>* w1, const opmath_t<T>* b1,
+    const opmath_t<T>* pooled, int64_t pools, const opmath_t<T>* w1, const opmath_t<T>* b1,
     const opmath_t<T>* w2, const opmath_t<T>* b2, opmath_t<T>* hidden, T* gate, int64_t k,
     int64_t C, int64_t hidden_size) {
   using acc_t = opmath_t<T>;
+  const bool two_layers = w2 != nullptr;
   at::parallel_for(0, hidden_size, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> d(2 * k);  // the row's dot products with [avg_0..avg_k-1, max_0..max_k-1]
+    std::vector<acc_t> d(pools * k);  // the row's dot products with [means..., maxima...]
     for (int64_t j = begin; j < end; ++j) {
-      dots(w1 + j * C, pooled, 2 * k, C, d.data());
+      dots(w1 + j * C, pooled, pools * k, C, d.data());
       for (int64_t i = 0; i < k; ++i) {
-        hidden[i * hidden_size + j] = std::max(d[i] + b1[j], acc_t(0)) + std::max(d[k + i] + b1[j], acc_t(0));
+        acc_t sum = 0;
+        for (int64_t p = 0; p < pools; ++p) {
+          const acc_t v = d[p * k + i] + b1[j];
+          sum += two_layers ? std::max(v, acc_t(0)) : v;
+        }
+        hidden[i * hidden_size + j] = sum;
       }
     }
   });
   at::parallel_for(0, C, grain_for_row(hidden_size * k), [&](int64_t begin, int64_t end) {
     const int64_t length = end - begin;
-    std::vector<acc_t> z(k), logits(k * length);
-    for (int64_t c = begin; c < end; ++c) {
-      dots(w2 + c * hidden_size, hidden, k, hidden_size, z.data());
-      for (int64_t i = 0; i < k; ++i) logits[i * length + c - begin] = z[i] + 2 * b2[c];
+    std::vector<acc_t> z(k), logits(two_layers ? k * length : 0);
+    if (two_layers) {
+      for (int64_t c = begin; c < end; ++c) {
+        dots(w2 + c * hidden_size, hidden, k, hidden_size, z.data());
+        for (int64_t i = 0; i < k; ++i) logits[i * length + c - begin] = z[i] + pools * b2[c];
+      }
     }
     for (int64_t i = 0; i < k; ++i) {
-      at::vec::map<T>(
-          [](Vectorized<acc_t> v) { return sigmoid(v); }, gate + i * C + begin,
-          logits.data() + i * length, length);
+      // One layer: the logits are the hidden rows themselves (hidden_size == C).
+      const acc_t* row = two_layers ? logits.data() + i * length : hidden + i * C + begin;
+      at::vec::map<T>([](Vectorized<acc_t> v) { return sigmoid(v); }, gate + i * C + begin, row, length);
     }
   });
 }
 
 void inference_mlp(
-    const at::Tensor& pooled, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
-    const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, at::Tensor& hidden,
-    at::Tensor& gate) {
+    const at::Tensor& pooled, int64_t pools, const at::Tensor& fc1_weight,
+    const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
+    at::Tensor& hidden, at::Tensor& gate) {
   const int64_t k = gate.size(0), C = gate.size(1), hidden_size = fc1_weight.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "inference_mlp", [&] {
     using acc_t = opmath_t<scalar_t>;
+    const bool two_layers = fc2_weight.defined();
     inference_mlp_impl(
-        pooled.const_data_ptr<acc_t>(), fc1_weight.const_data_ptr<acc_t>(),
-        fc1_bias.const_data_ptr<acc_t>(), fc2_weight.const_data_ptr<acc_t>(),
-        fc2_bias.const_data_ptr<acc_t>(), hidden.data_ptr<acc_t>(), gate.data_ptr<scalar_t>(), k,
-        C, hidden_size);
+        pooled.const_data_ptr<acc_t>(), pools, fc1_weight.const_data_ptr<acc_t>(),
+        fc1_bias.const_data_ptr<acc_t>(), two_layers ? fc2_weight.const_data_ptr<acc_t>() : nullptr,
+        two_layers ? fc2_bias.const_data_ptr<acc_t>() : nullptr, hidden.data_ptr<acc_t>(),
+        gate.data_ptr<scalar_t>(), k, C, hidden_size);
   });
 }
 

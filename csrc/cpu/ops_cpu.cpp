@@ -267,13 +267,13 @@ int64_t samples_per_thread(const at::Tensor& x) {
 }
 
 // The whole block without autograd (inference), x read from memory once: chunk by chunk of
-// samples, the channel pooling, the MLP fc2(relu(fc1(avg))) + fc2(relu(fc1(max))) and its
-// sigmoid (its weights read once per chunk rather than once per sample), then the spatial
+// samples, the channel pooling, the MLP fc2(relu(fc1(avg))) + fc2(relu(fc1(max))) (or fc1(avg)
+// alone, ultralytics' layout) and its sigmoid (its weights read once per chunk rather than once per sample), then the spatial
 // pooling, the spatial gate sigmoid(bn(conv(maps))) and the output, with x still in cache.
 at::Tensor cbam_inference(
     const at::Tensor& x_in, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-    const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    const std::optional<at::Tensor>& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+    bool pool_max, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
     const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     double bn_eps, bool max_first) {
@@ -283,11 +283,14 @@ at::Tensor cbam_inference(
   TORCH_CHECK_VALUE(
       fc1_weight.dim() >= 2 && fc1_weight.size(0) > 0, "fc1_weight: expected shape [hidden, ", C,
       "] (or [hidden, ", C, ", 1, 1]), got ", fc1_weight.sizes());
-  const int64_t hidden = fc1_weight.size(0);
+  TORCH_CHECK_VALUE(
+      fc2_weight.has_value() || !fc2_bias.has_value(), "fc2_bias: expected None without fc2_weight");
+  // Without fc2, fc1 alone maps the pooled vectors to the channel logits.
+  const int64_t hidden = fc2_weight.has_value() ? fc1_weight.size(0) : C;
   const at::Tensor w1 = matrix(fc1_weight, x, hidden, C, "fc1_weight");
   const at::Tensor b1 = bias_or_zeros(fc1_bias, x, hidden, "fc1_bias");
-  const at::Tensor w2 = matrix(fc2_weight, x, C, hidden, "fc2_weight");
-  const at::Tensor b2 = bias_or_zeros(fc2_bias, x, C, "fc2_bias");
+  const at::Tensor w2 = fc2_weight.has_value() ? matrix(*fc2_weight, x, C, hidden, "fc2_weight") : at::Tensor();
+  const at::Tensor b2 = fc2_weight.has_value() ? bias_or_zeros(fc2_bias, x, C, "fc2_bias") : at::Tensor();
   const auto [spatial_weight, spatial_bias] = folded_spatial_conv(
       x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first);
   at::Tensor out = empty_like_x(x);
@@ -303,7 +306,7 @@ at::Tensor cbam_inference(
       gate = at::empty({k, C}, x.options());
     }
     kernels().inference_pool(x, n0, n1, pooled);
-    kernels().inference_mlp(pooled, w1, b1, w2, b2, hidden_sums, gate);
+    kernels().inference_mlp(pooled, pool_max ? 2 : 1, w1, b1, w2, b2, hidden_sums, gate);
     kernels().inference_gate(x, n0, n1, gate, spatial_weight, spatial_bias, out);
   }
   return out;
