@@ -7,15 +7,17 @@
 //   spatial_pool(x, scale?)    -> mean [N, 1, H, W], max [N, 1, H, W] (x's dtype), argmax int32
 //                                 (channel c) of y = x * scale[n, c]; y is never stored
 //   gate_apply(x, g?, h?)      -> x * g[n, c] * h[n, 0, h, w], in x's memory format
-//   cbam_inference(x, fc1_weight, fc1_bias?, fc2_weight?, fc2_bias?, pool_max, conv_weight,
+//   cbam_inference(x, fc1_weight, fc1_bias?, fc2_weight?, fc2_bias?, pooling, conv_weight,
 //                  conv_bias?, bn_mean?, bn_var?, bn_weight?, bn_bias?, bn_eps, max_first)
 //                              -> the whole block of the plain CBAM layouts, without autograd:
-//                                 g = sigmoid(mlp(avg) + mlp(max)) (mlp(avg) alone if not
-//                                 pool_max), mlp = fc2(relu(fc1(.))) or fc1 alone without fc2;
+//                                 g = sigmoid(mlp(avg) + mlp(max)) for pooling "sum",
+//                                 sigmoid(mlp(avg)) for "avg", sigmoid(mlp(0.5 avg + 0.5 max))
+//                                 for "mix"; mlp = fc2(relu(fc1(.))), or fc1 alone without fc2;
 //                                 h = sigmoid(bn(conv_KxK(maps(x * g)))); x * g * h. The fc
-//                                 weights [hidden, C] / [C, hidden] (or 1x1 convs'), conv_weight
+//                                 weights [hidden, C] / [C, hidden] (or 1x1 convs'); conv_weight
 //                                 [1, 2, K, K] over the maps [max, mean] if max_first else
-//                                 [mean, max], bn in eval mode (running statistics); CPU only
+//                                 [mean, max], or [1, 1, K, K] over 0.5 mean + 0.5 max; bn in
+//                                 eval mode (running statistics); CPU only
 // The backward operators return the gradient of x in x's memory format, and an empty tensor
 // for the gradient of an absent optional input.
 #include <Python.h>
@@ -51,7 +53,7 @@ TORCH_LIBRARY(fused_cbam, m) {
       any_layout);
   m.def(
       "cbam_inference(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, "
-      "Tensor? fc2_bias, bool pool_max, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_mean, "
+      "Tensor? fc2_bias, str pooling, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_mean, "
       "Tensor? bn_var, Tensor? bn_weight, Tensor? bn_bias, float bn_eps, bool max_first) -> Tensor",
       any_layout);
 }

@@ -138,21 +138,22 @@ def _is_pointwise(fc: nn.Module) -> bool:
     return conv or isinstance(fc, nn.Linear)
 
 
-def _plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> list | None:
-    """[fc1 weight, fc1 bias, fc2 weight, fc2 bias, pool_max] of a Linear/1x1-conv MLP with a
-    ReLU over the average and max pools (biases may be None); None for any other MLP."""
+def _plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module, pooling: str = "sum") -> list | None:
+    """[fc1 weight, fc1 bias, fc2 weight, fc2 bias, pooling] of a Linear/1x1-conv MLP with a
+    ReLU (biases may be None; pooling as cbam_inference takes it); None for any other MLP."""
     if type(act) is not nn.ReLU or not (_is_pointwise(fc1) and _is_pointwise(fc2)):
         return None
-    return [fc1.weight, fc1.bias, fc2.weight, fc2.bias, True]
+    return [fc1.weight, fc1.bias, fc2.weight, fc2.bias, pooling]
 
 
 def _plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list | None:
     """[weight, bias, BN running mean, running var, weight, bias, eps, max_first] of the spatial
-    conv (2 -> 1 channels, odd square kernel, 'same' zero padding) and its eval-mode BatchNorm
+    conv (2 -> 1 channels, or 1 -> 1 over 0.5·mean + 0.5·max; odd square kernel, 'same' zero
+    padding) and its eval-mode BatchNorm
     (the operator folds it in); None for any other conv, or a BatchNorm using batch statistics."""
     k = conv.kernel_size if type(conv) is nn.Conv2d else (0, 0)
     if (
-        k[0] != k[1] or k[0] % 2 == 0 or (conv.in_channels, conv.out_channels) != (2, 1) or conv.stride != (1, 1)
+        k[0] != k[1] or k[0] % 2 == 0 or conv.in_channels not in (1, 2) or conv.out_channels != 1 or conv.stride != (1, 1)
         or conv.padding != (k[0] // 2,) * 2 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
     ):
         return None
@@ -289,7 +290,7 @@ class CBAM(FusedBlock):
             return None
         mlp, spatial = _plain_mlp(*self.ChannelGate.mlp[1:]), self.SpatialGate.spatial
         if mlp is not None:
-            mlp[-1] = "max" in pools
+            mlp[-1] = "sum" if "max" in pools else "avg"
         return _plain(mlp, _plain_conv(spatial.conv, spatial.bn, SpatialGate.pool_order))
 
 
@@ -398,7 +399,13 @@ class LightCbamModule(_TimmCbam):
             ("mean", "max"),
             torch.sigmoid,
             self.spatial.gate,
+            plain=self._plain,
         )
+
+    def _plain(self) -> list | None:
+        c, s = self.channel, self.spatial
+        conv = _plain_conv(s.conv.conv, s.conv.bn, ("mean", "max")) if s.conv.relu is None else None
+        return _plain(_plain_mlp(c.fc1, c.act, c.fc2, "mix"), conv, s.gate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +435,7 @@ class UltralyticsCBAM(FusedBlock):
 
     def _plain(self) -> list | None:
         ca, sa = self.channel_attention, self.spatial_attention
-        mlp = [ca.fc.weight, ca.fc.bias, None, None, False] if _is_pointwise(ca.fc) else None
+        mlp = [ca.fc.weight, ca.fc.bias, None, None, "avg"] if _is_pointwise(ca.fc) else None
         return _plain(mlp, _plain_conv(sa.cv1, None, ("mean", "max")), ca.act, sa.act)
 
 

@@ -5,11 +5,14 @@ three-operator path."""
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_cbam
 from helpers import SHAPES, TOLERANCE, assert_close, backend_available, make_input
+from test_properties import FULL_SIZES, _base_and_view, _profile, cases
 
 pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
 
@@ -17,6 +20,7 @@ LAYOUTS = {
     "official": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=min(16, c), **kw),
     "official-avg": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=min(16, c), pool_types=("avg",), **kw),
     "timm": lambda c, **kw: fused_cbam.nn.CbamModule(c, rd_channels=max(1, c // 4), **kw),
+    "timm-light": lambda c, **kw: fused_cbam.nn.LightCbamModule(c, rd_channels=max(1, c // 4), **kw),
     "mmyolo": lambda c, **kw: fused_cbam.nn.MMYoloCBAM(c, reduce_ratio=min(16, c), **kw),
     "ultralytics": lambda c, **kw: fused_cbam.nn.UltralyticsCBAM(c, **kw),
     "ultralytics-k3": lambda c, **kw: fused_cbam.nn.UltralyticsCBAM(c, kernel_size=3, **kw),
@@ -129,7 +133,7 @@ def _operator_args(memory_format="nchw", c=12, hidden=3, k=7, bn=True):
     x = make_input((3, c, 9, 10), torch.float32, "cpu", memory_format)
     norm = [torch.randn(1), torch.rand(1) + 0.5, torch.randn(1), torch.randn(1), 1e-5] if bn else [None] * 4 + [0.0]
     return (
-        x, torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden, 1, 1), None, True,
+        x, torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden, 1, 1), None, "sum",
         torch.randn(1, 2, k, k), torch.randn(1), *norm, True,
     )
 
@@ -144,7 +148,7 @@ def test_operator_formula(bn):
     """The operator against its formula written out in plain PyTorch."""
     x, w1, b1, w2, _, _, conv_weight, conv_bias, mean, var, gamma, beta, eps, max_first = _operator_args(k=3, bn=bn)
     norm = (mean, var, gamma, beta, eps, max_first)
-    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, None, True, conv_weight, conv_bias, *norm)
+    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, None, "sum", conv_weight, conv_bias, *norm)
 
     def mlp(v):
         return torch.relu(v @ w1.T + b1) @ w2.flatten(1).T
@@ -158,10 +162,10 @@ def test_operator_formula(bn):
 
 
 def test_operator_formula_one_layer_average_only():
-    """Without fc2 and pool_max: fc1 of the average pool alone gives the channel logits."""
+    """Without fc2, pooling "avg": fc1 of the average pool alone gives the channel logits."""
     x, _, _, _, _, _, conv_weight, _, *norm = _operator_args(k=3, bn=False)
     w1, b1 = torch.randn(12, 12), torch.randn(12)
-    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, None, None, False, conv_weight, None, *norm)
+    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, None, None, "avg", conv_weight, None, *norm)
     y = x * torch.sigmoid(x.mean((2, 3)) @ w1.T + b1)[:, :, None, None]
     u = torch.nn.functional.conv2d(torch.stack([y.amax(1), y.mean(1)], 1), conv_weight, padding=1)
     assert_close(out, y * torch.sigmoid(u), 1e-5, "out")
@@ -174,7 +178,8 @@ def test_operator_formula_one_layer_average_only():
         (2, torch.randn(4), "fc1_bias: expected shape"),
         (3, torch.randn(3, 12), "fc2_weight: expected shape \\[12, 3\\]"),
         (4, torch.randn(5), "fc2_bias: expected shape"),
-        (6, torch.randn(1, 2, 4, 4), "conv_weight: expected shape \\[1, 2, K, K\\] with K odd"),
+        (6, torch.randn(1, 2, 4, 4), "conv_weight: expected shape \\[1, 2, K, K\\] \\(or"),
+        (5, "max", "pooling: expected"),
         (6, torch.randn(1, 3, 7, 7), "conv_weight: expected shape"),
         (7, torch.randn(2), "conv_bias: expected shape"),
         (9, None, "bn_mean, bn_var: expected both or neither"),
@@ -221,3 +226,21 @@ def test_torch_compile_traces_the_inference_operator(layout):
         expected = reference(x)
     assert len(graphs) == 1 and "cbam_inference" in graphs[0] and "channel_pool" not in graphs[0], graphs
     assert_close(out, expected, TOLERANCE[torch.float32] * 4, "out")
+
+
+@_profile(max_examples=150)
+@given(case=cases(FULL_SIZES), layout=st.sampled_from(sorted(LAYOUTS)))
+def test_property_matches_the_reference(case, layout):
+    """Shapes with 1s and primes, every dtype, strided views (sliced, transposed, expanded), ties
+    and NaNs: the inference operator against the same layout on the reference backend."""
+    gen = torch.Generator().manual_seed(case.seed)
+    base, view = _base_and_view(case, gen)
+    x = view(base)
+    torch.manual_seed(case.seed)
+    fused, reference = _pair(layout, case.shape[1], case.dtype)
+    out, ops = _run_logged(fused, x)
+    assert "fused_cbam.cbam_inference" in ops, ops
+    with torch.no_grad():
+        expected = reference(x)
+    assert out.dtype == case.dtype
+    assert_close(out, expected, TOLERANCE[case.dtype] * 4, "out")

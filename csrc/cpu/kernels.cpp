@@ -912,12 +912,20 @@ void inference_mlp_impl(
 }
 
 void inference_mlp(
-    const at::Tensor& pooled, int64_t pools, const at::Tensor& fc1_weight,
+    at::Tensor& pooled, int64_t pools, bool mixed, const at::Tensor& fc1_weight,
     const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
     at::Tensor& hidden, at::Tensor& gate) {
   const int64_t k = gate.size(0), C = gate.size(1), hidden_size = fc1_weight.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "inference_mlp", [&] {
     using acc_t = opmath_t<scalar_t>;
+    if (mixed) {  // one vector per sample, 0.5 * mean + 0.5 * max, rounded as the modules do
+      acc_t* means = pooled.data_ptr<acc_t>();
+      const acc_t* maxima = means + k * C;
+      auto rounded = [](acc_t v) { return static_cast<acc_t>(static_cast<scalar_t>(v)); };
+      for (int64_t i = 0; i < k * C; ++i) {
+        means[i] = rounded(rounded(acc_t(0.5) * means[i]) + rounded(acc_t(0.5) * maxima[i]));
+      }
+    }
     const bool two_layers = fc2_weight.defined();
     inference_mlp_impl(
         pooled.const_data_ptr<acc_t>(), pools, fc1_weight.const_data_ptr<acc_t>(),

@@ -220,17 +220,21 @@ double scalar(const at::Tensor& t, const at::Tensor& x, const char* name) {
   return p.scalar_type() == at::kDouble ? p.const_data_ptr<double>()[0] : p.const_data_ptr<float>()[0];
 }
 
-// The spatial conv (weight [1, 2, K, K]) with an eval-mode BatchNorm folded in, its two kernels
-// ordered [mean map, max map]: weight [2, K, K] in opmath dtype, and the bias.
+// The spatial conv (weight [1, 2, K, K], or [1, 1, K, K] over 0.5 * mean + 0.5 * max: half of it
+// on each map) with an eval-mode BatchNorm folded in, its two kernels ordered [mean map, max
+// map]: weight [2, K, K] in opmath dtype, and the bias.
 std::pair<at::Tensor, double> folded_spatial_conv(
     const at::Tensor& x, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
     const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     double bn_eps, bool max_first) {
   const int64_t K = conv_weight.dim() == 4 ? conv_weight.size(3) : 0;
+  const int64_t maps = conv_weight.dim() == 4 ? conv_weight.size(1) : 0;
   TORCH_CHECK_VALUE(
-      K % 2 == 1, "conv_weight: expected shape [1, 2, K, K] with K odd, got ", conv_weight.sizes());
-  const at::Tensor w = parameter(conv_weight, x, {1, 2, K, K}, "conv_weight");
+      K % 2 == 1 && (maps == 1 || maps == 2),
+      "conv_weight: expected shape [1, 2, K, K] (or [1, 1, K, K]) with K odd, got ",
+      conv_weight.sizes());
+  const at::Tensor w = parameter(conv_weight, x, {1, maps, K, K}, "conv_weight");
   double scale = 1, shift = 0;
   if (bn_mean.has_value() || bn_var.has_value()) {
     TORCH_CHECK_VALUE(
@@ -245,13 +249,16 @@ std::pair<at::Tensor, double> folded_spatial_conv(
     if (bn_bias.has_value()) shift += scalar(*bn_bias, x, "bn_bias");
   }
   const double bias = (conv_bias.has_value() ? scalar(*conv_bias, x, "conv_bias") : 0) * scale + shift;
+  const double map_share = maps == 1 ? 0.5 : 1;  // one kernel over the average of the two maps
   at::Tensor folded = at::empty({2, K, K}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "folded_spatial_conv", [&] {
     const scalar_t* src = w.const_data_ptr<scalar_t>();
     scalar_t* dst = folded.data_ptr<scalar_t>();
     for (int64_t map = 0; map < 2; ++map) {
-      const int64_t from = max_first ? 1 - map : map;
-      for (int64_t i = 0; i < K * K; ++i) dst[map * K * K + i] = static_cast<scalar_t>(src[from * K * K + i] * scale);
+      const int64_t from = maps == 1 ? 0 : max_first ? 1 - map : map;
+      for (int64_t i = 0; i < K * K; ++i) {
+        dst[map * K * K + i] = static_cast<scalar_t>(src[from * K * K + i] * scale * map_share);
+      }
     }
   });
   return {folded, bias};
@@ -267,19 +274,21 @@ int64_t samples_per_thread(const at::Tensor& x) {
 }
 
 // The whole block without autograd (inference), x read from memory once: chunk by chunk of
-// samples, the channel pooling, the MLP fc2(relu(fc1(avg))) + fc2(relu(fc1(max))) (or fc1(avg)
-// alone, ultralytics' layout) and its sigmoid (its weights read once per chunk rather than once per sample), then the spatial
+// samples, the channel pooling, the MLP (see the schema in csrc/ops.cpp) and its sigmoid (its weights read once per chunk rather than once per sample), then the spatial
 // pooling, the spatial gate sigmoid(bn(conv(maps))) and the output, with x still in cache.
 at::Tensor cbam_inference(
     const at::Tensor& x_in, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const std::optional<at::Tensor>& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-    bool pool_max, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    c10::string_view pooling, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
     const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     double bn_eps, bool max_first) {
   check_input(x_in);
   const at::Tensor x = dense(x_in);
   const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK_VALUE(
+      pooling == "avg" || pooling == "sum" || pooling == "mix",
+      "pooling: expected \"avg\", \"sum\" or \"mix\", got \"", pooling, "\"");
   TORCH_CHECK_VALUE(
       fc1_weight.dim() >= 2 && fc1_weight.size(0) > 0, "fc1_weight: expected shape [hidden, ", C,
       "] (or [hidden, ", C, ", 1, 1]), got ", fc1_weight.sizes());
@@ -306,7 +315,8 @@ at::Tensor cbam_inference(
       gate = at::empty({k, C}, x.options());
     }
     kernels().inference_pool(x, n0, n1, pooled);
-    kernels().inference_mlp(pooled, pool_max ? 2 : 1, w1, b1, w2, b2, hidden_sums, gate);
+    kernels().inference_mlp(
+        pooled, pooling == "sum" ? 2 : 1, pooling == "mix", w1, b1, w2, b2, hidden_sums, gate);
     kernels().inference_gate(x, n0, n1, gate, spatial_weight, spatial_bias, out);
   }
   return out;
