@@ -438,18 +438,21 @@ def test_more_than_2_31_elements(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
-def test_concurrent_forward_calls_from_threads_agree(backend, device):
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])  # no_grad: the inference path on the CPU
+def test_concurrent_forward_calls_from_threads_agree(backend, device, grad):
     module = _cbam(64, backend, device).eval()
     x = make_input((2, 64, 28, 28), torch.float32, device)
-    expected = module(x)
+    with torch.set_grad_enabled(grad):  # grad mode is per thread: each worker sets its own
+        expected = module(x)
     results, errors = [], []
     start = threading.Barrier(4)
 
     def worker():
         try:
             start.wait()
-            for _ in range(5):
-                results.append(module(x))
+            with torch.set_grad_enabled(grad):
+                for _ in range(5):
+                    results.append(module(x))
         except Exception as e:  # noqa: BLE001  (reported by the main thread)
             errors.append(e)
 
