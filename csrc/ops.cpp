@@ -19,7 +19,9 @@
 //                                 [mean, max], or [1, 1, K, K] over 0.5 mean + 0.5 max; bn in
 //                                 eval mode (running statistics); CPU only
 // The backward operators return the gradient of x in x's memory format, and an empty tensor
-// for the gradient of an absent optional input.
+// for the gradient of an absent optional input. channel_pool_backward_add and
+// spatial_pool_backward_add add their gradient of x into grad_x (dense in x's memory format)
+// instead: the fused modules' backward fills one gradient of x (CPU only).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -40,11 +42,19 @@ TORCH_LIBRARY(fused_cbam, m) {
   m.def(
       "channel_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor argmax, Tensor x) -> Tensor",
       any_layout);
+  m.def(
+      "channel_pool_backward_add(Tensor(a!) grad_x, Tensor grad_avg, Tensor grad_max, "
+      "Tensor argmax) -> ()",
+      any_layout);
   m.def("spatial_pool(Tensor x, Tensor? scale) -> (Tensor mean, Tensor max, Tensor argmax)",
         any_layout);
   m.def(
       "spatial_pool_backward(Tensor grad_mean, Tensor grad_max, Tensor argmax, Tensor x, "
       "Tensor? scale) -> (Tensor grad_x, Tensor grad_scale)",
+      any_layout);
+  m.def(
+      "spatial_pool_backward_add(Tensor(a!) grad_x, Tensor grad_mean, Tensor grad_max, "
+      "Tensor argmax, Tensor x, Tensor? scale) -> Tensor grad_scale",
       any_layout);
   m.def("gate_apply(Tensor x, Tensor? channel_gate, Tensor? spatial_gate) -> Tensor", any_layout);
   m.def(

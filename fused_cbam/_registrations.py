@@ -129,6 +129,14 @@ def _fake_cbam_inference(x, *parameters):
     return _like_x(x)
 
 
+def _fake_channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax):
+    return None
+
+
+def _fake_spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale):
+    return x.new_empty(x.shape[:2]) if scale is not None else x.new_empty(_EMPTY)
+
+
 def _cbam_inference_backward(ctx, grad_out):
     raise RuntimeError(
         "fused_cbam::cbam_inference is the inference path and has no backward; the fused modules "
@@ -136,8 +144,12 @@ def _cbam_inference_backward(ctx, grad_out):
     )
 
 
-def register_inference() -> None:
-    """The fake kernel of ``fused_cbam::cbam_inference``, and an autograd formula that refuses."""
+def register_cpu_only() -> None:
+    """The operators with C++ CPU kernels only: the fake kernels of ``cbam_inference`` and of the
+    two backward operators that add into a gradient, and an autograd formula for
+    ``cbam_inference`` that refuses."""
     name = "fused_cbam::cbam_inference"
     torch.library.register_fake(name, _fake_cbam_inference)
     torch.library.register_autograd(name, _cbam_inference_backward, setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_fake("fused_cbam::channel_pool_backward_add", _fake_channel_pool_backward_add)
+    torch.library.register_fake("fused_cbam::spatial_pool_backward_add", _fake_spatial_pool_backward_add)

@@ -269,11 +269,13 @@ void channel_pool(const at::Tensor& x, at::Tensor& avg, at::Tensor& max, at::Ten
 }
 
 // dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c]: every element gets
-// the share of the mean, then the arg-max positions are overwritten with both terms.
-template <typename T>
+// the share of the mean, then the arg-max positions get both terms. kAccumulate adds both to
+// dx instead of writing them.
+template <bool kAccumulate, typename T>
 void channel_pool_backward_impl(
     const T* grad_avg, const T* grad_max, const int32_t* argmax, T* dx, int64_t N, int64_t C,
     int64_t P, bool channels_last) {
+  using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
   const int64_t rows = N * C;
   auto mean_share = [&](int64_t r) { return static_cast<acc_t>(grad_avg[r]) / P; };
@@ -283,13 +285,22 @@ void channel_pool_backward_impl(
     at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
       for (int64_t np = begin; np < end; ++np) {
         const T* src = shares.data() + (np / P) * C;
-        std::copy(src, src + C, dx + np * C);
+        if constexpr (kAccumulate) {
+          at::vec::map2<T>([](Vec d, Vec share) { return d + share; }, dx + np * C, dx + np * C, src, C);
+        } else {
+          std::copy(src, src + C, dx + np * C);
+        }
       }
     });
   } else {
     at::parallel_for(0, rows, grain_for_row(P), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        std::fill(dx + r * P, dx + (r + 1) * P, static_cast<T>(mean_share(r)));
+        if constexpr (kAccumulate) {
+          const Vec share(mean_share(r));
+          at::vec::map<T>([&](Vec d) { return d + share; }, dx + r * P, dx + r * P, P);
+        } else {
+          std::fill(dx + r * P, dx + (r + 1) * P, static_cast<T>(mean_share(r)));
+        }
       }
     });
   }
@@ -297,18 +308,23 @@ void channel_pool_backward_impl(
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / C, c = r % C, p = argmax[r];
       const int64_t offset = channels_last ? (n * P + p) * C + c : r * P + p;
-      dx[offset] = static_cast<T>(mean_share(r) + static_cast<acc_t>(grad_max[r]));
+      if constexpr (kAccumulate) {  // the mean's share is in dx already
+        dx[offset] = static_cast<T>(static_cast<acc_t>(dx[offset]) + static_cast<acc_t>(grad_max[r]));
+      } else {
+        dx[offset] = static_cast<T>(mean_share(r) + static_cast<acc_t>(grad_max[r]));
+      }
     }
   });
 }
 
-void channel_pool_backward(
+template <bool kAccumulate>
+void channel_pool_backward_into(
     const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
     at::Tensor& grad_x) {
   const int64_t N = grad_x.size(0), C = grad_x.size(1), P = grad_x.size(2) * grad_x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_x.scalar_type(), "channel_pool_backward", [&] {
-        channel_pool_backward_impl(
+        channel_pool_backward_impl<kAccumulate>(
             grad_avg.const_data_ptr<scalar_t>(), grad_max.const_data_ptr<scalar_t>(),
             argmax.const_data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), N, C, P,
             is_channels_last(grad_x));
@@ -407,7 +423,7 @@ void spatial_pool(
 
 // w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
 // dx = w * scale[n, c]; grad_scale[n, c] = sum_p w * x.
-template <typename T>
+template <bool kAccumulate, typename T>
 void spatial_pool_backward_nhwc(
     const T* grad_mean, const T* grad_max, const int32_t* argmax, const T* x, const T* scale,
     T* dx, T* grad_scale, int64_t N, int64_t C, int64_t P) {
@@ -432,17 +448,23 @@ void spatial_pool_backward_nhwc(
         T* dxr = dx + np * C + c0;
         int64_t c = 0;
         for (; c + V <= cn; c += V) {
-          store_opmath(vw * load_opmath(s + c), dxr + c);
+          const Vec d = vw * load_opmath(s + c);
+          store_opmath(kAccumulate ? load_opmath(dxr + c) + d : d, dxr + c);
           (Vec::loadu(&ds[c]) + vw * load_opmath(xr + c)).store(&ds[c]);
         }
         for (; c < cn; ++c) {
-          dxr[c] = static_cast<T>(w * static_cast<acc_t>(s[c]));
+          const acc_t d = w * static_cast<acc_t>(s[c]);
+          dxr[c] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[c]) + d : d);
           ds[c] += w * static_cast<acc_t>(xr[c]);
         }
         const int64_t j = argmax[np] - c0;
         if (j >= 0 && j < cn) {
           const acc_t g = grad_max[np];
-          dxr[j] = static_cast<T>((w + g) * static_cast<acc_t>(s[j]));
+          if constexpr (kAccumulate) {  // w * s[j] is in dx already
+            dxr[j] = static_cast<T>(static_cast<acc_t>(dxr[j]) + g * static_cast<acc_t>(s[j]));
+          } else {
+            dxr[j] = static_cast<T>((w + g) * static_cast<acc_t>(s[j]));
+          }
           ds[j] += g * static_cast<acc_t>(xr[j]);
         }
       }
@@ -451,7 +473,7 @@ void spatial_pool_backward_nhwc(
   });
 }
 
-template <typename T>
+template <bool kAccumulate, typename T>
 void spatial_pool_backward_nchw(
     const T* grad_mean, const T* grad_max, const int32_t* argmax, const T* x, const T* scale,
     T* dx, T* grad_scale, int64_t N, int64_t C, int64_t P) {
@@ -484,20 +506,24 @@ void spatial_pool_backward_nchw(
       int64_t p = 0;
       for (; p + V <= P; p += V) {
         const Vec w = load_opmath(gm + p) * vinv;
-        store_opmath(w * vs, dxr + p);
+        store_opmath(kAccumulate ? load_opmath(dxr + p) + w * vs : w * vs, dxr + p);
         vds = vds + w * load_opmath(xr + p);
       }
       acc_t ds = reduce_sum(vds);
       for (; p < P; ++p) {
         const acc_t w = static_cast<acc_t>(gm[p]) * inv_c;
-        dxr[p] = static_cast<T>(w * s);
+        dxr[p] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[p]) + w * s : w * s);
         ds += w * static_cast<acc_t>(xr[p]);
       }
       const int64_t* start = bucket_start.data() + n * (C + 1);
       for (int64_t k = start[c]; k < start[c + 1]; ++k) {
         const int64_t q = pixels[n * P + k];
         const acc_t g = grad_max[n * P + q];
-        dxr[q] = static_cast<T>((static_cast<acc_t>(gm[q]) * inv_c + g) * s);
+        if constexpr (kAccumulate) {  // the mean's term is in dx already
+          dxr[q] = static_cast<T>(static_cast<acc_t>(dxr[q]) + g * s);
+        } else {
+          dxr[q] = static_cast<T>((static_cast<acc_t>(gm[q]) * inv_c + g) * s);
+        }
         ds += g * static_cast<acc_t>(xr[q]);
       }
       grad_scale[r] = static_cast<T>(ds);
@@ -505,14 +531,15 @@ void spatial_pool_backward_nchw(
   });
 }
 
-void spatial_pool_backward(
+template <bool kAccumulate>
+void spatial_pool_backward_into(
     const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
     const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale) {
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_pool_backward", [&] {
-        auto impl = is_channels_last(x) ? spatial_pool_backward_nhwc<scalar_t>
-                                        : spatial_pool_backward_nchw<scalar_t>;
+        auto impl = is_channels_last(x) ? spatial_pool_backward_nhwc<kAccumulate, scalar_t>
+                                        : spatial_pool_backward_nchw<kAccumulate, scalar_t>;
         impl(
             grad_mean.const_data_ptr<scalar_t>(), grad_max.const_data_ptr<scalar_t>(),
             argmax.const_data_ptr<int32_t>(), x.const_data_ptr<scalar_t>(),
@@ -959,8 +986,16 @@ void inference_gate(
 }  // namespace
 
 extern const KernelTable kernels = {
-    channel_pool,   channel_pool_backward, spatial_pool,   spatial_pool_backward,
-    gate_apply,     gate_apply_backward,   inference_pool, inference_mlp,
+    channel_pool,
+    channel_pool_backward_into<false>,
+    channel_pool_backward_into<true>,
+    spatial_pool,
+    spatial_pool_backward_into<false>,
+    spatial_pool_backward_into<true>,
+    gate_apply,
+    gate_apply_backward,
+    inference_pool,
+    inference_mlp,
     inference_gate,
 };
 

@@ -13,10 +13,18 @@ struct KernelTable {
   void (*channel_pool_backward)(
       const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
       at::Tensor& grad_x);
+  // The same, adding into grad_x instead of writing it.
+  void (*channel_pool_backward_add)(
+      const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
+      at::Tensor& grad_x);
   void (*spatial_pool)(
       const at::Tensor& x, const at::Tensor& scale, at::Tensor& mean, at::Tensor& max,
       at::Tensor& argmax);
   void (*spatial_pool_backward)(
+      const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
+      const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale);
+  // The same, adding into grad_x instead of writing it.
+  void (*spatial_pool_backward_add)(
       const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
       const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale);
   void (*gate_apply)(

@@ -118,6 +118,31 @@ at::Tensor channel_pool_backward(
   return grad_x;
 }
 
+// A gradient of x that a backward operator adds into: x's shape and dtype, dense in x's memory
+// format (x itself when given, else its own).
+void check_accumulator(const at::Tensor& grad_x, const at::Tensor& like) {
+  check_input(grad_x);
+  TORCH_CHECK_VALUE(
+      grad_x.sizes() == like.sizes(), "grad_x: expected shape ", like.sizes(), ", got ", grad_x.sizes());
+  TORCH_CHECK_TYPE(
+      grad_x.scalar_type() == like.scalar_type(), "grad_x: expected dtype ", like.scalar_type(),
+      ", got ", grad_x.scalar_type());
+  TORCH_CHECK_VALUE(
+      grad_x.is_contiguous(format_of(like)) && (grad_x.is_contiguous() || is_channels_last(grad_x)),
+      "grad_x: expected a tensor dense in x's memory format (NCHW or channels_last)");
+}
+
+void channel_pool_backward_add(
+    at::Tensor& grad_x, const at::Tensor& grad_avg, const at::Tensor& grad_max,
+    const at::Tensor& argmax) {
+  check_accumulator(grad_x, grad_x);
+  const auto shape = per_channel(grad_x);
+  const at::Tensor ga = small(grad_avg, grad_x, shape, "grad_avg");
+  const at::Tensor gm = small(grad_max, grad_x, shape, "grad_max");
+  const at::Tensor am = argmax_of(argmax, shape);
+  if (grad_x.numel() > 0) kernels().channel_pool_backward_add(ga, gm, am, grad_x);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
     const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in) {
   check_input(x_in);
@@ -130,25 +155,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
   return {mean, max, argmax};
 }
 
-std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
-    const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
-    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in) {
-  check_input(x_in);
-  const at::Tensor x = dense(x_in);
+// spatial_pool_backward, writing the gradient of x into grad_x (accumulate: adding it), and
+// returning the gradient of the scale.
+at::Tensor spatial_pool_backward_into(
+    at::Tensor& grad_x, bool accumulate, const at::Tensor& grad_mean, const at::Tensor& grad_max,
+    const at::Tensor& argmax, const at::Tensor& x, const std::optional<at::Tensor>& scale_in) {
   const auto shape = per_pixel(x);
   const at::Tensor gmean = small(grad_mean, x, shape, "grad_mean");
   const at::Tensor gmax = small(grad_max, x, shape, "grad_max");
   const at::Tensor am = argmax_of(argmax, shape);
   const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
-  at::Tensor grad_x = empty_like_x(x);
   at::Tensor grad_scale = at::empty(per_channel(x), x.options());
   if (x.numel() > 0) {
-    kernels().spatial_pool_backward(gmean, gmax, am, x, scale, grad_x, grad_scale);
+    auto kernel = accumulate ? kernels().spatial_pool_backward_add : kernels().spatial_pool_backward;
+    kernel(gmean, gmax, am, x, scale, grad_x, grad_scale);
   } else {
     grad_scale.zero_();
   }
-  if (!scale_in.has_value()) grad_scale = at::empty({0}, x.options());
+  return scale_in.has_value() ? grad_scale : at::empty({0}, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
+    const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
+    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  at::Tensor grad_x = empty_like_x(x);
+  at::Tensor grad_scale =
+      spatial_pool_backward_into(grad_x, false, grad_mean, grad_max, argmax, x, scale_in);
   return {grad_x, grad_scale};
+}
+
+at::Tensor spatial_pool_backward_add(
+    at::Tensor& grad_x, const at::Tensor& grad_mean, const at::Tensor& grad_max,
+    const at::Tensor& argmax, const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in) {
+  check_input(x_in);
+  const at::Tensor x = dense(x_in);
+  check_accumulator(grad_x, x);
+  return spatial_pool_backward_into(grad_x, true, grad_mean, grad_max, argmax, x, scale_in);
 }
 
 at::Tensor gate_apply(
@@ -329,6 +373,8 @@ TORCH_LIBRARY_IMPL(fused_cbam, CPU, m) {
   m.impl("channel_pool_backward", &channel_pool_backward);
   m.impl("spatial_pool", &spatial_pool);
   m.impl("spatial_pool_backward", &spatial_pool_backward);
+  m.impl("spatial_pool_backward_add", &spatial_pool_backward_add);
+  m.impl("channel_pool_backward_add", &channel_pool_backward_add);
   m.impl("gate_apply", &gate_apply);
   m.impl("gate_apply_backward", &gate_apply_backward);
   m.impl("cbam_inference", &cbam_inference);

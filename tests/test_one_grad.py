@@ -1,0 +1,110 @@
+"""The CPU backend's training path: the block's three backward steps fill one gradient of x
+(fused_cbam/_one_grad.py). Every gradient must equal the reference backend's, however autograd
+reaches the block."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_cbam
+from helpers import TOLERANCE, assert_close, backend_available, make_input
+
+pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
+
+
+class OperatorLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _pair(make, channels=16):
+    fused = make(channels)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    reference = make(channels, backend="reference")
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def _grads(module, x, grad_out, times=1, call=None):
+    """Output, gradient of x and of each parameter of ``call(x)`` (``module(x)`` by default),
+    after ``times`` backward passes over the same graph."""
+    x = x.detach().clone().requires_grad_()
+    out = (call or module)(x)
+    for _ in range(times):
+        out.backward(grad_out, retain_graph=times > 1)
+    return out.detach(), x.grad, [p.grad.clone() for p in module.parameters()]
+
+
+LAYOUTS = {
+    "official": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=4, **kw),
+    "official-no-spatial": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=4, no_spatial=True, **kw),
+    "timm-light": lambda c, **kw: fused_cbam.nn.LightCbamModule(c, rd_channels=4, **kw),
+    "ultralytics": lambda c, **kw: fused_cbam.nn.UltralyticsCBAM(c, **kw),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients_match_the_reference(layout, memory_format, dtype):
+    fused, reference = _pair(LAYOUTS[layout])
+    fused, reference = fused.to(dtype), reference.to(dtype)
+    x = make_input((3, 16, 7, 9), dtype, "cpu", memory_format)
+    grad_out = torch.randn(x.shape, dtype=dtype)
+    with OperatorLog() as log:
+        out, grad_x, param_grads = _grads(fused, x, grad_out)
+    assert "fused_cbam.channel_pool_backward_add" in log.names
+    assert "fused_cbam.channel_pool_backward" not in log.names and "fused_cbam.spatial_pool_backward" not in log.names
+    ref_out, ref_grad_x, ref_param_grads = _grads(reference, x, grad_out)
+    atol = TOLERANCE[dtype] * 4
+    assert_close(out, ref_out, atol, "out")
+    assert_close(grad_x, ref_grad_x, atol, "grad of x")
+    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
+        assert_close(g, rg, atol * 4, f"grad of parameter {i}")
+
+
+def test_retain_graph_twice_a_shared_module_and_a_residual():
+    """Two backward passes over one graph; one module applied twice; x also used outside it."""
+    fused, reference = _pair(LAYOUTS["official"])
+    x = make_input((2, 16, 6, 5), torch.float32, "cpu")
+    grad_out = torch.randn_like(x)
+
+    def model(m):
+        return lambda t: t + m(m(t))
+
+    out, grad_x, param_grads = _grads(fused, x, grad_out, times=2, call=model(fused))
+    ref_out, ref_grad_x, ref_param_grads = _grads(reference, x, grad_out, times=2, call=model(reference))
+    atol = TOLERANCE[torch.float32] * 4
+    assert_close(grad_x, ref_grad_x, atol, "grad of x")
+    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
+        assert_close(g, rg, atol, f"grad of parameter {i}")
+
+
+def test_parameters_only_and_x_only():
+    fused, reference = _pair(LAYOUTS["official"])
+    x = make_input((2, 16, 6, 5), torch.float32, "cpu")
+    fused(x).sum().backward()  # x needs no gradient: the registered operators' path
+    reference(x).sum().backward()
+    for p, rp in zip(fused.parameters(), reference.parameters()):
+        assert_close(p.grad, rp.grad, 1e-4, "parameter grad")
+    fused.requires_grad_(False)
+    reference.requires_grad_(False)
+    xa, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused(xa).sum().backward()
+    reference(xr).sum().backward()
+    assert_close(xa.grad, xr.grad, 1e-4, "grad of x")
+
+
+def test_gradients_are_bitwise_reproducible():
+    fused, _ = _pair(LAYOUTS["official"])
+    x = make_input((2, 16, 6, 5), torch.float32, "cpu", "channels_last")
+    grad_out = torch.randn_like(x)
+    first, second = _grads(fused, x, grad_out)[1], _grads(fused, x, grad_out)[1]
+    assert torch.equal(first, second)
