@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_cbam
 
@@ -62,3 +63,15 @@ def assert_close(actual, expected, atol, name="tensor"):
 
 def backend_available(backend):
     return backend in fused_cbam.available_backends()
+
+
+class OperatorLog(TorchDispatchMode):
+    """Names of the operators dispatched while it is active (``fused_cbam.channel_pool``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

@@ -8,10 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_cbam
-from helpers import SHAPES, TOLERANCE, assert_close, backend_available, make_input
+from helpers import SHAPES, TOLERANCE, OperatorLog, assert_close, backend_available, make_input
 from test_properties import FULL_SIZES, _base_and_view, _profile, cases
 
 pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
@@ -25,18 +24,6 @@ LAYOUTS = {
     "ultralytics": lambda c, **kw: fused_cbam.nn.UltralyticsCBAM(c, **kw),
     "ultralytics-k3": lambda c, **kw: fused_cbam.nn.UltralyticsCBAM(c, kernel_size=3, **kw),
 }
-
-
-class OperatorLog(TorchDispatchMode):
-    """Names of the aten/fused_cbam operators dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def _pair(layout, channels, dtype=torch.float32):

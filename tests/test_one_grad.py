@@ -4,22 +4,11 @@ reaches the block."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_cbam
-from helpers import TOLERANCE, assert_close, backend_available, make_input
+from helpers import TOLERANCE, OperatorLog, assert_close, backend_available, make_input
 
 pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
-
-
-class OperatorLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def _pair(make, channels=16):
