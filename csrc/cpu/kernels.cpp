@@ -672,9 +672,9 @@ void gate_apply_backward(
 // ---------------------------------------------------------------------------------------------
 // Inference: the whole block, one sample per thread at a time, so that x comes from memory once
 // (the channel pooling) and the spatial pooling and the gate find it in that core's L2. The
-// caller (inference.cpp) runs the channel MLP between inference_pool and inference_gate, for a
-// chunk of samples small enough to stay in the threads' L2 caches; both calls split the chunk
-// the same way over the threads, so each thread finds its own samples again.
+// caller (ops_cpu.cpp) runs inference_pool, inference_mlp and inference_gate per chunk of
+// samples small enough to stay in the threads' L2 caches; the pooling and the gate split the
+// chunk the same way over the threads, so each thread finds its own samples again.
 
 // Bytes of x one channels_last spatial-pool band covers: the gate pass follows the pooling band
 // by band (a few conv rows behind), so its reads of x hit the cache even when a whole sample
