@@ -69,6 +69,12 @@ inline Vectorized<S> takes_over(const Vectorized<S>& v, const Vectorized<S>& m) 
   return (v > m) | (v.isnan() & (m == m));
 }
 
+// v rounded to T, as a value the modules hold in x's dtype (the identity for float and double).
+template <typename T>
+inline opmath_t<T> rounded(opmath_t<T> v) {
+  return static_cast<opmath_t<T>>(static_cast<T>(v));
+}
+
 template <typename S>
 inline Vectorized<S> sigmoid(const Vectorized<S>& v) {
   return (Vectorized<S>(S(1)) + v.neg().exp()).reciprocal();
@@ -101,9 +107,11 @@ int64_t first_index_of(int64_t length, S m, const VecAt& vec_at, const ScalarAt&
     Vec first = none;
     for (; i + V <= length; i += V, lanes = lanes + Vec(static_cast<S>(V))) {
       const Vec v = vec_at(i);
-      first = at::vec::minimum(first, Vec::blendv(none, lanes, find_nan ? v.isnan() : (v == target)));
+      const Vec hits = find_nan ? v.isnan() : (v == target);
+      first = at::vec::minimum(first, Vec::blendv(none, lanes, hits));
     }
-    const S found = at::vec::vec_reduce_all<S>([](auto a, auto b) { return at::vec::minimum(a, b); }, first);
+    const S found =
+        at::vec::vec_reduce_all<S>([](auto a, auto b) { return at::vec::minimum(a, b); }, first);
     if (found < static_cast<S>(length)) return static_cast<int64_t>(found);
   } else {
     for (; i + V <= length; i += V) {
@@ -286,7 +294,8 @@ void channel_pool_backward_impl(
       for (int64_t np = begin; np < end; ++np) {
         const T* src = shares.data() + (np / P) * C;
         if constexpr (kAccumulate) {
-          at::vec::map2<T>([](Vec d, Vec share) { return d + share; }, dx + np * C, dx + np * C, src, C);
+          at::vec::map2<T>(
+              [](Vec d, Vec share) { return d + share; }, dx + np * C, dx + np * C, src, C);
         } else {
           std::copy(src, src + C, dx + np * C);
         }
@@ -309,7 +318,8 @@ void channel_pool_backward_impl(
       const int64_t n = r / C, c = r % C, p = argmax[r];
       const int64_t offset = channels_last ? (n * P + p) * C + c : r * P + p;
       if constexpr (kAccumulate) {  // the mean's share is in dx already
-        dx[offset] = static_cast<T>(static_cast<acc_t>(dx[offset]) + static_cast<acc_t>(grad_max[r]));
+        dx[offset] =
+            static_cast<T>(static_cast<acc_t>(dx[offset]) + static_cast<acc_t>(grad_max[r]));
       } else {
         dx[offset] = static_cast<T>(mean_share(r) + static_cast<acc_t>(grad_max[r]));
       }
@@ -551,28 +561,36 @@ void spatial_pool_backward_into(
 // ---------------------------------------------------------------------------------------------
 // gate_apply: out = x * g[n, c] * h[n, p].
 
+// One NHWC pixel row: C values of x and of g, one h.
+template <typename T>
+inline void gate_pixel_row(T* out, const T* x, const T* g, T h, int64_t C) {
+  using Vec = OpVec<T>;
+  const Vec hp(static_cast<opmath_t<T>>(h));
+  at::vec::map2<T>([&](Vec xv, Vec gv) { return xv * gv * hp; }, out, x, g, C);
+}
+
+// A run of `length` NCHW pixels of one channel: one g, a value of h per pixel.
+template <typename T>
+inline void gate_channel_run(T* out, const T* x, T g, const T* h, int64_t length) {
+  using Vec = OpVec<T>;
+  const Vec gc(static_cast<opmath_t<T>>(g));
+  at::vec::map2<T>([&](Vec xv, Vec hv) { return xv * gc * hv; }, out, x, h, length);
+}
+
 template <typename T>
 void gate_apply_impl(
     const T* x, const T* g, const T* h, T* out, int64_t N, int64_t C, int64_t P,
     bool channels_last) {
-  using Vec = OpVec<T>;
-  using acc_t = opmath_t<T>;
   if (channels_last) {
     at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
       for (int64_t np = begin; np < end; ++np) {
-        const Vec hp(static_cast<acc_t>(h[np]));
-        at::vec::map2<T>(
-            [&](Vec xv, Vec gv) { return xv * gv * hp; }, out + np * C, x + np * C,
-            g + (np / P) * C, C);
+        gate_pixel_row(out + np * C, x + np * C, g + (np / P) * C, h[np], C);
       }
     });
   } else {
     at::parallel_for(0, N * C, grain_for_row(P), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const Vec gc(static_cast<acc_t>(g[r]));
-        at::vec::map2<T>(
-            [&](Vec xv, Vec hv) { return xv * gc * hv; }, out + r * P, x + r * P,
-            h + (r / C) * P, P);
+        gate_channel_run(out + r * P, x + r * P, g[r], h + (r / C) * P, P);
       }
     });
   }
@@ -692,7 +710,6 @@ void inference_pool_impl(
   constexpr int64_t V = Vec::size();
   acc_t* avg = pooled;
   acc_t* max = pooled + (n1 - n0) * C;
-  auto rounded = [](acc_t v) { return static_cast<acc_t>(static_cast<T>(v)); };
   at::parallel_for(n0, n1, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(channels_last ? C : 0), best(channels_last ? C : 0);
     for (int64_t n = begin; n < end; ++n) {
@@ -705,8 +722,8 @@ void inference_pool_impl(
           const auto stats = row_stats<Vec, acc_t, false>(
               P, [&](int64_t p) { return load_opmath(row + p); },
               [&](int64_t p) { return static_cast<acc_t>(row[p]); });
-          a[c] = rounded(stats.sum / P);
-          m[c] = rounded(stats.max);
+          a[c] = rounded<T>(stats.sum / P);
+          m[c] = rounded<T>(stats.max);
         }
         continue;
       }
@@ -726,8 +743,8 @@ void inference_pool_impl(
         }
       }
       for (int64_t c = 0; c < C; ++c) {
-        a[c] = rounded(sum[c] / P);
-        m[c] = rounded(best[c]);
+        a[c] = rounded<T>(sum[c] / P);
+        m[c] = rounded<T>(best[c]);
       }
     }
   });
@@ -776,7 +793,6 @@ void inference_gate_impl(
   // in registers across all channels instead.
   const int64_t band =
       channels_last ? std::clamp<int64_t>(kBandBytes / (W * C * int64_t(sizeof(T))), 1, H) : H;
-  auto rounded = [](acc_t v) { return static_cast<acc_t>(static_cast<T>(v)); };
   at::parallel_for(n0, n1, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> maps(2 * Hp * Wp);
     std::vector<T> h(P);
@@ -789,8 +805,8 @@ void inference_gate_impl(
       std::fill(maps.begin(), maps.end(), acc_t(0));
       auto set_maps = [&](int64_t p, acc_t total, acc_t maximum) {
         const int64_t at = (pad + p / W) * Wp + pad + p % W;
-        mean_map[at] = rounded(total / C);
-        max_map[at] = rounded(maximum);
+        mean_map[at] = rounded<T>(total / C);
+        max_map[at] = rounded<T>(maximum);
       };
       auto pool_rows = [&](int64_t r0, int64_t r1) {
         if (channels_last) {
@@ -805,8 +821,9 @@ void inference_gate_impl(
         }
         // NCHW: blocks of pixels whose sums and maxima stay in registers across all C channels.
         int64_t p = r0 * W;
-        for (; p + 4 * V <= r1 * W; p += 4 * V) pool_pixels<4>(xs + p, g, C, P, [&](int64_t i, acc_t t, acc_t m) { set_maps(p + i, t, m); });
-        for (; p + V <= r1 * W; p += V) pool_pixels<1>(xs + p, g, C, P, [&](int64_t i, acc_t t, acc_t m) { set_maps(p + i, t, m); });
+        auto emit = [&](int64_t i, acc_t total, acc_t maximum) { set_maps(p + i, total, maximum); };
+        for (; p + 4 * V <= r1 * W; p += 4 * V) pool_pixels<4>(xs + p, g, C, P, emit);
+        for (; p + V <= r1 * W; p += V) pool_pixels<1>(xs + p, g, C, P, emit);
         for (; p < r1 * W; ++p) {
           acc_t total = static_cast<acc_t>(xs[p]) * static_cast<acc_t>(g[0]), maximum = total;
           for (int64_t c = 1; c < C; ++c) {
@@ -832,24 +849,22 @@ void inference_gate_impl(
               }
             }
             sigmoid(acc).store(u);
-            for (int64_t j = j0; j < std::min(W, j0 + V); ++j) h[i * W + j] = static_cast<T>(u[j - j0]);
+            for (int64_t j = j0; j < std::min(W, j0 + V); ++j) {
+              h[i * W + j] = static_cast<T>(u[j - j0]);
+            }
           }
         }
       };
       auto gate_rows = [&](int64_t r0, int64_t r1) {
         if (channels_last) {
           for (int64_t p = r0 * W; p < r1 * W; ++p) {
-            const Vec hp(static_cast<acc_t>(h[p]));
-            at::vec::map2<T>([&](Vec xv, Vec gv) { return xv * gv * hp; }, os + p * C, xs + p * C, g, C);
+            gate_pixel_row(os + p * C, xs + p * C, g, h[p], C);
           }
           return;
         }
         for (int64_t c = 0; c < C; ++c) {
-          const Vec gc(static_cast<acc_t>(g[c]));
           const int64_t offset = c * P + r0 * W;
-          at::vec::map2<T>(
-              [&](Vec xv, Vec hv) { return xv * gc * hv; }, os + offset, xs + offset,
-              h.data() + r0 * W, (r1 - r0) * W);
+          gate_channel_run(os + offset, xs + offset, g[c], h.data() + r0 * W, (r1 - r0) * W);
         }
       };
       int64_t done = 0;  // rows whose output is written
@@ -878,7 +893,9 @@ inline void dots_block(const S* row, const S* vectors, int64_t length, S* out) {
   int64_t i = 0;
   for (; i + V <= length; i += V) {
     const Vec r = Vec::loadu(row + i);
-    for (int64_t b = 0; b < B; ++b) acc[b] = at::vec::fmadd(r, Vec::loadu(vectors + b * length + i), acc[b]);
+    for (int64_t b = 0; b < B; ++b) {
+      acc[b] = at::vec::fmadd(r, Vec::loadu(vectors + b * length + i), acc[b]);
+    }
   }
   for (int64_t b = 0; b < B; ++b) {
     S sum = reduce_sum(acc[b]);
@@ -933,7 +950,8 @@ void inference_mlp_impl(
     for (int64_t i = 0; i < k; ++i) {
       // One layer: the logits are the hidden rows themselves (hidden_size == C).
       const acc_t* row = two_layers ? logits.data() + i * length : hidden + i * C + begin;
-      at::vec::map<T>([](Vectorized<acc_t> v) { return sigmoid(v); }, gate + i * C + begin, row, length);
+      at::vec::map<T>(
+          [](Vectorized<acc_t> v) { return sigmoid(v); }, gate + i * C + begin, row, length);
     }
   });
 }
@@ -943,14 +961,15 @@ void inference_mlp(
     const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
     at::Tensor& hidden, at::Tensor& gate) {
   const int64_t k = gate.size(0), C = gate.size(1), hidden_size = fc1_weight.size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "inference_mlp", [&] {
+  const auto dtype = gate.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "inference_mlp", [&] {
     using acc_t = opmath_t<scalar_t>;
     if (mixed) {  // one vector per sample, 0.5 * mean + 0.5 * max, rounded as the modules do
       acc_t* means = pooled.data_ptr<acc_t>();
       const acc_t* maxima = means + k * C;
-      auto rounded = [](acc_t v) { return static_cast<acc_t>(static_cast<scalar_t>(v)); };
       for (int64_t i = 0; i < k * C; ++i) {
-        means[i] = rounded(rounded(acc_t(0.5) * means[i]) + rounded(acc_t(0.5) * maxima[i]));
+        means[i] = rounded<scalar_t>(
+            rounded<scalar_t>(acc_t(0.5) * means[i]) + rounded<scalar_t>(acc_t(0.5) * maxima[i]));
       }
     }
     const bool two_layers = fc2_weight.defined();

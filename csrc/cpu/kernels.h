@@ -38,9 +38,9 @@ struct KernelTable {
   // (opmath dtype) gets the mean and max of each (n, c); the channel MLP over the first `pools`
   // of them, or (mixed) over 0.5 * mean + 0.5 * max, written over the means (weights and biases
   // in opmath dtype; fc2 undefined for one layer; hidden [n1 - n0, hidden size] scratch) gives
-  // the channel gates [n1 - n0, C] (x's dtype); then the
-  // spatial gate (a KxK conv, weight [2, K, K] in opmath dtype over the [mean, max] maps, plus
-  // bias, then a sigmoid) and out = x * g * h.
+  // the channel gates [n1 - n0, C] (x's dtype); then the spatial gate (a KxK conv, weight
+  // [2, K, K] in opmath dtype over the [mean, max] maps, plus bias, then a sigmoid) and
+  // out = x * g * h.
   void (*inference_pool)(const at::Tensor& x, int64_t n0, int64_t n1, at::Tensor& pooled);
   void (*inference_mlp)(
       at::Tensor& pooled, int64_t pools, bool mixed, const at::Tensor& fc1_weight,

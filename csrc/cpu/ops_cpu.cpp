@@ -2,6 +2,7 @@
 // choice of the kernel build that matches the CPU (the same capability PyTorch itself uses,
 // so ATEN_CPU_CAPABILITY=default|avx2|avx512 also applies here).
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -62,7 +63,8 @@ void check_input(const at::Tensor& x) {
 
 // The arg-max a forward operator returned: its shape, int32.
 at::Tensor argmax_of(const at::Tensor& argmax, at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(argmax.sizes() == shape, "argmax: expected shape ", shape, ", got ", argmax.sizes());
+  TORCH_CHECK_VALUE(
+      argmax.sizes() == shape, "argmax: expected shape ", shape, ", got ", argmax.sizes());
   TORCH_CHECK_TYPE(
       argmax.scalar_type() == at::kInt, "argmax: expected dtype int32, got ", argmax.scalar_type());
   return argmax.contiguous();
@@ -74,8 +76,8 @@ at::Tensor small(
   TORCH_CHECK_VALUE(
       t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
   TORCH_CHECK_TYPE(
-      t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), " (x's), got ",
-      t.scalar_type());
+      t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
+      " (x's), got ", t.scalar_type());
   TORCH_CHECK_VALUE(
       t.device() == x.device(), name, ": expected device ", x.device(), " (x's), got ", t.device());
   return t.contiguous();
@@ -123,7 +125,8 @@ at::Tensor channel_pool_backward(
 void check_accumulator(const at::Tensor& grad_x, const at::Tensor& like) {
   check_input(grad_x);
   TORCH_CHECK_VALUE(
-      grad_x.sizes() == like.sizes(), "grad_x: expected shape ", like.sizes(), ", got ", grad_x.sizes());
+      grad_x.sizes() == like.sizes(), "grad_x: expected shape ", like.sizes(), ", got ",
+      grad_x.sizes());
   TORCH_CHECK_TYPE(
       grad_x.scalar_type() == like.scalar_type(), "grad_x: expected dtype ", like.scalar_type(),
       ", got ", grad_x.scalar_type());
@@ -167,7 +170,8 @@ at::Tensor spatial_pool_backward_into(
   const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
   at::Tensor grad_scale = at::empty(per_channel(x), x.options());
   if (x.numel() > 0) {
-    auto kernel = accumulate ? kernels().spatial_pool_backward_add : kernels().spatial_pool_backward;
+    auto kernel =
+        accumulate ? kernels().spatial_pool_backward_add : kernels().spatial_pool_backward;
     kernel(gmean, gmax, am, x, scale, grad_x, grad_scale);
   } else {
     grad_scale.zero_();
@@ -240,12 +244,12 @@ at::Tensor parameter(
       t.scalar_type());
   TORCH_CHECK_VALUE(
       t.device() == x.device(), name, ": expected device ", x.device(), " (x's), got ", t.device());
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return t.to(acc).contiguous();
+  return t.to(at::toOpMathType(x.scalar_type())).contiguous();
 }
 
 // An MLP weight: [rows, cols], or a 1x1 conv's [rows, cols, 1, 1], as [rows, cols].
-at::Tensor matrix(const at::Tensor& t, const at::Tensor& x, int64_t rows, int64_t cols, const char* name) {
+at::Tensor matrix(
+    const at::Tensor& t, const at::Tensor& x, int64_t rows, int64_t cols, const char* name) {
   const bool conv = t.dim() == 4 && t.size(2) == 1 && t.size(3) == 1;
   TORCH_CHECK_VALUE(
       (t.dim() == 2 || conv) && t.size(0) == rows && t.size(1) == cols, name, ": expected shape [",
@@ -256,12 +260,13 @@ at::Tensor matrix(const at::Tensor& t, const at::Tensor& x, int64_t rows, int64_
 at::Tensor bias_or_zeros(
     const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t size, const char* name) {
   return t.has_value() ? parameter(*t, x, {size}, name)
-                       : at::zeros({size}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+                       : at::zeros({size}, x.options().dtype(at::toOpMathType(x.scalar_type())));
 }
 
 double scalar(const at::Tensor& t, const at::Tensor& x, const char* name) {
   const at::Tensor p = parameter(t, x, {1}, name);
-  return p.scalar_type() == at::kDouble ? p.const_data_ptr<double>()[0] : p.const_data_ptr<float>()[0];
+  return p.scalar_type() == at::kDouble ? p.const_data_ptr<double>()[0]
+                                        : p.const_data_ptr<float>()[0];
 }
 
 // The spatial conv (weight [1, 2, K, K], or [1, 1, K, K] over 0.5 * mean + 0.5 * max: half of it
@@ -292,7 +297,8 @@ std::pair<at::Tensor, double> folded_spatial_conv(
     }
     if (bn_bias.has_value()) shift += scalar(*bn_bias, x, "bn_bias");
   }
-  const double bias = (conv_bias.has_value() ? scalar(*conv_bias, x, "conv_bias") : 0) * scale + shift;
+  const double conv_b = conv_bias.has_value() ? scalar(*conv_bias, x, "conv_bias") : 0;
+  const double bias = conv_b * scale + shift;
   const double map_share = maps == 1 ? 0.5 : 1;  // one kernel over the average of the two maps
   at::Tensor folded = at::empty({2, K, K}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "folded_spatial_conv", [&] {
@@ -318,12 +324,14 @@ int64_t samples_per_thread(const at::Tensor& x) {
 }
 
 // The whole block without autograd (inference), x read from memory once: chunk by chunk of
-// samples, the channel pooling, the MLP (see the schema in csrc/ops.cpp) and its sigmoid (its weights read once per chunk rather than once per sample), then the spatial
-// pooling, the spatial gate sigmoid(bn(conv(maps))) and the output, with x still in cache.
+// samples, the channel pooling, the MLP (see the schema in csrc/ops.cpp) and its sigmoid (its
+// weights read once per chunk rather than once per sample), then the spatial pooling, the
+// spatial gate sigmoid(bn(conv(maps))) and the output, with x still in cache.
 at::Tensor cbam_inference(
     const at::Tensor& x_in, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const std::optional<at::Tensor>& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-    c10::string_view pooling, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    c10::string_view pooling, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias,
     const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     double bn_eps, bool max_first) {
@@ -337,13 +345,17 @@ at::Tensor cbam_inference(
       fc1_weight.dim() >= 2 && fc1_weight.size(0) > 0, "fc1_weight: expected shape [hidden, ", C,
       "] (or [hidden, ", C, ", 1, 1]), got ", fc1_weight.sizes());
   TORCH_CHECK_VALUE(
-      fc2_weight.has_value() || !fc2_bias.has_value(), "fc2_bias: expected None without fc2_weight");
+      fc2_weight.has_value() || !fc2_bias.has_value(),
+      "fc2_bias: expected None without fc2_weight");
   // Without fc2, fc1 alone maps the pooled vectors to the channel logits.
   const int64_t hidden = fc2_weight.has_value() ? fc1_weight.size(0) : C;
   const at::Tensor w1 = matrix(fc1_weight, x, hidden, C, "fc1_weight");
   const at::Tensor b1 = bias_or_zeros(fc1_bias, x, hidden, "fc1_bias");
-  const at::Tensor w2 = fc2_weight.has_value() ? matrix(*fc2_weight, x, C, hidden, "fc2_weight") : at::Tensor();
-  const at::Tensor b2 = fc2_weight.has_value() ? bias_or_zeros(fc2_bias, x, C, "fc2_bias") : at::Tensor();
+  at::Tensor w2, b2;  // undefined for a one-layer MLP
+  if (fc2_weight.has_value()) {
+    w2 = matrix(*fc2_weight, x, C, hidden, "fc2_weight");
+    b2 = bias_or_zeros(fc2_bias, x, C, "fc2_bias");
+  }
   const auto [spatial_weight, spatial_bias] = folded_spatial_conv(
       x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first);
   at::Tensor out = empty_like_x(x);
