@@ -82,9 +82,6 @@ class _GateApply(torch.autograd.Function):
 class OneGradBackend:
     """The CPU backend's three calls for one block, sharing one gradient of x."""
 
-    name = "cpu"
-    cbam_inference = None
-
     def __init__(self):
         self._holder = GradHolder()
 

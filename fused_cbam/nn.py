@@ -79,15 +79,11 @@ class FusedBlock(GateInspection, nn.Module):
             raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
         self.backend = backend
 
-    def _fused(
-        self, x: Tensor, channels: int, channel_logits, spatial_logits, pool_order, gate, spatial_gate=None, plain=None
-    ):
-        """``plain()`` gives the arguments of ``cbam_inference`` when the module is, as configured
-        now, the plain CBAM that operator computes, else None."""
+    def _fused(self, x: Tensor, channels: int, channel_logits, spatial_logits, pool_order, gate, spatial_gate=None):
         check_input(x)
         if x.shape[1] != channels:
             raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
-        out = self._inference(x, plain)
+        out = self._inference(x)
         if out is not None:
             return out
         out, channel_map, spatial_map = fused_cbam_forward(
@@ -96,15 +92,20 @@ class FusedBlock(GateInspection, nn.Module):
         self._keep(channel_map, spatial_map)
         return out
 
-    def _inference(self, x: Tensor, plain) -> Tensor | None:
+    def _plain(self) -> list | None:
+        """The arguments of ``cbam_inference`` after x when the module is, as configured now, a
+        block that operator computes; None otherwise (the default)."""
+        return None
+
+    def _inference(self, x: Tensor) -> Tensor | None:
         """The whole block in one operator, when nothing needs a gradient or the gates and the
         backend has that operator: x is read from memory once instead of three times."""
-        if plain is None or self.keep_gates:
+        if self.keep_gates:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
         operator = backends.resolve(self.backend, x).cbam_inference
-        args = plain() if operator is not None else None
+        args = self._plain() if operator is not None else None
         return None if args is None else operator(x, *args)
 
 
@@ -130,8 +131,8 @@ def _pointwise(convs: nn.Module, pooled: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# the plain CBAM that the inference operator computes: sigmoid(fc2(relu(fc1(avg))) +
-# fc2(relu(fc1(max)))) as channel gate, sigmoid(conv(maps) + bias) as spatial gate
+# the blocks the inference operator computes (its schema, in csrc/ops.cpp, has the formulas):
+# each layout's _plain() gathers its parameters, or says None
 
 def _is_sigmoid(fn) -> bool:
     return fn is torch.sigmoid or type(fn) is nn.Sigmoid or (
@@ -156,12 +157,12 @@ def _plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module, pooling: str = "s
 def _plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list | None:
     """[weight, bias, BN running mean, running var, weight, bias, eps, max_first] of the spatial
     conv (2 -> 1 channels, or 1 -> 1 over 0.5·mean + 0.5·max; odd square kernel, 'same' zero
-    padding) and its eval-mode BatchNorm
-    (the operator folds it in); None for any other conv, or a BatchNorm using batch statistics."""
+    padding) and its eval-mode BatchNorm (the operator folds it in); None for any other conv, or
+    a BatchNorm using batch statistics."""
     k = conv.kernel_size if type(conv) is nn.Conv2d else (0, 0)
     if (
-        k[0] != k[1] or k[0] % 2 == 0 or conv.in_channels not in (1, 2) or conv.out_channels != 1 or conv.stride != (1, 1)
-        or conv.padding != (k[0] // 2,) * 2 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
+        k[0] != k[1] or k[0] % 2 == 0 or conv.in_channels not in (1, 2) or conv.out_channels != 1
+        or conv.stride != (1, 1) or conv.padding != (k[0] // 2,) * 2 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
     ):
         return None
     if bn is None:
@@ -287,9 +288,7 @@ class CBAM(FusedBlock):
         channel = self.ChannelGate
         spatial = None if self.no_spatial else self.SpatialGate.spatial
         logits = functools.partial(channel.logits, x=x)
-        return self._fused(
-            x, channel.gate_channels, logits, spatial, SpatialGate.pool_order, torch.sigmoid, plain=self._plain
-        )
+        return self._fused(x, channel.gate_channels, logits, spatial, SpatialGate.pool_order, torch.sigmoid)
 
     def _plain(self) -> list | None:
         pools = sorted(self.ChannelGate.pool_types)
@@ -366,6 +365,14 @@ class _TimmCbam(FusedBlock):
         c = self.channel
         return _pointwise(lambda t: c.fc2(c.act(c.fc1(t))), pooled)
 
+    def _plain(self) -> list | None:
+        c, s = self.channel, self.spatial
+        conv = _plain_conv(s.conv.conv, s.conv.bn, ("mean", "max")) if s.conv.relu is None else None
+        # The light variant: one MLP pass over 0.5·avg + 0.5·max, and timm's fixed sigmoid
+        # channel gate (gate_layer is not used there).
+        mlp = _plain_mlp(c.fc1, c.act, c.fc2, "mix" if self.light else "sum")
+        return _plain(mlp, conv, s.gate, *(() if self.light else (c.gate,)))
+
 
 class CbamModule(_TimmCbam):
     """Drop-in fused replacement of timm's ``CbamModule``: its constructor, ``state_dict`` keys
@@ -381,13 +388,7 @@ class CbamModule(_TimmCbam):
             ("mean", "max"),
             self.channel.gate,
             self.spatial.gate,
-            plain=self._plain,
         )
-
-    def _plain(self) -> list | None:
-        c, s = self.channel, self.spatial
-        conv = _plain_conv(s.conv.conv, s.conv.bn, ("mean", "max")) if s.conv.relu is None else None
-        return _plain(_plain_mlp(c.fc1, c.act, c.fc2), conv, c.gate, s.gate)
 
 
 class LightCbamModule(_TimmCbam):
@@ -406,13 +407,7 @@ class LightCbamModule(_TimmCbam):
             ("mean", "max"),
             torch.sigmoid,
             self.spatial.gate,
-            plain=self._plain,
         )
-
-    def _plain(self) -> list | None:
-        c, s = self.channel, self.spatial
-        conv = _plain_conv(s.conv.conv, s.conv.bn, ("mean", "max")) if s.conv.relu is None else None
-        return _plain(_plain_mlp(c.fc1, c.act, c.fc2, "mix"), conv, s.gate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +431,7 @@ class UltralyticsCBAM(FusedBlock):
     def forward(self, x: Tensor) -> Tensor:
         ca, sa = self.channel_attention, self.spatial_attention
         return self._fused(
-            x, ca.fc.in_channels, lambda avg, mx: _pointwise(ca.fc, avg), sa.cv1, ("mean", "max"), ca.act, sa.act,
-            plain=self._plain,
+            x, ca.fc.in_channels, lambda avg, mx: _pointwise(ca.fc, avg), sa.cv1, ("mean", "max"), ca.act, sa.act
         )
 
     def _plain(self) -> list | None:
@@ -483,7 +477,6 @@ class MMYoloCBAM(FusedBlock):
             ("mean", "max"),
             ca.sigmoid,
             conv.activate,
-            plain=self._plain,
         )
 
     def _plain(self) -> list | None:
