@@ -106,18 +106,29 @@ def _autograd(ops):
     }
 
 
+def _fake_channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax):
+    return None
+
+
+def _fake_spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale):
+    return x.new_empty(x.shape[:2]) if scale is not None else x.new_empty(_EMPTY)
+
+
 _FAKES = {
     "channel_pool": _fake_channel_pool,
     "channel_pool_backward": _fake_channel_pool_backward,
+    "channel_pool_backward_add": _fake_channel_pool_backward_add,
     "spatial_pool": _fake_spatial_pool,
     "spatial_pool_backward": _fake_spatial_pool_backward,
+    "spatial_pool_backward_add": _fake_spatial_pool_backward_add,
     "gate_apply": _fake_gate_apply,
     "gate_apply_backward": _fake_gate_apply_backward,
 }
 
 
 def register(namespace: str) -> None:
-    """Register fake kernels for all six operators and autograd for the three forward ones."""
+    """Register fake kernels for the eight operators every backend has and autograd for the
+    three forward ones."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
     ops = getattr(torch.ops, namespace)
@@ -129,14 +140,6 @@ def _fake_cbam_inference(x, *parameters):
     return _like_x(x)
 
 
-def _fake_channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax):
-    return None
-
-
-def _fake_spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale):
-    return x.new_empty(x.shape[:2]) if scale is not None else x.new_empty(_EMPTY)
-
-
 def _cbam_inference_backward(ctx, grad_out):
     raise RuntimeError(
         "fused_cbam::cbam_inference is the inference path and has no backward; the fused modules "
@@ -144,12 +147,9 @@ def _cbam_inference_backward(ctx, grad_out):
     )
 
 
-def register_cpu_only() -> None:
-    """The operators with C++ CPU kernels only: the fake kernels of ``cbam_inference`` and of the
-    two backward operators that add into a gradient, and an autograd formula for
-    ``cbam_inference`` that refuses."""
+def register_inference() -> None:
+    """The operator of the compiled library only (C++ CPU and CUDA, not Triton),
+    ``cbam_inference``: its fake kernel and an autograd formula that refuses."""
     name = "fused_cbam::cbam_inference"
     torch.library.register_fake(name, _fake_cbam_inference)
     torch.library.register_autograd(name, _cbam_inference_backward, setup_context=lambda ctx, inputs, output: None)
-    torch.library.register_fake("fused_cbam::channel_pool_backward_add", _fake_channel_pool_backward_add)
-    torch.library.register_fake("fused_cbam::spatial_pool_backward_add", _fake_spatial_pool_backward_add)

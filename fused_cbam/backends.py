@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fused_cbam import _library, reference
+from fused_cbam._one_grad import OneGradBackend
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -25,8 +26,12 @@ class OperatorBackend:
 
     @property
     def cbam_inference(self):
-        """The whole-block inference operator where this backend has one (C++ CPU only), else None."""
-        return self._ops.cbam_inference if self.name == "cpu" else None
+        """The whole-block inference operator where this backend has one (C++ CPU and CUDA), else None."""
+        return self._ops.cbam_inference if self.name in ("cpu", "cuda") else None
+
+    def one_grad(self) -> OneGradBackend:
+        """This backend's calls for one training block, its backward filling one gradient of x."""
+        return OneGradBackend(self._ops)
 
     def channel_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         avg, mx, _ = self._ops.channel_pool(x)
@@ -46,6 +51,9 @@ class ReferenceBackend:
     spatial_pool = staticmethod(reference.spatial_pool)
     gate_apply = staticmethod(reference.gate_apply)
     cbam_inference = None
+
+    def one_grad(self):
+        return self  # plain PyTorch: autograd adds the gradients
 
 
 _TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_cbam import backends
-from fused_cbam._one_grad import OneGradBackend
 from fused_cbam.ops import check_input
 
 
@@ -42,8 +41,8 @@ def fused_cbam_forward(
     gates (the spatial one None for a channel-only block).
     """
     ops = backends.resolve(backend, x)
-    if ops.name == "cpu" and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        ops = OneGradBackend()  # one gradient of x for the block's three operators
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        ops = ops.one_grad()  # one gradient of x for the block's three operators
     avg, mx = ops.channel_pool(x)
     channel_gate = gate(channel_logits(avg, mx)).to(x.dtype)
     if spatial_logits is None:

@@ -14,6 +14,13 @@ COMPILED_BACKENDS = [
     pytest.param("cuda", "cuda", id="cuda", marks=needs_cuda),
 ]
 
+# Where the Triton kernels run: the GPU, or without one Triton's interpreter on CPU tensors.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (backend, device) of every backend whose operators include the two that add into a gradient
+# of x (``*_backward_add``): the fused modules' training path uses them (fused_cbam/_one_grad.py).
+ONE_GRAD_BACKENDS = COMPILED_BACKENDS + [pytest.param("triton", TRITON_DEVICE, id="triton")]
+
 # Absolute tolerance per dtype, relative to the magnitude of the expected values.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -63,6 +70,20 @@ def assert_close(actual, expected, atol, name="tensor"):
 
 def backend_available(backend):
     return backend in fused_cbam.available_backends()
+
+
+def skip_unless_available(backend):
+    if not backend_available(backend):
+        pytest.skip(f"the {backend} backend is unavailable here")
+
+
+def operator_namespace(backend):
+    """The operators of a backend: ``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``."""
+    if backend == "triton":
+        import fused_cbam.triton  # noqa: F401  (registers its namespace)
+
+        return torch.ops.fused_cbam_triton
+    return torch.ops.fused_cbam
 
 
 class OperatorLog(TorchDispatchMode):

@@ -1,5 +1,5 @@
-"""The whole-block inference operator (fused_cbam::cbam_inference, C++ CPU) and the modules'
-use of it: under no_grad/inference mode in eval, every plain layout computes its block in that one
+"""The whole-block inference operator (fused_cbam::cbam_inference, C++ CPU and CUDA) and the
+modules' use of it: under no_grad/inference mode in eval, every plain layout computes its block in that one
 operator; the result must equal the reference backend's, and anything else must take the
 three-operator path."""
 
@@ -10,10 +10,21 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fused_cbam
-from helpers import SHAPES, TOLERANCE, OperatorLog, assert_close, backend_available, make_input
+from helpers import (
+    COMPILED_BACKENDS,
+    SHAPES,
+    TOLERANCE,
+    OperatorLog,
+    assert_close,
+    backend_available,
+    make_input,
+    skip_unless_available,
+)
 from test_properties import FULL_SIZES, _base_and_view, _profile, cases
 
 pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
+# The tests of results run on every compiled backend (cuda skips without a GPU).
+on_each_device = pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
 
 LAYOUTS = {
     "official": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=min(16, c), **kw),
@@ -26,16 +37,16 @@ LAYOUTS = {
 }
 
 
-def _pair(layout, channels, dtype=torch.float32):
+def _pair(layout, channels, dtype=torch.float32, device="cpu"):
     """The fused module (eval, random weights and BN statistics) and the same on the reference backend."""
-    fused = LAYOUTS[layout](channels)
+    fused = LAYOUTS[layout](channels).to(device)
     with torch.no_grad():
         for p in fused.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         for name, b in fused.named_buffers():
             if "running" in name:
                 b.add_(torch.rand_like(b))
-    reference = LAYOUTS[layout](channels, backend="reference")
+    reference = LAYOUTS[layout](channels, backend="reference").to(device)
     reference.load_state_dict(fused.state_dict())
     return fused.to(dtype).eval(), reference.to(dtype).eval()
 
@@ -46,13 +57,15 @@ def _run_logged(module, x):
     return out, log.names
 
 
+@on_each_device
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_the_reference_in_one_operator(layout, dtype, memory_format, shape):
-    fused, reference = _pair(layout, shape[1], dtype)
-    x = make_input(shape, dtype, "cpu", memory_format)
+def test_matches_the_reference_in_one_operator(layout, dtype, memory_format, shape, backend, device):
+    skip_unless_available(backend)
+    fused, reference = _pair(layout, shape[1], dtype, device)
+    x = make_input(shape, dtype, device, memory_format)
     out, ops = _run_logged(fused, x)
     assert "fused_cbam.cbam_inference" in ops and "fused_cbam.channel_pool" not in ops, ops
     with torch.no_grad():
@@ -80,11 +93,30 @@ def test_batches_larger_than_one_chunk(memory_format):
     assert torch.equal(outs[0], outs[1]), "the result depends on the number of threads"
 
 
-def test_inference_mode_empty_batch_and_nan():
-    fused, reference = _pair("timm", 8)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.needs_cuda
+def test_batches_larger_than_one_chunk_on_the_gpu(memory_format, dtype):
+    """On a GPU, chunks of samples take half of the L2 cache (25-30 MB on an H100/H200): x of
+    about 2.5 chunks, odd spatial size."""
+    skip_unless_available("cuda")
+    fused, reference = _pair("official", 256, dtype, "cuda")
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    sample_bytes = 256 * 29 * 31 * dtype.itemsize
+    x = make_input((max(3, l2 * 5 // 4 // sample_bytes), 256, 29, 31), dtype, "cuda", memory_format)
+    out, ops = _run_logged(fused, x)
+    assert "fused_cbam.cbam_inference" in ops, ops
+    with torch.no_grad():
+        assert_close(out, reference(x), TOLERANCE[dtype] * 4, "out")
+
+
+@on_each_device
+def test_inference_mode_empty_batch_and_nan(backend, device):
+    skip_unless_available(backend)
+    fused, reference = _pair("timm", 8, device=device)
     with torch.inference_mode():
-        assert fused(torch.randn(0, 8, 5, 5)).shape == (0, 8, 5, 5)
-        x = torch.randn(2, 8, 5, 5)
+        assert fused(torch.randn(0, 8, 5, 5, device=device)).shape == (0, 8, 5, 5)
+        x = torch.randn(2, 8, 5, 5, device=device)
         x[1, 3, 2, 2] = float("nan")
         out, expected = fused(x), reference(x)
     assert_close(out, expected, TOLERANCE[torch.float32] * 4, "out")
@@ -116,24 +148,34 @@ def test_other_cases_take_the_three_operator_path(why):
     assert "fused_cbam.cbam_inference" not in ops, ops
 
 
-def _operator_args(memory_format="nchw", c=12, hidden=3, k=7, bn=True):
-    x = make_input((3, c, 9, 10), torch.float32, "cpu", memory_format)
-    norm = [torch.randn(1), torch.rand(1) + 0.5, torch.randn(1), torch.randn(1), 1e-5] if bn else [None] * 4 + [0.0]
+def _operator_args(memory_format="nchw", c=12, hidden=3, k=7, bn=True, device="cpu"):
+    x = make_input((3, c, 9, 10), torch.float32, device, memory_format)
+
+    def randn(*shape):
+        return torch.randn(shape, device=device)
+
+    norm = [randn(1), randn(1).abs() + 0.5, randn(1), randn(1), 1e-5] if bn else [None] * 4 + [0.0]
     return (
-        x, torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden, 1, 1), None, "sum",
-        torch.randn(1, 2, k, k), torch.randn(1), *norm, True,
+        x, randn(hidden, c), randn(hidden), randn(c, hidden, 1, 1), None, "sum", randn(1, 2, k, k), randn(1), *norm,
+        True,
     )
 
 
+@on_each_device
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
-def test_opcheck(memory_format):
-    torch.library.opcheck(torch.ops.fused_cbam.cbam_inference.default, _operator_args(memory_format))
+def test_opcheck(memory_format, backend, device):
+    skip_unless_available(backend)
+    torch.library.opcheck(torch.ops.fused_cbam.cbam_inference.default, _operator_args(memory_format, device=device))
 
 
+@on_each_device
 @pytest.mark.parametrize("bn", [True, False], ids=["bn", "no-bn"])
-def test_operator_formula(bn):
+def test_operator_formula(bn, backend, device):
     """The operator against its formula written out in plain PyTorch."""
-    x, w1, b1, w2, _, _, conv_weight, conv_bias, mean, var, gamma, beta, eps, max_first = _operator_args(k=3, bn=bn)
+    skip_unless_available(backend)
+    x, w1, b1, w2, _, _, conv_weight, conv_bias, mean, var, gamma, beta, eps, max_first = _operator_args(
+        k=3, bn=bn, device=device
+    )
     norm = (mean, var, gamma, beta, eps, max_first)
     out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, None, "sum", conv_weight, conv_bias, *norm)
 
@@ -148,10 +190,12 @@ def test_operator_formula(bn):
     assert_close(out, y * torch.sigmoid(u), 1e-5, "out")
 
 
-def test_operator_formula_one_layer_average_only():
+@on_each_device
+def test_operator_formula_one_layer_average_only(backend, device):
     """Without fc2, pooling "avg": fc1 of the average pool alone gives the channel logits."""
-    x, _, _, _, _, _, conv_weight, _, *norm = _operator_args(k=3, bn=False)
-    w1, b1 = torch.randn(12, 12), torch.randn(12)
+    skip_unless_available(backend)
+    x, _, _, _, _, _, conv_weight, _, *norm = _operator_args(k=3, bn=False, device=device)
+    w1, b1 = torch.randn(12, 12, device=device), torch.randn(12, device=device)
     out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, None, None, "avg", conv_weight, None, *norm)
     y = x * torch.sigmoid(x.mean((2, 3)) @ w1.T + b1)[:, :, None, None]
     u = torch.nn.functional.conv2d(torch.stack([y.amax(1), y.mean(1)], 1), conv_weight, padding=1)
@@ -173,22 +217,28 @@ def test_operator_formula_one_layer_average_only():
         (1, torch.ones(3, 12, dtype=torch.int64), "fc1_weight: expected a floating-point tensor"),
     ],
 )
-def test_bad_parameters_name_the_argument(index, value, match):
-    args = list(_operator_args())
-    args[index] = value
+@on_each_device
+def test_bad_parameters_name_the_argument(index, value, match, backend, device):
+    skip_unless_available(backend)
+    args = list(_operator_args(device=device))
+    args[index] = value.to(device) if isinstance(value, torch.Tensor) else value
     with pytest.raises((ValueError, TypeError), match=match):
         torch.ops.fused_cbam.cbam_inference(*args)
 
 
-def test_fc2_bias_without_fc2_weight_is_refused():
-    args = list(_operator_args())
-    args[3], args[4] = None, torch.randn(12)
+@on_each_device
+def test_fc2_bias_without_fc2_weight_is_refused(backend, device):
+    skip_unless_available(backend)
+    args = list(_operator_args(device=device))
+    args[3], args[4] = None, torch.randn(12, device=device)
     with pytest.raises(ValueError, match="fc2_bias: expected None without fc2_weight"):
         torch.ops.fused_cbam.cbam_inference(*args)
 
 
-def test_backward_is_refused_with_a_reason():
-    args = list(_operator_args())
+@on_each_device
+def test_backward_is_refused_with_a_reason(backend, device):
+    skip_unless_available(backend)
+    args = list(_operator_args(device=device))
     args[0].requires_grad_()
     out = torch.ops.fused_cbam.cbam_inference(*args)
     with pytest.raises(RuntimeError, match="inference path and has no backward"):
@@ -215,16 +265,18 @@ def test_torch_compile_traces_the_inference_operator(layout):
     assert_close(out, expected, TOLERANCE[torch.float32] * 4, "out")
 
 
+@on_each_device
 @_profile(max_examples=150)
 @given(case=cases(FULL_SIZES), layout=st.sampled_from(sorted(LAYOUTS)))
-def test_property_matches_the_reference(case, layout):
+def test_property_matches_the_reference(case, layout, backend, device):
     """Shapes with 1s and primes, every dtype, strided views (sliced, transposed, expanded), ties
     and NaNs: the inference operator against the same layout on the reference backend."""
+    skip_unless_available(backend)
     gen = torch.Generator().manual_seed(case.seed)
     base, view = _base_and_view(case, gen)
-    x = view(base)
+    x = view(base.to(device))
     torch.manual_seed(case.seed)
-    fused, reference = _pair(layout, case.shape[1], case.dtype)
+    fused, reference = _pair(layout, case.shape[1], case.dtype, device)
     out, ops = _run_logged(fused, x)
     assert "fused_cbam.cbam_inference" in ops, ops
     with torch.no_grad():

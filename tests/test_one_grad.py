@@ -1,22 +1,28 @@
-"""The CPU backend's training path: the block's three backward steps fill one gradient of x
-(fused_cbam/_one_grad.py). Every gradient must equal the reference backend's, however autograd
-reaches the block."""
+"""The training path of the C++ CPU, CUDA and Triton backends: the block's three backward steps
+fill one gradient of x (fused_cbam/_one_grad.py). Every gradient must equal the reference
+backend's, however autograd reaches the block."""
 
 import pytest
 import torch
 
 import fused_cbam
-from helpers import TOLERANCE, OperatorLog, assert_close, backend_available, make_input
+from helpers import ONE_GRAD_BACKENDS, TOLERANCE, OperatorLog, assert_close, make_input, skip_unless_available
 
-pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
+# Every test runs on each backend with the two operators that add into the gradient of x.
+pytestmark = pytest.mark.parametrize("backend,device", ONE_GRAD_BACKENDS)
 
 
-def _pair(make, channels=16):
-    fused = make(channels)
+@pytest.fixture(autouse=True)
+def _available(backend):
+    skip_unless_available(backend)
+
+
+def _pair(make, backend, device, channels=16):
+    fused = make(channels, backend=backend).to(device)
     with torch.no_grad():
         for p in fused.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    reference = make(channels, backend="reference")
+    reference = make(channels, backend="reference").to(device)
     reference.load_state_dict(fused.state_dict())
     return fused, reference
 
@@ -42,15 +48,17 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gradients_match_the_reference(layout, memory_format, dtype):
-    fused, reference = _pair(LAYOUTS[layout])
+def test_gradients_match_the_reference(layout, memory_format, dtype, backend, device):
+    fused, reference = _pair(LAYOUTS[layout], backend, device)
     fused, reference = fused.to(dtype), reference.to(dtype)
-    x = make_input((3, 16, 7, 9), dtype, "cpu", memory_format)
-    grad_out = torch.randn(x.shape, dtype=dtype)
+    x = make_input((3, 16, 7, 9), dtype, device, memory_format)
+    grad_out = torch.randn(x.shape, dtype=dtype, device=device)
     with OperatorLog() as log:
         out, grad_x, param_grads = _grads(fused, x, grad_out)
-    assert "fused_cbam.channel_pool_backward_add" in log.names
-    assert "fused_cbam.channel_pool_backward" not in log.names and "fused_cbam.spatial_pool_backward" not in log.names
+    namespace = "fused_cbam_triton" if backend == "triton" else "fused_cbam"
+    assert f"{namespace}.channel_pool_backward_add" in log.names
+    assert f"{namespace}.channel_pool_backward" not in log.names
+    assert f"{namespace}.spatial_pool_backward" not in log.names
     ref_out, ref_grad_x, ref_param_grads = _grads(reference, x, grad_out)
     atol = TOLERANCE[dtype] * 4
     assert_close(out, ref_out, atol, "out")
@@ -59,10 +67,10 @@ def test_gradients_match_the_reference(layout, memory_format, dtype):
         assert_close(g, rg, atol * 4, f"grad of parameter {i}")
 
 
-def test_retain_graph_twice_a_shared_module_and_a_residual():
+def test_retain_graph_twice_a_shared_module_and_a_residual(backend, device):
     """Two backward passes over one graph; one module applied twice; x also used outside it."""
-    fused, reference = _pair(LAYOUTS["official"])
-    x = make_input((2, 16, 6, 5), torch.float32, "cpu")
+    fused, reference = _pair(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 6, 5), torch.float32, device)
     grad_out = torch.randn_like(x)
 
     def model(m):
@@ -76,9 +84,9 @@ def test_retain_graph_twice_a_shared_module_and_a_residual():
         assert_close(g, rg, atol, f"grad of parameter {i}")
 
 
-def test_parameters_only_and_x_only():
-    fused, reference = _pair(LAYOUTS["official"])
-    x = make_input((2, 16, 6, 5), torch.float32, "cpu")
+def test_parameters_only_and_x_only(backend, device):
+    fused, reference = _pair(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 6, 5), torch.float32, device)
     fused(x).sum().backward()  # x needs no gradient: the registered operators' path
     reference(x).sum().backward()
     for p, rp in zip(fused.parameters(), reference.parameters()):
@@ -91,9 +99,9 @@ def test_parameters_only_and_x_only():
     assert_close(xa.grad, xr.grad, 1e-4, "grad of x")
 
 
-def test_gradients_are_bitwise_reproducible():
-    fused, _ = _pair(LAYOUTS["official"])
-    x = make_input((2, 16, 6, 5), torch.float32, "cpu", "channels_last")
+def test_gradients_are_bitwise_reproducible(backend, device):
+    fused, _ = _pair(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 6, 5), torch.float32, device, "channels_last")
     grad_out = torch.randn_like(x)
     first, second = _grads(fused, x, grad_out)[1], _grads(fused, x, grad_out)[1]
     assert torch.equal(first, second)

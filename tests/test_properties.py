@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fused_cbam
 from fused_cbam._registrations import _like_x
-from helpers import COMPILED_BACKENDS, TOLERANCE, assert_close, backend_available
+from helpers import COMPILED_BACKENDS, TOLERANCE, TRITON_DEVICE, assert_close, backend_available
 
 OPS = ["channel_pool", "spatial_pool", "gate_apply"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -184,10 +184,9 @@ def test_compiled_backend_matches_reference(backend, device, op, case):
     check_against_reference(op, backend, device, case)
 
 
-_TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter
 # On a GPU every new shape autotunes each kernel (compiling and timing its configurations):
 # a few examples there, tests/test_triton.py has the rest.
-_TRITON_EXAMPLES = 6 if _TRITON_DEVICE == "cuda" else 40
+_TRITON_EXAMPLES = 6 if TRITON_DEVICE == "cuda" else 40
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -197,8 +196,8 @@ def test_triton_matches_reference(op, case):
     if not backend_available("triton"):
         pytest.skip("the Triton backend is unavailable (Triton missing, or no GPU and no TRITON_INTERPRET=1)")
     if case.dtype == torch.float64:  # the Triton backend's documented limit: a clear TypeError
-        x = torch.zeros(case.shape, dtype=case.dtype, device=_TRITON_DEVICE)
+        x = torch.zeros(case.shape, dtype=case.dtype, device=TRITON_DEVICE)
         with pytest.raises(TypeError, match="supports float16, bfloat16 and float32"):
             _run(op, "triton", x, ())
         return
-    check_against_reference(op, "triton", _TRITON_DEVICE, case)
+    check_against_reference(op, "triton", TRITON_DEVICE, case)

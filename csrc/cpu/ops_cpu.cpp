@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../inference_args.h"
 #include "kernels.h"
 
 namespace fused_cbam::cpu {
@@ -234,75 +235,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
   return {grad_x, grad_g, grad_h};
 }
 
-// A parameter of cbam_inference: floating, on x's device, of the expected shape; returned in
-// the kernels' accumulation dtype (float, or double for double x).
-at::Tensor parameter(
-    const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ",
-      t.scalar_type());
-  TORCH_CHECK_VALUE(
-      t.device() == x.device(), name, ": expected device ", x.device(), " (x's), got ", t.device());
-  return t.to(at::toOpMathType(x.scalar_type())).contiguous();
+// A [1] parameter's value (already in the accumulation dtype, on the CPU).
+double scalar(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[0]
+                                        : t.const_data_ptr<float>()[0];
 }
 
-// An MLP weight: [rows, cols], or a 1x1 conv's [rows, cols, 1, 1], as [rows, cols].
-at::Tensor matrix(
-    const at::Tensor& t, const at::Tensor& x, int64_t rows, int64_t cols, const char* name) {
-  const bool conv = t.dim() == 4 && t.size(2) == 1 && t.size(3) == 1;
-  TORCH_CHECK_VALUE(
-      (t.dim() == 2 || conv) && t.size(0) == rows && t.size(1) == cols, name, ": expected shape [",
-      rows, ", ", cols, "] (or [", rows, ", ", cols, ", 1, 1]), got ", t.sizes());
-  return parameter(conv ? t.reshape({rows, cols}) : t, x, {rows, cols}, name);
-}
-
-at::Tensor bias_or_zeros(
-    const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t size, const char* name) {
-  return t.has_value() ? parameter(*t, x, {size}, name)
-                       : at::zeros({size}, x.options().dtype(at::toOpMathType(x.scalar_type())));
-}
-
-double scalar(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  const at::Tensor p = parameter(t, x, {1}, name);
-  return p.scalar_type() == at::kDouble ? p.const_data_ptr<double>()[0]
-                                        : p.const_data_ptr<float>()[0];
-}
-
-// The spatial conv (weight [1, 2, K, K], or [1, 1, K, K] over 0.5 * mean + 0.5 * max: half of it
-// on each map) with an eval-mode BatchNorm folded in, its two kernels ordered [mean map, max
-// map]: weight [2, K, K] in opmath dtype, and the bias.
-std::pair<at::Tensor, double> folded_spatial_conv(
-    const at::Tensor& x, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
-    const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double bn_eps, bool max_first) {
-  const int64_t K = conv_weight.dim() == 4 ? conv_weight.size(3) : 0;
-  const int64_t maps = conv_weight.dim() == 4 ? conv_weight.size(1) : 0;
-  TORCH_CHECK_VALUE(
-      K % 2 == 1 && (maps == 1 || maps == 2),
-      "conv_weight: expected shape [1, 2, K, K] (or [1, 1, K, K]) with K odd, got ",
-      conv_weight.sizes());
-  const at::Tensor w = parameter(conv_weight, x, {1, maps, K, K}, "conv_weight");
+// The spatial conv with an eval-mode BatchNorm folded in, its two kernels ordered [mean map,
+// max map] (a [1, 1, K, K] kernel over 0.5 * mean + 0.5 * max: half of it on each map):
+// weight [2, K, K] in the accumulation dtype, and the bias.
+std::pair<at::Tensor, double> folded_spatial_conv(const inference::SpatialConv& conv,
+                                                  bool max_first, double bn_eps) {
+  const int64_t K = conv.K, maps = conv.maps;
   double scale = 1, shift = 0;
-  if (bn_mean.has_value() || bn_var.has_value()) {
-    TORCH_CHECK_VALUE(
-        bn_mean.has_value() && bn_var.has_value(), "bn_mean, bn_var: expected both or neither");
-    scale = 1 / std::sqrt(scalar(*bn_var, x, "bn_var") + bn_eps);
-    shift = -scalar(*bn_mean, x, "bn_mean") * scale;
-    if (bn_weight.has_value()) {
-      const double gamma = scalar(*bn_weight, x, "bn_weight");
+  if (conv.bn_var.defined()) {
+    scale = 1 / std::sqrt(scalar(conv.bn_var) + bn_eps);
+    shift = -scalar(conv.bn_mean) * scale;
+    if (conv.bn_weight.defined()) {
+      const double gamma = scalar(conv.bn_weight);
       scale *= gamma;
       shift *= gamma;
     }
-    if (bn_bias.has_value()) shift += scalar(*bn_bias, x, "bn_bias");
+    if (conv.bn_bias.defined()) shift += scalar(conv.bn_bias);
   }
-  const double conv_b = conv_bias.has_value() ? scalar(*conv_bias, x, "conv_bias") : 0;
+  const double conv_b = conv.bias.defined() ? scalar(conv.bias) : 0;
   const double bias = conv_b * scale + shift;
   const double map_share = maps == 1 ? 0.5 : 1;  // one kernel over the average of the two maps
-  at::Tensor folded = at::empty({2, K, K}, w.options());
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "folded_spatial_conv", [&] {
-    const scalar_t* src = w.const_data_ptr<scalar_t>();
+  at::Tensor folded = at::empty({2, K, K}, conv.weight.options());
+  AT_DISPATCH_FLOATING_TYPES(conv.weight.scalar_type(), "folded_spatial_conv", [&] {
+    const scalar_t* src = conv.weight.const_data_ptr<scalar_t>();
     scalar_t* dst = folded.data_ptr<scalar_t>();
     for (int64_t map = 0; map < 2; ++map) {
       const int64_t from = maps == 1 ? 0 : max_first ? 1 - map : map;
@@ -338,26 +299,16 @@ at::Tensor cbam_inference(
   check_input(x_in);
   const at::Tensor x = dense(x_in);
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK_VALUE(
-      pooling == "avg" || pooling == "sum" || pooling == "mix",
-      "pooling: expected \"avg\", \"sum\" or \"mix\", got \"", pooling, "\"");
-  TORCH_CHECK_VALUE(
-      fc1_weight.dim() >= 2 && fc1_weight.size(0) > 0, "fc1_weight: expected shape [hidden, ", C,
-      "] (or [hidden, ", C, ", 1, 1]), got ", fc1_weight.sizes());
-  TORCH_CHECK_VALUE(
-      fc2_weight.has_value() || !fc2_bias.has_value(),
-      "fc2_bias: expected None without fc2_weight");
-  // Without fc2, fc1 alone maps the pooled vectors to the channel logits.
-  const int64_t hidden = fc2_weight.has_value() ? fc1_weight.size(0) : C;
-  const at::Tensor w1 = matrix(fc1_weight, x, hidden, C, "fc1_weight");
-  const at::Tensor b1 = bias_or_zeros(fc1_bias, x, hidden, "fc1_bias");
-  at::Tensor w2, b2;  // undefined for a one-layer MLP
-  if (fc2_weight.has_value()) {
-    w2 = matrix(*fc2_weight, x, C, hidden, "fc2_weight");
-    b2 = bias_or_zeros(fc2_bias, x, C, "fc2_bias");
-  }
+  const auto opmath = at::toOpMathType(x.scalar_type());
+  auto [w1, b1, w2, b2] = inference::mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling,
+                                         opmath);
+  const int64_t hidden = w1.size(0);
+  if (!b1.defined()) b1 = at::zeros({hidden}, w1.options());
+  if (w2.defined() && !b2.defined()) b2 = at::zeros({C}, w1.options());
   const auto [spatial_weight, spatial_bias] = folded_spatial_conv(
-      x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first);
+      inference::spatial_conv(x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias,
+                              opmath),
+      max_first, bn_eps);
   at::Tensor out = empty_like_x(x);
   if (x.numel() == 0) return out;
   const int64_t chunk = std::min(N, samples_per_thread(x) * at::get_num_threads());

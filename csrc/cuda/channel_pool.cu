@@ -2,7 +2,8 @@
 //   NCHW x:          each (n, c) row is contiguous -> row_pool (a group of threads per row,
 //                    rows split over several groups when N * C cannot fill the device).
 //   channels_last x: lanes along C, rows of the block along H x W -> outer_pool.
-//   backward:        dx = grad_avg / P + [p == argmax] * grad_max, one write of dx.
+//   backward:        dx = grad_avg / P + [p == argmax] * grad_max, one write of dx (or, in
+//                    channel_pool_backward_add, added into a given gradient of x).
 #include "common.cuh"
 #include "kernels.h"
 #include "pool.cuh"
@@ -37,26 +38,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool(const at::Tensor& x_
   return {avg, mx, idx};
 }
 
+namespace {
+
+// Writes (ACCUMULATE: adds) the gradient of x into dx, dense in its memory format.
+template <bool ACCUMULATE>
+void channel_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_avg,
+                                const at::Tensor& grad_max, const at::Tensor& argmax,
+                                const char* op) {
+  const bool cl = is_channels_last(dx);
+  const int64_t N = dx.size(0), C = dx.size(1), P = dx.size(2) * dx.size(3);
+  const at::Tensor ga = check_small(grad_avg, op, "grad_avg", dx, {N, C}, dx.scalar_type());
+  const at::Tensor gm = check_small(grad_max, op, "grad_max", dx, {N, C}, dx.scalar_type());
+  const at::Tensor am = check_small(argmax, op, "argmax", dx, {N, C}, at::kInt);
+  if (dx.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "fused_cbam::channel_pool_backward", [&] {
+    // NCHW: kept (n, c) is the outer index, p the inner; channels_last the other way round.
+    launch_max_scatter_backward<scalar_t, ACCUMULATE>(
+        ga.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(),
+        am.const_data_ptr<int32_t>(), /*count=*/P, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
+        /*kept_inner=*/cl, dx.mutable_data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace
+
 at::Tensor channel_pool_backward(const at::Tensor& grad_avg, const at::Tensor& grad_max,
                                  const at::Tensor& argmax, const at::Tensor& x) {
   constexpr const char* op = "fused_cbam::channel_pool_backward";
   check_x(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool cl = is_channels_last(x);
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const at::Tensor ga = check_small(grad_avg, op, "grad_avg", x, {N, C}, x.scalar_type());
-  const at::Tensor gm = check_small(grad_max, op, "grad_max", x, {N, C}, x.scalar_type());
-  const at::Tensor am = check_small(argmax, op, "argmax", x, {N, C}, at::kInt);
   at::Tensor dx = empty_like_x(x);  // x itself is never read
-  if (dx.numel() == 0) return dx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    // NCHW: kept (n, c) is the outer index, p the inner; channels_last the other way round.
-    launch_max_scatter_backward<scalar_t>(
-        ga.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(),
-        am.const_data_ptr<int32_t>(), /*count=*/P, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
-        /*kept_inner=*/cl, dx.mutable_data_ptr<scalar_t>());
-  });
+  channel_pool_backward_into<false>(dx, grad_avg, grad_max, argmax, op);
   return dx;
+}
+
+void channel_pool_backward_add(at::Tensor& grad_x, const at::Tensor& grad_avg,
+                               const at::Tensor& grad_max, const at::Tensor& argmax) {
+  constexpr const char* op = "fused_cbam::channel_pool_backward_add";
+  check_accumulator(grad_x, grad_x, op);
+  const c10::cuda::CUDAGuard guard(grad_x.device());
+  channel_pool_backward_into<true>(grad_x, grad_avg, grad_max, argmax, op);
 }
 
 }  // namespace gpu

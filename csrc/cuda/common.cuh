@@ -72,6 +72,19 @@ __device__ __forceinline__ void store_as(T* __restrict__ p, const A (&in)[VEC]) 
   }
 }
 
+// Stores VEC math-type values as store_as does, or with ACCUMULATE adds them to what p holds
+// (the sum rounded once): the backward operators that add into one gradient of x.
+template <bool ACCUMULATE, int VEC, typename T, typename A>
+__device__ __forceinline__ void store_or_add(T* __restrict__ p, A (&in)[VEC]) {
+  if constexpr (ACCUMULATE) {
+    A held[VEC];
+    load_as<VEC>(p, held);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) in[j] += held[j];
+  }
+  store_as<VEC>(p, in);
+}
+
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
   return static_cast<A>(-INFINITY);
@@ -357,6 +370,21 @@ inline void check_x(const at::Tensor& x, const char* op, const char* name = "x")
   // Indices inside one row (a channel or a pixel) are 32-bit; offsets of rows are 64-bit.
   TORCH_CHECK_VALUE(x.size(1) <= kMaxRow && x.size(2) * x.size(3) <= kMaxRow, op, ": ", name,
                     ": expected C <= 2^30 and H * W <= 2^30, got shape ", x.sizes());
+}
+
+// A gradient of x that a backward operator adds into: x's shape, dtype and device, dense in x's
+// memory format (grad_x itself decides it where there is no x).
+inline void check_accumulator(const at::Tensor& grad_x, const at::Tensor& x, const char* op) {
+  check_x(grad_x, op, "grad_x");
+  TORCH_CHECK_VALUE(grad_x.sizes() == x.sizes(), op, ": grad_x: expected shape ", x.sizes(),
+                    ", got ", grad_x.sizes());
+  TORCH_CHECK_TYPE(grad_x.scalar_type() == x.scalar_type(), op, ": grad_x: expected dtype ",
+                   x.scalar_type(), ", got ", grad_x.scalar_type());
+  TORCH_CHECK_VALUE(grad_x.device() == x.device(), op, ": grad_x: expected a tensor on ",
+                    x.device(), " (x's device), got one on ", grad_x.device());
+  TORCH_CHECK_VALUE(grad_x.is_contiguous(format_of(x)),
+                    op, ": grad_x: expected a tensor dense in x's memory format (NCHW or "
+                    "channels_last)");
 }
 
 // Checks a small tensor against x (device, dtype, shape) and returns it contiguous.

@@ -158,26 +158,16 @@ void launch_gate_apply_backward_vec(const at::Tensor& like, const scalar_t* dout
   if (op) launch_sum_finalize<scalar_t, acc_t>(op, outer_rows, cfg.splits, outer_final);
 }
 
-at::Tensor gate_apply(const at::Tensor& x_in, const std::optional<at::Tensor>& channel_gate,
-                      const std::optional<at::Tensor>& spatial_gate) {
-  constexpr const char* op = "fused_cbam::gate_apply";
-  check_x(x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = dense_x(x_in);
+void gate_apply_into(const at::Tensor& x, const at::Tensor& g, const at::Tensor& h,
+                     at::Tensor& out) {
   const bool cl = is_channels_last(x);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
-  const auto dtype = x.scalar_type();
-  const at::Tensor g = check_optional_small(channel_gate, op, "channel_gate", x, {N, C}, dtype);
-  const at::Tensor h =
-      check_optional_small(spatial_gate, op, "spatial_gate", x, {N, 1, H, W}, dtype);
-  const bool has_g = g.defined(), has_h = h.defined();
-  at::Tensor out = empty_like_x(x);
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  if (out.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gate_apply", [&] {
     constexpr int V = vec_width<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = has_g ? g.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* hp = has_h ? h.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* hp = h.defined() ? h.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
     const int64_t Li = cl ? C : P, Lo = cl ? P : C;
     const bool vec = Li % V == 0 && aligned16(xp) && aligned16(outp);
@@ -195,6 +185,21 @@ at::Tensor gate_apply(const at::Tensor& x_in, const std::optional<at::Tensor>& c
       }
     }
   });
+}
+
+at::Tensor gate_apply(const at::Tensor& x_in, const std::optional<at::Tensor>& channel_gate,
+                      const std::optional<at::Tensor>& spatial_gate) {
+  constexpr const char* op = "fused_cbam::gate_apply";
+  check_x(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = dense_x(x_in);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto dtype = x.scalar_type();
+  const at::Tensor g = check_optional_small(channel_gate, op, "channel_gate", x, {N, C}, dtype);
+  const at::Tensor h =
+      check_optional_small(spatial_gate, op, "spatial_gate", x, {N, 1, H, W}, dtype);
+  at::Tensor out = empty_like_x(x);
+  gate_apply_into(x, g, h, out);
   return out;
 }
 

@@ -7,7 +7,7 @@
 //   outer_pool: reduction over the strided outer dimension of [N, Lo, Li] (channel pooling of
 //               channels_last x, spatial pooling of NCHW x). Lanes along Li, rows of the block
 //               along Lo, a shared-memory tree across rows, split Lo when there are too few.
-//   max_scatter_backward: d(mean, max) -> dx, written once, vectorised.
+//   max_scatter_backward: d(mean, max) -> dx, written once (or added into dx), vectorised.
 // Every pooled row holds at least one element (the host checks), so no empty arg-max escapes.
 #pragma once
 
@@ -228,8 +228,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // dx[n, o, i] = ga[k] / count + (am[k] == q ? gm[k] : 0), with (k, q) = ((n, i), o) when
-// KEPT_INNER, else ((n, o), i): the gradient of a (mean, first-max) pair pooled over q.
-template <typename scalar_t, typename acc_t, int VEC, bool KEPT_INNER>
+// KEPT_INNER, else ((n, o), i): the gradient of a (mean, first-max) pair pooled over q; with
+// ACCUMULATE added to dx instead.
+template <typename scalar_t, typename acc_t, int VEC, bool KEPT_INNER, bool ACCUMULATE>
 __global__ void __launch_bounds__(kThreads)
     max_scatter_backward_kernel(const scalar_t* __restrict__ ga, const scalar_t* __restrict__ gm,
                                 const int32_t* __restrict__ am, acc_t count, int Li, int Lo,
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(kThreads)
       acc_t out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = a[j] + (id[j] == o ? m[j] : acc_t(0));
-      store_as<VEC>(dp + static_cast<int64_t>(o) * Li, out);
+      store_or_add<ACCUMULATE, VEC>(dp + static_cast<int64_t>(o) * Li, out);
     }
   } else {
 #pragma unroll 4
@@ -259,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
       acc_t out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = a + (id == tc.i0 + j ? m : acc_t(0));
-      store_as<VEC>(dp + static_cast<int64_t>(o) * Li, out);
+      store_or_add<ACCUMULATE, VEC>(dp + static_cast<int64_t>(o) * Li, out);
     }
   }
 }
@@ -354,21 +355,22 @@ void launch_outer_pool(const at::Tensor& like, const scalar_t* x, const scalar_t
   }
 }
 
-template <typename scalar_t, int VEC, bool KEPT_INNER>
+template <typename scalar_t, int VEC, bool KEPT_INNER, bool ACCUMULATE>
 void launch_max_scatter_backward_vec(const scalar_t* ga, const scalar_t* gm, const int32_t* am,
                                      int64_t count, int64_t N, int64_t Li, int64_t Lo,
                                      scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileConfig cfg = make_tile_config(N, Li, Lo, VEC, /*min_rows=*/4, INT_MAX);
-  max_scatter_backward_kernel<scalar_t, acc_t, VEC, KEPT_INNER>
+  max_scatter_backward_kernel<scalar_t, acc_t, VEC, KEPT_INNER, ACCUMULATE>
       <<<cfg.grid, cfg.block, 0, current_stream()>>>(ga, gm, am, static_cast<acc_t>(count),
                                                      static_cast<int>(Li), static_cast<int>(Lo),
                                                      cfg.itiles, cfg.splits, cfg.chunk, dx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// dx of x viewed as [N, Lo, Li] from a (mean, max, arg-max) triple of small [N, kept] tensors.
-template <typename scalar_t>
+// dx of x viewed as [N, Lo, Li] from a (mean, max, arg-max) triple of small [N, kept] tensors,
+// written (or with ACCUMULATE added into dx).
+template <typename scalar_t, bool ACCUMULATE>
 void launch_max_scatter_backward(const scalar_t* ga, const scalar_t* gm, const int32_t* am,
                                  int64_t count, int64_t N, int64_t Li, int64_t Lo,
                                  bool kept_inner, scalar_t* dx) {
@@ -376,15 +378,19 @@ void launch_max_scatter_backward(const scalar_t* ga, const scalar_t* gm, const i
   const bool vec = Li % V == 0 && aligned16(dx);
   if (kept_inner) {
     if (vec) {
-      launch_max_scatter_backward_vec<scalar_t, V, true>(ga, gm, am, count, N, Li, Lo, dx);
+      launch_max_scatter_backward_vec<scalar_t, V, true, ACCUMULATE>(ga, gm, am, count, N, Li,
+                                                                     Lo, dx);
     } else {
-      launch_max_scatter_backward_vec<scalar_t, 1, true>(ga, gm, am, count, N, Li, Lo, dx);
+      launch_max_scatter_backward_vec<scalar_t, 1, true, ACCUMULATE>(ga, gm, am, count, N, Li,
+                                                                     Lo, dx);
     }
   } else {
     if (vec) {
-      launch_max_scatter_backward_vec<scalar_t, V, false>(ga, gm, am, count, N, Li, Lo, dx);
+      launch_max_scatter_backward_vec<scalar_t, V, false, ACCUMULATE>(ga, gm, am, count, N, Li,
+                                                                      Lo, dx);
     } else {
-      launch_max_scatter_backward_vec<scalar_t, 1, false>(ga, gm, am, count, N, Li, Lo, dx);
+      launch_max_scatter_backward_vec<scalar_t, 1, false, ACCUMULATE>(ga, gm, am, count, N, Li,
+                                                                      Lo, dx);
     }
   }
 }

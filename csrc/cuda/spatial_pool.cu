@@ -3,7 +3,8 @@
 //   NCHW x:          lanes along H x W, rows of the block along C -> outer_pool (scale per row).
 //   channels_last x: each pixel's C values are contiguous -> row_pool (a group per pixel).
 //   backward:        w = grad_mean / C + [c == argmax] * grad_max; dx = w * scale[n, c];
-//                    grad_scale[n, c] = sum_p w * x, reduced without atomics.
+//                    grad_scale[n, c] = sum_p w * x, reduced without atomics. dx is written,
+//                    or in spatial_pool_backward_add added into a given gradient of x.
 #include "common.cuh"
 #include "kernels.h"
 #include "pool.cuh"
@@ -17,7 +18,8 @@ namespace gpu {
 //   [itiles, N * C] when the pixels span several tiles.
 // channels_last:  inner c, outer p. Each lane keeps its channels' scale in registers and adds
 //   w * x over its rows; a tree over the block's rows -> final, or partials [splits, N * C].
-template <typename scalar_t, typename acc_t, int VEC, bool CL>
+// ACCUMULATE: dx is added to, not written.
+template <typename scalar_t, typename acc_t, int VEC, bool CL, bool ACCUMULATE>
 __global__ void __launch_bounds__(kThreads)
     scaled_spatial_backward_kernel(const scalar_t* __restrict__ gmean,
                                    const scalar_t* __restrict__ gmax,
@@ -57,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
           out[j] = w * sc;
           psum += w * xv[j];
         }
-        store_as<VEC>(dx + off, out);
+        store_or_add<ACCUMULATE, VEC>(dx + off, out);
       }
       psum = group_sum(psum, blockDim.x);
       if (threadIdx.x == 0 && row) {
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
           out[j] = w * sc[j];
           acc[j] += w * xv[j];
         }
-        store_as<VEC>(dx + off, out);
+        store_or_add<ACCUMULATE, VEC>(dx + off, out);
       }
     }
     tree_sum_over_y<VEC>(acc, smem);
@@ -109,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, int VEC, bool CL>
+template <typename scalar_t, int VEC, bool CL, bool ACCUMULATE>
 void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* gmean,
                                         const scalar_t* gmax, const int32_t* am,
                                         const scalar_t* x, const scalar_t* scale, int64_t N,
@@ -122,7 +124,7 @@ void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* 
   at::Tensor part;
   if (nparts > 1) part = at::empty({nparts, rows}, acc_options<acc_t>(like));
   acc_t* pp = nparts > 1 ? part.mutable_data_ptr<acc_t>() : nullptr;
-  scaled_spatial_backward_kernel<scalar_t, acc_t, VEC, CL>
+  scaled_spatial_backward_kernel<scalar_t, acc_t, VEC, CL, ACCUMULATE>
       <<<cfg.grid, cfg.block, 0, current_stream()>>>(
           gmean, gmax, am, x, scale, static_cast<acc_t>(C), static_cast<int>(Li),
           static_cast<int>(Lo), cfg.itiles, cfg.splits, cfg.chunk, rows, dx, pp, gscale);
@@ -133,7 +135,7 @@ void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* 
   }
 }
 
-template <typename scalar_t, bool CL>
+template <typename scalar_t, bool CL, bool ACCUMULATE>
 void launch_scaled_spatial_backward(const at::Tensor& like, const scalar_t* gmean,
                                     const scalar_t* gmax, const int32_t* am, const scalar_t* x,
                                     const scalar_t* scale, int64_t N, int64_t C, int64_t P,
@@ -141,11 +143,11 @@ void launch_scaled_spatial_backward(const at::Tensor& like, const scalar_t* gmea
   constexpr int V = vec_width<scalar_t>();
   const int64_t Li = CL ? C : P;
   if (Li % V == 0 && aligned16(x) && aligned16(dx)) {
-    launch_scaled_spatial_backward_vec<scalar_t, V, CL>(like, gmean, gmax, am, x, scale, N, C, P,
-                                                        dx, gscale);
+    launch_scaled_spatial_backward_vec<scalar_t, V, CL, ACCUMULATE>(like, gmean, gmax, am, x,
+                                                                    scale, N, C, P, dx, gscale);
   } else {
-    launch_scaled_spatial_backward_vec<scalar_t, 1, CL>(like, gmean, gmax, am, x, scale, N, C, P,
-                                                        dx, gscale);
+    launch_scaled_spatial_backward_vec<scalar_t, 1, CL, ACCUMULATE>(like, gmean, gmax, am, x,
+                                                                    scale, N, C, P, dx, gscale);
   }
 }
 
@@ -189,12 +191,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
   return {mean, mx, idx};
 }
 
-std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
-    const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
-    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_opt) {
-  constexpr const char* op = "fused_cbam::spatial_pool_backward";
-  check_x(x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+namespace {
+
+// Writes (ACCUMULATE: adds) the gradient of x into dx (dense in x's memory format) and returns
+// the gradient of the scale (empty without a scale).
+template <bool ACCUMULATE>
+at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mean,
+                                      const at::Tensor& grad_max, const at::Tensor& argmax,
+                                      const at::Tensor& x_in,
+                                      const std::optional<at::Tensor>& scale_opt,
+                                      const char* op) {
   const bool cl = is_channels_last(x_in);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t P = H * W;
@@ -204,24 +210,22 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
   const at::Tensor am = check_small(argmax, op, "argmax", x_in, {N, 1, H, W}, at::kInt);
   const at::Tensor scale = check_optional_small(scale_opt, op, "scale", x_in, {N, C}, dtype);
   const bool has_scale = scale.defined();
-  at::Tensor dx = empty_like_x(x_in);
   if (dx.numel() == 0) {  // sum over zero pixels
-    at::Tensor gs = has_scale ? at::zeros({N, C}, x_in.options()) : at::empty({0}, x_in.options());
-    return {dx, gs};
+    return has_scale ? at::zeros({N, C}, x_in.options()) : at::empty({0}, x_in.options());
   }
   if (!has_scale) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_cbam::spatial_pool_backward", [&] {
       // Kept (n, p): inner for NCHW, outer for channels_last; c is the pooled coordinate.
-      launch_max_scatter_backward<scalar_t>(
+      launch_max_scatter_backward<scalar_t, ACCUMULATE>(
           gmean.const_data_ptr<scalar_t>(), gmax.const_data_ptr<scalar_t>(),
           am.const_data_ptr<int32_t>(), /*count=*/C, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
           /*kept_inner=*/!cl, dx.mutable_data_ptr<scalar_t>());
     });
-    return {dx, at::empty({0}, x_in.options())};
+    return at::empty({0}, x_in.options());
   }
   const at::Tensor x = dense_x(x_in);
   at::Tensor gs = at::empty({N, C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_cbam::spatial_pool_backward", [&] {
     const scalar_t* gmp = gmean.const_data_ptr<scalar_t>();
     const scalar_t* gxp = gmax.const_data_ptr<scalar_t>();
     const int32_t* ap = am.const_data_ptr<int32_t>();
@@ -230,12 +234,39 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     scalar_t* gsp = gs.mutable_data_ptr<scalar_t>();
     if (cl) {
-      launch_scaled_spatial_backward<scalar_t, true>(x, gmp, gxp, ap, xp, sp, N, C, P, dxp, gsp);
+      launch_scaled_spatial_backward<scalar_t, true, ACCUMULATE>(x, gmp, gxp, ap, xp, sp, N, C,
+                                                                 P, dxp, gsp);
     } else {
-      launch_scaled_spatial_backward<scalar_t, false>(x, gmp, gxp, ap, xp, sp, N, C, P, dxp, gsp);
+      launch_scaled_spatial_backward<scalar_t, false, ACCUMULATE>(x, gmp, gxp, ap, xp, sp, N, C,
+                                                                  P, dxp, gsp);
     }
   });
-  return {dx, gs};
+  return gs;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
+    const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
+    const at::Tensor& x, const std::optional<at::Tensor>& scale) {
+  constexpr const char* op = "fused_cbam::spatial_pool_backward";
+  check_x(x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = empty_like_x(x);
+  at::Tensor grad_scale =
+      spatial_pool_backward_into<false>(dx, grad_mean, grad_max, argmax, x, scale, op);
+  return {dx, grad_scale};
+}
+
+at::Tensor spatial_pool_backward_add(at::Tensor& grad_x, const at::Tensor& grad_mean,
+                                     const at::Tensor& grad_max, const at::Tensor& argmax,
+                                     const at::Tensor& x,
+                                     const std::optional<at::Tensor>& scale) {
+  constexpr const char* op = "fused_cbam::spatial_pool_backward_add";
+  check_x(x, op);
+  check_accumulator(grad_x, x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return spatial_pool_backward_into<true>(grad_x, grad_mean, grad_max, argmax, x, scale, op);
 }
 
 }  // namespace gpu

@@ -1,7 +1,7 @@
 """Triton implementation of the fused_cbam operators, in the namespace ``fused_cbam_triton``.
 
-Importing this package registers ``torch.ops.fused_cbam_triton.<op>`` for the six operators of
-``csrc/ops.cpp`` (same names, schemas and semantics as ``torch.ops.fused_cbam.<op>``), with the
+Importing this package registers ``torch.ops.fused_cbam_triton.<op>`` for the operators of
+``csrc/ops.cpp`` but ``cbam_inference`` (same names, schemas and semantics as ``torch.ops.fused_cbam.<op>``), with the
 fake kernels and autograd formulas of ``fused_cbam._registrations`` shared by every namespace, so
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work on them.
 
@@ -55,6 +55,11 @@ def _channel_pool_backward_op(grad_avg: Tensor, grad_max: Tensor, argmax: Tensor
     return _channel_pool.channel_pool_backward(grad_avg, grad_max, argmax, x)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::channel_pool_backward_add", mutates_args=("grad_x",), **_ANY_LAYOUT)
+def _channel_pool_backward_add_op(grad_x: Tensor, grad_avg: Tensor, grad_max: Tensor, argmax: Tensor) -> None:
+    _channel_pool.channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax)
+
+
 @torch.library.custom_op(f"{NAMESPACE}::spatial_pool", mutates_args=(), **_ANY_LAYOUT)
 def _spatial_pool_op(x: Tensor, scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return _spatial_pool.spatial_pool(x, scale)
@@ -65,6 +70,13 @@ def _spatial_pool_backward_op(
     grad_mean: Tensor, grad_max: Tensor, argmax: Tensor, x: Tensor, scale: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     return _spatial_pool.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::spatial_pool_backward_add", mutates_args=("grad_x",), **_ANY_LAYOUT)
+def _spatial_pool_backward_add_op(
+    grad_x: Tensor, grad_mean: Tensor, grad_max: Tensor, argmax: Tensor, x: Tensor, scale: Optional[Tensor]
+) -> Tensor:
+    return _spatial_pool.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::gate_apply", mutates_args=(), **_ANY_LAYOUT)

@@ -42,13 +42,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _EMULATE_BF16_RTNE = tl.constexpr(INTERPRET)
 
 
-def autotune(gpu_configs, interpret_config, key):
+def autotune(gpu_configs, interpret_config, key, restore_value=None):
     """``triton.autotune`` over ``gpu_configs`` on a GPU, over ``[interpret_config]`` in the interpreter.
 
     Configurations only change block shapes and warps; every kernel accumulates in float32, so the
-    choice changes results by rounding at most.
+    choice changes results by rounding at most. ``restore_value`` names the arguments a kernel
+    may add into: the tuner runs each configuration several times, and restores them after.
     """
-    return triton.autotune(configs=[interpret_config] if INTERPRET else gpu_configs, key=key)
+    configs = [interpret_config] if INTERPRET else gpu_configs
+    return triton.autotune(configs=configs, key=key, restore_value=restore_value)
 
 
 def config(num_warps: int = 4, **blocks) -> triton.Config:
@@ -119,6 +121,23 @@ def check_small(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str, dty
     if t.device != x.device:
         raise ValueError(f"fused_cbam_triton::{op}: {name} is on {t.device}, x on {x.device}")
     return t.contiguous()
+
+
+def check_accumulator(grad_x: torch.Tensor, x: torch.Tensor, op: str) -> None:
+    """A gradient of x that a backward kernel adds into: x's shape, dtype and device, and dense
+    in x's memory format (the kernels index it with x's strides)."""
+    check_x(grad_x, op)
+    if grad_x.shape != x.shape or grad_x.dtype != x.dtype or grad_x.device != x.device:
+        raise ValueError(
+            f"fused_cbam_triton::{op}: grad_x must match x (shape {tuple(x.shape)}, {x.dtype}, "
+            f"{x.device}), got {tuple(grad_x.shape)}, {grad_x.dtype}, {grad_x.device}"
+        )
+    channels_last = _is_channels_last(x)
+    if not grad_x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format):
+        raise ValueError(
+            f"fused_cbam_triton::{op}: grad_x must be dense in x's memory format "
+            f"({'channels_last' if channels_last else 'NCHW'})"
+        )
 
 
 def layout(x: torch.Tensor, like: torch.Tensor = None):

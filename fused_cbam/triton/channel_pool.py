@@ -9,7 +9,8 @@ Forward, one launch, or two when P is split:
    wins) and writes avg, max and argmax.
 S > 1 only when N * C alone would leave the GPU idle (see ``_common.num_splits``).
 
-Backward, one elementwise launch: dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c].
+Backward, one elementwise launch: dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c],
+written, or added into a given gradient of x (``channel_pool_backward_add``).
 """
 
 import torch
@@ -28,6 +29,7 @@ from ._common import (
     FINALIZE_BLOCK,
     autotune,
     cast_to,
+    check_accumulator,
     check_small,
     check_x,
     device_guard,
@@ -134,7 +136,7 @@ def channel_pool(x: torch.Tensor):
 def _backward_kernel(
     grad_avg_ptr, grad_max_ptr, argmax_ptr, dx_ptr,
     N, C, P, stride_n, stride_c, stride_p,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     num_pblk = tl.cdiv(P, BLOCK_P)
     num_cblk = tl.cdiv(C, BLOCK_C)
@@ -150,29 +152,41 @@ def _backward_kernel(
     am = tl.load(argmax_ptr + n * C + offs_c, mask=mask_c, other=-1)
     d = ga[:, None] + tl.where(offs_p[None, :] == am[:, None], gm[:, None], 0.0)
     offs = n * stride_n + offs_c.to(tl.int64)[:, None] * stride_c + offs_p.to(tl.int64)[None, :] * stride_p
+    if ACCUMULATE:
+        d += tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offs, cast_to(d, dx_ptr), mask=mask)
 
 
-_backward_nchw = autotune(POINTWISE_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
-_backward_cl = autotune(POINTWISE_CL, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
+_backward_nchw = autotune(POINTWISE_NCHW, INTERPRET_CONFIG, SHAPE_KEY, restore_value=["dx_ptr"])(_backward_kernel)
+_backward_cl = autotune(POINTWISE_CL, INTERPRET_CONFIG, SHAPE_KEY, restore_value=["dx_ptr"])(_backward_kernel)
 
 
-def channel_pool_backward(grad_avg, grad_max, argmax, x):
-    check_x(x, "channel_pool_backward")
-    n, c, h, w = x.shape
+def _backward_into(dx, grad_avg, grad_max, argmax, accumulate: bool, op: str) -> None:
+    """Writes (``accumulate``: adds) the gradient of x into ``dx``, dense in its memory format."""
+    n, c, h, w = dx.shape
     p = h * w
-    grad_avg = check_small(grad_avg, x, (n, c), "grad_avg", "channel_pool_backward")
-    grad_max = check_small(grad_max, x, (n, c), "grad_max", "channel_pool_backward")
-    argmax = check_small(argmax, x, (n, c), "argmax", "channel_pool_backward", dtype=torch.int32)
-    dx = _like_x(x)
+    grad_avg = check_small(grad_avg, dx, (n, c), "grad_avg", op)
+    grad_max = check_small(grad_max, dx, (n, c), "grad_max", op)
+    argmax = check_small(argmax, dx, (n, c), "argmax", op, dtype=torch.int32)
     if dx.numel() == 0:
-        return dx
+        return
     _, cl, (sn, sc, sp) = layout(dx)
     kernel = _backward_cl if cl else _backward_nchw
 
     def grid(meta):
         return (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),)
 
-    with device_guard(x):
-        kernel[grid](grad_avg, grad_max, argmax, dx, n, c, p, sn, sc, sp)
+    with device_guard(dx):
+        kernel[grid](grad_avg, grad_max, argmax, dx, n, c, p, sn, sc, sp, ACCUMULATE=accumulate)
+
+
+def channel_pool_backward(grad_avg, grad_max, argmax, x):
+    check_x(x, "channel_pool_backward")
+    dx = _like_x(x)
+    _backward_into(dx, grad_avg, grad_max, argmax, False, "channel_pool_backward")
     return dx
+
+
+def channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax) -> None:
+    check_accumulator(grad_x, grad_x, "channel_pool_backward_add")
+    _backward_into(grad_x, grad_avg, grad_max, argmax, True, "channel_pool_backward_add")

@@ -6,7 +6,7 @@ ties) in registers.
 
 Backward: w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
 grad_x = w * scale[n, c]; grad_scale[n, c] = sum_p w * x. Program (n, block of BLOCK_C channels,
-split) walks its part of P, writes grad_x and a float32 partial of grad_scale [S, N * C]; a second
+split) walks its part of P, writes grad_x (or adds into it: ``spatial_pool_backward_add``) and a float32 partial of grad_scale [S, N * C]; a second
 launch adds the S partials in a fixed order (``_common.sum_partials``).
 """
 
@@ -23,6 +23,7 @@ from ._common import (
     SHAPE_KEY,
     autotune,
     cast_to,
+    check_accumulator,
     check_small,
     check_x,
     config,
@@ -118,7 +119,7 @@ def spatial_pool(x: torch.Tensor, scale):
 def _backward_kernel(
     grad_mean_ptr, grad_max_ptr, argmax_ptr, x_ptr, scale_ptr, dx_ptr, pscale_ptr,
     N, C, P, stride_n, stride_c, stride_p, S,
-    HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     num_cblk = tl.cdiv(C, BLOCK_C)
     n = (tl.program_id(0) // num_cblk).to(tl.int64)
@@ -146,6 +147,8 @@ def _backward_kernel(
             dx = w * s[:, None]
         else:
             dx = w
+        if ACCUMULATE:
+            dx += tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, cast_to(dx, dx_ptr), mask=mask)
 
     if HAS_SCALE:
@@ -153,13 +156,27 @@ def _backward_kernel(
         tl.store(pscale_ptr + out, cast_to(tl.sum(acc, axis=1), pscale_ptr), mask=mask_c)
 
 
-_backward_nchw = autotune(REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
-_backward_cl = autotune(REDUCE_CL, INTERPRET_CONFIG, SHAPE_KEY)(_backward_kernel)
+_backward_nchw = autotune(REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY, restore_value=["dx_ptr"])(_backward_kernel)
+_backward_cl = autotune(REDUCE_CL, INTERPRET_CONFIG, SHAPE_KEY, restore_value=["dx_ptr"])(_backward_kernel)
 
 
 def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
-    op = "spatial_pool_backward"
+    check_x(x, "spatial_pool_backward")
+    dx = _like_x(x)
+    grad_scale = _backward_into(dx, grad_mean, grad_max, argmax, x, scale, False, "spatial_pool_backward")
+    return dx, grad_scale
+
+
+def spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale):
+    op = "spatial_pool_backward_add"
     check_x(x, op)
+    check_accumulator(grad_x, x, op)
+    return _backward_into(grad_x, grad_mean, grad_max, argmax, x, scale, True, op)
+
+
+def _backward_into(dx, grad_mean, grad_max, argmax, x, scale, accumulate: bool, op: str):
+    """Writes (``accumulate``: adds) the gradient of x into ``dx`` (dense in x's memory format);
+    returns the gradient of the scale (empty without one)."""
     n, c, h, w = x.shape
     p = h * w
     grad_mean = check_small(grad_mean, x, (n, 1, h, w), "grad_mean", op)
@@ -170,9 +187,8 @@ def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
         grad_scale = x.new_empty(n, c)
     else:
         grad_scale = x.new_empty(0)
-    dx = _like_x(x)
     if dx.numel() == 0:
-        return dx, grad_scale.zero_()
+        return grad_scale.zero_()
     x, cl, (sn, sc, sp) = layout(x)
     splits = num_splits(x, n * c // ROWS_PER_PROGRAM[cl], p)
     pscale = sum_target(splits, grad_scale) if scale is not None else dx
@@ -184,8 +200,8 @@ def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
     with device_guard(x):
         kernel[grid](
             grad_mean, grad_max, argmax, x, x if scale is None else scale, dx, pscale,
-            n, c, p, sn, sc, sp, splits, HAS_SCALE=scale is not None,
+            n, c, p, sn, sc, sp, splits, HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
         )  # fmt: skip
         if scale is not None:
             sum_partials(pscale, grad_scale.view(-1))
-    return dx, grad_scale
+    return grad_scale

@@ -1,0 +1,104 @@
+// Checks of cbam_inference's parameters (schema: csrc/ops.cpp), shared by its CPU and CUDA
+// kernels so that both refuse the same arguments with the same messages. Each returns the
+// parameter contiguous in the dtype the caller computes in.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace fused_cbam::inference {
+
+// A parameter: floating, on x's device, of the expected shape.
+inline at::Tensor parameter(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
+                            const char* name, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
+                   ": expected a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(),
+                    " (x's), got ", t.device());
+  return t.to(dtype).contiguous();
+}
+
+// An optional parameter of the given shape; an undefined tensor when absent.
+inline at::Tensor optional_parameter(const std::optional<at::Tensor>& t, const at::Tensor& x,
+                                     at::IntArrayRef shape, const char* name,
+                                     at::ScalarType dtype) {
+  return t.has_value() ? parameter(*t, x, shape, name, dtype) : at::Tensor();
+}
+
+// An MLP weight: [rows, cols], or a 1x1 conv's [rows, cols, 1, 1], as [rows, cols].
+inline at::Tensor matrix(const at::Tensor& t, const at::Tensor& x, int64_t rows, int64_t cols,
+                         const char* name, at::ScalarType dtype) {
+  const bool conv = t.dim() == 4 && t.size(2) == 1 && t.size(3) == 1;
+  TORCH_CHECK_VALUE((t.dim() == 2 || conv) && t.size(0) == rows && t.size(1) == cols, name,
+                    ": expected shape [", rows, ", ", cols, "] (or [", rows, ", ", cols,
+                    ", 1, 1]), got ", t.sizes());
+  return parameter(conv ? t.reshape({rows, cols}) : t, x, {rows, cols}, name, dtype);
+}
+
+// The channel MLP: fc1 [hidden, C] and fc2 [C, hidden], or fc1 [C, C] alone (w2, b2 undefined);
+// biases undefined where absent.
+struct Mlp {
+  at::Tensor w1, b1, w2, b2;
+};
+
+inline Mlp mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
+               const std::optional<at::Tensor>& fc1_bias,
+               const std::optional<at::Tensor>& fc2_weight,
+               const std::optional<at::Tensor>& fc2_bias, c10::string_view pooling,
+               at::ScalarType dtype) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(pooling == "avg" || pooling == "sum" || pooling == "mix",
+                    "pooling: expected \"avg\", \"sum\" or \"mix\", got \"", pooling, "\"");
+  TORCH_CHECK_VALUE(fc1_weight.dim() >= 2 && fc1_weight.size(0) > 0,
+                    "fc1_weight: expected shape [hidden, ", C, "] (or [hidden, ", C,
+                    ", 1, 1]), got ", fc1_weight.sizes());
+  TORCH_CHECK_VALUE(fc2_weight.has_value() || !fc2_bias.has_value(),
+                    "fc2_bias: expected None without fc2_weight");
+  // Without fc2, fc1 alone maps the pooled vectors to the channel logits.
+  const int64_t hidden = fc2_weight.has_value() ? fc1_weight.size(0) : C;
+  Mlp m;
+  m.w1 = matrix(fc1_weight, x, hidden, C, "fc1_weight", dtype);
+  m.b1 = optional_parameter(fc1_bias, x, {hidden}, "fc1_bias", dtype);
+  if (fc2_weight.has_value()) {
+    m.w2 = matrix(*fc2_weight, x, C, hidden, "fc2_weight", dtype);
+    m.b2 = optional_parameter(fc2_bias, x, {C}, "fc2_bias", dtype);
+  }
+  return m;
+}
+
+// The spatial conv and its eval-mode BatchNorm: weight [1, 2, K, K] over the two maps, or
+// [1, 1, K, K] over 0.5 * mean + 0.5 * max (K odd); the scalars undefined where absent.
+struct SpatialConv {
+  at::Tensor weight, bias, bn_mean, bn_var, bn_weight, bn_bias;
+  int64_t maps, K;
+};
+
+inline SpatialConv spatial_conv(const at::Tensor& x, const at::Tensor& conv_weight,
+                                const std::optional<at::Tensor>& conv_bias,
+                                const std::optional<at::Tensor>& bn_mean,
+                                const std::optional<at::Tensor>& bn_var,
+                                const std::optional<at::Tensor>& bn_weight,
+                                const std::optional<at::Tensor>& bn_bias, at::ScalarType dtype) {
+  SpatialConv s;
+  s.K = conv_weight.dim() == 4 ? conv_weight.size(3) : 0;
+  s.maps = conv_weight.dim() == 4 ? conv_weight.size(1) : 0;
+  TORCH_CHECK_VALUE(s.K % 2 == 1 && (s.maps == 1 || s.maps == 2),
+                    "conv_weight: expected shape [1, 2, K, K] (or [1, 1, K, K]) with K odd, got ",
+                    conv_weight.sizes());
+  TORCH_CHECK_VALUE(bn_mean.has_value() == bn_var.has_value(),
+                    "bn_mean, bn_var: expected both or neither");
+  s.weight = parameter(conv_weight, x, {1, s.maps, s.K, s.K}, "conv_weight", dtype);
+  s.bias = optional_parameter(conv_bias, x, {1}, "conv_bias", dtype);
+  s.bn_mean = optional_parameter(bn_mean, x, {1}, "bn_mean", dtype);
+  s.bn_var = optional_parameter(bn_var, x, {1}, "bn_var", dtype);
+  s.bn_weight = optional_parameter(bn_weight, x, {1}, "bn_weight", dtype);
+  s.bn_bias = optional_parameter(bn_bias, x, {1}, "bn_bias", dtype);
+  return s;
+}
+
+}  // namespace fused_cbam::inference
