@@ -3,8 +3,9 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/sanitizer_smoke.py
     compute-sanitizer --tool racecheck python benchmarks/sanitizer_smoke.py
 
-Covers both memory formats, float32 and bfloat16, all six operators (forward and backward
-operators called directly), with and without the optional gates/scale, odd sizes (scalar
+Covers both memory formats, float32 and bfloat16, every operator (forward and backward
+operators, the two that add into a gradient, and cbam_inference with and without BatchNorm, 3x3
+and 7x7, one and two maps), with and without the optional gates/scale, odd sizes (scalar
 paths), a misaligned view (scalar head of the row kernel) and one N = 1 input large in H x W,
 which takes the split-H x W paths (partials + deterministic second kernel).
 Exits non-zero when a result is not finite or has the wrong shape; the sanitizer judges memory.
@@ -66,6 +67,22 @@ def run_case(ops, shape, dtype, fmt, misaligned=False):
         out = ops.gate_apply(x, cg, sg)
         dx, gg, gh = ops.gate_apply_backward(torch.randn_like(x), x, cg, sg)
         _finite("gate_apply", out, dx, gg, gh)
+
+    grad_x = torch.randn_like(x)
+    ops.channel_pool_backward_add(grad_x, torch.randn(n, c, **small), torch.randn(n, c, **small), am)
+    for scale in (None, g):
+        mean, _, sam = ops.spatial_pool(x, scale)
+        gs = ops.spatial_pool_backward_add(grad_x, torch.randn_like(mean), torch.randn_like(mean), sam, x, scale)
+        _finite("*_backward_add", grad_x, gs)
+
+    hidden = max(1, c // 4)
+    for k, maps, bn in ((7, 2, True), (3, 1, False)):
+        norm = [torch.randn(1, **small), torch.rand(1, **small) + 0.5, torch.randn(1, **small), None] if bn else [None] * 4
+        out = ops.cbam_inference(
+            x, torch.randn(hidden, c, **small), torch.randn(hidden, **small), torch.randn(c, hidden, **small), None,
+            "sum" if maps == 2 else "mix", torch.randn(1, maps, k, k, **small), None, *norm, 1e-5, maps == 2,
+        )  # fmt: skip
+        _finite("cbam_inference", out)
 
 
 def main() -> int:

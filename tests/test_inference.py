@@ -96,7 +96,7 @@ def test_batches_larger_than_one_chunk(memory_format):
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.needs_cuda
-def test_batches_larger_than_one_chunk_on_the_gpu(memory_format, dtype):
+def test_batches_larger_than_one_chunk_on_cuda(memory_format, dtype):
     """On a GPU, chunks of samples take half of the L2 cache (25-30 MB on an H100/H200): x of
     about 2.5 chunks, odd spatial size."""
     skip_unless_available("cuda")

@@ -18,10 +18,12 @@ class Provider:
     make: Callable[[nn.Module], nn.Module]  # from the reference module (same weights where possible)
 
 
-def _fused(backend: str) -> Callable[[nn.Module], nn.Module]:
+def _fused(backend: str, three_operators: bool = False) -> Callable[[nn.Module], nn.Module]:
     def make(ref: nn.Module) -> nn.Module:
         module = fused_cbam.nn.CBAM(ref.ChannelGate.gate_channels, backend=backend)
         module.load_state_dict(ref.state_dict())
+        # Keeping the gates (references, no copies) takes the three-operator path in inference.
+        module.keep_gates = three_operators
         return module.to(next(ref.parameters()))
 
     return make
@@ -57,6 +59,9 @@ def providers(device: torch.device, names: list[str] | None, quick: bool = False
         runs_here = {"cpu": device.type == "cpu", "cuda": device.type == "cuda", "triton": device.type == "cuda"}
         if runs_here.get(backend, False):
             found.append(Provider(backend, "fused", _fused(backend)))
+        if backend == "cuda" and runs_here["cuda"]:
+            # The forward as three operators, beside the one-operator inference path above.
+            found.append(Provider("cuda-3ops", "fused", _fused(backend, three_operators=True)))
     if device.type in fused_cbam.available_backends():
         # What users get from torch.compile of a model holding the fused block.
         found.append(Provider(f"compile+{device.type}", "fused", _compiled("default", _fused(device.type))))
