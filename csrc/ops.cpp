@@ -18,8 +18,7 @@
 //                                 [1, 2, K, K] over the maps [max, mean] if max_first else
 //                                 [mean, max], or [1, 1, K, K] over 0.5 mean + 0.5 max; bn in
 //                                 eval mode (running statistics); CPU and CUDA kernels (the
-//                                 CUDA one computes the MLP and BN in x's dtype, as the
-//                                 modules do, and takes K <= 31)
+//                                 CUDA one computes the MLP in x's dtype, as the modules do)
 // The backward operators return the gradient of x in x's memory format, and an empty tensor
 // for the gradient of an absent optional input. channel_pool_backward_add and
 // spatial_pool_backward_add add their gradient of x into grad_x (dense in x's memory format)

@@ -4,7 +4,7 @@
 // passes over it (channel pooling, spatial pooling, gate), so that x comes from HBM about once
 // instead of three times. Per chunk: channel_pool's kernels; the MLP with cuBLAS in x's dtype
 // (as the modules compute it); spatial_pool's kernels over x * gate; one kernel for the K x K
-// conv over the two maps with the eval-mode BatchNorm folded in and the sigmoid; gate_apply's
+// conv over the two maps, the eval-mode BatchNorm and the sigmoid; gate_apply's
 // kernel writing the chunk's rows of the output. Nothing is read back to the host, so the
 // call never synchronises with the device.
 #include <ATen/ops/addmm.h>
@@ -19,8 +19,6 @@
 namespace fused_cbam {
 namespace gpu {
 namespace {
-
-constexpr int kMaxKernelSize = 31;  // bound of the folded conv kept in shared memory
 
 // The spatial conv's parameters: weight [maps, K, K] and scalars (nullptr where absent).
 template <typename scalar_t>
@@ -37,17 +35,14 @@ struct SpatialGateParams {
 };
 
 // gate[n, 0, y, x] = sigmoid(bn(conv_KxK(maps)[n, y, x])) over the zero-padded [mean, max]
-// maps (each [rows, H, W]). Each block folds the BatchNorm into the conv's weights (ordered
-// [mean map, max map]; a one-map kernel acts on 0.5 * mean + 0.5 * max, half on each) and bias
-// in shared memory, then threads take one output pixel each.
+// maps (each [rows, H, W]), one output pixel per thread. The eval-mode BatchNorm is applied as
+// the affine map it is, after the conv's sum (scale * sum + bias); a one-map kernel acts on
+// 0.5 * mean + 0.5 * max, i.e. half of it on each map.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     spatial_gate_kernel(const scalar_t* __restrict__ mean, const scalar_t* __restrict__ mx,
                         SpatialGateParams<scalar_t> p, int H, int W, int64_t total,
                         scalar_t* __restrict__ gate) {
-  extern __shared__ unsigned char smem_bytes[];
-  acc_t* folded = reinterpret_cast<acc_t*>(smem_bytes);  // [2, K, K]
-  const int KK = p.K * p.K;
   acc_t scale = 1, shift = 0;
   if (p.bn_var != nullptr) {
     scale = acc_t(1) / sqrt(static_cast<acc_t>(p.bn_var[0]) + static_cast<acc_t>(p.bn_eps));
@@ -59,14 +54,10 @@ __global__ void __launch_bounds__(kThreads)
     if (p.bn_bias != nullptr) shift += static_cast<acc_t>(p.bn_bias[0]);
   }
   const acc_t bias = (p.bias != nullptr ? static_cast<acc_t>(p.bias[0]) : acc_t(0)) * scale + shift;
-  const acc_t share = p.maps == 1 ? acc_t(0.5) : acc_t(1);
-  for (int i = threadIdx.x; i < 2 * KK; i += blockDim.x) {
-    const int map = i / KK;
-    const int from = p.maps == 1 ? 0 : p.max_first ? 1 - map : map;
-    folded[i] = static_cast<acc_t>(p.weight[from * KK + i % KK]) * scale * share;
-  }
-  __syncthreads();
-  const int r = p.K / 2;
+  if (p.maps == 1) scale *= acc_t(0.5);
+  const int KK = p.K * p.K, r = p.K / 2;
+  const scalar_t* w_mean = p.weight + (p.maps == 2 && p.max_first ? KK : 0);
+  const scalar_t* w_max = p.weight + (p.maps == 2 && !p.max_first ? KK : 0);
   const int64_t plane = static_cast<int64_t>(H) * W;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -74,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
     const int y = static_cast<int>(i % plane / W), x = static_cast<int>(i % W);
     const scalar_t* mean_n = mean + n * plane;
     const scalar_t* max_n = mx + n * plane;
-    acc_t acc = bias;
+    acc_t sum = 0;
     for (int ky = 0; ky < p.K; ++ky) {
       const int yy = y + ky - r;
       if (yy < 0 || yy >= H) continue;
@@ -82,11 +73,13 @@ __global__ void __launch_bounds__(kThreads)
         const int xx = x + kx - r;
         if (xx < 0 || xx >= W) continue;
         const int64_t q = static_cast<int64_t>(yy) * W + xx;
-        acc += folded[ky * p.K + kx] * static_cast<acc_t>(mean_n[q]) +
-               folded[KK + ky * p.K + kx] * static_cast<acc_t>(max_n[q]);
+        const int t = ky * p.K + kx;
+        sum += static_cast<acc_t>(w_mean[t]) * static_cast<acc_t>(mean_n[q]) +
+               static_cast<acc_t>(w_max[t]) * static_cast<acc_t>(max_n[q]);
       }
     }
-    gate[i] = static_cast<scalar_t>(acc_t(1) / (acc_t(1) + exp(-acc)));
+    const acc_t logit = sum * scale + bias;
+    gate[i] = static_cast<scalar_t>(acc_t(1) / (acc_t(1) + exp(-logit)));
   }
 }
 
@@ -106,9 +99,8 @@ void launch_spatial_gate(const at::Tensor& mean, const at::Tensor& mx,
                                         ptr(conv.bn_var),    ptr(conv.bn_weight), ptr(conv.bn_bias),
                                         bn_eps,              static_cast<int>(conv.maps),
                                         static_cast<int>(conv.K), max_first};
-    const size_t smem = 2 * conv.K * conv.K * sizeof(acc_t);
     spatial_gate_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(blocks), kThreads, smem, current_stream()>>>(
+        <<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
             mean.const_data_ptr<scalar_t>(), mx.const_data_ptr<scalar_t>(), p, H, W, total,
             gate.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -165,8 +157,6 @@ at::Tensor cbam_inference(
       inference::mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, dtype);
   const inference::SpatialConv conv = inference::spatial_conv(
       x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias, dtype);
-  TORCH_CHECK_VALUE(conv.K <= kMaxKernelSize, op, ": conv_weight: expected K <= ",
-                    kMaxKernelSize, " on CUDA, got K = ", conv.K);
   TORCH_CHECK_VALUE(x.size(1) > 0, op, ": x: expected at least one channel, got shape ",
                     x.sizes());
   at::Tensor out = empty_like_x(x);
