@@ -98,7 +98,9 @@ if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$(($(nproc) > 4 ?
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout 150); fi
 GPU_TESTS="cuda or triton"
 (
-  export OMP_NUM_THREADS=1 FUSED_CBAM_FAILURE_LOG="$LOG/failures.log"
+  # FUSED_CBAM_TRITON_AUTOTUNE=0: each Triton kernel compiles its first configuration only,
+  # instead of compiling and timing all of them for every new test shape in every worker.
+  export OMP_NUM_THREADS=1 FUSED_CBAM_FAILURE_LOG="$LOG/failures.log" FUSED_CBAM_TRITON_AUTOTUNE=0
   step pytest 170 "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "$GPU_TESTS"
   # the CPU's >2^31-element test is left to CI: about 50 s on two threads, longer on one
   step pytest_rest 70 "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($GPU_TESTS) and not test_more_than_2_31_elements"

@@ -373,3 +373,18 @@ def test_torch_compile():
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_autotuning_can_be_turned_off(monkeypatch):
+    """FUSED_CBAM_TRITON_AUTOTUNE=0 (gpu_check.sh's test runs): the first GPU configuration only;
+    the interpreter always has its one fixed configuration."""
+    from fused_cbam.triton import _common
+
+    gpu_configs = [_common.config(BLOCK_C=1, BLOCK_P=1024), _common.config(BLOCK_C=2, BLOCK_P=512)]
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "TUNE", True)
+    assert _common.configs_to_try(gpu_configs, _common.INTERPRET_CONFIG) == gpu_configs
+    monkeypatch.setattr(_common, "TUNE", False)
+    assert _common.configs_to_try(gpu_configs, _common.INTERPRET_CONFIG) == gpu_configs[:1]
+    monkeypatch.setattr(_common, "INTERPRET", True)
+    assert _common.configs_to_try(gpu_configs, _common.INTERPRET_CONFIG) == [_common.INTERPRET_CONFIG]

@@ -42,14 +42,27 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _EMULATE_BF16_RTNE = tl.constexpr(INTERPRET)
 
 
+# FUSED_CBAM_TRITON_AUTOTUNE=0: each kernel runs its first GPU configuration, untuned. For test
+# runs on a GPU, where every new shape would compile and time every configuration.
+TUNE = os.environ.get("FUSED_CBAM_TRITON_AUTOTUNE", "1") != "0"
+
+
+def configs_to_try(gpu_configs, interpret_config) -> list:
+    """``[interpret_config]`` in the interpreter; on a GPU ``gpu_configs``, or only the first of
+    them when tuning is off."""
+    if INTERPRET:
+        return [interpret_config]
+    return gpu_configs if TUNE else gpu_configs[:1]
+
+
 def autotune(gpu_configs, interpret_config, key, restore_value=None):
-    """``triton.autotune`` over ``gpu_configs`` on a GPU, over ``[interpret_config]`` in the interpreter.
+    """``triton.autotune`` over ``configs_to_try(gpu_configs, interpret_config)``.
 
     Configurations only change block shapes and warps; every kernel accumulates in float32, so the
     choice changes results by rounding at most. ``restore_value`` names the arguments a kernel
     may add into: the tuner runs each configuration several times, and restores them after.
     """
-    configs = [interpret_config] if INTERPRET else gpu_configs
+    configs = configs_to_try(gpu_configs, interpret_config)
     return triton.autotune(configs=configs, key=key, restore_value=restore_value)
 
 
