@@ -27,7 +27,7 @@ inline at::Tensor parameter(const at::Tensor& t, const at::Tensor& x, at::IntArr
 inline at::Tensor optional_parameter(const std::optional<at::Tensor>& t, const at::Tensor& x,
                                      at::IntArrayRef shape, const char* name,
                                      at::ScalarType dtype) {
-  return t.has_value() ? parameter(*t, x, shape, name, dtype) : at::Tensor();
+  return t.has_value() && t->defined() ? parameter(*t, x, shape, name, dtype) : at::Tensor();
 }
 
 // An MLP weight: [rows, cols], or a 1x1 conv's [rows, cols, 1, 1], as [rows, cols].

@@ -20,16 +20,17 @@ namespace fused_cbam {
 namespace gpu {
 namespace {
 
-// The spatial conv's parameters: weight [maps, K, K] and scalars (nullptr where absent).
-template <typename scalar_t>
+// The spatial conv's parameters in the accumulation dtype: weight [maps, K, K] and scalars
+// (nullptr where absent).
+template <typename acc_t>
 struct SpatialGateParams {
-  const scalar_t* weight;
-  const scalar_t* bias;
-  const scalar_t* bn_mean;
-  const scalar_t* bn_var;
-  const scalar_t* bn_weight;
-  const scalar_t* bn_bias;
-  double bn_eps;
+  const acc_t* weight;
+  const acc_t* bias;
+  const acc_t* bn_mean;
+  const acc_t* bn_var;
+  const acc_t* bn_weight;
+  const acc_t* bn_bias;
+  acc_t bn_eps;
   int maps, K;
   bool max_first;
 };
@@ -41,23 +42,23 @@ struct SpatialGateParams {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     spatial_gate_kernel(const scalar_t* __restrict__ mean, const scalar_t* __restrict__ mx,
-                        SpatialGateParams<scalar_t> p, int H, int W, int64_t total,
+                        SpatialGateParams<acc_t> p, int H, int W, int64_t total,
                         scalar_t* __restrict__ gate) {
   acc_t scale = 1, shift = 0;
   if (p.bn_var != nullptr) {
-    scale = acc_t(1) / sqrt(static_cast<acc_t>(p.bn_var[0]) + static_cast<acc_t>(p.bn_eps));
-    shift = -static_cast<acc_t>(p.bn_mean[0]) * scale;
+    scale = acc_t(1) / sqrt(p.bn_var[0] + p.bn_eps);
+    shift = -p.bn_mean[0] * scale;
     if (p.bn_weight != nullptr) {
-      scale *= static_cast<acc_t>(p.bn_weight[0]);
-      shift *= static_cast<acc_t>(p.bn_weight[0]);
+      scale *= p.bn_weight[0];
+      shift *= p.bn_weight[0];
     }
-    if (p.bn_bias != nullptr) shift += static_cast<acc_t>(p.bn_bias[0]);
+    if (p.bn_bias != nullptr) shift += p.bn_bias[0];
   }
-  const acc_t bias = (p.bias != nullptr ? static_cast<acc_t>(p.bias[0]) : acc_t(0)) * scale + shift;
+  const acc_t bias = (p.bias != nullptr ? p.bias[0] : acc_t(0)) * scale + shift;
   if (p.maps == 1) scale *= acc_t(0.5);
   const int KK = p.K * p.K, r = p.K / 2;
-  const scalar_t* w_mean = p.weight + (p.maps == 2 && p.max_first ? KK : 0);
-  const scalar_t* w_max = p.weight + (p.maps == 2 && !p.max_first ? KK : 0);
+  const acc_t* w_mean = p.weight + (p.maps == 2 && p.max_first ? KK : 0);
+  const acc_t* w_max = p.weight + (p.maps == 2 && !p.max_first ? KK : 0);
   const int64_t plane = static_cast<int64_t>(H) * W;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -74,8 +75,7 @@ __global__ void __launch_bounds__(kThreads)
         if (xx < 0 || xx >= W) continue;
         const int64_t q = static_cast<int64_t>(yy) * W + xx;
         const int t = ky * p.K + kx;
-        sum += static_cast<acc_t>(w_mean[t]) * static_cast<acc_t>(mean_n[q]) +
-               static_cast<acc_t>(w_max[t]) * static_cast<acc_t>(max_n[q]);
+        sum += w_mean[t] * static_cast<acc_t>(mean_n[q]) + w_max[t] * static_cast<acc_t>(max_n[q]);
       }
     }
     const acc_t logit = sum * scale + bias;
@@ -93,12 +93,12 @@ void launch_spatial_gate(const at::Tensor& mean, const at::Tensor& mx,
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto ptr = [](const at::Tensor& t) {
-      return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+      return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
     };
-    const SpatialGateParams<scalar_t> p{ptr(conv.weight),    ptr(conv.bias),     ptr(conv.bn_mean),
-                                        ptr(conv.bn_var),    ptr(conv.bn_weight), ptr(conv.bn_bias),
-                                        bn_eps,              static_cast<int>(conv.maps),
-                                        static_cast<int>(conv.K), max_first};
+    const SpatialGateParams<acc_t> p{ptr(conv.weight),    ptr(conv.bias),     ptr(conv.bn_mean),
+                                     ptr(conv.bn_var),    ptr(conv.bn_weight), ptr(conv.bn_bias),
+                                     static_cast<acc_t>(bn_eps), static_cast<int>(conv.maps),
+                                     static_cast<int>(conv.K), max_first};
     spatial_gate_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
             mean.const_data_ptr<scalar_t>(), mx.const_data_ptr<scalar_t>(), p, H, W, total,
@@ -152,13 +152,16 @@ at::Tensor cbam_inference(
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = dense_x(x_in);
+  TORCH_CHECK_VALUE(x.size(1) > 0, op, ": x: expected at least one channel, got shape ",
+                    x.sizes());
   const auto dtype = x.scalar_type();
   const inference::Mlp mlp =
       inference::mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, dtype);
-  const inference::SpatialConv conv = inference::spatial_conv(
-      x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias, dtype);
-  TORCH_CHECK_VALUE(x.size(1) > 0, op, ": x: expected at least one channel, got shape ",
-                    x.sizes());
+  // The conv's parameters in float (double for double x), like the CPU operator: BatchNorm
+  // statistics rounded to bfloat16 would shift the logits where the variance is small.
+  const inference::SpatialConv conv =
+      inference::spatial_conv(x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias,
+                              at::toOpMathType(dtype));
   at::Tensor out = empty_like_x(x);
   const int64_t N = x.size(0);
   if (out.numel() == 0) return out;
