@@ -114,6 +114,10 @@ def _fake_spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scal
     return x.new_empty(x.shape[:2]) if scale is not None else x.new_empty(_EMPTY)
 
 
+def _fake_cbam_inference(x, *parameters):
+    return _like_x(x)
+
+
 _FAKES = {
     "channel_pool": _fake_channel_pool,
     "channel_pool_backward": _fake_channel_pool_backward,
@@ -123,33 +127,25 @@ _FAKES = {
     "spatial_pool_backward_add": _fake_spatial_pool_backward_add,
     "gate_apply": _fake_gate_apply,
     "gate_apply_backward": _fake_gate_apply_backward,
+    "cbam_inference": _fake_cbam_inference,
 }
 
 
+def _cbam_inference_backward(ctx, grad_out):
+    raise RuntimeError(
+        "cbam_inference is the inference path and has no backward; the fused modules "
+        "use it only when no gradient is needed (no_grad or inference mode, eval mode)"
+    )
+
+
 def register(namespace: str) -> None:
-    """Register fake kernels for the eight operators every backend has and autograd for the
-    three forward ones."""
+    """Register fake kernels for every operator, autograd for the three forward ones, and an
+    autograd formula for ``cbam_inference`` that refuses."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
     ops = getattr(torch.ops, namespace)
     for name, (backward, setup_context) in _autograd(ops).items():
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
-
-
-def _fake_cbam_inference(x, *parameters):
-    return _like_x(x)
-
-
-def _cbam_inference_backward(ctx, grad_out):
-    raise RuntimeError(
-        "fused_cbam::cbam_inference is the inference path and has no backward; the fused modules "
-        "use it only when no gradient is needed (no_grad or inference mode, eval mode)"
+    torch.library.register_autograd(
+        f"{namespace}::cbam_inference", _cbam_inference_backward, setup_context=lambda ctx, inputs, output: None
     )
-
-
-def register_inference() -> None:
-    """The operator of the compiled library only (C++ CPU and CUDA, not Triton),
-    ``cbam_inference``: its fake kernel and an autograd formula that refuses."""
-    name = "fused_cbam::cbam_inference"
-    torch.library.register_fake(name, _fake_cbam_inference)
-    torch.library.register_autograd(name, _cbam_inference_backward, setup_context=lambda ctx, inputs, output: None)

@@ -26,8 +26,8 @@ class OperatorBackend:
 
     @property
     def cbam_inference(self):
-        """The whole-block inference operator where this backend has one (C++ CPU and CUDA), else None."""
-        return self._ops.cbam_inference if self.name in ("cpu", "cuda") else None
+        """The whole-block inference operator (the reference backend has None)."""
+        return self._ops.cbam_inference
 
     def one_grad(self) -> OneGradBackend:
         """This backend's calls for one training block, its backward filling one gradient of x."""

@@ -17,9 +17,9 @@ COMPILED_BACKENDS = [
 # Where the Triton kernels run: the GPU, or without one Triton's interpreter on CPU tensors.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (backend, device) of every backend whose operators include the two that add into a gradient
-# of x (``*_backward_add``): the fused modules' training path uses them (fused_cbam/_one_grad.py).
-ONE_GRAD_BACKENDS = COMPILED_BACKENDS + [pytest.param("triton", TRITON_DEVICE, id="triton")]
+# (backend, device) of every backend with all the operators of csrc/ops.cpp (the reference
+# backend is plain PyTorch).
+OPERATOR_BACKENDS = COMPILED_BACKENDS + [pytest.param("triton", TRITON_DEVICE, id="triton")]
 
 # Absolute tolerance per dtype, relative to the magnitude of the expected values.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -1,30 +1,43 @@
-"""The whole-block inference operator (fused_cbam::cbam_inference, C++ CPU and CUDA) and the
+"""The whole-block inference operator (cbam_inference: C++ CPU, CUDA and Triton) and the
 modules' use of it: under no_grad/inference mode in eval, every plain layout computes its block in that one
 operator; the result must equal the reference backend's, and anything else must take the
 three-operator path."""
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
 import fused_cbam
 from helpers import (
     COMPILED_BACKENDS,
+    OPERATOR_BACKENDS,
     SHAPES,
     TOLERANCE,
+    TRITON_DEVICE,
     OperatorLog,
     assert_close,
     backend_available,
     make_input,
+    operator_namespace,
     skip_unless_available,
 )
-from test_properties import FULL_SIZES, _base_and_view, _profile, cases
+from test_properties import FULL_SIZES, TINY_SIZES, _base_and_view, _profile, cases
 
 pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
-# The tests of results run on every compiled backend (cuda skips without a GPU).
-on_each_device = pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+# The tests of results run on every backend with the operator (cuda skips without a GPU; triton
+# runs under its interpreter on the CPU).
+on_each_device = pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+
+
+def _inference_op(backend):
+    return operator_namespace(backend).cbam_inference
+
+
+def _logged_name(backend):
+    return f"{'fused_cbam_triton' if backend == 'triton' else 'fused_cbam'}.cbam_inference"
+
 
 LAYOUTS = {
     "official": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=min(16, c), **kw),
@@ -37,9 +50,9 @@ LAYOUTS = {
 }
 
 
-def _pair(layout, channels, dtype=torch.float32, device="cpu"):
+def _pair(layout, channels, dtype=torch.float32, device="cpu", backend="auto"):
     """The fused module (eval, random weights and BN statistics) and the same on the reference backend."""
-    fused = LAYOUTS[layout](channels).to(device)
+    fused = LAYOUTS[layout](channels, backend=backend).to(device)
     with torch.no_grad():
         for p in fused.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -57,22 +70,46 @@ def _run_logged(module, x):
     return out, log.names
 
 
-@on_each_device
+def _check_one_operator(layout, dtype, memory_format, shape, backend, device):
+    fused, reference = _pair(layout, shape[1], dtype, device, backend)
+    x = make_input(shape, dtype, device, memory_format)
+    out, ops = _run_logged(fused, x)
+    assert _logged_name(backend) in ops and not any(op.endswith(".channel_pool") for op in ops), ops
+    with torch.no_grad():
+        expected = reference(x)
+    assert_close(out, expected, TOLERANCE[dtype] * 4, "out")
+    if memory_format == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_the_reference_in_one_operator(layout, dtype, memory_format, shape, backend, device):
     skip_unless_available(backend)
-    fused, reference = _pair(layout, shape[1], dtype, device)
-    x = make_input(shape, dtype, device, memory_format)
-    out, ops = _run_logged(fused, x)
-    assert "fused_cbam.cbam_inference" in ops and "fused_cbam.channel_pool" not in ops, ops
-    with torch.no_grad():
-        expected = reference(x)
-    assert_close(out, expected, TOLERANCE[dtype] * 4, "out")
-    if memory_format == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
-        assert out.is_contiguous(memory_format=torch.channels_last)
+    _check_one_operator(layout, dtype, memory_format, shape, backend, device)
+
+
+# The interpreter is slow (4 s for one 45 x 47 block): shapes that still cross its blocks
+# (BLOCK_C = 8, BLOCK_P = 16, 64 pixels per program of the spatial gate) and its chunks of 2.
+TRITON_SHAPES = [
+    pytest.param((3, 5, 7, 9), id="odd-two-chunks"),
+    pytest.param((2, 1, 4, 4), id="C=1"),
+    pytest.param((3, 4, 1, 1), id="HW=1"),
+    pytest.param((2, 20, 6, 5), id="C-over-blocks"),
+    pytest.param((1, 3, 9, 11), id="P-over-blocks"),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_matches_the_reference_in_one_operator(layout, dtype, memory_format, shape):
+    skip_unless_available("triton")
+    _check_one_operator(layout, dtype, memory_format, shape, "triton", TRITON_DEVICE)
 
 
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
@@ -113,7 +150,7 @@ def test_batches_larger_than_one_chunk_on_cuda(memory_format, dtype):
 @on_each_device
 def test_inference_mode_empty_batch_and_nan(backend, device):
     skip_unless_available(backend)
-    fused, reference = _pair("timm", 8, device=device)
+    fused, reference = _pair("timm", 8, device=device, backend=backend)
     with torch.inference_mode():
         assert fused(torch.randn(0, 8, 5, 5, device=device)).shape == (0, 8, 5, 5)
         x = torch.randn(2, 8, 5, 5, device=device)
@@ -165,7 +202,7 @@ def _operator_args(memory_format="nchw", c=12, hidden=3, k=7, bn=True, device="c
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 def test_opcheck(memory_format, backend, device):
     skip_unless_available(backend)
-    torch.library.opcheck(torch.ops.fused_cbam.cbam_inference.default, _operator_args(memory_format, device=device))
+    torch.library.opcheck(_inference_op(backend).default, _operator_args(memory_format, device=device))
 
 
 @on_each_device
@@ -177,7 +214,7 @@ def test_operator_formula(bn, backend, device):
         k=3, bn=bn, device=device
     )
     norm = (mean, var, gamma, beta, eps, max_first)
-    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, w2, None, "sum", conv_weight, conv_bias, *norm)
+    out = _inference_op(backend)(x, w1, b1, w2, None, "sum", conv_weight, conv_bias, *norm)
 
     def mlp(v):
         return torch.relu(v @ w1.T + b1) @ w2.flatten(1).T
@@ -196,7 +233,7 @@ def test_operator_formula_one_layer_average_only(backend, device):
     skip_unless_available(backend)
     x, _, _, _, _, _, conv_weight, _, *norm = _operator_args(k=3, bn=False, device=device)
     w1, b1 = torch.randn(12, 12, device=device), torch.randn(12, device=device)
-    out = torch.ops.fused_cbam.cbam_inference(x, w1, b1, None, None, "avg", conv_weight, None, *norm)
+    out = _inference_op(backend)(x, w1, b1, None, None, "avg", conv_weight, None, *norm)
     y = x * torch.sigmoid(x.mean((2, 3)) @ w1.T + b1)[:, :, None, None]
     u = torch.nn.functional.conv2d(torch.stack([y.amax(1), y.mean(1)], 1), conv_weight, padding=1)
     assert_close(out, y * torch.sigmoid(u), 1e-5, "out")
@@ -223,7 +260,7 @@ def test_bad_parameters_name_the_argument(index, value, match, backend, device):
     args = list(_operator_args(device=device))
     args[index] = value.to(device) if isinstance(value, torch.Tensor) else value
     with pytest.raises((ValueError, TypeError), match=match):
-        torch.ops.fused_cbam.cbam_inference(*args)
+        _inference_op(backend)(*args)
 
 
 @on_each_device
@@ -232,7 +269,7 @@ def test_fc2_bias_without_fc2_weight_is_refused(backend, device):
     args = list(_operator_args(device=device))
     args[3], args[4] = None, torch.randn(12, device=device)
     with pytest.raises(ValueError, match="fc2_bias: expected None without fc2_weight"):
-        torch.ops.fused_cbam.cbam_inference(*args)
+        _inference_op(backend)(*args)
 
 
 @on_each_device
@@ -240,7 +277,7 @@ def test_backward_is_refused_with_a_reason(backend, device):
     skip_unless_available(backend)
     args = list(_operator_args(device=device))
     args[0].requires_grad_()
-    out = torch.ops.fused_cbam.cbam_inference(*args)
+    out = _inference_op(backend)(*args)
     with pytest.raises(RuntimeError, match="inference path and has no backward"):
         out.sum().backward()
 
@@ -265,20 +302,33 @@ def test_torch_compile_traces_the_inference_operator(layout):
     assert_close(out, expected, TOLERANCE[torch.float32] * 4, "out")
 
 
-@on_each_device
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
 @_profile(max_examples=150)
 @given(case=cases(FULL_SIZES), layout=st.sampled_from(sorted(LAYOUTS)))
 def test_property_matches_the_reference(case, layout, backend, device):
     """Shapes with 1s and primes, every dtype, strided views (sliced, transposed, expanded), ties
     and NaNs: the inference operator against the same layout on the reference backend."""
     skip_unless_available(backend)
+    _check_property(case, layout, backend, device)
+
+
+@_profile(max_examples=40)
+@given(case=cases(TINY_SIZES), layout=st.sampled_from(sorted(LAYOUTS)))
+def test_triton_property_matches_the_reference(case, layout):
+    """The same on Triton, fewer and smaller examples (its interpreter is slow); no float64."""
+    skip_unless_available("triton")
+    assume(case.dtype != torch.float64)
+    _check_property(case, layout, "triton", TRITON_DEVICE)
+
+
+def _check_property(case, layout, backend, device):
     gen = torch.Generator().manual_seed(case.seed)
     base, view = _base_and_view(case, gen)
     x = view(base.to(device))
     torch.manual_seed(case.seed)
-    fused, reference = _pair(layout, case.shape[1], case.dtype, device)
+    fused, reference = _pair(layout, case.shape[1], case.dtype, device, backend)
     out, ops = _run_logged(fused, x)
-    assert "fused_cbam.cbam_inference" in ops, ops
+    assert _logged_name(backend) in ops, ops
     with torch.no_grad():
         expected = reference(x)
     assert out.dtype == case.dtype

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import fused_cbam
-from helpers import ONE_GRAD_BACKENDS, TOLERANCE, OperatorLog, assert_close, make_input, skip_unless_available
+from helpers import OPERATOR_BACKENDS, TOLERANCE, OperatorLog, assert_close, make_input, skip_unless_available
 
 # Every test runs on each backend with the two operators that add into the gradient of x.
-pytestmark = pytest.mark.parametrize("backend,device", ONE_GRAD_BACKENDS)
+pytestmark = pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 
 
 @pytest.fixture(autouse=True)

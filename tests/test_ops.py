@@ -8,7 +8,7 @@ from fused_cbam import reference
 from helpers import (
     COMPILED_BACKENDS,
     FORMATS,
-    ONE_GRAD_BACKENDS,
+    OPERATOR_BACKENDS,
     SHAPES,
     TOLERANCE,
     assert_close,
@@ -176,7 +176,7 @@ def _opcheck_cases(device):
                 yield ops.gate_apply_backward.default, (torch.randn_like(x), x, g, None)
 
 
-@pytest.mark.parametrize("backend,device", ONE_GRAD_BACKENDS)
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward_operators_that_add_into_the_gradient(backend, device, memory_format, dtype):
@@ -211,7 +211,7 @@ def test_backward_operators_that_add_into_the_gradient(backend, device, memory_f
             torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend,device", ONE_GRAD_BACKENDS)
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 def test_backward_operators_that_add_refuse_a_gradient_of_another_layout(backend, device):
     skip_unless_available(backend)
     ops = operator_namespace(backend)
@@ -252,7 +252,6 @@ def test_every_operator_takes_any_layout_under_torch_compile():
         if triton_ops._ANY_LAYOUT:  # custom_op takes tags in this torch
             namespaces.append(triton_ops.NAMESPACE)
     for namespace in namespaces:
-        # Triton has no inference operator (the modules run its three operators).
-        for name in names if namespace == "fused_cbam" else [n for n in names if n != "cbam_inference"]:
+        for name in names:
             op = getattr(getattr(torch.ops, namespace), name).default
             assert torch.Tag.flexible_layout in op.tags, f"{namespace}::{name} tags {op.tags}"

@@ -1,7 +1,7 @@
 """Triton implementation of the fused_cbam operators, in the namespace ``fused_cbam_triton``.
 
 Importing this package registers ``torch.ops.fused_cbam_triton.<op>`` for the operators of
-``csrc/ops.cpp`` but ``cbam_inference`` (same names, schemas and semantics as ``torch.ops.fused_cbam.<op>``), with the
+``csrc/ops.cpp`` (same names, schemas and semantics as ``torch.ops.fused_cbam.<op>``), with the
 fake kernels and autograd formulas of ``fused_cbam._registrations`` shared by every namespace, so
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work on them.
 
@@ -34,6 +34,7 @@ from torch import Tensor
 from .. import _registrations
 from . import channel_pool as _channel_pool
 from . import gate_apply as _gate_apply
+from . import inference as _inference
 from . import spatial_pool as _spatial_pool
 
 NAMESPACE = "fused_cbam_triton"
@@ -89,6 +90,19 @@ def _gate_apply_backward_op(
     grad_out: Tensor, x: Tensor, channel_gate: Optional[Tensor], spatial_gate: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _gate_apply.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::cbam_inference", mutates_args=(), **_ANY_LAYOUT)
+def _cbam_inference_op(
+    x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
+    fc2_bias: Optional[Tensor], pooling: str, conv_weight: Tensor, conv_bias: Optional[Tensor],
+    bn_mean: Optional[Tensor], bn_var: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    bn_eps: float, max_first: bool,
+) -> Tensor:  # fmt: skip
+    return _inference.cbam_inference(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight, conv_bias,
+        bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,
+    )  # fmt: skip
 
 
 _registrations.register(NAMESPACE)

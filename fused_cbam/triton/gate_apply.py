@@ -93,11 +93,18 @@ def _gates(x, g, h, op):
 def gate_apply(x: torch.Tensor, channel_gate, spatial_gate):
     check_x(x, "gate_apply")
     g, h = _gates(x, channel_gate, spatial_gate, "gate_apply")
+    out = _like_x(x)
+    gate_apply_into(x, g, h, out)
+    return out
+
+
+def gate_apply_into(x: torch.Tensor, g, h, out: torch.Tensor) -> None:
+    """out = x * g * h (unchecked): gates contiguous in x's dtype or None, out of x's shape and
+    dense in the memory format ``layout(x)`` gives, e.g. rows of a larger output."""
     n, c, hh, ww = x.shape
     p = hh * ww
-    out = _like_x(x)
     if out.numel() == 0:
-        return out
+        return
     x, cl, (sn, sc, sp) = layout(x)
     kernel = _forward_cl if cl else _forward_nchw
 
@@ -109,7 +116,6 @@ def gate_apply(x: torch.Tensor, channel_gate, spatial_gate):
             x, x if g is None else g, x if h is None else h, out, n, c, p, sn, sc, sp,
             HAS_G=g is not None, HAS_H=h is not None,
         )  # fmt: skip
-    return out
 
 
 @triton.jit
