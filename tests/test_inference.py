@@ -282,12 +282,14 @@ def test_backward_is_refused_with_a_reason(backend, device):
         out.sum().backward()
 
 
+@on_each_device
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_torch_compile_traces_the_inference_operator(layout):
+def test_torch_compile_traces_the_inference_operator(layout, backend, device):
     """fullgraph: the modules' choice of path and their parameter gathering trace without breaks."""
+    skip_unless_available(backend)
     torch._dynamo.reset()
-    fused, reference = _pair(layout, 16)
-    x = make_input((2, 16, 7, 9), torch.float32, "cpu", "channels_last")
+    fused, reference = _pair(layout, 16, device=device, backend=backend)
+    x = make_input((2, 16, 7, 9), torch.float32, device, "channels_last")
     graphs = []
 
     def keep_graph(graph_module, example_inputs):
