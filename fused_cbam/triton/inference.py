@@ -117,14 +117,10 @@ def _samples_per_chunk(x) -> int:
     return max(1, _l2_bytes(x.device.index or 0) // 2 // max(sample_bytes, 1))
 
 
-def cbam_inference(
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight, conv_bias,
-    bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,
-):  # fmt: skip
-    check_x(x, "cbam_inference")
-    n, c, h, w = x.shape
-    if c == 0:
-        raise ValueError(f"{_OP}: x: expected at least one channel, got shape {tuple(x.shape)}")
+def _mlp_parameters(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling):
+    """The checked MLP in x's dtype: fc1 [hidden, C] and fc2 [C, hidden], or fc1 [C, C] alone
+    (as csrc/inference_args.h checks it for the C++ operators)."""
+    c = x.shape[1]
     if pooling not in ("avg", "sum", "mix"):
         raise ValueError(f'pooling: expected "avg", "sum" or "mix", got "{pooling}"')
     if fc1_weight.dim() < 2 or fc1_weight.shape[0] == 0:
@@ -134,22 +130,36 @@ def cbam_inference(
     hidden = fc1_weight.shape[0] if fc2_weight is not None else c  # without fc2, fc1 maps C -> C
     w1 = _matrix(fc1_weight, x, hidden, c, "fc1_weight")
     b1 = _optional(fc1_bias, x, (hidden,), "fc1_bias", x.dtype)
-    w2 = b2 = None
-    if fc2_weight is not None:
-        w2 = _matrix(fc2_weight, x, c, hidden, "fc2_weight")
-        b2 = _optional(fc2_bias, x, (c,), "fc2_bias", x.dtype)
+    if fc2_weight is None:
+        return w1, b1, None, None
+    return w1, b1, _matrix(fc2_weight, x, c, hidden, "fc2_weight"), _optional(fc2_bias, x, (c,), "fc2_bias", x.dtype)
+
+
+def _conv_parameters(x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias):
+    """The checked spatial conv [1, maps, K, K] and its scalars, in float32 like the C++
+    operators; with its number of maps and K."""
     k = conv_weight.shape[3] if conv_weight.dim() == 4 else 0
     maps = conv_weight.shape[1] if conv_weight.dim() == 4 else 0
     if k % 2 != 1 or maps not in (1, 2):
         raise ValueError(f"conv_weight: expected shape [1, 2, K, K] (or [1, 1, K, K]) with K odd, got {list(conv_weight.shape)}")
     if (bn_mean is None) != (bn_var is None):
         raise ValueError("bn_mean, bn_var: expected both or neither")
-    # The conv's parameters in float32, like the C++ operators.
-    conv = [_parameter(conv_weight, x, (1, maps, k, k), "conv_weight", torch.float32)] + [
-        _optional(t, x, (1,), name, torch.float32)
-        for t, name in ((conv_bias, "conv_bias"), (bn_mean, "bn_mean"), (bn_var, "bn_var"),
-                        (bn_weight, "bn_weight"), (bn_bias, "bn_bias"))
-    ]  # fmt: skip
+    scalars = ((conv_bias, "conv_bias"), (bn_mean, "bn_mean"), (bn_var, "bn_var"), (bn_weight, "bn_weight"),
+               (bn_bias, "bn_bias"))  # fmt: skip
+    weight = _parameter(conv_weight, x, (1, maps, k, k), "conv_weight", torch.float32)
+    return [weight] + [_optional(t, x, (1,), name, torch.float32) for t, name in scalars], maps, k
+
+
+def cbam_inference(
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight, conv_bias,
+    bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,
+):  # fmt: skip
+    check_x(x, "cbam_inference")
+    n = x.shape[0]
+    if x.shape[1] == 0:
+        raise ValueError(f"{_OP}: x: expected at least one channel, got shape {tuple(x.shape)}")
+    w1, b1, w2, b2 = _mlp_parameters(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling)
+    conv, maps, k = _conv_parameters(x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias)
     x = layout(x)[0]
     out = _like_x(x)
     if out.numel() == 0:
