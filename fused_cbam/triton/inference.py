@@ -110,11 +110,12 @@ def _l2_bytes(index: int) -> int:
 
 
 def _samples_per_chunk(x) -> int:
-    """At most half of the L2 cache per chunk of x, at least one sample."""
+    """At most half of the L2 cache per chunk of x, at least one sample, and at most the 65535
+    programs a CUDA grid's second dimension takes (the spatial gate's grid has one per sample)."""
     if INTERPRET or not x.is_cuda:
         return _INTERPRETER_CHUNK
     sample_bytes = x[0].numel() * x.element_size()
-    return max(1, _l2_bytes(x.device.index or 0) // 2 // max(sample_bytes, 1))
+    return min(65535, max(1, _l2_bytes(x.device.index or 0) // 2 // max(sample_bytes, 1)))
 
 
 def _mlp_parameters(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling):
