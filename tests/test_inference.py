@@ -147,6 +147,17 @@ def test_batches_larger_than_one_chunk_on_cuda(memory_format, dtype):
         assert_close(out, reference(x), TOLERANCE[dtype] * 4, "out")
 
 
+def test_a_short_last_chunk_joins_the_one_before():
+    """Each chunk reads the MLP's weights once: a last chunk whose x costs less than they do is
+    merged into the one before (here 1 x 1 samples of 512 channels: a chunk of many hundreds of
+    samples, and a tail of a few)."""
+    fused, reference = _pair("official", 512)
+    for n in (1537, 1540, 3077):
+        x = make_input((n, 512, 1, 1), torch.float32, "cpu")
+        with torch.no_grad():
+            assert_close(fused(x), reference(x), TOLERANCE[torch.float32] * 4, f"out, batch {n}")
+
+
 @on_each_device
 def test_inference_mode_empty_batch_and_nan(backend, device):
     skip_unless_available(backend)

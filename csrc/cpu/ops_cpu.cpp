@@ -312,13 +312,19 @@ at::Tensor cbam_inference(
   at::Tensor out = empty_like_x(x);
   if (x.numel() == 0) return out;
   const int64_t chunk = std::min(N, samples_per_thread(x) * at::get_num_threads());
-  at::Tensor pooled = at::empty({2, chunk, C}, w1.options());
-  at::Tensor hidden_sums = at::empty({chunk, hidden}, w1.options());
-  at::Tensor gate = at::empty({chunk, C}, x.options());
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t n1 = std::min(N, n0 + chunk), k = n1 - n0;
-    if (k < chunk) {  // the last chunk
+  const int64_t sample_bytes = x.numel() / N * x.element_size();
+  const int64_t weight_bytes = (w1.numel() + (w2.defined() ? w2.numel() : 0)) * w1.element_size();
+  at::Tensor pooled, hidden_sums, gate;
+  for (int64_t n0 = 0, n1; n0 < N; n0 = n1) {
+    n1 = std::min(N, n0 + chunk);
+    // Each chunk reads the MLP's weights once. A short last chunk joins this one when its x,
+    // read twice more from beyond the L2 cache, costs less than a read of those weights (8 x
+    // 2048 x 7 x 7 on a 2-core Xeon, a tail of 2 samples joining a chunk of 6: 0.55 -> 0.50 ms).
+    if (2 * (N - n1) * sample_bytes < weight_bytes) n1 = N;
+    const int64_t k = n1 - n0;
+    if (!gate.defined() || gate.size(0) != k) {
       pooled = at::empty({2, k, C}, w1.options());
+      hidden_sums = at::empty({k, hidden}, w1.options());
       gate = at::empty({k, C}, x.options());
     }
     kernels().inference_pool(x, n0, n1, pooled);
