@@ -11,10 +11,10 @@ replaces, so that code's checkpoints load with ``strict=True``:
 The layouts differ only in the small parts (the channel MLP, the spatial conv, the order of the
 spatial maps, the gate functions), which each module hands to ``fused_cbam_forward``, the
 fused core they all share. Where nothing needs a gradient (eval mode under ``no_grad`` or
-``inference_mode``), the CPU backend computes a whole block in one operator instead,
-``fused_cbam::cbam_inference``, fed from each module's ``_plain()`` (None when the module, as
-configured, is not one that operator computes). ``fused_cbam.convert`` puts the modules in
-place of a model's own modules.
+``inference_mode``), the backend computes a whole block in one operator instead,
+``cbam_inference`` (C++ CPU, CUDA or Triton), fed from each module's ``_plain()`` (None when
+the module, as configured, is not one that operator computes). ``fused_cbam.convert`` puts the
+modules in place of a model's own modules.
 """
 
 import functools

@@ -18,14 +18,12 @@ from helpers import (
     TRITON_DEVICE,
     OperatorLog,
     assert_close,
-    backend_available,
     make_input,
     operator_namespace,
     skip_unless_available,
 )
 from test_properties import FULL_SIZES, TINY_SIZES, _base_and_view, _profile, cases
 
-pytestmark = pytest.mark.skipif(not backend_available("cpu"), reason="the C++ CPU backend is not built")
 # The tests of results run on every backend with the operator (cuda skips without a GPU; triton
 # runs under its interpreter on the CPU).
 on_each_device = pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
@@ -36,7 +34,7 @@ def _inference_op(backend):
 
 
 def _logged_name(backend):
-    return f"{'fused_cbam_triton' if backend == 'triton' else 'fused_cbam'}.cbam_inference"
+    return f"{operator_namespace(backend).name}.cbam_inference"
 
 
 LAYOUTS = {
@@ -115,6 +113,7 @@ def test_triton_matches_the_reference_in_one_operator(layout, dtype, memory_form
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 def test_batches_larger_than_one_chunk(memory_format):
     """Chunks of samples sized to the L2 cache: a batch of many chunks, odd sizes, 2 threads or 1."""
+    skip_unless_available("cpu")
     fused, reference = _pair("official", 64)
     x = make_input((37, 64, 29, 31), torch.float32, "cpu", memory_format)
     threads = torch.get_num_threads()
@@ -130,19 +129,20 @@ def test_batches_larger_than_one_chunk(memory_format):
     assert torch.equal(outs[0], outs[1]), "the result depends on the number of threads"
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.needs_cuda
-def test_batches_larger_than_one_chunk_on_cuda(memory_format, dtype):
+def test_batches_larger_than_one_chunk_on_the_gpu(memory_format, dtype, backend):
     """On a GPU, chunks of samples take half of the L2 cache (25-30 MB on an H100/H200): x of
     about 2.5 chunks, odd spatial size."""
-    skip_unless_available("cuda")
-    fused, reference = _pair("official", 256, dtype, "cuda")
+    skip_unless_available(backend)
+    fused, reference = _pair("official", 256, dtype, "cuda", backend)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     sample_bytes = 256 * 29 * 31 * dtype.itemsize
     x = make_input((max(3, l2 * 5 // 4 // sample_bytes), 256, 29, 31), dtype, "cuda", memory_format)
     out, ops = _run_logged(fused, x)
-    assert "fused_cbam.cbam_inference" in ops, ops
+    assert _logged_name(backend) in ops, ops
     with torch.no_grad():
         assert_close(out, reference(x), TOLERANCE[dtype] * 4, "out")
 
@@ -151,6 +151,7 @@ def test_a_short_last_chunk_joins_the_one_before():
     """Each chunk reads the MLP's weights once: a last chunk whose x costs less than they do is
     merged into the one before (here 1 x 1 samples of 512 channels: a chunk of many hundreds of
     samples, and a tail of a few)."""
+    skip_unless_available("cpu")
     fused, reference = _pair("official", 512)
     for n in (1537, 1540, 3077):
         x = make_input((n, 512, 1, 1), torch.float32, "cpu")
@@ -177,6 +178,7 @@ def test_inference_mode_empty_batch_and_nan(backend, device):
     ["grad", "train", "keep_gates", "silu", "no_spatial", "max_only", "lse", "reference_backend"],
 )
 def test_other_cases_take_the_three_operator_path(why):
+    skip_unless_available("cpu")
     kwargs = {
         "no_spatial": {"no_spatial": True}, "max_only": {"pool_types": ("max",)}, "lse": {"pool_types": ("avg", "lse")}
     }.get(why, {})

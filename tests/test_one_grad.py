@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import fused_cbam
-from helpers import OPERATOR_BACKENDS, TOLERANCE, OperatorLog, assert_close, make_input, skip_unless_available
+from helpers import (
+    OPERATOR_BACKENDS,
+    TOLERANCE,
+    OperatorLog,
+    assert_close,
+    make_input,
+    operator_namespace,
+    skip_unless_available,
+)
 
 # Every test runs on each backend with the two operators that add into the gradient of x.
 pytestmark = pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
@@ -55,7 +63,7 @@ def test_gradients_match_the_reference(layout, memory_format, dtype, backend, de
     grad_out = torch.randn(x.shape, dtype=dtype, device=device)
     with OperatorLog() as log:
         out, grad_x, param_grads = _grads(fused, x, grad_out)
-    namespace = "fused_cbam_triton" if backend == "triton" else "fused_cbam"
+    namespace = operator_namespace(backend).name
     assert f"{namespace}.channel_pool_backward_add" in log.names
     assert f"{namespace}.channel_pool_backward" not in log.names
     assert f"{namespace}.spatial_pool_backward" not in log.names

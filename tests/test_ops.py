@@ -1,5 +1,9 @@
 """Every compiled operator against the reference: values, arg-max, gradients, gradcheck, opcheck."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +18,7 @@ from helpers import (
     assert_close,
     backend_available,
     make_input,
+    needs_cuda,
     operator_namespace,
     skip_unless_available,
 )
@@ -192,11 +197,11 @@ def test_backward_operators_that_add_into_the_gradient(backend, device, memory_f
     start = torch.randn_like(x)
     # One rounding of the sum in x's dtype against two (the twin's output, then the addition).
     atol = TOLERANCE[dtype] * 2
+    added = start.clone()
+    ops.channel_pool_backward_add(added, grad_avg, grad_cmax, cidx)
+    expected = start + ops.channel_pool_backward(grad_avg, grad_cmax, cidx, x)
+    assert_close(added, expected, atol, "channel_pool_backward_add")
     for scale in (g, None):
-        added = start.clone()
-        ops.channel_pool_backward_add(added, grad_avg, grad_cmax, cidx)
-        expected = start + ops.channel_pool_backward(grad_avg, grad_cmax, cidx, x)
-        assert_close(added, expected, atol, "channel_pool_backward_add")
         added = start.clone()
         grad_scale = ops.spatial_pool_backward_add(added, grad_mean, grad_smax, sidx, x, scale)
         grad_x, expected_scale = ops.spatial_pool_backward(grad_mean, grad_smax, sidx, x, scale)
@@ -209,6 +214,33 @@ def test_backward_operators_that_add_into_the_gradient(backend, device, memory_f
             (ops.spatial_pool_backward_add.default, (start.clone(), grad_mean, grad_smax, sidx, x, None)),
         ]:
             torch.library.opcheck(op, args)
+
+
+_TUNED_ADD_SCRIPT = """
+import torch, fused_cbam.triton
+ops = torch.ops.fused_cbam_triton
+x = torch.randn(3, 37, 29, 31, device="cuda").to(memory_format=torch.channels_last)
+g = torch.rand(3, 37, device="cuda") + 0.5
+_, _, cidx = ops.channel_pool(x)
+mean, _, sidx = ops.spatial_pool(x, g)
+start = torch.randn_like(x)
+added = start.clone()
+ops.channel_pool_backward_add(added, g, g, cidx)
+torch.testing.assert_close(added, start + ops.channel_pool_backward(g, g, cidx, x))
+added = start.clone()
+ops.spatial_pool_backward_add(added, mean, mean, sidx, x, g)
+torch.testing.assert_close(added, start + ops.spatial_pool_backward(mean, mean, sidx, x, g)[0])
+"""
+
+
+@needs_cuda
+def test_triton_add_operators_under_the_autotuner():
+    """With tuning on, the first call of a shape runs each configuration several times: the
+    tuner must restore grad_x between them so that it holds one addition (gpu_check.sh's test
+    runs turn tuning off, hence a process of its own)."""
+    skip_unless_available("triton")
+    env = {**os.environ, "FUSED_CBAM_TRITON_AUTOTUNE": "1"}
+    subprocess.run([sys.executable, "-c", _TUNED_ADD_SCRIPT], env=env, check=True, timeout=120)
 
 
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)

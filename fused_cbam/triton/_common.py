@@ -136,20 +136,22 @@ def check_small(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str, dty
     return t.contiguous()
 
 
-def check_accumulator(grad_x: torch.Tensor, x: torch.Tensor, op: str) -> None:
+def check_accumulator(grad_x: torch.Tensor, op: str, x: torch.Tensor = None) -> None:
     """A gradient of x that a backward kernel adds into: x's shape, dtype and device, and dense
-    in x's memory format (the kernels index it with x's strides)."""
+    in x's memory format (the kernels index it with x's strides); without x, grad_x's own."""
+    x = grad_x if x is None else x
+    where = f"fused_cbam_triton::{op}: grad_x"
+    if grad_x.shape != x.shape:
+        raise ValueError(f"{where}: expected shape {list(x.shape)}, got {list(grad_x.shape)}")
+    if grad_x.dtype != x.dtype:
+        raise TypeError(f"{where}: expected dtype {x.dtype}, got {grad_x.dtype}")
+    if grad_x.device != x.device:
+        raise ValueError(f"{where}: expected a tensor on {x.device} (x's device), got one on {grad_x.device}")
     check_x(grad_x, op)
-    if grad_x.shape != x.shape or grad_x.dtype != x.dtype or grad_x.device != x.device:
-        raise ValueError(
-            f"fused_cbam_triton::{op}: grad_x must match x (shape {tuple(x.shape)}, {x.dtype}, "
-            f"{x.device}), got {tuple(grad_x.shape)}, {grad_x.dtype}, {grad_x.device}"
-        )
     channels_last = _is_channels_last(x)
     if not grad_x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format):
         raise ValueError(
-            f"fused_cbam_triton::{op}: grad_x must be dense in x's memory format "
-            f"({'channels_last' if channels_last else 'NCHW'})"
+            f"{where}: expected a tensor dense in x's memory format ({'channels_last' if channels_last else 'NCHW'})"
         )
 
 

@@ -41,7 +41,6 @@ from ._common import (
 )
 
 
-
 @triton.jit
 def _partial_kernel(
     x_ptr, psum_ptr, pmax_ptr, pidx_ptr,
@@ -157,8 +156,13 @@ def _backward_kernel(
     tl.store(dx_ptr + offs, cast_to(d, dx_ptr), mask=mask)
 
 
-_backward_nchw = autotune(POINTWISE_NCHW, INTERPRET_CONFIG, SHAPE_KEY, restore_value=["dx_ptr"])(_backward_kernel)
-_backward_cl = autotune(POINTWISE_CL, INTERPRET_CONFIG, SHAPE_KEY, restore_value=["dx_ptr"])(_backward_kernel)
+# {(channels_last, accumulate): kernel}. The accumulating ones have tuners of their own that
+# restore dx between the configurations they time (the others need no copies of it).
+_BACKWARD = {
+    (cl, acc): autotune(POINTWISE_CL if cl else POINTWISE_NCHW, INTERPRET_CONFIG, SHAPE_KEY,
+                        restore_value=["dx_ptr"] if acc else None)(_backward_kernel)
+    for cl in (False, True) for acc in (False, True)
+}  # fmt: skip
 
 
 def _backward_into(dx, grad_avg, grad_max, argmax, accumulate: bool, op: str) -> None:
@@ -171,7 +175,7 @@ def _backward_into(dx, grad_avg, grad_max, argmax, accumulate: bool, op: str) ->
     if dx.numel() == 0:
         return
     _, cl, (sn, sc, sp) = layout(dx)
-    kernel = _backward_cl if cl else _backward_nchw
+    kernel = _BACKWARD[cl, accumulate]
 
     def grid(meta):
         return (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),)
@@ -188,5 +192,5 @@ def channel_pool_backward(grad_avg, grad_max, argmax, x):
 
 
 def channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax) -> None:
-    check_accumulator(grad_x, grad_x, "channel_pool_backward_add")
+    check_accumulator(grad_x, "channel_pool_backward_add")
     _backward_into(grad_x, grad_avg, grad_max, argmax, True, "channel_pool_backward_add")

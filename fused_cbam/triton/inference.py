@@ -182,7 +182,7 @@ def _spatial_gate(mean, mx, conv, maps, k, bn_eps, max_first):
     kk = k * k
     w_mean_offset = kk if maps == 2 and max_first else 0
     w_max_offset = kk if maps == 2 and not max_first else 0
-    block = 64 if INTERPRET else 256
+    block = 64 if INTERPRET else min(256, triton.next_power_of_2(h * w))
     # An absent optional's pointer is never read: any tensor stands in for it.
     with device_guard(mean):
         _spatial_gate_kernel[(triton.cdiv(h * w, block), rows)](

@@ -6,8 +6,9 @@ ties) in registers.
 
 Backward: w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
 grad_x = w * scale[n, c]; grad_scale[n, c] = sum_p w * x. Program (n, block of BLOCK_C channels,
-split) walks its part of P, writes grad_x (or adds into it: ``spatial_pool_backward_add``) and a float32 partial of grad_scale [S, N * C]; a second
-launch adds the S partials in a fixed order (``_common.sum_partials``).
+split) walks its part of P, writes grad_x (or adds into it: ``spatial_pool_backward_add``) and a
+float32 partial of grad_scale [S, N * C]; a second launch adds the S partials in a fixed order
+(``_common.sum_partials``).
 """
 
 import torch
@@ -156,8 +157,13 @@ def _backward_kernel(
         tl.store(pscale_ptr + out, cast_to(tl.sum(acc, axis=1), pscale_ptr), mask=mask_c)
 
 
-_backward_nchw = autotune(REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY, restore_value=["dx_ptr"])(_backward_kernel)
-_backward_cl = autotune(REDUCE_CL, INTERPRET_CONFIG, SHAPE_KEY, restore_value=["dx_ptr"])(_backward_kernel)
+# {(channels_last, accumulate): kernel}. The accumulating ones have tuners of their own that
+# restore dx between the configurations they time (the others need no copies of it).
+_BACKWARD = {
+    (cl, acc): autotune(REDUCE_CL if cl else REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY,
+                        restore_value=["dx_ptr"] if acc else None)(_backward_kernel)
+    for cl in (False, True) for acc in (False, True)
+}  # fmt: skip
 
 
 def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
@@ -170,7 +176,7 @@ def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
 def spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale):
     op = "spatial_pool_backward_add"
     check_x(x, op)
-    check_accumulator(grad_x, x, op)
+    check_accumulator(grad_x, op, x)
     return _backward_into(grad_x, grad_mean, grad_max, argmax, x, scale, True, op)
 
 
@@ -192,7 +198,7 @@ def _backward_into(dx, grad_mean, grad_max, argmax, x, scale, accumulate: bool, 
     x, cl, (sn, sc, sp) = layout(x)
     splits = num_splits(x, n * c // ROWS_PER_PROGRAM[cl], p)
     pscale = sum_target(splits, grad_scale) if scale is not None else dx
-    kernel = _backward_cl if cl else _backward_nchw
+    kernel = _BACKWARD[cl, accumulate]
 
     def grid(meta):
         return (n * triton.cdiv(c, meta["BLOCK_C"]), splits)
