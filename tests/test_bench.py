@@ -11,13 +11,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_quick_records_and_plots(tmp_path, capsys):
-    bench.main(["--device", "cpu", "--quick", "--shapes", "32x6x6", "--batch", "2", "--backends", "reference,timm,cpu", "--out", str(tmp_path)])
+    bench.main([
+        "--device", "cpu", "--quick", "--shapes", "32x6x6", "--batch", "2", "--backends", "reference,timm,cpu,cpu-3ops",
+        "--out", str(tmp_path),
+    ])  # fmt: skip
     out = capsys.readouterr().out
     records = list(tmp_path.glob("bench-*.jsonl"))
     assert len(records) == 1 and records[0].with_suffix(".png").exists()
     rows = [json.loads(line) for line in records[0].read_text().splitlines()]
     providers = {r["provider"] for r in rows}
-    assert providers == {"reference", "timm", "cpu"}
+    assert providers == {"reference", "timm", "cpu", "cpu-3ops"}
+    # The three-operator forward beside the one-operator one; its training step is cpu's.
+    assert {r["mode"] for r in rows if r["provider"] == "cpu-3ops" and r["target"] == "cbam"} == {"forward"}
     for r in rows:
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         for key in ("device", "torch", "commit", "dtype", "format", "shape", "mode"):
@@ -29,6 +34,7 @@ def test_bench_quick_records_and_plots(tmp_path, capsys):
     report.main([str(records[0]), "--readme", str(readme)])
     text = readme.read_text()
     assert "old" not in text and "| nchw | 32x6x6 | cpu |" in text and text.endswith("outro\n")
+    assert "| nchw | 32x6x6 | cpu-3ops |" in text
 
 
 def test_a_backend_that_disagrees_is_refused(tmp_path, monkeypatch, capsys):

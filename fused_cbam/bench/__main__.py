@@ -119,6 +119,9 @@ def bench_block(runner, providers, shape, fmt, env):
         with torch.no_grad():
             fwd = runner.time(lambda i: module(xs[i]), x_bytes)
             fwd |= runner.device_detail(lambda i: module(xs[i]), x_bytes)
+        rows.append(dict(base, mode="forward", **fwd))
+        if provider.forward_only:
+            continue
         module.train()
 
         def step(i):
@@ -127,7 +130,6 @@ def bench_block(runner, providers, shape, fmt, env):
         fwd_bwd = runner.time(step, x_bytes)
         saved = timing.saved_bytes(lambda: module(x_grads[0]), module)
         peak = timing.peak_bytes(lambda: step(0), device, compiled=provider.name.startswith("compile"))
-        rows.append(dict(base, mode="forward", **fwd))
         rows.append(dict(base, mode="forward+backward", **fwd_bwd, saved_bytes=saved, saved_over_x=saved / x_bytes, peak_bytes=peak))
     return rows
 

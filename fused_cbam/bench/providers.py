@@ -16,6 +16,7 @@ class Provider:
     name: str
     kind: str  # "baseline" or "fused"
     make: Callable[[nn.Module], nn.Module]  # from the reference module (same weights where possible)
+    forward_only: bool = False  # its training step is another provider's: timed there
 
 
 def _fused(backend: str, three_operators: bool = False) -> Callable[[nn.Module], nn.Module]:
@@ -59,9 +60,8 @@ def providers(device: torch.device, names: list[str] | None, quick: bool = False
         runs_here = {"cpu": device.type == "cpu", "cuda": device.type == "cuda", "triton": device.type == "cuda"}
         if runs_here.get(backend, False):
             found.append(Provider(backend, "fused", _fused(backend)))
-        if backend == "cuda" and runs_here["cuda"]:
             # The forward as three operators, beside the one-operator inference path above.
-            found.append(Provider("cuda-3ops", "fused", _fused(backend, three_operators=True)))
+            found.append(Provider(f"{backend}-3ops", "fused", _fused(backend, three_operators=True), forward_only=True))
     if device.type in fused_cbam.available_backends():
         # What users get from torch.compile of a model holding the fused block.
         found.append(Provider(f"compile+{device.type}", "fused", _compiled("default", _fused(device.type))))
