@@ -71,8 +71,8 @@ at::Tensor argmax_of(const at::Tensor& argmax, at::IntArrayRef shape) {
   return argmax.contiguous();
 }
 
-// A small per-sample tensor (gate, scale, gradient) of the expected shape and x's dtype.
-at::Tensor small(
+// A tensor that goes with x: the expected shape, x's dtype and device.
+void check_like(
     const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* name) {
   TORCH_CHECK_VALUE(
       t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
@@ -81,6 +81,12 @@ at::Tensor small(
       " (x's), got ", t.scalar_type());
   TORCH_CHECK_VALUE(
       t.device() == x.device(), name, ": expected device ", x.device(), " (x's), got ", t.device());
+}
+
+// A small per-sample tensor (gate, scale, gradient) of the expected shape and x's dtype.
+at::Tensor small(
+    const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* name) {
+  check_like(t, x, shape, name);
   return t.contiguous();
 }
 
@@ -125,12 +131,7 @@ at::Tensor channel_pool_backward(
 // format (x itself when given, else its own).
 void check_accumulator(const at::Tensor& grad_x, const at::Tensor& like) {
   check_input(grad_x);
-  TORCH_CHECK_VALUE(
-      grad_x.sizes() == like.sizes(), "grad_x: expected shape ", like.sizes(), ", got ",
-      grad_x.sizes());
-  TORCH_CHECK_TYPE(
-      grad_x.scalar_type() == like.scalar_type(), "grad_x: expected dtype ", like.scalar_type(),
-      ", got ", grad_x.scalar_type());
+  check_like(grad_x, like, like.sizes(), "grad_x");
   TORCH_CHECK_VALUE(
       grad_x.is_contiguous(format_of(like)) && (grad_x.is_contiguous() || is_channels_last(grad_x)),
       "grad_x: expected a tensor dense in x's memory format (NCHW or channels_last)");
@@ -217,12 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
     const std::optional<at::Tensor>& channel_gate, const std::optional<at::Tensor>& spatial_gate) {
   check_input(x_in);
   const at::Tensor x = dense(x_in);
-  TORCH_CHECK_VALUE(
-      grad_out_in.sizes() == x.sizes(), "grad_out: expected shape ", x.sizes(), ", got ",
-      grad_out_in.sizes());
-  TORCH_CHECK_TYPE(
-      grad_out_in.scalar_type() == x.scalar_type(), "grad_out: expected dtype ", x.scalar_type(),
-      ", got ", grad_out_in.scalar_type());
+  check_like(grad_out_in, x, x.sizes(), "grad_out");
   const at::Tensor grad_out = grad_out_in.contiguous(format_of(x));
   const at::Tensor g = optional_or_ones(channel_gate, x, per_channel(x), "channel_gate");
   const at::Tensor h = optional_or_ones(spatial_gate, x, per_pixel(x), "spatial_gate");

@@ -51,7 +51,8 @@ void channel_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_avg,
   const at::Tensor gm = check_small(grad_max, op, "grad_max", dx, {N, C}, dx.scalar_type());
   const at::Tensor am = check_small(argmax, op, "argmax", dx, {N, C}, at::kInt);
   if (dx.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "fused_cbam::channel_pool_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dx.scalar_type(), "fused_cbam::channel_pool_backward", [&] {
     // NCHW: kept (n, c) is the outer index, p the inner; channels_last the other way round.
     launch_max_scatter_backward<scalar_t, ACCUMULATE>(
         ga.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(),

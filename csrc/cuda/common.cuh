@@ -372,25 +372,9 @@ inline void check_x(const at::Tensor& x, const char* op, const char* name = "x")
                     ": expected C <= 2^30 and H * W <= 2^30, got shape ", x.sizes());
 }
 
-// A gradient of x that a backward operator adds into: x's shape, dtype and device, dense in x's
-// memory format (grad_x itself decides it where there is no x).
-inline void check_accumulator(const at::Tensor& grad_x, const at::Tensor& x, const char* op) {
-  check_x(grad_x, op, "grad_x");
-  TORCH_CHECK_VALUE(grad_x.sizes() == x.sizes(), op, ": grad_x: expected shape ", x.sizes(),
-                    ", got ", grad_x.sizes());
-  TORCH_CHECK_TYPE(grad_x.scalar_type() == x.scalar_type(), op, ": grad_x: expected dtype ",
-                   x.scalar_type(), ", got ", grad_x.scalar_type());
-  TORCH_CHECK_VALUE(grad_x.device() == x.device(), op, ": grad_x: expected a tensor on ",
-                    x.device(), " (x's device), got one on ", grad_x.device());
-  TORCH_CHECK_VALUE(grad_x.is_contiguous(format_of(x)),
-                    op, ": grad_x: expected a tensor dense in x's memory format (NCHW or "
-                    "channels_last)");
-}
-
-// Checks a small tensor against x (device, dtype, shape) and returns it contiguous.
-inline at::Tensor check_small(const at::Tensor& t, const char* op, const char* name,
-                              const at::Tensor& x, at::IntArrayRef shape,
-                              at::ScalarType dtype) {
+// Checks a tensor that goes with x: defined, the expected shape and dtype, x's device.
+inline void check_like(const at::Tensor& t, const char* op, const char* name,
+                       const at::Tensor& x, at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.defined(), op, ": ", name, ": expected a defined tensor");
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, ": expected shape ", shape, ", got ",
                     t.sizes());
@@ -398,7 +382,24 @@ inline at::Tensor check_small(const at::Tensor& t, const char* op, const char* n
                    ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, ": expected a tensor on ",
                     x.device(), " (x's device), got one on ", t.device());
+}
+
+// Checks a small tensor against x (device, dtype, shape) and returns it contiguous.
+inline at::Tensor check_small(const at::Tensor& t, const char* op, const char* name,
+                              const at::Tensor& x, at::IntArrayRef shape,
+                              at::ScalarType dtype) {
+  check_like(t, op, name, x, shape, dtype);
   return t.contiguous();
+}
+
+// A gradient of x that a backward operator adds into: x's shape, dtype and device, dense in x's
+// memory format (grad_x itself decides it where there is no x).
+inline void check_accumulator(const at::Tensor& grad_x, const at::Tensor& x, const char* op) {
+  check_x(grad_x, op, "grad_x");
+  check_like(grad_x, op, "grad_x", x, x.sizes(), x.scalar_type());
+  TORCH_CHECK_VALUE(grad_x.is_contiguous(format_of(x)),
+                    op, ": grad_x: expected a tensor dense in x's memory format (NCHW or "
+                    "channels_last)");
 }
 
 // An optional small tensor, checked as above; an undefined tensor when it is absent.

@@ -215,12 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
   const bool cl = is_channels_last(x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
   const auto dtype = x.scalar_type();
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out: expected shape ",
-                    x.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == dtype, op, ": grad_out: expected dtype ", dtype,
-                   ", got ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == x.device(), op, ": grad_out: expected a tensor on ",
-                    x.device(), " (x's device), got one on ", grad_out.device());
+  check_like(grad_out, op, "grad_out", x, x.sizes(), dtype);
   const at::Tensor dout = grad_out.contiguous(format_of(x));
   const at::Tensor g = check_optional_small(channel_gate, op, "channel_gate", x, {N, C}, dtype);
   const at::Tensor h =

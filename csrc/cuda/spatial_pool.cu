@@ -214,7 +214,8 @@ at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mea
     return has_scale ? at::zeros({N, C}, x_in.options()) : at::empty({0}, x_in.options());
   }
   if (!has_scale) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_cbam::spatial_pool_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, dtype, "fused_cbam::spatial_pool_backward", [&] {
       // Kept (n, p): inner for NCHW, outer for channels_last; c is the pooled coordinate.
       launch_max_scatter_backward<scalar_t, ACCUMULATE>(
           gmean.const_data_ptr<scalar_t>(), gmax.const_data_ptr<scalar_t>(),
@@ -225,7 +226,8 @@ at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mea
   }
   const at::Tensor x = dense_x(x_in);
   at::Tensor gs = at::empty({N, C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_cbam::spatial_pool_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "fused_cbam::spatial_pool_backward", [&] {
     const scalar_t* gmp = gmean.const_data_ptr<scalar_t>();
     const scalar_t* gxp = gmax.const_data_ptr<scalar_t>();
     const int32_t* ap = am.const_data_ptr<int32_t>();

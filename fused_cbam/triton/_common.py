@@ -103,6 +103,19 @@ POINTWISE_CL = [
 ]
 INTERPRET_CONFIG = config(BLOCK_C=8, BLOCK_P=16)
 SHAPE_KEY = ["N", "C", "P"]
+
+
+def tuned_backward(kernel, nchw_configs, cl_configs) -> dict:
+    """{(channels_last, accumulate): ``kernel`` autotuned} for a backward kernel with an
+    ACCUMULATE variant: the accumulating ones have tuners of their own that restore dx between
+    the configurations they time (the others need no copies of it)."""
+    return {
+        (cl, acc): autotune(cl_configs if cl else nchw_configs, INTERPRET_CONFIG, SHAPE_KEY,
+                            restore_value=["dx_ptr"] if acc else None)(kernel)
+        for cl in (False, True) for acc in (False, True)
+    }  # fmt: skip
+
+
 # Channels per program assumed by the split heuristic (the real BLOCK_C is autotuned).
 ROWS_PER_PROGRAM = {False: 4, True: 64}
 
@@ -124,8 +137,8 @@ def check_x(x: torch.Tensor, op: str) -> None:
         )
 
 
-def check_small(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str, dtype=None) -> torch.Tensor:
-    """A gate, scale or upstream gradient of x: right shape, dtype and device; returned contiguous."""
+def check_like(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str, dtype=None) -> None:
+    """A tensor that goes with x: the given shape, dtype (x's by default) and x's device."""
     dtype = x.dtype if dtype is None else dtype
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"fused_cbam_triton::{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -133,6 +146,11 @@ def check_small(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str, dty
         raise TypeError(f"fused_cbam_triton::{op}: {name} must have dtype {dtype}, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"fused_cbam_triton::{op}: {name} is on {t.device}, x on {x.device}")
+
+
+def check_small(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str, dtype=None) -> torch.Tensor:
+    """A gate, scale or upstream gradient of x: right shape, dtype and device; returned contiguous."""
+    check_like(t, x, shape, name, op, dtype)
     return t.contiguous()
 
 
@@ -140,18 +158,13 @@ def check_accumulator(grad_x: torch.Tensor, op: str, x: torch.Tensor = None) -> 
     """A gradient of x that a backward kernel adds into: x's shape, dtype and device, and dense
     in x's memory format (the kernels index it with x's strides); without x, grad_x's own."""
     x = grad_x if x is None else x
-    where = f"fused_cbam_triton::{op}: grad_x"
-    if grad_x.shape != x.shape:
-        raise ValueError(f"{where}: expected shape {list(x.shape)}, got {list(grad_x.shape)}")
-    if grad_x.dtype != x.dtype:
-        raise TypeError(f"{where}: expected dtype {x.dtype}, got {grad_x.dtype}")
-    if grad_x.device != x.device:
-        raise ValueError(f"{where}: expected a tensor on {x.device} (x's device), got one on {grad_x.device}")
+    check_like(grad_x, x, x.shape, "grad_x", op)
     check_x(grad_x, op)
     channels_last = _is_channels_last(x)
     if not grad_x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format):
         raise ValueError(
-            f"{where}: expected a tensor dense in x's memory format ({'channels_last' if channels_last else 'NCHW'})"
+            f"fused_cbam_triton::{op}: grad_x: expected a tensor dense in x's memory format "
+            f"({'channels_last' if channels_last else 'NCHW'})"
         )
 
 

@@ -38,6 +38,7 @@ from ._common import (
     layout,
     num_splits,
     split_range,
+    tuned_backward,
 )
 
 
@@ -156,13 +157,7 @@ def _backward_kernel(
     tl.store(dx_ptr + offs, cast_to(d, dx_ptr), mask=mask)
 
 
-# {(channels_last, accumulate): kernel}. The accumulating ones have tuners of their own that
-# restore dx between the configurations they time (the others need no copies of it).
-_BACKWARD = {
-    (cl, acc): autotune(POINTWISE_CL if cl else POINTWISE_NCHW, INTERPRET_CONFIG, SHAPE_KEY,
-                        restore_value=["dx_ptr"] if acc else None)(_backward_kernel)
-    for cl in (False, True) for acc in (False, True)
-}  # fmt: skip
+_BACKWARD = tuned_backward(_backward_kernel, POINTWISE_NCHW, POINTWISE_CL)
 
 
 def _backward_into(dx, grad_avg, grad_max, argmax, accumulate: bool, op: str) -> None:

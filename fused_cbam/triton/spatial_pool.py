@@ -35,6 +35,7 @@ from ._common import (
     split_range,
     sum_partials,
     sum_target,
+    tuned_backward,
 )
 
 # Forward reduces over C: NCHW tiles are wide in P; channels_last tiles are tall in C.
@@ -157,13 +158,7 @@ def _backward_kernel(
         tl.store(pscale_ptr + out, cast_to(tl.sum(acc, axis=1), pscale_ptr), mask=mask_c)
 
 
-# {(channels_last, accumulate): kernel}. The accumulating ones have tuners of their own that
-# restore dx between the configurations they time (the others need no copies of it).
-_BACKWARD = {
-    (cl, acc): autotune(REDUCE_CL if cl else REDUCE_NCHW, INTERPRET_CONFIG, SHAPE_KEY,
-                        restore_value=["dx_ptr"] if acc else None)(_backward_kernel)
-    for cl in (False, True) for acc in (False, True)
-}  # fmt: skip
+_BACKWARD = tuned_backward(_backward_kernel, REDUCE_NCHW, REDUCE_CL)
 
 
 def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
