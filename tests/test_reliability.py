@@ -15,7 +15,17 @@ from torch import nn
 
 import fused_cbam
 from fused_cbam import reference
-from helpers import COMPILED_BACKENDS, TOLERANCE, assert_close, backend_available, make_input, needs_cuda
+from helpers import (
+    COMPILED_BACKENDS,
+    OPERATOR_BACKENDS,
+    TOLERANCE,
+    assert_close,
+    backend_available,
+    make_input,
+    needs_cuda,
+    operator_namespace,
+    skip_unless_available,
+)
 
 
 class Net(nn.Module):
@@ -169,15 +179,33 @@ def _namespaces(exported) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 def test_torch_export_runs_the_fused_operators_with_a_dynamic_batch(backend, device):
+    skip_unless_available(backend)
     model = Net(backend).to(device).eval()
     x = make_input((2, 3, 12, 12), torch.float32, device)
-    exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-    assert "fused_cbam" in _namespaces(exported)
+    # On CUDA, nn.BatchNorm2d (cuDNN's, in the stem and in the spatial gate) guards the batch to
+    # at most 65535 whatever the CBAM backend: an unbounded Dim fails there, the reference too.
+    batch = torch.export.Dim("batch", max=65535)
+    exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    assert operator_namespace(backend).name in _namespaces(exported)
     for batch in (x, make_input((3, 3, 12, 12), torch.float32, device)):
         got, expected = exported.module()(batch), model(batch)
         assert torch.equal(got, expected), f"batch {batch.shape[0]}: differs by {(got - expected).abs().max().item():.3g}"
+
+
+def test_export_for_cuda_traces_with_fake_tensors_without_a_gpu(monkeypatch):
+    """The export of a CUDA model, traced here with fake CUDA tensors (no kernel runs): the CUDA
+    trace goes through CUDA-only meta functions (cuDNN's BatchNorm) that a CPU export skips."""
+    if not fused_cbam._library.has_kernels("CUDA"):
+        pytest.skip("fused_cbam was built without its CUDA kernels")
+    monkeypatch.setitem(fused_cbam.backends._UNAVAILABLE, "cuda", None)  # no GPU needed to trace
+    with torch._subclasses.fake_tensor.FakeTensorMode(), torch.device("cuda"):
+        model = Net("cuda").eval()
+        x = torch.randn(2, 3, 12, 12)
+        batch = torch.export.Dim("batch", max=65535)
+        exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    assert "fused_cbam" in _namespaces(exported)
 
 
 def test_converted_to_reference_exports_plain_pytorch():
