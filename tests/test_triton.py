@@ -16,8 +16,10 @@ import pytest
 
 pytest.importorskip("triton")
 
+import fused_cbam.nn  # noqa: E402
 import fused_cbam.triton  # noqa: E402,F401  (registers torch.ops.fused_cbam_triton)
 from fused_cbam import reference  # noqa: E402
+from fused_cbam.triton import _common  # noqa: E402
 from fused_cbam._registrations import _like_x  # noqa: E402
 
 OPS = torch.ops.fused_cbam_triton
@@ -132,6 +134,10 @@ def check_spatial_pool(x, scale):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
 def test_forward(shape, dtype, fmt):
+    check_forward(shape, dtype, fmt)
+
+
+def check_forward(shape, dtype, fmt):
     x = make_x(shape, dtype, fmt)
     g, h = gates(shape, dtype)
     check_channel_pool(x)
@@ -214,6 +220,10 @@ def grads(outputs, inputs, upstream):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
 def test_backward(shape, dtype, fmt):
+    check_backward(shape, dtype, fmt)
+
+
+def check_backward(shape, dtype, fmt):
     n, c, h, w = shape
     x = make_x(shape, dtype, fmt, requires_grad=True)
     g, s = gates(shape, dtype)
@@ -243,6 +253,52 @@ def test_backward(shape, dtype, fmt):
             assert_format_like_x(got[0], x)
             for a, b in zip(got, want):
                 assert_close(a, b, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every GPU block configuration. Elsewhere each kernel runs with the interpreter's configuration
+# (on a GPU: the one its autotuner picks, or the first in gpu_check.sh's test runs). Here each
+# GPU configuration in turn is swapped into every tuner, on shapes beyond the largest blocks
+# along the contiguous dimension (P = H * W in NCHW, up to 1024; C in channels_last, up to 256),
+# so that every loop and mask a GPU may run has run in CI.
+
+CONFIG_CASES = [((1, 3, 35, 33), "nchw"), ((1, 260, 6, 6), "channels_last")]
+
+
+def check_block(shape, fmt):
+    """The Triton CBAM block against the reference backend: a training step (its backward adds
+    into one gradient of x) and an eval forward (``cbam_inference``)."""
+    fused = fused_cbam.nn.CBAM(shape[1], reduction_ratio=2, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ref = fused_cbam.nn.CBAM(shape[1], reduction_ratio=2, backend="reference").to(DEVICE)
+    ref.load_state_dict(fused.state_dict())
+    x = make_x(shape, torch.float32, fmt)
+    dout = randn(*shape, dtype=torch.float32)
+    for module in (fused, ref):
+        module.zero_grad()
+    got = grads([fused(x.requires_grad_())], [x, *fused.parameters()], [dout])
+    want = grads([ref(x)], [x, *ref.parameters()], [dout])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    fused.eval(), ref.eval()
+    with torch.no_grad():
+        assert_close(fused(x), ref(x), torch.float32)
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("index", range(max(len(gpu) for _, gpu in _common.TUNED_KERNELS)))
+def test_every_gpu_configuration(index, monkeypatch):
+    for tuner, gpu_configs in _common.TUNED_KERNELS:
+        monkeypatch.setattr(tuner, "configs", [gpu_configs[index % len(gpu_configs)]])
+        monkeypatch.setattr(tuner, "best_config", None, raising=False)  # set by each launch
+    for shape, fmt in CONFIG_CASES:
+        check_forward(shape, torch.float32, fmt)
+        check_backward(shape, torch.float32, fmt)
+        check_block(shape, fmt)
+    unrun = [t.fn.__name__ for t, _ in _common.TUNED_KERNELS if t.best_config is not t.configs[0]]
+    assert not unrun, f"kernels not run with the swapped configuration: {unrun}"
 
 
 def test_backward_ops_direct():

@@ -55,15 +55,28 @@ def configs_to_try(gpu_configs, interpret_config) -> list:
     return gpu_configs if TUNE else gpu_configs[:1]
 
 
+# (tuner, its GPU configurations) for every autotuned kernel. In the interpreter the tuners hold
+# only the interpreter's configuration; tests swap each GPU one in, so that every block shape a
+# GPU may pick has run in CI (tests/test_triton.py).
+TUNED_KERNELS: list = []
+
+
 def autotune(gpu_configs, interpret_config, key, restore_value=None):
-    """``triton.autotune`` over ``configs_to_try(gpu_configs, interpret_config)``.
+    """``triton.autotune`` over ``configs_to_try(gpu_configs, interpret_config)``, recorded in
+    ``TUNED_KERNELS``.
 
     Configurations only change block shapes and warps; every kernel accumulates in float32, so the
     choice changes results by rounding at most. ``restore_value`` names the arguments a kernel
     may add into: the tuner runs each configuration several times, and restores them after.
     """
     configs = configs_to_try(gpu_configs, interpret_config)
-    return triton.autotune(configs=configs, key=key, restore_value=restore_value)
+
+    def tune(kernel):
+        tuner = triton.autotune(configs=configs, key=key, restore_value=restore_value)(kernel)
+        TUNED_KERNELS.append((tuner, gpu_configs))
+        return tuner
+
+    return tune
 
 
 def config(num_warps: int = 4, **blocks) -> triton.Config:
