@@ -287,3 +287,38 @@ def test_every_operator_takes_any_layout_under_torch_compile():
         for name in names:
             op = getattr(getattr(torch.ops, namespace), name).default
             assert torch.Tag.flexible_layout in op.tags, f"{namespace}::{name} tags {op.tags}"
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_every_operator_refuses_x_without_channels(backend, device):
+    """C = 0 is refused by each operator itself, not only by the Python functions before it."""
+    skip_unless_available(backend)
+    ops = operator_namespace(backend)
+    x = torch.randn(2, 0, 3, 4, device=device)
+    per_channel, per_pixel = torch.randn(2, 0, device=device), torch.randn(2, 1, 3, 4, device=device)
+    channel_idx = torch.zeros(2, 0, dtype=torch.int32, device=device)
+    pixel_idx = torch.zeros(2, 1, 3, 4, dtype=torch.int32, device=device)
+    calls = {
+        "channel_pool": (x,),
+        "spatial_pool": (x, None),
+        "gate_apply": (x, None, None),
+        "channel_pool_backward": (per_channel, per_channel, channel_idx, x),
+        "channel_pool_backward_add": (torch.zeros_like(x), per_channel, per_channel, channel_idx),
+        "spatial_pool_backward": (per_pixel, per_pixel, pixel_idx, x, None),
+        "spatial_pool_backward_add": (torch.zeros_like(x), per_pixel, per_pixel, pixel_idx, x, None),
+        "gate_apply_backward": (torch.randn_like(x), x, None, None),
+    }
+    for name, args in calls.items():
+        with pytest.raises(ValueError, match="channel"):
+            getattr(ops, name)(*args)
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_gate_apply_backward_names_a_bad_grad_out(backend, device):
+    skip_unless_available(backend)
+    ops = operator_namespace(backend)
+    x = torch.randn(2, 3, 4, 5, device=device)
+    with pytest.raises(TypeError, match="grad_out.*dtype"):
+        ops.gate_apply_backward(torch.randn_like(x, dtype=torch.float16), x, None, None)
+    with pytest.raises(ValueError, match="grad_out.*shape"):
+        ops.gate_apply_backward(torch.randn(2, 3, 5, 4, device=device), x, None, None)

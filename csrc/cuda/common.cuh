@@ -367,6 +367,8 @@ inline void check_x(const at::Tensor& x, const char* op, const char* name = "x")
   TORCH_CHECK_VALUE(x.size(2) * x.size(3) > 0, op, ": ", name,
                     ": expected a non-empty spatial size, got H x W = ", x.size(2), " x ",
                     x.size(3));
+  TORCH_CHECK_VALUE(x.size(1) > 0, op, ": ", name, ": expected at least one channel, got shape ",
+                    x.sizes());
   // Indices inside one row (a channel or a pixel) are 32-bit; offsets of rows are 64-bit.
   TORCH_CHECK_VALUE(x.size(1) <= kMaxRow && x.size(2) * x.size(3) <= kMaxRow, op, ": ", name,
                     ": expected C <= 2^30 and H * W <= 2^30, got shape ", x.sizes());

@@ -1,5 +1,6 @@
 // gate_apply: out = x * g[n, c] * h[n, 0, h, w] (either gate optional), and its backward
-//   grad_x = (dout * h) * g, grad_g[n, c] = sum_p (dout * h) * x, grad_h[n, p] = sum_c dout * (x * g)
+//   grad_x = (dout * h) * g, grad_g[n, c] = sum_p (dout * h) * x,
+//   grad_h[n, p] = sum_c dout * (x * g)
 // (the products grouped as autograd groups them for out = (x * g) * h), in one read of dout and x.
 //
 // x viewed as [N, Lo, Li]: NCHW (Lo, Li) = (C, P), channels_last (Lo, Li) = (P, C). The gate
@@ -141,8 +142,9 @@ void launch_gate_apply_backward_vec(const at::Tensor& like, const scalar_t* dout
   scalar_t* outer_final = CL ? grad_g : grad_h;
   const int64_t inner_rows = N * Lo, outer_rows = N * Li;
   at::Tensor inner_part, outer_part;
-  if (gout && cfg.itiles > 1) inner_part = at::empty({cfg.itiles, inner_rows}, acc_options<acc_t>(like));
-  if (gin && cfg.splits > 1) outer_part = at::empty({cfg.splits, outer_rows}, acc_options<acc_t>(like));
+  const at::TensorOptions acc = acc_options<acc_t>(like);
+  if (gout && cfg.itiles > 1) inner_part = at::empty({cfg.itiles, inner_rows}, acc);
+  if (gin && cfg.splits > 1) outer_part = at::empty({cfg.splits, outer_rows}, acc);
   acc_t* ip = inner_part.defined() ? inner_part.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* op = outer_part.defined() ? outer_part.mutable_data_ptr<acc_t>() : nullptr;
   gate_apply_backward_kernel<scalar_t, acc_t, VEC, CL>

@@ -141,6 +141,11 @@ def check_x(x: torch.Tensor, op: str) -> None:
             f"fused_cbam_triton::{op}: the Triton backend supports float16, bfloat16 and float32, "
             f"got {x.dtype}; use the fused_cbam C++/CUDA operators or fused_cbam.reference for it"
         )
+    if x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0:
+        raise ValueError(
+            f"fused_cbam_triton::{op}: x must have at least one channel and a non-empty spatial "
+            f"size, got shape {tuple(x.shape)}"
+        )
     if x.shape[2] * x.shape[3] > 2**31 - 1:  # positions along H x W are int32
         raise ValueError(f"fused_cbam_triton::{op}: x must have H * W < 2^31, got shape {tuple(x.shape)}")
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):

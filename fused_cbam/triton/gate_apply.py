@@ -25,6 +25,7 @@ from ._common import (
     INTERPRET,
     autotune,
     cast_to,
+    check_like,
     check_small,
     check_x,
     config,
@@ -185,8 +186,7 @@ def gate_apply_backward(grad_out, x, channel_gate, spatial_gate):
     g, h = _gates(x, channel_gate, spatial_gate, op)
     n, c, hh, ww = x.shape
     p = hh * ww
-    if tuple(grad_out.shape) != tuple(x.shape) or grad_out.dtype != x.dtype or grad_out.device != x.device:
-        raise ValueError(f"fused_cbam_triton::{op}: grad_out must be like x {tuple(x.shape)} {x.dtype} {x.device}")
+    check_like(grad_out, x, x.shape, "grad_out", op)
     grad_g = x.new_empty(n, c) if g is not None else x.new_empty(0)
     grad_h = x.new_empty(n, 1, hh, ww) if h is not None else x.new_empty(0)
     dx = _like_x(x)
