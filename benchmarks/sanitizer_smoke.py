@@ -9,8 +9,11 @@ and 7x7, one and two maps), with and without the optional gates/scale, odd sizes
 paths), a misaligned view (scalar head of the row kernel) and one N = 1 input large in H x W,
 which takes the split-H x W paths (partials + deterministic second kernel).
 Exits non-zero when a result is not finite or has the wrong shape; the sanitizer judges memory.
+``--device cpu`` runs the same calls on the CPU operators (CI does, so that a GPU run does not
+find this script's own mistakes).
 """
 
+import argparse
 import sys
 
 import torch
@@ -23,15 +26,15 @@ def _ops():
     return torch.ops.fused_cbam
 
 
-def _make(shape, dtype, fmt, misaligned=False):
+def _make(shape, dtype, fmt, device, misaligned=False):
     n = 1
     for s in shape:
         n *= s
     if misaligned:  # contiguous, but one element past a 16-byte boundary
-        x = torch.empty(n + 1, device="cuda", dtype=dtype)[1:].view(shape)
-        x.copy_(torch.randn(shape, device="cuda"))
+        x = torch.empty(n + 1, device=device, dtype=dtype)[1:].view(shape)
+        x.copy_(torch.randn(shape, device=device))
     else:
-        x = torch.randn(shape, device="cuda").to(dtype)
+        x = torch.randn(shape, device=device).to(dtype)
     if fmt == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -43,10 +46,10 @@ def _finite(name, *tensors):
             raise SystemExit(f"sanitizer_smoke: non-finite result from {name}")
 
 
-def run_case(ops, shape, dtype, fmt, misaligned=False):
-    x = _make(shape, dtype, fmt, misaligned)
+def run_case(ops, shape, dtype, fmt, device, misaligned=False):
+    x = _make(shape, dtype, fmt, device, misaligned)
     n, c, h, w = shape
-    small = dict(device="cuda", dtype=dtype)
+    small = dict(device=device, dtype=dtype)
     g = torch.rand(n, c, **small)
     hmap = torch.rand(n, 1, h, w, **small)
 
@@ -86,7 +89,10 @@ def run_case(ops, shape, dtype, fmt, misaligned=False):
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    device = parser.parse_args().device
+    if device == "cuda" and not torch.cuda.is_available():
         print("sanitizer_smoke: no CUDA device", file=sys.stderr)
         return 1
     torch.manual_seed(0)
@@ -94,15 +100,16 @@ def main() -> int:
     cases = 0
     for dtype in (torch.float32, torch.bfloat16):
         for fmt in ("contiguous", "channels_last"):
-            run_case(ops, (2, 16, 7, 7), dtype, fmt)  # odd H x W: scalar tile paths, row head/tail
-            run_case(ops, (2, 32, 8, 8), dtype, fmt)  # 16-byte vector paths
-            run_case(ops, (2, 3, 5, 6), dtype, fmt)  # C not a multiple of the vector width
-            run_case(ops, (1, 4, 256, 256), dtype, fmt)  # N = 1, large H x W: split paths
+            run_case(ops, (2, 16, 7, 7), dtype, fmt, device)  # odd H x W: scalar tile paths, row head/tail
+            run_case(ops, (2, 32, 8, 8), dtype, fmt, device)  # 16-byte vector paths
+            run_case(ops, (2, 3, 5, 6), dtype, fmt, device)  # C not a multiple of the vector width
+            run_case(ops, (1, 4, 256, 256), dtype, fmt, device)  # N = 1, large H x W: split paths
             cases += 4
-        run_case(ops, (2, 16, 8, 8), dtype, "contiguous", misaligned=True)
+        run_case(ops, (2, 16, 8, 8), dtype, "contiguous", device, misaligned=True)
         cases += 1
-    torch.cuda.synchronize()
-    print(f"sanitizer_smoke: OK ({cases} cases)")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"sanitizer_smoke: OK ({cases} cases on {device})")
     return 0
 
 

@@ -1,0 +1,39 @@
+"""The GPU check's scripts run here, on the CPU: a GPU is lent for minutes, rarely, and should not
+be the first to find their own mistakes (benchmarks/gpu_check.sh runs them on the GPU)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import skip_unless_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"},
+    )  # fmt: skip
+
+
+def test_gpu_check_is_valid_bash():
+    result = _run("bash", "-n", "benchmarks/gpu_check.sh")
+    assert result.returncode == 0, result.stderr
+
+
+def test_sanitizer_smoke_runs_every_call_on_the_cpu_operators():
+    skip_unless_available("cpu")
+    result = _run(sys.executable, "benchmarks/sanitizer_smoke.py", "--device", "cpu")
+    assert result.returncode == 0 and "sanitizer_smoke: OK (18 cases on cpu)" in result.stdout, result.stderr
+
+
+def test_inductor_passes_lists_the_kernels_over_x(tmp_path):
+    out = tmp_path / "inductor.txt"
+    result = _run(
+        sys.executable, "benchmarks/inductor_passes.py", "--device", "cpu", "--dtype", "bfloat16",
+        "--batch", "2", "--shape", "16x5x5", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "kernels touching x-sized tensors" in out.read_text()
