@@ -3,13 +3,13 @@ the two ``*_backward_add`` operators: C++ CPU, CUDA, Triton).
 
 Through the registered operators, each of the three (channel_pool, spatial_pool, gate_apply)
 returns a gradient of x of its own and autograd adds them: three |x|-sized allocations and two
-additions. Here the gate's backward keeps its gradient of x in a holder shared by the block's
-three autograd nodes instead of returning it; the spatial pooling's backward adds into it, and
-the channel pooling's backward, which autograd runs last (its inputs' gradients depend on both
-of the others), adds its share and returns the whole. The order is fixed by the data: the spatial
-maps feed the spatial gate, and the channel gate feeds both the spatial pooling and the gate.
-
-Eager only: torch.compile and torch.export trace the registered operators instead.
+additions. Here the gradient is threaded through the block instead: the channel pooling returns
+x again (a view, as a third output), the spatial pooling takes that view and returns another,
+and the gate takes the last. The gradient of x then reaches each step as the gradient of the
+view it returned: the gate's backward makes the one gradient of x, the spatial pooling's
+backward adds its share into it and passes it on, and the channel pooling's adds the last.
+Autograd itself carries the buffer, so this also traces under torch.compile, where Inductor runs
+the two additions in place (no copy, no add kernel).
 """
 
 import torch
@@ -18,81 +18,84 @@ from torch import Tensor
 from fused_cbam._registrations import _refuse_double_backward
 
 
-class GradHolder:
-    """The operators of one namespace, and the block's gradient of x while its backward runs."""
-
-    def __init__(self, ops):
-        self.ops = ops
-        self.grad_x: Tensor | None = None
-
-
 class _ChannelPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, holder):
-        avg, mx, argmax = holder.ops.channel_pool(x)
+    def forward(ctx, x, ops):
+        avg, mx, argmax = ops.channel_pool(x)
         ctx.save_for_backward(x, argmax)
-        ctx.holder = holder
-        return avg, mx
+        ctx.ops = ops
+        return avg, mx, x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad_avg, grad_max):
+    def backward(ctx, grad_avg, grad_max, grad_x):
         x, argmax = ctx.saved_tensors
-        _refuse_double_backward(grad_avg, grad_max, x)
-        ops, grad_x, ctx.holder.grad_x = ctx.holder.ops, ctx.holder.grad_x, None
-        if grad_x is None:  # the gate's backward did not run (no gradient reached it)
-            return ops.channel_pool_backward(grad_avg, grad_max, argmax, x), None
-        ops.channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax)
+        _refuse_double_backward(grad_avg, grad_max, grad_x, x)
+        ctx.ops.channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax)
         return grad_x, None
 
 
 class _SpatialPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, holder):
-        mean, mx, argmax = holder.ops.spatial_pool(x, scale)
+    def forward(ctx, x, scale, ops):
+        mean, mx, argmax = ops.spatial_pool(x, scale)
         ctx.save_for_backward(x, scale, argmax)
-        ctx.holder = holder
-        return mean, mx
+        ctx.ops = ops
+        return mean, mx, x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad_mean, grad_max):
+    def backward(ctx, grad_mean, grad_max, grad_x):
         x, scale, argmax = ctx.saved_tensors
-        _refuse_double_backward(grad_mean, grad_max, x, scale)
-        ops = ctx.holder.ops
-        if ctx.holder.grad_x is None:
-            grad_x, grad_scale = ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
-            return grad_x, grad_scale, None
-        grad_scale = ops.spatial_pool_backward_add(ctx.holder.grad_x, grad_mean, grad_max, argmax, x, scale)
-        return None, grad_scale, None
+        _refuse_double_backward(grad_mean, grad_max, grad_x, x, scale)
+        grad_scale = ctx.ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
+        return grad_x, grad_scale if scale is not None else None, None
 
 
 class _GateApply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, channel_gate, spatial_gate, holder):
+    def forward(ctx, x, channel_gate, spatial_gate, ops):
         ctx.save_for_backward(x, channel_gate, spatial_gate)
-        ctx.holder = holder
-        return holder.ops.gate_apply(x, channel_gate, spatial_gate)
+        ctx.ops = ops
+        return ops.gate_apply(x, channel_gate, spatial_gate)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, channel_gate, spatial_gate = ctx.saved_tensors
         _refuse_double_backward(grad_out, x, channel_gate, spatial_gate)
-        grad_x, grad_g, grad_h = ctx.holder.ops.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
-        ctx.holder.grad_x = grad_x
-        return None, grad_g if channel_gate is not None else None, grad_h if spatial_gate is not None else None, None
+        grad_x, grad_g, grad_h = ctx.ops.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
+        return grad_x, grad_g if channel_gate is not None else None, grad_h if spatial_gate is not None else None, None
 
 
 class OneGradBackend:
-    """A backend's three calls for one block, sharing one gradient of x; ``ops`` is the
-    backend's operator namespace (``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``)."""
+    """The three calls of one block's forward on a backend (``ops``: its operator namespace,
+    ``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``), made afresh for each forward.
+
+    They run in the block's order, channel_pool, spatial_pool, gate_apply, all on the same x;
+    each after the first takes the view of x that the one before returned, which carries the
+    gradient of x back through them.
+
+    The gradient buffer is the gate backward's own output, which nothing else holds, so adding
+    into it in place is safe. Were a step's incoming gradient missing (no loss reaches the gate),
+    autograd passes zeros, and the additions still give the right gradient.
+    """
 
     def __init__(self, ops):
-        self._holder = GradHolder(ops)
+        self._ops = ops
+        self._x: Tensor | None = None  # the block's x, as channel_pool received it
+        self._carrier: Tensor | None = None  # the view of x the last call returned
+
+    def _carry(self, x: Tensor) -> Tensor:
+        if x is not self._x:
+            raise RuntimeError("OneGradBackend: each call after channel_pool takes the block's x")
+        return self._carrier
 
     def channel_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return _ChannelPool.apply(x, self._holder)
+        self._x = x
+        avg, mx, self._carrier = _ChannelPool.apply(x, self._ops)
+        return avg, mx
 
     def spatial_pool(self, x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
-        return _SpatialPool.apply(x, scale, self._holder)
+        mean, mx, self._carrier = _SpatialPool.apply(self._carry(x), scale, self._ops)
+        return mean, mx
 
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
-        return _GateApply.apply(x, channel_gate, spatial_gate, self._holder)
+        return _GateApply.apply(self._carry(x), channel_gate, spatial_gate, self._ops)

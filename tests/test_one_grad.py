@@ -4,8 +4,11 @@ backend's, however autograd reaches the block."""
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import fused_cbam
+from fused_cbam import reference
+from fused_cbam._one_grad import OneGradBackend
 from helpers import (
     OPERATOR_BACKENDS,
     TOLERANCE,
@@ -113,3 +116,49 @@ def test_gradients_are_bitwise_reproducible(backend, device):
     grad_out = torch.randn_like(x)
     first, second = _grads(fused, x, grad_out)[1], _grads(fused, x, grad_out)[1]
     assert torch.equal(first, second)
+
+
+def test_a_step_whose_view_gets_no_gradient_still_adds_its_share(backend, device):
+    """Only the channel pooling reaches the loss: autograd hands its backward zeros for the view of
+    x that nothing used, and it adds its share into them."""
+    ops = operator_namespace(backend)
+    x = make_input((2, 5, 4, 3), torch.float32, device, requires_grad=True)
+    avg, mx = OneGradBackend(ops).channel_pool(x)
+    grad_avg, grad_max = torch.randn_like(avg), torch.randn_like(mx)
+    (grad_x,) = torch.autograd.grad([avg, mx], x, [grad_avg, grad_max])
+    (ref_grad_x,) = torch.autograd.grad(reference.channel_pool(x), x, [grad_avg, grad_max])
+    assert_close(grad_x, ref_grad_x, 1e-6, "grad of x")
+
+
+def test_each_call_takes_the_blocks_x(backend, device):
+    block = OneGradBackend(operator_namespace(backend))
+    x = make_input((2, 5, 4, 3), torch.float32, device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="each call after channel_pool takes the block's x"):
+        block.spatial_pool(x, None)
+    block.channel_pool(x)
+    with pytest.raises(RuntimeError, match="each call after channel_pool takes the block's x"):
+        block.gate_apply(x.clone(), None, None)
+
+
+def test_torch_compile_keeps_one_gradient(backend, device):
+    """Compiled, the backward runs the two operators that add (in place: no copy of the gradient)
+    and gives the reference's gradients. Triton's adding operators do not trace this way
+    (fused_cbam/backends.py): compiled, it adds three gradients, as the registered operators do."""
+    torch._dynamo.reset()
+    fused, reference_module = _pair(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 7, 9), torch.float32, device, "channels_last")
+    grad_out = torch.randn_like(x)
+    compiled = torch.compile(fused, fullgraph=True)
+    (out, grad_x, param_grads), codes = run_and_get_code(lambda: _grads(fused, x, grad_out, call=compiled.forward))
+    namespace = operator_namespace(backend).name
+    backward_code = codes[-1]
+    one_grad = backend != "triton"
+    assert (f"{namespace}.channel_pool_backward_add" in backward_code) == one_grad
+    assert (f"{namespace}.spatial_pool_backward_add" in backward_code) == one_grad
+    assert (f"{namespace}.channel_pool_backward.default" in backward_code) != one_grad
+    ref_out, ref_grad_x, ref_param_grads = _grads(reference_module, x, grad_out)
+    atol = TOLERANCE[torch.float32] * 4
+    assert_close(out, ref_out, atol, "out")
+    assert_close(grad_x, ref_grad_x, atol, "grad of x")
+    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
+        assert_close(g, rg, atol * 4, f"grad of parameter {i}")
