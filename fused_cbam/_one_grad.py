@@ -3,19 +3,32 @@ the two ``*_backward_add`` operators: C++ CPU, CUDA, Triton).
 
 Through the registered operators, each of the three (channel_pool, spatial_pool, gate_apply)
 returns a gradient of x of its own and autograd adds them: three |x|-sized allocations and two
-additions. Here the gradient is threaded through the block instead: the channel pooling returns
-x again (a view, as a third output), the spatial pooling takes that view and returns another,
-and the gate takes the last. The gradient of x then reaches each step as the gradient of the
-view it returned: the gate's backward makes the one gradient of x, the spatial pooling's
-backward adds its share into it and passes it on, and the channel pooling's adds the last.
-Autograd itself carries the buffer, so this also traces under torch.compile, where Inductor runs
-the two additions in place (no copy, no add kernel).
+additions. Here one gradient is threaded through the block instead, along a carrier: a tensor of
+x's shape with zero strides (one element, never read) that the channel pooling returns, the
+spatial pooling takes and returns anew, and the gate takes. The gradient of x reaches each step
+as the gradient of the carrier it returned: the gate's backward makes the one gradient of x, the
+spatial pooling's backward adds its share into it and passes it on, and the channel pooling's
+adds the last and hands it to x. Autograd itself carries the buffer, so this also traces under
+torch.compile, where Inductor runs the two additions in place (no copy, no add kernel). The
+carrier is not a view of x: Dynamo traces an autograd.Function's backward with its forward
+outputs standing in for the gradients, and an addition into a view of x would then count as a
+change of x.
 """
 
 import torch
 from torch import Tensor
 
-from fused_cbam._registrations import _refuse_double_backward
+from fused_cbam._registrations import _is_channels_last, _refuse_double_backward
+
+
+def _carrier(x: Tensor) -> Tensor:
+    return torch.empty_strided(x.shape, (0,) * x.dim(), dtype=x.dtype, device=x.device)
+
+
+def _dense_like_x(grad: Tensor, x: Tensor) -> Tensor:
+    """grad in x's memory format: itself, except for the NCHW zeros autograd makes for a step
+    whose output got no gradient."""
+    return grad.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
 
 
 class _ChannelPool(torch.autograd.Function):
@@ -24,7 +37,7 @@ class _ChannelPool(torch.autograd.Function):
         avg, mx, argmax = ops.channel_pool(x)
         ctx.save_for_backward(x, argmax)
         ctx.ops = ops
-        return avg, mx, x.view_as(x)
+        return avg, mx, _carrier(x)
 
     @staticmethod
     def backward(ctx, grad_avg, grad_max, grad_x):
@@ -36,23 +49,24 @@ class _ChannelPool(torch.autograd.Function):
 
 class _SpatialPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, ops):
+    def forward(ctx, x, carrier, scale, ops):
         mean, mx, argmax = ops.spatial_pool(x, scale)
         ctx.save_for_backward(x, scale, argmax)
         ctx.ops = ops
-        return mean, mx, x.view_as(x)
+        return mean, mx, _carrier(x)
 
     @staticmethod
     def backward(ctx, grad_mean, grad_max, grad_x):
         x, scale, argmax = ctx.saved_tensors
         _refuse_double_backward(grad_mean, grad_max, grad_x, x, scale)
+        grad_x = _dense_like_x(grad_x, x)
         grad_scale = ctx.ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
-        return grad_x, grad_scale if scale is not None else None, None
+        return None, grad_x, grad_scale if scale is not None else None, None
 
 
 class _GateApply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, channel_gate, spatial_gate, ops):
+    def forward(ctx, x, carrier, channel_gate, spatial_gate, ops):
         ctx.save_for_backward(x, channel_gate, spatial_gate)
         ctx.ops = ops
         return ops.gate_apply(x, channel_gate, spatial_gate)
@@ -62,7 +76,8 @@ class _GateApply(torch.autograd.Function):
         x, channel_gate, spatial_gate = ctx.saved_tensors
         _refuse_double_backward(grad_out, x, channel_gate, spatial_gate)
         grad_x, grad_g, grad_h = ctx.ops.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
-        return grad_x, grad_g if channel_gate is not None else None, grad_h if spatial_gate is not None else None, None
+        grad_g = grad_g if channel_gate is not None else None
+        return None, grad_x, grad_g, grad_h if spatial_gate is not None else None, None
 
 
 class OneGradBackend:
@@ -70,8 +85,7 @@ class OneGradBackend:
     ``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``), made afresh for each forward.
 
     They run in the block's order, channel_pool, spatial_pool, gate_apply, all on the same x;
-    each after the first takes the view of x that the one before returned, which carries the
-    gradient of x back through them.
+    each after the first also takes the carrier that the one before returned.
 
     The gradient buffer is the gate backward's own output, which nothing else holds, so adding
     into it in place is safe. Were a step's incoming gradient missing (no loss reaches the gate),
@@ -81,7 +95,7 @@ class OneGradBackend:
     def __init__(self, ops):
         self._ops = ops
         self._x: Tensor | None = None  # the block's x, as channel_pool received it
-        self._carrier: Tensor | None = None  # the view of x the last call returned
+        self._carrier: Tensor | None = None  # what the last call returned to carry the gradient
 
     def _carry(self, x: Tensor) -> Tensor:
         if x is not self._x:
@@ -94,8 +108,8 @@ class OneGradBackend:
         return avg, mx
 
     def spatial_pool(self, x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
-        mean, mx, self._carrier = _SpatialPool.apply(self._carry(x), scale, self._ops)
+        mean, mx, self._carrier = _SpatialPool.apply(x, self._carry(x), scale, self._ops)
         return mean, mx
 
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
-        return _GateApply.apply(self._carry(x), channel_gate, spatial_gate, self._ops)
+        return _GateApply.apply(x, self._carry(x), channel_gate, spatial_gate, self._ops)

@@ -20,22 +20,18 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 class OperatorBackend:
     """The operators of one namespace (``fused_cbam`` or ``fused_cbam_triton``)."""
 
-    def __init__(self, name: str, namespace: str, one_grad_traces: bool = True):
+    def __init__(self, name: str, namespace: str):
         self.name = name
         self._ops = getattr(torch.ops, namespace)
-        self._one_grad_traces = one_grad_traces
 
     @property
     def cbam_inference(self):
         """The whole-block inference operator (the reference backend has None)."""
         return self._ops.cbam_inference
 
-    def one_grad(self):
+    def one_grad(self) -> OneGradBackend:
         """This backend's calls for one training block's forward, its backward filling one
-        gradient of x (a new object for each forward); under torch.compile, where its
-        operators do not trace that way, the registered operators."""
-        if not self._one_grad_traces and torch.compiler.is_compiling():
-            return self
+        gradient of x (a new object for each forward)."""
         return OneGradBackend(self._ops)
 
     def channel_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,10 +108,7 @@ def _backend(name: str):
     if name not in _INSTANCES:  # triton: its operators are registered on first use
         import fused_cbam.triton  # noqa: F401
 
-        # Dynamo speculates an autograd.Function's backward with its forward outputs standing in
-        # for the gradients: Triton's *_backward_add (Python custom operators that declare their
-        # mutation) then write into the view of x that carries the gradient, and tracing fails.
-        _INSTANCES[name] = OperatorBackend("triton", "fused_cbam_triton", one_grad_traces=False)
+        _INSTANCES[name] = OperatorBackend("triton", "fused_cbam_triton")
     return _INSTANCES[name]
 
 
