@@ -170,3 +170,25 @@ def test_torch_compile_keeps_one_gradient(backend, device):
     assert_close(grad_x, ref_grad_x, atol, "grad of x")
     for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
         assert_close(g, rg, atol * 4, f"grad of parameter {i}")
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(use_reentrant, backend, device):
+    """torch.utils.checkpoint runs the block's forward again inside the backward (eval mode, so
+    that BatchNorm normalises both forwards alike; the reentrant one's first forward, under
+    no_grad, is the inference operator)."""
+    fused, reference_module = _pair(LAYOUTS["official"], backend, device)
+    fused.eval(), reference_module.eval()
+    x = make_input((2, 16, 6, 5), torch.float32, device, "channels_last")
+    grad_out = torch.randn_like(x)
+
+    def checkpointed(t):
+        return torch.utils.checkpoint.checkpoint(fused, t, use_reentrant=use_reentrant)
+
+    out, grad_x, param_grads = _grads(fused, x, grad_out, call=checkpointed)
+    ref_out, ref_grad_x, ref_param_grads = _grads(reference_module, x, grad_out)
+    atol = TOLERANCE[torch.float32] * 4
+    assert_close(out, ref_out, atol, "out")
+    assert_close(grad_x, ref_grad_x, atol, "grad of x")
+    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
+        assert_close(g, rg, atol * 4, f"grad of parameter {i}")
