@@ -92,8 +92,8 @@ step build 120 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
 # (seen on an H200, 16 cores: 8 workers ran 93% of the suite in 240 s). The tests that use the
 # GPU (ids naming cuda or triton) run first, the rest (also run by CI) after them. Failures'
 # tracebacks go to failures.log as they happen, so a run cut off by its limit still says what
-# failed.
-PYTEST_ARGS=(tests -q -p no:cacheprovider -rfE)
+# failed; a run that finishes lists its 30 slowest tests, to size the next one.
+PYTEST_ARGS=(tests -q -p no:cacheprovider -rfE --durations=30)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$(($(nproc) > 4 ? $(nproc) - 2 : 2))"); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout 150); fi
 GPU_TESTS="cuda or triton"
