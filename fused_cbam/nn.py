@@ -41,8 +41,10 @@ def fused_cbam_forward(
     gates (the spatial one None for a channel-only block).
     """
     ops = backends.resolve(backend, x)
-    if x.requires_grad and torch.is_grad_enabled():
-        ops = ops.one_grad()  # one gradient of x for the block's three operators
+    # One gradient of x for the block's three operators; an exported graph keeps the registered
+    # operators alone (no carriers).
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
+        ops = ops.one_grad()
     avg, mx = ops.channel_pool(x)
     channel_gate = gate(channel_logits(avg, mx)).to(x.dtype)
     if spatial_logits is None:

@@ -307,6 +307,10 @@ def test_every_operator_refuses_x_without_channels(backend, device):
         "spatial_pool_backward": (per_pixel, per_pixel, pixel_idx, x, None),
         "spatial_pool_backward_add": (torch.zeros_like(x), per_pixel, per_pixel, pixel_idx, x, None),
         "gate_apply_backward": (torch.randn_like(x), x, None, None),
+        "cbam_inference": (
+            x, torch.randn(1, 0, device=device), None, torch.randn(0, 1, device=device), None, "sum",
+            torch.randn(1, 2, 7, 7, device=device), None, None, None, None, None, 1e-5, True,
+        ),  # fmt: skip
     }
     for name, args in calls.items():
         with pytest.raises(ValueError, match="channel"):

@@ -194,6 +194,18 @@ def test_torch_export_runs_the_fused_operators_with_a_dynamic_batch(backend, dev
         assert torch.equal(got, expected), f"batch {batch.shape[0]}: differs by {(got - expected).abs().max().item():.3g}"
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_of_an_input_that_requires_grad_records_the_registered_operators(strict):
+    """The training path's carriers stay out of exported graphs."""
+    skip_unless_available("cpu")
+    model = Net("cpu").eval()
+    x = make_input((2, 3, 12, 12), torch.float32, "cpu", requires_grad=True)
+    exported = torch.export.export(model, (x,), strict=strict)
+    targets = {str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"}
+    assert "fused_cbam.channel_pool.default" in targets and "aten.empty_strided.default" not in targets, targets
+    assert torch.equal(exported.module()(x), model(x))
+
+
 def test_export_for_cuda_traces_with_fake_tensors_without_a_gpu(monkeypatch):
     """The export of a CUDA model, traced here with fake CUDA tensors (no kernel runs): the CUDA
     trace goes through CUDA-only meta functions (cuDNN's BatchNorm) that a CPU export skips."""

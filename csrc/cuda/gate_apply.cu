@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
       check_optional_small(spatial_gate, op, "spatial_gate", x, {N, 1, H, W}, dtype);
   const bool has_g = g.defined(), has_h = h.defined();
   at::Tensor dx = empty_like_x(x);
-  if (dx.numel() == 0) {  // sums over an empty dimension
+  if (dx.numel() == 0) {  // an empty batch
     return {dx, has_g ? at::zeros({N, C}, x.options()) : at::empty({0}, x.options()),
             has_h ? at::zeros({N, 1, H, W}, x.options()) : at::empty({0}, x.options())};
   }

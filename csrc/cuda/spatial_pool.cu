@@ -164,10 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
   at::Tensor mean = at::empty({N, 1, H, W}, x.options());
   at::Tensor mx = at::empty({N, 1, H, W}, x.options());
   at::Tensor idx = at::empty({N, 1, H, W}, x.options().dtype(at::kInt));
-  if (N * P == 0) return {mean, mx, idx};
-  // Like torch.max(dim) over an empty dimension.
-  TORCH_CHECK_INDEX(C > 0, op, ": x: cannot take the max over C = 0 channels (like torch.max), "
-                    "got shape ", x.sizes());
+  if (N == 0) return {mean, mx, idx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* sp = has_scale ? scale.const_data_ptr<scalar_t>() : nullptr;
@@ -210,7 +207,7 @@ at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mea
   const at::Tensor am = check_small(argmax, op, "argmax", x_in, {N, 1, H, W}, at::kInt);
   const at::Tensor scale = check_optional_small(scale_opt, op, "scale", x_in, {N, C}, dtype);
   const bool has_scale = scale.defined();
-  if (dx.numel() == 0) {  // sum over zero pixels
+  if (dx.numel() == 0) {  // an empty batch
     return has_scale ? at::zeros({N, C}, x_in.options()) : at::empty({0}, x_in.options());
   }
   if (!has_scale) {

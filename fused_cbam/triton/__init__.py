@@ -18,7 +18,7 @@ How this path differs from the C++/CUDA one:
 - long reductions are split over several programs when N * C alone would not fill the GPU;
   the float32 partial sums are added by a second launch in a fixed order. No atomics:
   the backward is deterministic for a given configuration.
-- an empty reduction (H * W == 0 in channel_pool, C == 0 in spatial_pool) raises ValueError.
+- an x without channels or pixels (C == 0 or H * W == 0) raises ValueError, as in C++.
 
 Memory format: x may be NCHW-contiguous or channels_last; outputs shaped like x follow
 ``_registrations._like_x`` (channels_last iff x is channels_last-contiguous and not contiguous).

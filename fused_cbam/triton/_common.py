@@ -133,24 +133,24 @@ def tuned_backward(kernel, nchw_configs, cl_configs) -> dict:
 ROWS_PER_PROGRAM = {False: 4, True: 64}
 
 
-def check_x(x: torch.Tensor, op: str) -> None:
+def check_x(x: torch.Tensor, op: str, name: str = "x") -> None:
+    where = f"fused_cbam_triton::{op}: {name}"
     if x.dim() != 4:
-        raise ValueError(f"fused_cbam_triton::{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+        raise ValueError(f"{where} must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"fused_cbam_triton::{op}: the Triton backend supports float16, bfloat16 and float32, "
+            f"{where}: the Triton backend supports float16, bfloat16 and float32, "
             f"got {x.dtype}; use the fused_cbam C++/CUDA operators or fused_cbam.reference for it"
         )
     if x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0:
         raise ValueError(
-            f"fused_cbam_triton::{op}: x must have at least one channel and a non-empty spatial "
-            f"size, got shape {tuple(x.shape)}"
+            f"{where} must have at least one channel and a non-empty spatial size, got shape {tuple(x.shape)}"
         )
     if x.shape[2] * x.shape[3] > 2**31 - 1:  # positions along H x W are int32
-        raise ValueError(f"fused_cbam_triton::{op}: x must have H * W < 2^31, got shape {tuple(x.shape)}")
+        raise ValueError(f"{where} must have H * W < 2^31, got shape {tuple(x.shape)}")
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
         raise RuntimeError(
-            f"fused_cbam_triton::{op}: x is on {x.device}; the Triton kernels need CUDA tensors "
+            f"{where} is on {x.device}; the Triton kernels need CUDA tensors "
             "(or CPU tensors with TRITON_INTERPRET=1 set before import)"
         )
 
@@ -177,7 +177,7 @@ def check_accumulator(grad_x: torch.Tensor, op: str, x: torch.Tensor = None) -> 
     in x's memory format (the kernels index it with x's strides); without x, grad_x's own."""
     x = grad_x if x is None else x
     check_like(grad_x, x, x.shape, "grad_x", op)
-    check_x(grad_x, op)
+    check_x(grad_x, op, "grad_x")
     channels_last = _is_channels_last(x)
     if not grad_x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format):
         raise ValueError(

@@ -157,8 +157,6 @@ def cbam_inference(
 ):  # fmt: skip
     check_x(x, "cbam_inference")
     n = x.shape[0]
-    if x.shape[1] == 0:
-        raise ValueError(f"{_OP}: x: expected at least one channel, got shape {tuple(x.shape)}")
     w1, b1, w2, b2 = _mlp_parameters(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling)
     conv, maps, k = _conv_parameters(x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias)
     x = layout(x)[0]
