@@ -18,17 +18,16 @@ change of x.
 import torch
 from torch import Tensor
 
-from fused_cbam._registrations import _is_channels_last, _refuse_double_backward
+from fused_cbam._registrations import _refuse_double_backward
 
 
 def _carrier(x: Tensor) -> Tensor:
     return torch.empty_strided(x.shape, (0,) * x.dim(), dtype=x.dtype, device=x.device)
 
 
-def _dense_like_x(grad: Tensor, x: Tensor) -> Tensor:
-    """grad in x's memory format: itself, except for the NCHW zeros autograd makes for a step
-    whose output got no gradient."""
-    return grad.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+def _zeros_for_none(grads, like: Tensor, dtype: torch.dtype) -> list[Tensor]:
+    """The small gradients of a pooling's two outputs, zeros for one that got none."""
+    return [torch.zeros_like(like, dtype=dtype) if g is None else g for g in grads]
 
 
 class _ChannelPool(torch.autograd.Function):
@@ -37,12 +36,18 @@ class _ChannelPool(torch.autograd.Function):
         avg, mx, argmax = ops.channel_pool(x)
         ctx.save_for_backward(x, argmax)
         ctx.ops = ops
+        ctx.set_materialize_grads(False)  # no |x|-sized zeros for a carrier without gradient
         return avg, mx, _carrier(x)
 
     @staticmethod
     def backward(ctx, grad_avg, grad_max, grad_x):
         x, argmax = ctx.saved_tensors
         _refuse_double_backward(grad_avg, grad_max, grad_x, x)
+        if grad_avg is None and grad_max is None:
+            return grad_x, None
+        grad_avg, grad_max = _zeros_for_none((grad_avg, grad_max), argmax, x.dtype)
+        if grad_x is None:
+            return ctx.ops.channel_pool_backward(grad_avg, grad_max, argmax, x), None
         ctx.ops.channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax)
         return grad_x, None
 
@@ -53,14 +58,20 @@ class _SpatialPool(torch.autograd.Function):
         mean, mx, argmax = ops.spatial_pool(x, scale)
         ctx.save_for_backward(x, scale, argmax)
         ctx.ops = ops
+        ctx.set_materialize_grads(False)
         return mean, mx, _carrier(x)
 
     @staticmethod
     def backward(ctx, grad_mean, grad_max, grad_x):
         x, scale, argmax = ctx.saved_tensors
         _refuse_double_backward(grad_mean, grad_max, grad_x, x, scale)
-        grad_x = _dense_like_x(grad_x, x)
-        grad_scale = ctx.ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
+        if grad_mean is None and grad_max is None:
+            return None, grad_x, None, None
+        grad_mean, grad_max = _zeros_for_none((grad_mean, grad_max), argmax, x.dtype)
+        if grad_x is None:
+            grad_x, grad_scale = ctx.ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
+        else:
+            grad_scale = ctx.ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
         return None, grad_x, grad_scale if scale is not None else None, None
 
 
@@ -88,8 +99,11 @@ class OneGradBackend:
     each after the first also takes the carrier that the one before returned.
 
     The gradient buffer is the gate backward's own output, which nothing else holds, so adding
-    into it in place is safe. Were a step's incoming gradient missing (no loss reaches the gate),
-    autograd passes zeros, and the additions still give the right gradient.
+    into it in place is safe. A pooling whose carrier gets no gradient (no loss reaches the gate)
+    writes a fresh gradient of x instead: the poolings turn off autograd's zero-filling of
+    missing gradients. Those zeros would be |x|-sized and NCHW, to be put in x's format first,
+    and Dynamo, which traces a backward with the forward outputs as its gradients, would keep
+    that conversion as a copy of every channels_last gradient.
     """
 
     def __init__(self, ops):
