@@ -10,8 +10,8 @@
 # Each step logs to LOG_DIR/<step>.log under its own time limit; the test-suite and the two
 # sanitizer runs share the GPU at once (correctness only), the benchmark runs alone after them.
 # At worst 9.5 minutes (the sum of the limits, GPU_CHECK_REST unset). A failing step does not
-# stop the later ones, but the script exits non-zero if any failed. On the device tool, whose $OUT takes
-# 8 files at most, tar LOG_DIR into $OUT.
+# stop the later ones, but the script exits non-zero if any failed. On the device tool, whose
+# $OUT takes 8 files at most, tar LOG_DIR into $OUT.
 #
 #   BENCH_ARGS       arguments of python -m fused_cbam.bench (default: --quick)
 #   GPU_CHECK_REST=1 also run the tests that use no GPU (CI runs them), after the others

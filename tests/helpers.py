@@ -37,6 +37,18 @@ SHAPES = [
 FORMATS = ["nchw", "channels_last", "strided"]
 
 
+def fused_and_reference(make, backend, device, channels=16):
+    """``make(channels, backend=...)`` on ``backend`` with non-trivial weights, and the same module
+    on the reference backend loaded from it."""
+    fused = make(channels, backend=backend).to(device)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    reference = make(channels, backend="reference").to(device)
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
 def make_input(shape, dtype, device, memory_format="nchw", requires_grad=False):
     """Fresh random values in the given layout; "strided" is a non-contiguous slice view."""
     if memory_format == "strided":

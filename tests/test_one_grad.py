@@ -16,6 +16,7 @@ from helpers import (
     TOLERANCE,
     OperatorLog,
     assert_close,
+    fused_and_reference,
     make_input,
     operator_namespace,
     skip_unless_available,
@@ -30,14 +31,13 @@ def _available(backend):
     skip_unless_available(backend)
 
 
-def _pair(make, backend, device, channels=16):
-    fused = make(channels, backend=backend).to(device)
-    with torch.no_grad():
-        for p in fused.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    reference = make(channels, backend="reference").to(device)
-    reference.load_state_dict(fused.state_dict())
-    return fused, reference
+def _assert_matches(got, want, atol):
+    """Output, gradient of x and parameter gradients (``_grads``) against the reference's."""
+    (out, grad_x, param_grads), (ref_out, ref_grad_x, ref_param_grads) = got, want
+    assert_close(out, ref_out, atol, "out")
+    assert_close(grad_x, ref_grad_x, atol, "grad of x")
+    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
+        assert_close(g, rg, atol * 4, f"grad of parameter {i}")
 
 
 def _grads(module, x, grad_out, times=1, call=None):
@@ -62,27 +62,22 @@ LAYOUTS = {
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gradients_match_the_reference(layout, memory_format, dtype, backend, device):
-    fused, reference = _pair(LAYOUTS[layout], backend, device)
+    fused, reference = fused_and_reference(LAYOUTS[layout], backend, device)
     fused, reference = fused.to(dtype), reference.to(dtype)
     x = make_input((3, 16, 7, 9), dtype, device, memory_format)
     grad_out = torch.randn(x.shape, dtype=dtype, device=device)
     with OperatorLog() as log:
-        out, grad_x, param_grads = _grads(fused, x, grad_out)
+        got = _grads(fused, x, grad_out)
     namespace = operator_namespace(backend).name
     assert f"{namespace}.channel_pool_backward_add" in log.names
     assert f"{namespace}.channel_pool_backward" not in log.names
     assert f"{namespace}.spatial_pool_backward" not in log.names
-    ref_out, ref_grad_x, ref_param_grads = _grads(reference, x, grad_out)
-    atol = TOLERANCE[dtype] * 4
-    assert_close(out, ref_out, atol, "out")
-    assert_close(grad_x, ref_grad_x, atol, "grad of x")
-    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
-        assert_close(g, rg, atol * 4, f"grad of parameter {i}")
+    _assert_matches(got, _grads(reference, x, grad_out), TOLERANCE[dtype] * 4)
 
 
 def test_retain_graph_twice_a_shared_module_and_a_residual(backend, device):
     """Two backward passes over one graph; one module applied twice; x also used outside it."""
-    fused, reference = _pair(LAYOUTS["official"], backend, device)
+    fused, reference = fused_and_reference(LAYOUTS["official"], backend, device)
     x = make_input((2, 16, 6, 5), torch.float32, device)
     grad_out = torch.randn_like(x)
 
@@ -98,7 +93,7 @@ def test_retain_graph_twice_a_shared_module_and_a_residual(backend, device):
 
 
 def test_parameters_only_and_x_only(backend, device):
-    fused, reference = _pair(LAYOUTS["official"], backend, device)
+    fused, reference = fused_and_reference(LAYOUTS["official"], backend, device)
     x = make_input((2, 16, 6, 5), torch.float32, device)
     fused(x).sum().backward()  # x needs no gradient: the registered operators' path
     reference(x).sum().backward()
@@ -113,7 +108,7 @@ def test_parameters_only_and_x_only(backend, device):
 
 
 def test_gradients_are_bitwise_reproducible(backend, device):
-    fused, _ = _pair(LAYOUTS["official"], backend, device)
+    fused, _ = fused_and_reference(LAYOUTS["official"], backend, device)
     x = make_input((2, 16, 6, 5), torch.float32, device, "channels_last")
     grad_out = torch.randn_like(x)
     first, second = _grads(fused, x, grad_out)[1], _grads(fused, x, grad_out)[1]
@@ -163,11 +158,11 @@ def test_torch_compile_keeps_one_gradient(backend, device):
     """Compiled, the backward runs the two operators that add (in place: no copy of the gradient)
     and gives the reference's gradients."""
     torch._dynamo.reset()
-    fused, reference_module = _pair(LAYOUTS["official"], backend, device)
+    fused, reference_module = fused_and_reference(LAYOUTS["official"], backend, device)
     x = make_input((2, 16, 7, 9), torch.float32, device, "channels_last")
     grad_out = torch.randn_like(x)
     compiled = torch.compile(fused, fullgraph=True)
-    (out, grad_x, param_grads), codes = run_and_get_code(lambda: _grads(fused, x, grad_out, call=compiled.forward))
+    got, codes = run_and_get_code(lambda: _grads(fused, x, grad_out, call=compiled.forward))
     namespace = operator_namespace(backend).name
     backward_code = codes[-1]
     for op in ("channel_pool_backward", "spatial_pool_backward"):
@@ -178,12 +173,7 @@ def test_torch_compile_keeps_one_gradient(backend, device):
     for op in ("channel_pool_backward_add", "spatial_pool_backward_add"):
         call = re.search(rf"{namespace}\.{op}\.default\((\w+),", backward_code)
         assert call.group(1) == gate_grad_x, backward_code
-    ref_out, ref_grad_x, ref_param_grads = _grads(reference_module, x, grad_out)
-    atol = TOLERANCE[torch.float32] * 4
-    assert_close(out, ref_out, atol, "out")
-    assert_close(grad_x, ref_grad_x, atol, "grad of x")
-    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
-        assert_close(g, rg, atol * 4, f"grad of parameter {i}")
+    _assert_matches(got, _grads(reference_module, x, grad_out), TOLERANCE[torch.float32] * 4)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
@@ -191,7 +181,7 @@ def test_activation_checkpointing(use_reentrant, backend, device):
     """torch.utils.checkpoint runs the block's forward again inside the backward (eval mode, so
     that BatchNorm normalises both forwards alike; the reentrant one's first forward, under
     no_grad, is the inference operator)."""
-    fused, reference_module = _pair(LAYOUTS["official"], backend, device)
+    fused, reference_module = fused_and_reference(LAYOUTS["official"], backend, device)
     fused.eval(), reference_module.eval()
     x = make_input((2, 16, 6, 5), torch.float32, device, "channels_last")
     grad_out = torch.randn_like(x)
@@ -199,10 +189,5 @@ def test_activation_checkpointing(use_reentrant, backend, device):
     def checkpointed(t):
         return torch.utils.checkpoint.checkpoint(fused, t, use_reentrant=use_reentrant)
 
-    out, grad_x, param_grads = _grads(fused, x, grad_out, call=checkpointed)
-    ref_out, ref_grad_x, ref_param_grads = _grads(reference_module, x, grad_out)
-    atol = TOLERANCE[torch.float32] * 4
-    assert_close(out, ref_out, atol, "out")
-    assert_close(grad_x, ref_grad_x, atol, "grad of x")
-    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
-        assert_close(g, rg, atol * 4, f"grad of parameter {i}")
+    got = _grads(fused, x, grad_out, call=checkpointed)
+    _assert_matches(got, _grads(reference_module, x, grad_out), TOLERANCE[torch.float32] * 4)

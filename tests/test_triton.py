@@ -5,6 +5,7 @@ set before anything with @triton.jit is imported), where every kernel has one fi
 block configuration, so the shapes below run each loop, mask and split path.
 """
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,7 @@ import fused_cbam.triton  # noqa: E402,F401  (registers torch.ops.fused_cbam_tri
 from fused_cbam import reference  # noqa: E402
 from fused_cbam.triton import _common  # noqa: E402
 from fused_cbam._registrations import _like_x  # noqa: E402
+from helpers import fused_and_reference  # noqa: E402
 
 OPS = torch.ops.fused_cbam_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -269,12 +271,8 @@ CONFIG_CASES = [((1, 3, 35, 33), "nchw"), ((1, 260, 6, 6), "channels_last")]
 def check_block(shape, fmt):
     """The Triton CBAM block against the reference backend: a training step (its backward adds
     into one gradient of x) and an eval forward (``cbam_inference``)."""
-    fused = fused_cbam.nn.CBAM(shape[1], reduction_ratio=2, backend="triton").to(DEVICE)
-    with torch.no_grad():
-        for p in fused.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    ref = fused_cbam.nn.CBAM(shape[1], reduction_ratio=2, backend="reference").to(DEVICE)
-    ref.load_state_dict(fused.state_dict())
+    make = functools.partial(fused_cbam.nn.CBAM, reduction_ratio=2)
+    fused, ref = fused_and_reference(make, "triton", DEVICE, shape[1])
     x = make_x(shape, torch.float32, fmt)
     dout = randn(*shape, dtype=torch.float32)
     got = grads([fused(x.requires_grad_())], [x, *fused.parameters()], [dout])
