@@ -51,9 +51,24 @@ def fused_cbam_forward(
         return ops.gate_apply(x, channel_gate, None), channel_gate, None
     s_mean, s_max = ops.spatial_pool(x, channel_gate)
     maps = {"mean": s_mean, "max": s_max}
+    stacked = _spatial_conv_layout(torch.cat([maps[k] for k in pool_order], dim=1))
     spatial_fn = gate if spatial_gate is None else spatial_gate
-    spatial_map = spatial_fn(spatial_logits(torch.cat([maps[k] for k in pool_order], dim=1))).to(x.dtype)
+    spatial_map = spatial_fn(spatial_logits(stacked)).to(x.dtype)
     return ops.gate_apply(x, channel_gate, spatial_map), channel_gate, spatial_map
+
+
+def _spatial_conv_layout(maps: Tensor) -> Tensor:
+    """The spatial conv's 1- or 2-channel input, in channels_last strides on the CPU.
+
+    oneDNN runs a conv over NCHW input in a layout blocked by 16 channels, padding these maps'
+    channels to 16: its backward took 2.0-3.1 ms at 8x2x56x56 on a 2-core Xeon, against
+    0.35-0.47 ms channels_last (benchmarks/NOTES.md, "The spatial conv on the CPU"). A one-channel
+    tensor with NCHW strides counts as channels_last too, so the strides are set by a copy (of
+    N·2·H·W elements) rather than by ``contiguous``.
+    """
+    if maps.device.type != "cpu":
+        return maps
+    return torch.empty_like(maps, memory_format=torch.channels_last).copy_(maps)
 
 
 class GateInspection:
@@ -404,7 +419,7 @@ class LightCbamModule(_TimmCbam):
             x,
             self.channel.fc1.in_channels,
             lambda avg, mx: self._mlp(0.5 * avg + 0.5 * mx),
-            lambda maps: self.spatial.conv(0.5 * maps[:, :1] + 0.5 * maps[:, 1:]),
+            lambda maps: self.spatial.conv(_spatial_conv_layout(0.5 * maps[:, :1] + 0.5 * maps[:, 1:])),
             ("mean", "max"),
             torch.sigmoid,
             self.spatial.gate,

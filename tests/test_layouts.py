@@ -266,3 +266,18 @@ def test_lp_and_lse_pools_warn_once(monkeypatch):
         warnings.simplefilter("error")
         fused_cbam.nn.CBAM(C, pool_types=("lp",))
         fused_cbam.nn.CBAM(C)
+
+
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", [name for name in LAYOUT_IDS if "no_spatial" not in name])
+def test_spatial_conv_gets_channels_last_maps_on_the_cpu(layout, memory_format):
+    """oneDNN's conv over NCHW maps of 1-2 channels pads them to 16 (benchmarks/NOTES.md): on the
+    CPU, each layout's spatial conv must see channels_last strides, one-channel maps included."""
+    block = fused_cbam.convert(_original(layout, "shallow", "cpu")[0], backend="reference").train()
+    seen = []
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+    assert len(convs) == 1
+    convs[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    block(make_input(SHAPE, torch.float32, "cpu", memory_format, requires_grad=True)).sum().backward()
+    (maps,) = seen
+    assert maps.stride() == torch.empty_like(maps, memory_format=torch.channels_last).stride()
