@@ -122,8 +122,15 @@ def _auto(device: torch.device) -> str:
     return "reference"
 
 
+def in_func_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def resolve(backend: str, x: Tensor):
-    """The backend object that serves x, after checking it can."""
+    """The backend object that serves x, after checking it can. Inside a torch.func transform,
+    the reference: the fused operators have no batching rules for vmap, and their autograd is not
+    written in the form (``setup_context``) that functorch's grad needs."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -136,4 +143,4 @@ def resolve(backend: str, x: Tensor):
         raise ValueError(
             f"x: backend {backend!r} expects a {expected_device[backend]} tensor, got one on {x.device}"
         )
-    return _backend(backend)
+    return _backend("reference" if in_func_transform() else backend)

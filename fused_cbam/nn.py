@@ -66,7 +66,7 @@ def _spatial_conv_layout(maps: Tensor) -> Tensor:
     tensor with NCHW strides counts as channels_last too, so the strides are set by a copy (of
     N·2·H·W elements) rather than by ``contiguous``.
     """
-    if maps.device.type != "cpu":
+    if maps.device.type != "cpu" or backends.in_func_transform():  # vmap has no channels_last
         return maps
     return torch.empty_like(maps, memory_format=torch.channels_last).copy_(maps)
 

@@ -508,6 +508,48 @@ def test_concurrent_forward_calls_from_threads_agree(backend, device, grad):
 
 
 # ---------------------------------------------------------------------------------------------
+# torch.func transforms (inside one, the block runs the reference operators)
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_per_sample_gradients_with_vmap_of_grad(backend, device, train):
+    """Per-sample gradients as torch.func computes them (e.g. for DP-SGD) match autograd's
+    through the fused operators, one sample at a time."""
+    skip_unless_available(backend)
+    module = _cbam(16, backend, device).train(train)
+    if train:  # BatchNorm's running statistics are captured state that grad may not change
+        torch.func.replace_all_batch_norm_modules_(module)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    x = make_input((3, 16, 5, 6), torch.float32, device)
+
+    def loss(p, sample):
+        return torch.func.functional_call(module, p, (sample[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        module.zero_grad()
+        module(x[i : i + 1]).square().sum().backward()
+        for name, p in module.named_parameters():
+            assert_close(per_sample[name][i], p.grad, 1e-5, f"sample {i}: grad of {name}")
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_vmap_of_the_eval_forward_and_grad_of_x(backend, device):
+    skip_unless_available(backend)
+    module = _cbam(16, backend, device).eval()
+    x = make_input((3, 16, 5, 6), torch.float32, device)
+    with torch.no_grad():  # outside vmap: the fused inference path
+        expected = module(x)
+    batched = torch.func.vmap(module)(x[:, None])[:, 0]
+    assert_close(batched, expected, 1e-5, "vmap of the forward")
+    x.requires_grad_()
+    module(x).square().sum().backward()
+    grad_x = torch.func.grad(lambda t: module(t).square().sum())(x.detach())
+    assert_close(grad_x, x.grad, 1e-5, "torch.func.grad of x")
+
+
+# ---------------------------------------------------------------------------------------------
 # Double backward
 
 
