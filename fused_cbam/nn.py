@@ -115,8 +115,9 @@ class FusedBlock(GateInspection, nn.Module):
 
     def _inference(self, x: Tensor) -> Tensor | None:
         """The whole block in one operator, when nothing needs a gradient or the gates and the
-        backend has that operator: x is read from memory once instead of three times."""
-        if self.keep_gates:
+        backend has that operator: x is read from memory once instead of three times. Not under
+        autocast, where the MLP and the conv follow autocast (the operator computes in x's dtype)."""
+        if self.keep_gates or torch.is_autocast_enabled(x.device.type):
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None

@@ -19,6 +19,7 @@ from helpers import (
     COMPILED_BACKENDS,
     OPERATOR_BACKENDS,
     TOLERANCE,
+    OperatorLog,
     assert_close,
     backend_available,
     make_input,
@@ -164,6 +165,29 @@ def test_autocast_output_dtype_is_the_input_dtype_and_matches_reference(backend,
     for name, g, rg in zip(names, grads, ref_grads):
         assert g.dtype == rg.dtype
         assert_close(g, rg, 4 * atol, f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend,device,autocast_dtype", AUTOCAST_CASES)
+@pytest.mark.parametrize("x_dtype", ["float32", "autocast"])
+def test_autocast_inference_follows_the_same_rule(backend, device, autocast_dtype, x_dtype):
+    """Eval mode without gradients, where the modules otherwise take the one-operator inference
+    path: under autocast they take the three operators, so that the MLP and the conv follow
+    autocast as in training (on CUDA the inference operator's MLP would run in the autocast
+    dtype and its gate would not match x's dtype)."""
+    fused = _cbam(64, backend, device).eval()
+    ref = copy.deepcopy(fused)
+    ref.backend = "reference"
+    x = make_input((2, 64, 14, 14), torch.float32 if x_dtype == "float32" else autocast_dtype, device)
+    with torch.no_grad(), torch.autocast(device, dtype=autocast_dtype):
+        with OperatorLog() as log:
+            out = fused(x)
+        expected = ref(x)
+    assert "fused_cbam.cbam_inference" not in log.names and "fused_cbam.gate_apply" in log.names
+    assert out.dtype == x.dtype == expected.dtype
+    assert_close(out, expected, TOLERANCE[autocast_dtype], "output")
+    with torch.no_grad(), OperatorLog() as log:  # without autocast: the inference operator
+        fused(x)
+    assert "fused_cbam.cbam_inference" in log.names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +571,19 @@ def test_vmap_of_the_eval_forward_and_grad_of_x(backend, device):
     module(x).square().sum().backward()
     grad_x = torch.func.grad(lambda t: module(t).square().sum())(x.detach())
     assert_close(grad_x, x.grad, 1e-5, "torch.func.grad of x")
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_jacrev_jacfwd_and_hessian_match_autograd_on_the_reference(backend, device):
+    skip_unless_available(backend)
+    module = _cbam(16, backend, device).eval().double()
+    plain = fused_cbam.convert(copy.deepcopy(module), backend="reference")
+    x = make_input((1, 16, 2, 3), torch.float64, device)
+    jacobian = torch.autograd.functional.jacobian(plain, x)
+    assert_close(torch.func.jacrev(module)(x), jacobian, 1e-12, "jacrev")
+    assert_close(torch.func.jacfwd(module)(x), jacobian, 1e-12, "jacfwd")
+    hessian = torch.autograd.functional.hessian(lambda t: plain(t).square().sum(), x)
+    assert_close(torch.func.hessian(lambda t: module(t).square().sum())(x), hessian, 1e-12, "hessian")
 
 
 # ---------------------------------------------------------------------------------------------
