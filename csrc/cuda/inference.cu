@@ -11,6 +11,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "../inference_args.h"
 #include "common.cuh"
@@ -151,6 +152,9 @@ at::Tensor cbam_inference(
   constexpr const char* op = "fused_cbam::cbam_inference";
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  // Autocast has no kernel for this operator and falls through with its keys still set: the
+  // MLP's addmm would then run in the autocast dtype and spatial_pool get a gate in another.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor x = dense_x(x_in);
   TORCH_CHECK_VALUE(x.size(1) > 0, op, ": x: expected at least one channel, got shape ",
                     x.sizes());
