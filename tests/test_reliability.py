@@ -190,6 +190,19 @@ def test_autocast_inference_follows_the_same_rule(backend, device, autocast_dtyp
     assert "fused_cbam.cbam_inference" in log.names
 
 
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_inference_operator_ignores_autocast(backend, device):
+    """Called directly under autocast, cbam_inference computes in x's dtype as without it."""
+    skip_unless_available(backend)
+    module = _cbam(16, backend, device).eval()
+    operator = operator_namespace(backend).cbam_inference
+    x = make_input((2, 16, 5, 6), torch.float32, device)
+    expected = operator(x, *module._plain())
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(device, dtype=dtype):
+            assert torch.equal(operator(x, *module._plain()), expected), dtype
+
+
 # ---------------------------------------------------------------------------------------------
 # Export
 

@@ -96,9 +96,11 @@ def _matrix(t, x, rows, cols, name):
 
 
 def _channel_gate(avg, mx, w1, b1, w2, b2, pooling):
-    """The chunk's channel gate [k, C] in x's dtype from its pooled avg and max."""
+    """The chunk's channel gate [k, C] in x's dtype from its pooled avg and max (autocast off:
+    in its dtype the gate would not be one spatial_pool takes)."""
     v = torch.cat([avg, mx]) if pooling == "sum" else avg * 0.5 + mx * 0.5 if pooling == "mix" else avg
-    logits = F.linear(torch.relu(F.linear(v, w1, b1)), w2, b2) if w2 is not None else F.linear(v, w1, b1)
+    with torch.autocast(v.device.type, enabled=False):
+        logits = F.linear(torch.relu(F.linear(v, w1, b1)), w2, b2) if w2 is not None else F.linear(v, w1, b1)
     if pooling == "sum":  # mlp(avg) + mlp(max)
         logits = logits[: avg.shape[0]] + logits[avg.shape[0] :]
     return torch.sigmoid(logits).contiguous()
