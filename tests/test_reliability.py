@@ -586,6 +586,7 @@ def test_vmap_of_the_eval_forward_and_grad_of_x(backend, device):
     assert_close(grad_x, x.grad, 1e-5, "torch.func.grad of x")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # inside torch.func.hessian
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 def test_jacrev_jacfwd_and_hessian_match_autograd_on_the_reference(backend, device):
     skip_unless_available(backend)

@@ -37,3 +37,14 @@ def test_inductor_passes_lists_the_kernels_over_x(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "kernels touching x-sized tensors" in out.read_text()
+
+
+def test_spatial_conv_layouts_times_both_layouts(tmp_path):
+    out = tmp_path / "spatial_conv.txt"
+    result = _run(
+        sys.executable, "benchmarks/spatial_conv_layouts.py", "--device", "cpu", "--dtype", "float32",
+        "--batch", "2", "--sizes", "9", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1:3] for row in rows] == [[" 2 ", " 9 "], [" 1 ", " 9 "]]

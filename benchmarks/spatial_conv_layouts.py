@@ -1,0 +1,71 @@
+"""The spatial gate's K x K convolution (2 maps -> 1, or 1 -> 1) forward and backward with its
+maps in NCHW and in channels_last strides, at the bench shapes: on the CPU, oneDNN pads NCHW
+maps to 16 channels and channels_last was 6x faster in the backward (benchmarks/NOTES.md,
+"The spatial conv on the CPU"), so the blocks hand it channels_last maps there. This measures
+whether cuDNN wants the same on a GPU.
+
+    python benchmarks/spatial_conv_layouts.py [--device cuda] [--batch 64] [--dtype bfloat16]
+                                              [--sizes 56,28,14,7] [--out FILE]
+"""
+
+import argparse
+
+import torch
+
+from fused_cbam.bench import timing
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def conv_step(maps: torch.Tensor, conv: torch.nn.Conv2d, grad: torch.Tensor):
+    """One forward and backward of the conv on ``maps`` (the input's gradient included)."""
+
+    def step(_: int):
+        maps.grad = None
+        conv(maps).backward(grad)
+
+    return step
+
+
+def measure(device: torch.device, batch: int, dtype: torch.dtype, size: int, channels: int, layout: str) -> float:
+    """Median milliseconds of one forward and backward."""
+    conv = torch.nn.Conv2d(channels, 1, 7, padding=3, bias=False).to(device, dtype)
+    base = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    # explicit strides: a one-channel NCHW tensor also counts as channels_last-contiguous
+    maps = torch.empty_like(base, memory_format=LAYOUTS[layout]).copy_(base).requires_grad_()
+    grad = torch.randn(batch, 1, size, size, device=device, dtype=dtype)
+    step = conv_step(maps, conv, grad)
+    if device.type == "cuda":
+        return timing.time_cuda(step, buffers=1, reps=50)["median_ms"]
+    return timing.time_cpu(step, min_run_time=0.2)["median_ms"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--sizes", default="56,28,14,7", help="H = W of the maps, comma-separated")
+    parser.add_argument("--out", help="also write the table to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    torch.backends.cudnn.benchmark = False  # the modules run with PyTorch's default
+    lines = [
+        f"spatial conv 7x7 forward+backward, {name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}",
+        "| maps | H = W | NCHW ms | channels_last ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for channels in (2, 1):
+        for size in (int(s) for s in args.sizes.split(",")):
+            ms = [measure(device, args.batch, DTYPES[args.dtype], size, channels, layout) for layout in LAYOUTS]
+            lines.append(f"| {channels} | {size} | {ms[0]:.3f} | {ms[1]:.3f} |")
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
