@@ -123,7 +123,8 @@ def _auto(device: torch.device) -> str:
 
 
 def in_func_transform() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running. A private PyTorch
+    function (Dynamo traces it as a constant); tests/test_reliability.py checks it per release."""
     return torch._C._functorch.maybe_current_level() is not None
 
 

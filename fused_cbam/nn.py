@@ -34,8 +34,9 @@ def fused_cbam_forward(
     """The fused CBAM core that every layout shares.
 
     ``channel_logits(avg, max) -> [N, C]`` is the layout's channel MLP; ``spatial_logits(maps)``
-    maps the [N, 2, H, W] stack of spatial maps (in ``pool_order``, e.g. ("max", "mean")) to
-    [N, 1, H, W] logits, or is None for a channel-only block. ``gate`` turns the channel logits,
+    maps the [N, k, H, W] stack of spatial maps (in ``pool_order``: e.g. ("max", "mean"), or
+    ("mix",) for the one map 0.5·mean + 0.5·max) to [N, 1, H, W] logits, or is None for a
+    channel-only block. ``gate`` turns the channel logits,
     and the spatial ones unless ``spatial_gate`` is given, into gates. x is read three times and
     written once; nothing full-size but x is kept for backward. Returns the output and the two
     gates (the spatial one None for a channel-only block).
@@ -51,6 +52,8 @@ def fused_cbam_forward(
         return ops.gate_apply(x, channel_gate, None), channel_gate, None
     s_mean, s_max = ops.spatial_pool(x, channel_gate)
     maps = {"mean": s_mean, "max": s_max}
+    if "mix" in pool_order:
+        maps["mix"] = 0.5 * s_mean + 0.5 * s_max
     stacked = _spatial_conv_layout(torch.cat([maps[k] for k in pool_order], dim=1))
     spatial_fn = gate if spatial_gate is None else spatial_gate
     spatial_map = spatial_fn(spatial_logits(stacked)).to(x.dtype)
@@ -58,17 +61,18 @@ def fused_cbam_forward(
 
 
 def _spatial_conv_layout(maps: Tensor) -> Tensor:
-    """The spatial conv's 1- or 2-channel input, in channels_last strides on the CPU.
+    """The spatial conv's 1- or 2-channel input, in channels_last strides on the CPU when a
+    gradient will flow back through the conv.
 
     oneDNN runs a conv over NCHW input in a layout blocked by 16 channels, padding these maps'
-    channels to 16: its backward took 2.0-3.1 ms at 8x2x56x56 on a 2-core Xeon, against
-    0.35-0.47 ms channels_last (benchmarks/NOTES.md, "The spatial conv on the CPU"). A one-channel
-    tensor with NCHW strides counts as channels_last too, so the strides are set by a copy (of
-    N·2·H·W elements) rather than by ``contiguous``.
+    channels to 16: its backward took 3.1 ms at 8x2x56x56 (2.1 ms for one map) on a 2-core Xeon,
+    against 0.47 ms (0.35 ms) channels_last (benchmarks/NOTES.md, "The spatial conv on the CPU");
+    the forward takes the same time in both. A one-channel tensor with NCHW strides counts as
+    channels_last-contiguous, so ``contiguous`` would keep it; ``clone`` sets the strides.
     """
-    if maps.device.type != "cpu" or backends.in_func_transform():  # vmap has no channels_last
-        return maps
-    return torch.empty_like(maps, memory_format=torch.channels_last).copy_(maps)
+    if maps.device.type != "cpu" or not maps.requires_grad or backends.in_func_transform():
+        return maps  # (vmap has no channels_last)
+    return maps.clone(memory_format=torch.channels_last)
 
 
 class GateInspection:
@@ -117,12 +121,14 @@ class FusedBlock(GateInspection, nn.Module):
         """The whole block in one operator, when nothing needs a gradient or the gates and the
         backend has that operator: x is read from memory once instead of three times. Not under
         autocast, where the MLP and the conv follow autocast (the operator computes in x's dtype)."""
-        if self.keep_gates or torch.is_autocast_enabled(x.device.type):
+        if self.keep_gates:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
         operator = backends.resolve(self.backend, x).cbam_inference
-        args = self._plain() if operator is not None else None
+        if operator is None or torch.is_autocast_enabled(x.device.type):  # (only cpu, cuda get here)
+            return None
+        args = self._plain()
         return None if args is None else operator(x, *args)
 
 
@@ -420,8 +426,8 @@ class LightCbamModule(_TimmCbam):
             x,
             self.channel.fc1.in_channels,
             lambda avg, mx: self._mlp(0.5 * avg + 0.5 * mx),
-            lambda maps: self.spatial.conv(_spatial_conv_layout(0.5 * maps[:, :1] + 0.5 * maps[:, 1:])),
-            ("mean", "max"),
+            self.spatial.conv,
+            ("mix",),
             torch.sigmoid,
             self.spatial.gate,
         )

@@ -281,3 +281,16 @@ def test_spatial_conv_gets_channels_last_maps_on_the_cpu(layout, memory_format):
     block(make_input(SHAPE, torch.float32, "cpu", memory_format, requires_grad=True)).sum().backward()
     (maps,) = seen
     assert maps.stride() == torch.empty_like(maps, memory_format=torch.channels_last).stride()
+
+
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_meta_device_forward_and_backward(layout):
+    """Shape inference on the meta device (as model-summary tools and deferred initialisation
+    use it): the reference operators run there, in training and in eval."""
+    block = LAYOUTS[layout].make_fused("auto").to("meta")
+    x = torch.randn(SHAPE, device="meta", requires_grad=True)
+    out = block(x)
+    out.sum().backward()
+    assert out.shape == x.grad.shape == SHAPE and out.device.type == "meta"
+    with torch.no_grad():
+        assert block.eval()(x).shape == SHAPE

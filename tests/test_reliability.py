@@ -270,7 +270,9 @@ def test_converted_to_reference_exports_plain_pytorch():
     assert_close(exported.module()(x), expected, 1e-5, "exported reference model")
 
 
-def test_onnx_export_of_the_converted_model_runs_in_onnxruntime(tmp_path):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")  # TorchScript's
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_of_the_converted_model_runs_in_onnxruntime(tmp_path, dynamo):
     pytest.importorskip("onnxscript", reason="the ONNX exporter (onnx, onnxscript) is not installed")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     model = Net("auto").eval()
@@ -279,7 +281,7 @@ def test_onnx_export_of_the_converted_model_runs_in_onnxruntime(tmp_path):
     expected = model(x)
     converted = fused_cbam.convert(copy.deepcopy(model), backend="reference")
     path = str(tmp_path / "net.onnx")
-    torch.onnx.export(converted, (x,), path, dynamo=True)
+    torch.onnx.export(converted, (x,), path, dynamo=dynamo)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert_close(torch.from_numpy(got), expected, 1e-5, "ONNX Runtime output")

@@ -132,15 +132,15 @@ at::Tensor channel_gate(const at::Tensor& avg, const at::Tensor& mx, const infer
 }
 
 // Samples per chunk: x's chunk takes at most half of the L2 cache, whose other half holds the
-// output rows the gate writes and the small tensors; at least one sample. A sample larger than
-// the whole L2 cannot stay there between the passes at all: then the batch is one chunk, rather
-// than about ten launches per sample for nothing.
+// output rows the gate writes and the small tensors. When one sample is already larger, no chunk
+// stays in L2 between the passes: then the batch is one chunk, rather than about ten launches
+// per sample for nothing.
 int64_t samples_per_chunk(const at::Tensor& x) {
   int l2 = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, x.device().index()));
   const int64_t sample_bytes = std::max<int64_t>(1, x.numel() / x.size(0) * x.element_size());
-  if (sample_bytes > l2) return x.size(0);
-  return std::max<int64_t>(1, static_cast<int64_t>(l2) / 2 / sample_bytes);
+  const int64_t samples = static_cast<int64_t>(l2) / 2 / sample_bytes;
+  return samples >= 1 ? samples : x.size(0);
 }
 
 }  // namespace

@@ -114,12 +114,12 @@ def _l2_bytes(index: int) -> int:
 def _samples_per_chunk(x) -> int:
     """At most half of the L2 cache per chunk of x, at least one sample, and at most the 65535
     programs a CUDA grid's second dimension takes (the spatial gate's grid has one per sample).
-    A sample larger than the whole L2 cannot stay there between the passes: then chunks are as
-    large as the grid allows, instead of a few launches per sample for nothing."""
+    When one sample is already larger than half the L2, no chunk stays there between the passes:
+    then chunks are as large as the grid allows, instead of a few launches per sample for nothing."""
     if INTERPRET or not x.is_cuda:
         return _INTERPRETER_CHUNK
-    l2, sample_bytes = _l2_bytes(x.device.index or 0), max(1, x[0].numel() * x.element_size())
-    return 65535 if sample_bytes > l2 else min(65535, max(1, l2 // 2 // sample_bytes))
+    samples = _l2_bytes(x.device.index or 0) // 2 // max(1, x[0].numel() * x.element_size())
+    return min(65535, samples if samples >= 1 else 65535)
 
 
 def _mlp_parameters(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling):
