@@ -192,7 +192,9 @@ def test_autocast_inference_follows_the_same_rule(backend, device, autocast_dtyp
 
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 def test_inference_operator_ignores_autocast(backend, device):
-    """Called directly under autocast, cbam_inference computes in x's dtype as without it."""
+    """Called directly under autocast, cbam_inference computes in x's dtype as without it. The CPU
+    operator calls no autocast-eligible ATen operator (it passes either way); the Triton one (its
+    MLP is F.linear) and the CUDA one (at::addmm) failed before autocast was turned off inside."""
     skip_unless_available(backend)
     module = _cbam(16, backend, device).eval()
     operator = operator_namespace(backend).cbam_inference
@@ -575,6 +577,8 @@ def test_per_sample_gradients_with_vmap_of_grad(backend, device, train):
 
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 def test_vmap_of_the_eval_forward_and_grad_of_x(backend, device):
+    """vmap of an eval forward (outside vmap it is the inference operator) and torch.func.grad of x
+    give what the fused operators give."""
     skip_unless_available(backend)
     module = _cbam(16, backend, device).eval()
     x = make_input((3, 16, 5, 6), torch.float32, device)
