@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 import fused_cbam.nn  # noqa: E402
 import fused_cbam.triton  # noqa: E402,F401  (registers torch.ops.fused_cbam_triton)
@@ -442,3 +443,24 @@ def test_autotuning_can_be_turned_off(monkeypatch):
     assert _common.configs_to_try(gpu_configs, _common.INTERPRET_CONFIG) == gpu_configs[:1]
     monkeypatch.setattr(_common, "INTERPRET", True)
     assert _common.configs_to_try(gpu_configs, _common.INTERPRET_CONFIG) == [_common.INTERPRET_CONFIG]
+
+
+@triton.jit
+def _split_bounds_kernel(bounds_ptr, length, BLOCK: tl.constexpr):
+    split = tl.program_id(0)
+    start, end = _common.split_range(split, tl.num_programs(0), length, BLOCK)
+    tl.store(bounds_ptr + 2 * split, start.to(tl.int64))
+    tl.store(bounds_ptr + 2 * split + 1, end.to(tl.int64))
+
+
+@pytest.mark.parametrize("length", [1, 1000, 2**31 - 1], ids=str)
+def test_split_ranges_tile_the_row_up_to_2_31(length):
+    """The splits of a row (4 per SM on a GPU: 528 on an H200; GPU block length) cover it exactly,
+    in order, at lengths up to the largest H·W that check_x takes."""
+    splits, block = 528, 1024
+    bounds = torch.full((splits, 2), -1, dtype=torch.int64, device=DEVICE)
+    _split_bounds_kernel[(splits,)](bounds, length, BLOCK=block)
+    starts, ends = bounds[:, 0].tolist(), bounds[:, 1].tolist()
+    assert starts[0] == 0 and ends[-1] == length
+    assert all(0 <= s <= e <= length and (s % block == 0 or s == length) for s, e in zip(starts, ends))
+    assert all(e == s for e, s in zip(ends[:-1], starts[1:]))  # no gap, no overlap

@@ -237,11 +237,14 @@ def cast_to(v, ptr):
 
 @triton.jit
 def split_range(split, num_splits, length, BLOCK: tl.constexpr):
-    """[start, end) of the ``split``-th of ``num_splits`` parts of [0, length), in whole BLOCKs."""
+    """[start, end) of the ``split``-th of ``num_splits`` parts of [0, length), in whole BLOCKs.
+    Computed in int64 (a length just under 2^31, rounded up to BLOCKs, would wrap in int32), then
+    clamped to ``length`` (below 2^31, ``check_x``) and returned in int32 for the loops."""
+    length = tl.cast(length, tl.int64)
     per = tl.cdiv(tl.cdiv(length, BLOCK), num_splits) * BLOCK
-    start = split * per
+    start = tl.minimum(length, split * per)
     end = tl.minimum(length, start + per)
-    return start, end
+    return start.to(tl.int32), end.to(tl.int32)
 
 
 @triton.jit
