@@ -123,7 +123,8 @@ def compile_for_sm90(records: list[dict]) -> int:
 def _run_every_operator() -> None:
     """Every Triton operator once, forward and backward (the adding ones too) and the inference
     operator, in both memory formats, in float32 and bfloat16."""
-    import fused_cbam.triton  # noqa: F401  (registers the operators)
+    import fused_cbam.nn
+    import fused_cbam.triton  # (registers the operators)
 
     ops = torch.ops.fused_cbam_triton
     torch.manual_seed(0)
@@ -149,8 +150,6 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     pytest.importorskip("triton")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("records the launches in Triton's interpreter, without a GPU")
-    import fused_cbam.nn  # noqa: F401
-
     records = record_launches(_run_every_operator)
     kernels = {(r["module"], r["kernel"]) for r in records}
     assert len(kernels) >= 9 and any(r["tuner"] is not None for r in records), kernels
@@ -158,7 +157,7 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     path.write_text(json.dumps(records))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, __file__, str(path)], capture_output=True, text=True, timeout=900, env=env,
+        [sys.executable, __file__, str(path)], check=False, capture_output=True, text=True, timeout=900, env=env,
         cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
