@@ -190,11 +190,29 @@ def _plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list | Non
         return None
     if bn is None:
         norm = [None, None, None, None, 0.0]
-    elif type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None:
+    elif _is_plain_batch_norm(bn) and not bn.training and bn.running_mean is not None:
         norm = [bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps]
     else:
         return None
     return [conv.weight, conv.bias, *norm, tuple(pool_order) == ("max", "mean")]
+
+
+def _is_plain_batch_norm(bn: nn.Module) -> bool:
+    """A BatchNorm2d, or timm's BatchNormAct2d without activation or dropout (Identity children)."""
+    if type(bn) is nn.BatchNorm2d:
+        return True
+    act_free = all(type(child) is nn.Identity for child in bn.children())
+    return isinstance(bn, nn.BatchNorm2d) and type(bn).__name__ == "BatchNormAct2d" and act_free
+
+
+def _plain_conv_bn(module: nn.Module, pool_order) -> list | None:
+    """``_plain_conv`` of a conv-then-BatchNorm module (ours, or the one ``convert`` adopted from
+    the user's model, e.g. timm's ConvNormAct): None unless its children are exactly ``conv`` and
+    ``bn``, so that a module with an activation (or anything else) after them keeps its forward."""
+    children = dict(module.named_children())
+    if children.keys() != {"conv", "bn"} or not _is_plain_batch_norm(children["bn"]):
+        return None
+    return _plain_conv(module.conv, module.bn, pool_order)
 
 
 def _plain(mlp: list | None, conv: list | None, *gates) -> list | None:
@@ -315,12 +333,14 @@ class CBAM(FusedBlock):
 
     def _plain(self) -> list | None:
         pools = sorted(self.ChannelGate.pool_types)
-        if self.no_spatial or pools not in (["avg"], ["avg", "max"]) or self.SpatialGate.spatial.relu is not None:
+        if self.no_spatial or pools not in (["avg"], ["avg", "max"]):
             return None
-        mlp, spatial = _plain_mlp(*self.ChannelGate.mlp[1:]), self.SpatialGate.spatial
+        layers = list(self.ChannelGate.mlp)  # Flatten, Linear, ReLU, Linear (or a copy's own)
+        flattens = len(layers) == 4 and type(layers[0]).__name__ == "Flatten"
+        mlp = _plain_mlp(*layers[1:]) if flattens else None
         if mlp is not None:
             mlp[-1] = "sum" if "max" in pools else "avg"
-        return _plain(mlp, _plain_conv(spatial.conv, spatial.bn, SpatialGate.pool_order))
+        return _plain(mlp, _plain_conv_bn(self.SpatialGate.spatial, SpatialGate.pool_order))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +410,7 @@ class _TimmCbam(FusedBlock):
 
     def _plain(self) -> list | None:
         c, s = self.channel, self.spatial
-        conv = _plain_conv(s.conv.conv, s.conv.bn, ("mean", "max")) if s.conv.relu is None else None
+        conv = _plain_conv_bn(s.conv, ("mean", "max"))
         # The light variant: one MLP pass over 0.5·avg + 0.5·max, and timm's fixed sigmoid
         # channel gate (gate_layer is not used there).
         mlp = _plain_mlp(c.fc1, c.act, c.fc2, "mix" if self.light else "sum")
@@ -504,8 +524,9 @@ class MMYoloCBAM(FusedBlock):
 
     def _plain(self) -> list | None:
         fc = self.channel_attention.fc
-        if type(fc[1].activate) is not nn.Identity:
+        # mmcv's ConvModule has no ``activate`` without an activation
+        if not isinstance(getattr(fc[1], "activate", nn.Identity()), nn.Identity):
             return None
-        mlp = _plain_mlp(fc[0].conv, fc[0].activate, fc[1].conv)
+        mlp = _plain_mlp(fc[0].conv, getattr(fc[0], "activate", None), fc[1].conv)
         conv = self.spatial_attention.conv
         return _plain(mlp, _plain_conv(conv.conv, None, ("mean", "max")), self.channel_attention.sigmoid, conv.activate)

@@ -14,7 +14,7 @@ from timm.layers.cbam import LightCbamModule as TimmLightCbamModule
 from torch import nn
 
 import fused_cbam
-from helpers import COMPILED_BACKENDS, assert_close, make_input
+from helpers import COMPILED_BACKENDS, OperatorLog, assert_close, make_input
 from layouts import MMYolo, Official, Ultralytics
 
 C = 32
@@ -131,6 +131,26 @@ def test_converted_matches_original(layout, placement, memory_format, train, bac
     model.train(train)
     x = make_input(shape, torch.float32, device, memory_format, requires_grad=True)
     _compare_step(model, original, x)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_converted_inference_matches_original_and_takes_the_native_path(layout, backend, device):
+    """Eval mode without gradients, where the fused modules may take the one-operator inference
+    path: a converted model (holding the user's own submodules) gives the original's output, and
+    takes that path exactly when the natively built module does."""
+    original, shape = _original(layout, "shallow", device)
+    model = fused_cbam.convert(copy.deepcopy(original), backend=backend).eval()
+    native = LAYOUTS[layout].make_fused(backend).to(device).eval()
+    x = make_input(shape, torch.float32, device)
+    with torch.no_grad():
+        with OperatorLog() as log:
+            out = model(x)
+        with OperatorLog() as native_log:
+            native(x)
+        assert_close(out, original.eval()(x), 1e-5, "output")
+    took = [any(name.endswith("cbam_inference") for name in names) for names in (log.names, native_log.names)]
+    assert took[0] == took[1], f"converted takes the inference operator: {took[0]}, native: {took[1]}"
 
 
 @pytest.mark.parametrize("layout", LAYOUT_IDS)
