@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_cbam import ops
+from fused_cbam.nn import FusedBlock
 
 
 def _check_fc(fc_weight, fc_bias, features: Tensor) -> None:
@@ -156,15 +157,23 @@ def _is_pointwise_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
 
 
-def _in_channel_gate(name: str, gates: list[str]) -> bool:
-    return any(name.startswith(g + ".") for g in gates)
+# Class names of CBAM modules and their parts in the layouts fused_cbam knows (fused or not).
+_CBAM_CLASS_NAMES = {"CBAM", "CbamModule", "LightCbamModule", "ChannelGate"}
+
+
+def _is_cbam(m: nn.Module) -> bool:
+    return isinstance(m, FusedBlock) or type(m).__name__ in _CBAM_CLASS_NAMES
+
+
+def _in_any(name: str, blocks: list[str]) -> bool:
+    return any(name.startswith(b + ".") for b in blocks)
 
 
 def _find_classifier(model: nn.Module) -> nn.Module:
-    """The model's only nn.Linear, or, with no Linear, its only 1x1 conv; the layers of CBAM
-    channel gates (modules named ``ChannelGate``, fused or official) do not count."""
-    gates = [name for name, m in model.named_modules() if type(m).__name__ == "ChannelGate"]
-    layers = [(name, m) for name, m in model.named_modules() if not _in_channel_gate(name, gates)]
+    """The model's only nn.Linear, or, with no Linear, its only 1x1 conv; the layers inside CBAM
+    blocks (their channel MLPs are Linear layers or 1x1 convs) do not count."""
+    blocks = [name for name, m in model.named_modules() if name and _is_cbam(m)]
+    layers = [(name, m) for name, m in model.named_modules() if not _in_any(name, blocks)]
     linears = [name for name, m in layers if isinstance(m, nn.Linear)]
     if len(linears) == 1:
         return model.get_submodule(linears[0])

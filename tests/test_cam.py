@@ -134,12 +134,13 @@ def test_bad_input_names_the_argument(kwargs, error, match):
 
 
 class TinyNet(nn.Module):
-    """Conv features, a fused CBAM block (whose channel gate holds two nn.Linear), GAP, FC."""
+    """Conv features, a CBAM block (by default the fused official one, whose channel gate holds
+    two nn.Linear), GAP, FC."""
 
-    def __init__(self, conv_head=False):
+    def __init__(self, conv_head=False, attention=None):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
-        self.attention = fused_cbam.nn.CBAM(16, reduction_ratio=4)
+        self.attention = attention or fused_cbam.nn.CBAM(16, reduction_ratio=4)
         self.head = nn.Conv2d(16, 5, 1) if conv_head else nn.Linear(16, 5)
         self.conv_head = conv_head
 
@@ -173,6 +174,27 @@ def test_extractor_finds_the_classifier_matches_the_function_and_removes_its_hoo
     extractor.features = None
     model(x)
     assert extractor.features is None  # no hook left to fire
+
+
+def _unfused(layout):
+    from layouts import MMYolo, Official, Ultralytics
+
+    timm_cbam = pytest.importorskip("timm.layers.cbam")
+    return {"official": lambda: Official.CBAM(16, 4), "timm": lambda: timm_cbam.CbamModule(16, rd_ratio=1 / 4),
+            "ultralytics": lambda: Ultralytics.CBAM(16), "mmyolo": lambda: MMYolo.CBAM(16, 4, 7)}[layout]()  # fmt: skip
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("layout", ["official", "timm", "ultralytics", "mmyolo"])
+def test_extractor_skips_the_layers_of_every_cbam_layout(layout, fused):
+    """The channel MLPs of CBAM blocks (Linear layers or 1x1 convs, in every layout, converted or
+    not) are not taken for a 1x1-conv classifier."""
+    block = _unfused(layout)
+    model = TinyNet(conv_head=True, attention=block)
+    if fused:
+        fused_cbam.convert(model)
+    with CAMExtractor(model, "attention") as extractor:
+        assert extractor.fc_layer is model.head
 
 
 def test_extractor_hook_is_removed_when_the_block_raises():
