@@ -128,6 +128,10 @@ class FusedBlock(GateInspection, nn.Module):
         operator = backends.resolve(self.backend, x).cbam_inference
         if operator is None or torch.is_autocast_enabled(x.device.type):  # (only cpu, cuda get here)
             return None
+        # The operator reads the parts' weights directly: a part with hooks (pruning's or
+        # weight_norm's pre-hooks recompute .weight) must run its own forward.
+        if any(m._forward_pre_hooks or m._forward_hooks for m in self.modules() if m is not self):
+            return None
         args = self._plain()
         return None if args is None else operator(x, *args)
 

@@ -5,6 +5,7 @@ three-operator path."""
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -352,3 +353,24 @@ def _check_property(case, layout, backend, device):
         expected = reference(x)
     assert out.dtype == case.dtype
     assert_close(out, expected, TOLERANCE[case.dtype] * 4, "out")
+
+
+@pytest.mark.parametrize("hook", ["prune", "forward_hook"])
+def test_parts_with_hooks_leave_the_inference_operator(hook):
+    """Pruning recomputes a weight in a forward pre-hook, from weight_orig: the inference operator,
+    which reads .weight directly, would use a stale one. A block whose parts have hooks runs them."""
+    skip_unless_available("cpu")
+    block = fused_cbam.nn.CbamModule(32, backend="cpu").eval()
+    seen = []
+    if hook == "prune":
+        torch.nn.utils.prune.l1_unstructured(block.channel.fc1, "weight", amount=0.3)
+        with torch.no_grad():
+            block.channel.fc1.weight_orig.mul_(5)  # as after an optimizer step; .weight is stale
+    else:
+        block.spatial.conv.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad(), OperatorLog() as log:
+        out = block(x)
+    assert "fused_cbam.cbam_inference" not in log.names
+    assert_close(out, block(x), 1e-6, "no_grad output against the grad-enabled forward")
+    assert seen == ([] if hook == "prune" else [(2, 1, 8, 8)] * 2)
