@@ -314,3 +314,17 @@ def test_meta_device_forward_and_backward(layout):
     assert out.shape == x.grad.shape == SHAPE and out.device.type == "meta"
     with torch.no_grad():
         assert block.eval()(x).shape == SHAPE
+
+
+def test_fx_traces_a_converted_model_with_fused_blocks_as_leaves():
+    """The README's way to FX-trace a converted model: a tracer that keeps fused blocks whole."""
+
+    class LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, qualname):
+            return isinstance(module, fused_cbam.nn.FusedBlock) or super().is_leaf_module(module, qualname)
+
+    model = fused_cbam.convert(_original("official", "deep", "cpu")[0], backend="auto").eval()
+    traced = torch.fx.GraphModule(model, LeafTracer().trace(model))
+    x = make_input((SHAPE[0], STEM_CHANNELS, *SHAPE[2:]), torch.float32, "cpu")
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
