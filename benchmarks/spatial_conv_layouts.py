@@ -32,8 +32,8 @@ def measure(device: torch.device, batch: int, dtype: torch.dtype, size: int, cha
     """Median milliseconds of one forward and backward."""
     conv = torch.nn.Conv2d(channels, 1, 7, padding=3, bias=False).to(device, dtype)
     base = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
-    # explicit strides: a one-channel NCHW tensor also counts as channels_last-contiguous
-    maps = torch.empty_like(base, memory_format=LAYOUTS[layout]).copy_(base).requires_grad_()
+    # clone sets the strides: a one-channel NCHW tensor also counts as channels_last-contiguous
+    maps = base.clone(memory_format=LAYOUTS[layout]).requires_grad_()
     grad = torch.randn(batch, 1, size, size, device=device, dtype=dtype)
     step = conv_step(maps, conv, grad)
     if device.type == "cuda":

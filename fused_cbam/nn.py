@@ -529,7 +529,7 @@ class MMYoloCBAM(FusedBlock):
     def _plain(self) -> list | None:
         fc = self.channel_attention.fc
         # mmcv's ConvModule has no ``activate`` without an activation
-        if not isinstance(getattr(fc[1], "activate", nn.Identity()), nn.Identity):
+        if type(getattr(fc[1], "activate", None)) not in (nn.Identity, type(None)):
             return None
         mlp = _plain_mlp(fc[0].conv, getattr(fc[0], "activate", None), fc[1].conv)
         conv = self.spatial_attention.conv

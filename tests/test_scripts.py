@@ -29,22 +29,20 @@ def test_sanitizer_smoke_runs_every_call_on_the_cpu_operators():
     assert result.returncode == 0 and "sanitizer_smoke: OK (18 cases on cpu)" in result.stdout, result.stderr
 
 
-def test_inductor_passes_lists_the_kernels_over_x(tmp_path):
-    out = tmp_path / "inductor.txt"
-    result = _run(
-        sys.executable, "benchmarks/inductor_passes.py", "--device", "cpu", "--dtype", "bfloat16",
-        "--batch", "2", "--shape", "16x5x5", "--out", str(out),
-    )  # fmt: skip
+def _script_output(tmp_path, script, *args) -> str:
+    """What ``benchmarks/<script> --device cpu ... --out FILE`` writes, after it exits cleanly."""
+    out = tmp_path / "out.txt"
+    result = _run(sys.executable, f"benchmarks/{script}", "--device", "cpu", *args, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "kernels touching x-sized tensors" in out.read_text()
+    return out.read_text()
+
+
+def test_inductor_passes_lists_the_kernels_over_x(tmp_path):
+    text = _script_output(tmp_path, "inductor_passes.py", "--dtype", "bfloat16", "--batch", "2", "--shape", "16x5x5")
+    assert "kernels touching x-sized tensors" in text
 
 
 def test_spatial_conv_layouts_times_both_layouts(tmp_path):
-    out = tmp_path / "spatial_conv.txt"
-    result = _run(
-        sys.executable, "benchmarks/spatial_conv_layouts.py", "--device", "cpu", "--dtype", "float32",
-        "--batch", "2", "--sizes", "9", "--out", str(out),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    text = _script_output(tmp_path, "spatial_conv_layouts.py", "--dtype", "float32", "--batch", "2", "--sizes", "9")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1:3] for row in rows] == [[" 2 ", " 9 "], [" 1 ", " 9 "]]
