@@ -148,15 +148,15 @@ def _build(layout: Layout, m: nn.Module, backend: str) -> nn.Module:
         fused = layout.fused(**kwargs, backend=backend)
     except (TypeError, ValueError) as e:
         raise NotThisLayout(str(e)) from None
-    theirs = m.state_dict(keep_vars=True)
-    if set(fused.state_dict()) != set(theirs):
-        diff = sorted(set(fused.state_dict()) ^ set(theirs))
-        raise NotThisLayout(f"state_dict keys differ from the {layout.name} layout's: {diff}")
+    # The adopted parts bring their own parameters (e.g. a PReLU activation's weight).
     for path in adopt:
         parent, _, name = path.rpartition(".")
         setattr(fused.get_submodule(parent), name, m.get_submodule(path))
-    ours = fused.state_dict(keep_vars=True)
-    if ours.keys() != theirs.keys() or any(ours[k] is not theirs[k] for k in ours):
+    ours, theirs = fused.state_dict(keep_vars=True), m.state_dict(keep_vars=True)
+    if set(ours) != set(theirs):
+        diff = sorted(set(ours) ^ set(theirs))
+        raise NotThisLayout(f"state_dict keys differ from the {layout.name} layout's: {diff}")
+    if any(ours[k] is not theirs[k] for k in ours):
         raise NotThisLayout("its tensors are not all held by the submodules the fused module takes over")
     originals = dict(m.named_modules())
     for name, sub in fused.named_modules():

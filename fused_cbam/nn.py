@@ -6,19 +6,22 @@ replaces, so that code's checkpoints load with ``strict=True``:
 - ``CBAM``: the official code (Woo et al., ECCV 2018);
 - ``CbamModule`` and ``LightCbamModule``: timm's ``timm.layers.cbam`` modules;
 - ``UltralyticsCBAM``: ultralytics' ``CBAM(c1, kernel_size)``;
-- ``MMYoloCBAM``: mmyolo's ``CBAM(in_channels, reduce_ratio, kernel_size)``.
+- ``MMYoloCBAM``: mmyolo's ``CBAM(in_channels, reduce_ratio, kernel_size, act_cfg, init_cfg)``.
 
 The layouts differ only in the small parts (the channel MLP, the spatial conv, the order of the
-spatial maps, the gate functions), which each module hands to ``fused_cbam_forward``, the
-fused core they all share. Where nothing needs a gradient (eval mode under ``no_grad`` or
-``inference_mode``), the backend computes a whole block in one operator instead,
-``cbam_inference`` (C++ CPU, CUDA or Triton), fed from each module's ``_plain()`` (None when
-the module, as configured, is not one that operator computes). ``fused_cbam.convert`` puts the
-modules in place of a model's own modules.
+spatial maps, the gate functions). Each block holds them in its two halves, a channel half and a
+spatial half under that layout's attribute names, and hands both to ``fused_cbam_forward``, the
+fused core they all share; each half can also be called alone, as in the code it replaces.
+Where nothing needs a gradient (eval mode under ``no_grad`` or ``inference_mode``), the backend
+computes a whole block in one operator instead, ``cbam_inference`` (C++ CPU, CUDA or Triton),
+fed from each module's ``_plain()`` (None when the module, as configured, is not one that
+operator computes). ``fused_cbam.convert`` puts the modules in place of a model's own modules.
 """
 
-import functools
+import copy
+import types
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,36 +31,40 @@ from fused_cbam import backends
 from fused_cbam.ops import check_input
 
 
-def fused_cbam_forward(
-    x: Tensor, backend: str, channel_logits, spatial_logits, pool_order, gate=torch.sigmoid, spatial_gate=None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The fused CBAM core that every layout shares.
+def fused_cbam_forward(x: Tensor, backend: str, channel, spatial) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The fused CBAM core that every layout shares: ``x * channel gate * spatial gate``.
 
-    ``channel_logits(avg, max) -> [N, C]`` is the layout's channel MLP; ``spatial_logits(maps)``
-    maps the [N, k, H, W] stack of spatial maps (in ``pool_order``: e.g. ("max", "mean"), or
-    ("mix",) for the one map 0.5·mean + 0.5·max) to [N, 1, H, W] logits, or is None for a
-    channel-only block. ``gate`` turns the channel logits,
-    and the spatial ones unless ``spatial_gate`` is given, into gates. x is read three times and
-    written once; nothing full-size but x is kept for backward. Returns the output and the two
-    gates (the spatial one None for a channel-only block).
+    ``channel`` is the layout's channel half (a ``ChannelHalf``), or None for a spatial half
+    called alone; ``spatial`` its spatial half (a ``SpatialHalf``), or None for a channel-only
+    block. x is read three times and written once (twice and once with one half); nothing
+    full-size but x is kept for backward. Returns the output and the two gates (None for a
+    missing half).
     """
     ops = backends.resolve(backend, x)
-    # One gradient of x for the block's three operators; an exported graph keeps the registered
-    # operators alone (no carriers).
-    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
+    # One gradient of x for the block's operators, threaded from the channel pooling on; an
+    # exported graph keeps the registered operators alone (no carriers).
+    if channel is not None and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
         ops = ops.one_grad()
+    channel_gate = None if channel is None else _channel_gate(ops, x, channel)
+    spatial_gate = None if spatial is None else _spatial_gate(ops, x, channel_gate, spatial)
+    return ops.gate_apply(x, channel_gate, spatial_gate), channel_gate, spatial_gate
+
+
+def _channel_gate(ops, x: Tensor, channel) -> Tensor:
+    """[N, C] gate of the channel half from the fused average and max pools of x."""
     avg, mx = ops.channel_pool(x)
-    channel_gate = gate(channel_logits(avg, mx)).to(x.dtype)
-    if spatial_logits is None:
-        return ops.gate_apply(x, channel_gate, None), channel_gate, None
+    return channel.to_gate(channel.logits(avg, mx, x)).to(x.dtype)
+
+
+def _spatial_gate(ops, x: Tensor, channel_gate: Tensor | None, spatial) -> Tensor:
+    """[N, 1, H, W] gate of the spatial half from the fused mean and max over the channels of
+    ``x * channel_gate``, stacked in ``spatial.pool_order`` ("mix": 0.5·mean + 0.5·max)."""
     s_mean, s_max = ops.spatial_pool(x, channel_gate)
     maps = {"mean": s_mean, "max": s_max}
-    if "mix" in pool_order:
+    if "mix" in spatial.pool_order:
         maps["mix"] = 0.5 * s_mean + 0.5 * s_max
-    stacked = _spatial_conv_layout(torch.cat([maps[k] for k in pool_order], dim=1))
-    spatial_fn = gate if spatial_gate is None else spatial_gate
-    spatial_map = spatial_fn(spatial_logits(stacked)).to(x.dtype)
-    return ops.gate_apply(x, channel_gate, spatial_map), channel_gate, spatial_map
+    stacked = _spatial_conv_layout(torch.cat([maps[k] for k in spatial.pool_order], dim=1))
+    return spatial.to_gate(spatial.logits(stacked)).to(x.dtype)
 
 
 def _spatial_conv_layout(maps: Tensor) -> Tensor:
@@ -90,26 +97,84 @@ class GateInspection:
             self.last_spatial_gate = None if spatial_gate is None else spatial_gate.detach()
 
 
+def _check_input(x: Tensor, channels: int) -> None:
+    check_input(x)
+    if x.shape[1] != channels:
+        raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
+
+
+def _checked_backend(backend: str) -> str:
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+    return backend
+
+
+class Half(nn.Module):
+    """One half of a fused layout (its channel or its spatial attention): that half's parts
+    under the layout's attribute names, and its small computations for the fused core. Called
+    alone, it computes what the half it replaces computes (x times its gate, in most layouts)
+    with the fused operators of ``backend``, which the block holding it keeps equal to its own."""
+
+    def __init__(self, backend: str = "auto", **parts: nn.Module):
+        super().__init__()
+        self.backend = _checked_backend(backend)
+        for name, module in parts.items():
+            setattr(self, name, module)
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+
+class ChannelHalf(Half):
+    """A channel half: ``channels``, ``logits(avg, max, x) -> [N, C]`` (the layout's MLP over
+    the fused pools; x only for pools computed in plain PyTorch) and ``to_gate``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.channels)
+        return fused_cbam_forward(x, self.backend, self, None)[0]
+
+
+class SpatialHalf(Half):
+    """A spatial half: ``pool_order`` (the maps its conv takes: "mean", "max", or "mix" for
+    0.5·mean + 0.5·max), ``logits(maps) -> [N, 1, H, W]`` (the conv) and ``to_gate``."""
+
+    pool_order = ("mean", "max")
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x)
+        return fused_cbam_forward(x, self.backend, None, self)[0]
+
+
 class FusedBlock(GateInspection, nn.Module):
-    """What every fused layout shares: the backend, the input checks and the call of the core."""
+    """What every fused layout shares: the backend, the input checks and the call of the core
+    with the layout's two halves (``_halves()``)."""
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
         self.backend = backend
 
-    def _fused(self, x: Tensor, channels: int, channel_logits, spatial_logits, pool_order, gate, spatial_gate=None):
-        check_input(x)
-        if x.shape[1] != channels:
-            raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        self._backend = _checked_backend(backend)
+        for half in self.modules():
+            if isinstance(half, Half):
+                half.backend = backend
+
+    def _halves(self) -> tuple[ChannelHalf, SpatialHalf | None]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        channel, spatial = self._halves()
+        _check_input(x, channel.channels)
         out = self._inference(x)
         if out is not None:
             return out
-        out, channel_map, spatial_map = fused_cbam_forward(
-            x, self.backend, channel_logits, spatial_logits, pool_order, gate, spatial_gate
-        )
-        self._keep(channel_map, spatial_map)
+        out, channel_gate, spatial_gate = fused_cbam_forward(x, self.backend, channel, spatial)
+        self._keep(channel_gate, spatial_gate)
         return out
 
     def _plain(self) -> list | None:
@@ -134,16 +199,6 @@ class FusedBlock(GateInspection, nn.Module):
             return None
         args = self._plain()
         return None if args is None else operator(x, *args)
-
-
-class Parts(nn.Module):
-    """The parameters of one half of a layout, under that layout's attribute names; the fused
-    forward belongs to the block that holds it."""
-
-    def __init__(self, **modules: nn.Module):
-        super().__init__()
-        for name, module in modules.items():
-            setattr(self, name, module)
 
 
 def _summed(mlp, rows: list[Tensor]) -> Tensor:
@@ -277,9 +332,12 @@ class BasicConv(nn.Module):
         return x
 
 
-class ChannelGate(nn.Module):
-    def __init__(self, gate_channels, reduction_ratio=16, pool_types=("avg", "max")):
-        super().__init__()
+class ChannelGate(ChannelHalf):
+    """The official ``ChannelGate(gate_channels, reduction_ratio, pool_types)``: called alone,
+    x times the sigmoid of the MLP summed over the pools."""
+
+    def __init__(self, gate_channels, reduction_ratio=16, pool_types=("avg", "max"), *, backend="auto"):
+        super().__init__(backend)
         known = ("avg", "max", *_REFERENCE_POOLS)
         if not pool_types or set(pool_types) - set(known):
             raise ValueError(f"pool_types: expected a non-empty subset of {known}, got {pool_types}")
@@ -296,7 +354,11 @@ class ChannelGate(nn.Module):
             Flatten(), nn.Linear(gate_channels, hidden), nn.ReLU(), nn.Linear(hidden, gate_channels)
         )
 
-    def logits(self, avg: Tensor, mx: Tensor, x: Tensor | None = None) -> Tensor:
+    @property
+    def channels(self) -> int:
+        return self.gate_channels
+
+    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
         """Sum of the shared MLP over the pooled vectors, as one batched GEMM pair; x is pooled
         in plain PyTorch for the pool types that are not fused ("lp", "lse")."""
         fused = {"avg": avg, "max": mx}
@@ -304,12 +366,18 @@ class ChannelGate(nn.Module):
         return _summed(self.mlp, rows)
 
 
-class SpatialGate(nn.Module):
+class SpatialGate(SpatialHalf):
+    """The official ``SpatialGate()``: called alone, x times the sigmoid of its conv (with BN)
+    over [max, mean]."""
+
     pool_order = ("max", "mean")  # the official code's order (the paper's text says mean, max)
 
-    def __init__(self, kernel_size=7):
-        super().__init__()
+    def __init__(self, kernel_size=7, *, backend="auto"):
+        super().__init__(backend)
         self.spatial = BasicConv(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, relu=False)
+
+    def logits(self, maps: Tensor) -> Tensor:
+        return self.spatial(maps)
 
 
 class CBAM(FusedBlock):
@@ -324,16 +392,13 @@ class CBAM(FusedBlock):
         self, gate_channels, reduction_ratio=16, pool_types=("avg", "max"), no_spatial=False, *, backend="auto"
     ):
         super().__init__(backend)
-        self.ChannelGate = ChannelGate(gate_channels, reduction_ratio, pool_types)
+        self.ChannelGate = ChannelGate(gate_channels, reduction_ratio, pool_types, backend=backend)
         self.no_spatial = no_spatial
         if not no_spatial:
-            self.SpatialGate = SpatialGate()
+            self.SpatialGate = SpatialGate(backend=backend)
 
-    def forward(self, x: Tensor) -> Tensor:
-        channel = self.ChannelGate
-        spatial = None if self.no_spatial else self.SpatialGate.spatial
-        logits = functools.partial(channel.logits, x=x)
-        return self._fused(x, channel.gate_channels, logits, spatial, SpatialGate.pool_order, torch.sigmoid)
+    def _halves(self) -> tuple[ChannelGate, SpatialGate | None]:
+        return self.ChannelGate, None if self.no_spatial else self.SpatialGate
 
     def _plain(self) -> list | None:
         pools = sorted(self.ChannelGate.pool_types)
@@ -372,8 +437,54 @@ def make_gate(gate_layer) -> nn.Module:
     return known[gate_layer.lower()]()
 
 
+class ChannelAttn(ChannelHalf):
+    """timm's ``ChannelAttn`` (``fc1``, ``act``, ``fc2``, ``gate``): called alone, x times
+    the gate of the MLP's sum over the average and the max pool."""
+
+    @property
+    def channels(self) -> int:
+        return self.fc1.in_channels
+
+    def _mlp(self, pooled: Tensor) -> Tensor:
+        return _pointwise(lambda t: self.fc2(self.act(self.fc1(t))), pooled)
+
+    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
+        return _summed(self._mlp, [avg, mx])
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return self.gate(logits)
+
+
+class LightChannelAttn(ChannelAttn):
+    """timm's ``LightChannelAttn``: one MLP pass over 0.5·avg + 0.5·max, and a sigmoid (timm
+    does not use its ``gate`` there)."""
+
+    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
+        return self._mlp(0.5 * avg + 0.5 * mx)
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+
+class SpatialAttn(SpatialHalf):
+    """timm's ``SpatialAttn`` (``conv``: conv + BN, ``gate``) over [mean, max]: called alone,
+    x times its gate."""
+
+    def logits(self, maps: Tensor) -> Tensor:
+        return self.conv(maps)
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return self.gate(logits)
+
+
+class LightSpatialAttn(SpatialAttn):
+    """timm's ``LightSpatialAttn``: its 1-channel conv over 0.5·mean + 0.5·max."""
+
+    pool_order = ("mix",)
+
+
 class _TimmCbam(FusedBlock):
-    """timm's constructor and parameters; ``light`` selects the light variant's spatial conv."""
+    """timm's constructor and parameters; ``light`` selects the light variant's halves."""
 
     light = False
 
@@ -394,23 +505,24 @@ class _TimmCbam(FusedBlock):
     ):
         super().__init__(backend)
         rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor)
-        self.channel = Parts(
+        self.channel = (LightChannelAttn if self.light else ChannelAttn)(
+            backend,
             fc1=nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias),
             act=act_layer(inplace=True),
             fc2=nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias),
             gate=make_gate(gate_layer),
         )
         k = spatial_kernel_size
-        self.spatial = Parts(
+        self.spatial = (LightSpatialAttn if self.light else SpatialAttn)(
+            backend,
             conv=BasicConv(1 if self.light else 2, 1, k, padding=(k - 1) // 2, relu=False, bn_momentum=0.1),
             gate=make_gate("sigmoid" if self.light else gate_layer),  # timm's light spatial gate is a sigmoid
         )
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    def _mlp(self, pooled: Tensor) -> Tensor:
-        c = self.channel
-        return _pointwise(lambda t: c.fc2(c.act(c.fc1(t))), pooled)
+    def _halves(self) -> tuple[ChannelAttn, SpatialAttn]:
+        return self.channel, self.spatial
 
     def _plain(self) -> list | None:
         c, s = self.channel, self.spatial
@@ -426,17 +538,6 @@ class CbamModule(_TimmCbam):
     (``channel.fc1``, ``channel.fc2``, ``spatial.conv.conv``, ``spatial.conv.bn``) and numerics
     ([mean, max] spatial maps, BN momentum 0.1, gates from ``gate_layer``)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._fused(
-            x,
-            self.channel.fc1.in_channels,
-            lambda avg, mx: _summed(self._mlp, [avg, mx]),
-            self.spatial.conv,
-            ("mean", "max"),
-            self.channel.gate,
-            self.spatial.gate,
-        )
-
 
 class LightCbamModule(_TimmCbam):
     """Drop-in fused replacement of timm's ``LightCbamModule``: one MLP pass over
@@ -445,20 +546,35 @@ class LightCbamModule(_TimmCbam):
 
     light = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._fused(
-            x,
-            self.channel.fc1.in_channels,
-            lambda avg, mx: self._mlp(0.5 * avg + 0.5 * mx),
-            self.spatial.conv,
-            ("mix",),
-            torch.sigmoid,
-            self.spatial.gate,
-        )
-
 
 # ---------------------------------------------------------------------------------------------
-# ultralytics and mmyolo layouts
+# ultralytics layout
+
+
+class UltralyticsChannelAttention(ChannelHalf):
+    """ultralytics' ``ChannelAttention`` (``fc``: a 1x1 conv C -> C with bias, ``act``) over
+    the average pool only: called alone, x times its gate."""
+
+    @property
+    def channels(self) -> int:
+        return self.fc.in_channels
+
+    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
+        return _pointwise(self.fc, avg)
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return self.act(logits)
+
+
+class UltralyticsSpatialAttention(SpatialHalf):
+    """ultralytics' ``SpatialAttention`` (``cv1``: 2 -> 1, no bias, no BN; ``act``) over
+    [mean, max]: called alone, x times its gate."""
+
+    def logits(self, maps: Tensor) -> Tensor:
+        return self.cv1(maps)
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return self.act(logits)
 
 
 class UltralyticsCBAM(FusedBlock):
@@ -470,16 +586,15 @@ class UltralyticsCBAM(FusedBlock):
         super().__init__(backend)
         if kernel_size not in (3, 7):
             raise ValueError(f"kernel_size: expected 3 or 7, got {kernel_size}")
-        self.channel_attention = Parts(fc=nn.Conv2d(c1, c1, 1, bias=True), act=nn.Sigmoid())
-        self.spatial_attention = Parts(
-            cv1=nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False), act=nn.Sigmoid()
+        self.channel_attention = UltralyticsChannelAttention(
+            backend, fc=nn.Conv2d(c1, c1, 1, bias=True), act=nn.Sigmoid()
+        )
+        self.spatial_attention = UltralyticsSpatialAttention(
+            backend, cv1=nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False), act=nn.Sigmoid()
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        ca, sa = self.channel_attention, self.spatial_attention
-        return self._fused(
-            x, ca.fc.in_channels, lambda avg, mx: _pointwise(ca.fc, avg), sa.cv1, ("mean", "max"), ca.act, sa.act
-        )
+    def _halves(self) -> tuple[UltralyticsChannelAttention, UltralyticsSpatialAttention]:
+        return self.channel_attention, self.spatial_attention
 
     def _plain(self) -> list | None:
         ca, sa = self.channel_attention, self.spatial_attention
@@ -487,44 +602,128 @@ class UltralyticsCBAM(FusedBlock):
         return _plain(mlp, _plain_conv(sa.cv1, None, ("mean", "max")), ca.act, sa.act)
 
 
-class ConvAct(nn.Module):
-    """mmcv's ``ConvModule`` layout without a norm: ``conv`` (with bias), then ``activate``."""
+# ---------------------------------------------------------------------------------------------
+# mmyolo layout
 
-    def __init__(self, in_channels, out_channels, kernel_size, padding=0, activate=None):
+_RELU = types.MappingProxyType({"type": "ReLU"})  # mmyolo's default act_cfg, read-only
+# Activations without an ``inplace`` argument, for which mmcv's ConvModule does not set it.
+_NOT_IN_PLACE = ("Tanh", "PReLU", "Sigmoid", "HSigmoid", "Swish", "GELU")
+# The activations mmcv registers under torch.nn's own class names.
+_TORCH_ACTIVATIONS = ("ReLU", "LeakyReLU", "PReLU", "RReLU", "ReLU6", "ELU", "Sigmoid", "Tanh", "SiLU", "GELU")
+
+
+def mmcv_activation(act_cfg: dict | None) -> nn.Module | None:
+    """The activation mmcv's ``ConvModule`` builds from ``act_cfg`` (None for none), in place
+    where ConvModule makes it so: built by mmcv when it is installed; without mmcv, the
+    activations it registers under torch.nn's class names."""
+    if act_cfg is None:
+        return None
+    if not isinstance(act_cfg, Mapping) or "type" not in act_cfg:
+        raise ValueError(f"act_cfg: expected a dict with a 'type' (e.g. dict(type='ReLU')) or None, got {act_cfg!r}")
+    cfg = dict(act_cfg)
+    if cfg["type"] not in _NOT_IN_PLACE:
+        cfg.setdefault("inplace", True)
+    try:
+        from mmcv.cnn import build_activation_layer
+    except ImportError:
+        build_activation_layer = None
+    if build_activation_layer is not None:
+        return build_activation_layer(cfg)
+    name = cfg.pop("type")
+    if name not in _TORCH_ACTIVATIONS:
+        raise ValueError(f"act_cfg: type {name!r} needs mmcv installed; without it, one of {_TORCH_ACTIVATIONS}")
+    return getattr(nn, name)(**cfg)
+
+
+class ConvAct(nn.Module):
+    """mmcv's ``ConvModule`` layout without a norm: ``conv`` (with bias), then ``activate``
+    (Identity without an activation), initialised as ConvModule initialises: Kaiming normal
+    (fan-out, for the ReLU or the LeakyReLU of ``act_cfg``), zero bias."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding=0, act_cfg=None):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=True)
-        self.activate = activate or nn.Identity()
+        self.activate = mmcv_activation(act_cfg) or nn.Identity()
+        leaky = act_cfg is not None and act_cfg["type"] == "LeakyReLU"
+        slope = act_cfg.get("negative_slope", 0.01) if leaky else 0
+        nn.init.kaiming_normal_(
+            self.conv.weight, a=slope, mode="fan_out", nonlinearity="leaky_relu" if leaky else "relu"
+        )
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.activate(self.conv(x))
 
 
-class MMYoloCBAM(FusedBlock):
-    """Drop-in fused replacement of mmyolo's ``CBAM(in_channels, reduce_ratio=16, kernel_size=7)``
-    (default activations: ReLU in the MLP, sigmoid gates): a channel MLP of 1x1 convs with bias
-    (``channel_attention.fc.{0,1}.conv``), a spatial conv with bias and no BN
-    (``spatial_attention.conv.conv``) over [avg, max]."""
+class MMYoloChannelAttention(ChannelHalf):
+    """mmyolo's ``ChannelAttention`` (``fc``: two conv modules, ``sigmoid``): called alone, its
+    gate [N, C, 1, 1], as mmyolo's returns it (the block multiplies)."""
 
-    def __init__(self, in_channels, reduce_ratio=16, kernel_size=7, *, backend="auto"):
-        super().__init__(backend)
-        hidden = int(in_channels / reduce_ratio)
-        self.channel_attention = Parts(
-            fc=nn.Sequential(ConvAct(in_channels, hidden, 1, activate=nn.ReLU()), ConvAct(hidden, in_channels, 1)),
-            sigmoid=nn.Sigmoid(),
-        )
-        self.spatial_attention = Parts(conv=ConvAct(2, 1, kernel_size, kernel_size // 2, nn.Sigmoid()))
+    @property
+    def channels(self) -> int:
+        return self.fc[0].conv.in_channels
+
+    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
+        return _summed(lambda t: _pointwise(self.fc, t), [avg, mx])
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return self.sigmoid(logits)
 
     def forward(self, x: Tensor) -> Tensor:
-        ca, conv = self.channel_attention, self.spatial_attention.conv
-        return self._fused(
-            x,
-            ca.fc[0].conv.in_channels,
-            lambda avg, mx: _summed(lambda t: _pointwise(ca.fc, t), [avg, mx]),
-            conv.conv,
-            ("mean", "max"),
-            ca.sigmoid,
-            conv.activate,
+        _check_input(x, self.channels)
+        return _channel_gate(backends.resolve(self.backend, x), x, self)[:, :, None, None]
+
+
+class MMYoloSpatialAttention(SpatialHalf):
+    """mmyolo's ``SpatialAttention`` (``conv``: a conv module with bias and its sigmoid) over
+    [mean, max]: called alone, its gate [N, 1, H, W], as mmyolo's returns it."""
+
+    def logits(self, maps: Tensor) -> Tensor:
+        return self.conv.conv(maps)
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        activate = getattr(self.conv, "activate", None)  # (mmcv's ConvModule has none without one)
+        return logits if activate is None else activate(logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x)
+        return _spatial_gate(backends.resolve(self.backend, x), x, None, self)
+
+
+class MMYoloCBAM(FusedBlock):
+    """Drop-in fused replacement of mmyolo's ``CBAM(in_channels, reduce_ratio=16, kernel_size=7,
+    act_cfg=dict(type="ReLU"), init_cfg=None)``: a channel MLP of 1x1 conv modules with bias
+    (``channel_attention.fc.{0,1}.conv``, ``act_cfg`` between them) and a sigmoid, a spatial conv
+    with bias and no BN (``spatial_attention.conv.conv``) and a sigmoid over [avg, max]."""
+
+    def __init__(
+        self, in_channels, reduce_ratio=16, kernel_size=7, act_cfg=_RELU, init_cfg=None, *, backend="auto"
+    ):
+        super().__init__(backend)
+        hidden = int(in_channels / reduce_ratio)
+        self.channel_attention = MMYoloChannelAttention(
+            backend,
+            fc=nn.Sequential(ConvAct(in_channels, hidden, 1, act_cfg=act_cfg), ConvAct(hidden, in_channels, 1)),
+            sigmoid=nn.Sigmoid(),
         )
+        conv = ConvAct(2, 1, kernel_size, kernel_size // 2, act_cfg={"type": "Sigmoid"})
+        self.spatial_attention = MMYoloSpatialAttention(backend, conv=conv)
+        self.init_cfg = copy.deepcopy(init_cfg)
+
+    def init_weights(self) -> None:
+        """Initialise as mmengine's ``BaseModule.init_weights`` does from ``init_cfg`` (which
+        needs mmengine); without ``init_cfg``, nothing: the conv modules were initialised when
+        built, as mmcv's are. mmengine's runner calls this through the model's own."""
+        if self.init_cfg is None:
+            return
+        try:
+            from mmengine.model import initialize
+        except ImportError:
+            raise ImportError("MMYoloCBAM.init_weights: init_cfg needs mmengine (pip install mmengine)") from None
+        initialize(self, self.init_cfg)
+
+    def _halves(self) -> tuple[MMYoloChannelAttention, MMYoloSpatialAttention]:
+        return self.channel_attention, self.spatial_attention
 
     def _plain(self) -> list | None:
         fc = self.channel_attention.fc
@@ -533,4 +732,5 @@ class MMYoloCBAM(FusedBlock):
             return None
         mlp = _plain_mlp(fc[0].conv, getattr(fc[0], "activate", None), fc[1].conv)
         conv = self.spatial_attention.conv
-        return _plain(mlp, _plain_conv(conv.conv, None, ("mean", "max")), self.channel_attention.sigmoid, conv.activate)
+        activate = getattr(conv, "activate", None)
+        return _plain(mlp, _plain_conv(conv.conv, None, ("mean", "max")), self.channel_attention.sigmoid, activate)

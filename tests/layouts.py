@@ -50,31 +50,42 @@ class Ultralytics:
 
 
 class MMYolo:
-    """``CBAM(in_channels, reduce_ratio=16, kernel_size=7)``: a channel MLP of two 1x1 conv
-    modules with bias (ReLU between) applied to the average and the max pool, summed, sigmoid;
-    a spatial conv module with bias, no BN and a sigmoid over [avg, max]."""
+    """``CBAM(in_channels, reduce_ratio=16, kernel_size=7, act_cfg=dict(type="ReLU"))``: a channel
+    MLP of two 1x1 conv modules with bias (``act_cfg`` between them) applied to the average and
+    the max pool, summed, sigmoid; a spatial conv module with bias, no BN and a sigmoid over
+    [avg, max]. Activations are built as mmcv's ConvModule builds them, from torch.nn's class of
+    that name, in place where the class takes it."""
+
+    @staticmethod
+    def activation(act_cfg):
+        if act_cfg is None:
+            return None
+        kwargs = {key: value for key, value in act_cfg.items() if key != "type"}
+        if act_cfg["type"] not in ("Sigmoid", "PReLU", "GELU", "Tanh"):
+            kwargs.setdefault("inplace", True)
+        return getattr(nn, act_cfg["type"])(**kwargs)
 
     class ConvModule(nn.Module):
         """A conv with bias, then its activation when it has one (no norm)."""
 
-        def __init__(self, in_channels, out_channels, kernel_size, padding=0, act=None):
+        def __init__(self, in_channels, out_channels, kernel_size, padding=0, act_cfg=None):
             super().__init__()
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=True)
-            if act is not None:
-                self.activate = act
+            if act_cfg is not None:
+                self.activate = MMYolo.activation(act_cfg)
 
         def forward(self, x):
             x = self.conv(x)
             return self.activate(x) if hasattr(self, "activate") else x
 
     class ChannelAttention(nn.Module):
-        def __init__(self, channels, reduce_ratio=16):
+        def __init__(self, channels, reduce_ratio=16, act_cfg=None):
             super().__init__()
             hidden = int(channels / reduce_ratio)
             self.avg_pool = nn.AdaptiveAvgPool2d(1)
             self.max_pool = nn.AdaptiveMaxPool2d(1)
             self.fc = nn.Sequential(
-                MMYolo.ConvModule(channels, hidden, 1, act=nn.ReLU()), MMYolo.ConvModule(hidden, channels, 1)
+                MMYolo.ConvModule(channels, hidden, 1, act_cfg=act_cfg), MMYolo.ConvModule(hidden, channels, 1)
             )
             self.sigmoid = nn.Sigmoid()
 
@@ -84,15 +95,15 @@ class MMYolo:
     class SpatialAttention(nn.Module):
         def __init__(self, kernel_size=7):
             super().__init__()
-            self.conv = MMYolo.ConvModule(2, 1, kernel_size, padding=kernel_size // 2, act=nn.Sigmoid())
+            self.conv = MMYolo.ConvModule(2, 1, kernel_size, padding=kernel_size // 2, act_cfg={"type": "Sigmoid"})
 
         def forward(self, x):
             return self.conv(torch.cat([x.mean(dim=1, keepdim=True), x.max(dim=1, keepdim=True)[0]], dim=1))
 
     class CBAM(nn.Module):
-        def __init__(self, in_channels, reduce_ratio=16, kernel_size=7):
+        def __init__(self, in_channels, reduce_ratio=16, kernel_size=7, act_cfg={"type": "ReLU"}):  # (as mmyolo)
             super().__init__()
-            self.channel_attention = MMYolo.ChannelAttention(in_channels, reduce_ratio)
+            self.channel_attention = MMYolo.ChannelAttention(in_channels, reduce_ratio, act_cfg)
             self.spatial_attention = MMYolo.SpatialAttention(kernel_size)
 
         def forward(self, x):

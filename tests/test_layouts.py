@@ -3,6 +3,8 @@ and compared with the original: output, every gradient, BN state, checkpoints, c
 
 import copy
 import logging
+import sys
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -55,8 +57,18 @@ LAYOUTS = {
     "ultralytics-k7": Layout(Ultralytics.CBAM, fused_cbam.nn.UltralyticsCBAM, (C,)),
     "ultralytics-k3": Layout(Ultralytics.CBAM, fused_cbam.nn.UltralyticsCBAM, (C, 3)),
     "mmyolo": Layout(MMYolo.CBAM, fused_cbam.nn.MMYoloCBAM, (C, 8, 7)),
+    "mmyolo-prelu-k3": Layout(MMYolo.CBAM, fused_cbam.nn.MMYoloCBAM, (C, 8, 3), {"act_cfg": {"type": "PReLU"}}),
 }
 LAYOUT_IDS = list(LAYOUTS)
+
+
+
+
+def _halves(layout: str) -> list[str]:
+    """The attribute names of the layout's channel and spatial halves."""
+    if layout.startswith("official"):
+        return ["ChannelGate"] + ([] if "no_spatial" in layout else ["SpatialGate"])
+    return ["channel", "spatial"] if layout.startswith("timm") else ["channel_attention", "spatial_attention"]
 
 
 class Deep(nn.Module):
@@ -328,3 +340,105 @@ def test_fx_traces_a_converted_model_with_fused_blocks_as_leaves():
     x = make_input((SHAPE[0], STEM_CHANNELS, *SHAPE[2:]), torch.float32, "cpu")
     with torch.no_grad():
         assert torch.equal(traced(x), model(x))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("built,memory_format", [("converted", "nchw"), ("native", "channels_last")])
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_each_half_called_alone_matches_the_original_half(layout, built, memory_format, train, backend, device):
+    """Code that calls a block's halves on their own (the official ``ChannelGate``, timm's
+    ``channel``/``spatial``, ...) gets what the original half computes, gradients included."""
+    original, shape = _original(layout, "shallow", device)
+    if built == "converted":
+        block = fused_cbam.convert(copy.deepcopy(original), backend=backend)
+    else:
+        block = LAYOUTS[layout].make_fused(backend).to(device)
+        block.load_state_dict(original.state_dict(), strict=True)
+    original.train(train)
+    block.train(train)
+    for name in _halves(layout):
+        half = getattr(block, name)
+        assert isinstance(half, fused_cbam.nn.Half) and half.backend == backend
+        x = make_input(shape, torch.float32, device, memory_format, requires_grad=True)
+        _compare_step(half, getattr(original, name), x)
+
+
+def test_the_block_keeps_its_halves_on_its_backend():
+    block = fused_cbam.nn.CbamModule(C, backend="cpu")
+    assert block.channel.backend == block.spatial.backend == "cpu"
+    block.backend = "reference"
+    assert block.channel.backend == block.spatial.backend == "reference"
+    model = fused_cbam.convert(Official.CBAM(C), backend="reference")
+    assert model.ChannelGate.backend == model.SpatialGate.backend == "reference"
+    fused_cbam.convert(model, backend="cpu")
+    assert model.ChannelGate.backend == model.SpatialGate.backend == "cpu"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        block.backend = "fast"
+    with pytest.raises(ValueError, match="x: expected 32 channels"):
+        block.channel(make_input((2, 8, 3, 3), torch.float32, "cpu"))
+
+
+@pytest.mark.parametrize("act_cfg", [None, {"type": "LeakyReLU", "negative_slope": 0.2}, {"type": "SiLU"}], ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_mmyolo_act_cfg(act_cfg, train):
+    """mmyolo's ``act_cfg`` (the MLP's activation; None: none) as mmcv builds it, converted or
+    built directly; the inference operator (a ReLU MLP) is not used for the others."""
+    original = _randomized(MMYolo.CBAM(C, 8, 7, act_cfg=act_cfg)).train(train)
+    converted = fused_cbam.convert(copy.deepcopy(original), backend="cpu")
+    native = fused_cbam.nn.MMYoloCBAM(C, 8, 7, act_cfg=act_cfg, backend="cpu").train(train)
+    native.load_state_dict(original.state_dict(), strict=True)
+    for block in (converted, native):
+        assert type(block) is fused_cbam.nn.MMYoloCBAM and block._plain() is None
+        original.train(train).zero_grad()
+        x = make_input(SHAPE, torch.float32, "cpu", requires_grad=True)
+        _compare_step(block, original, x)
+        with torch.no_grad(), OperatorLog() as log:
+            assert_close(block.eval()(x), original.eval()(x), 1e-5, "eval output")
+        assert not [name for name in log.names if name.endswith("cbam_inference")]
+    activate = native.channel_attention.fc[0].activate
+    assert type(activate) is (nn.Identity if act_cfg is None else getattr(nn, act_cfg["type"]))
+    assert act_cfg is None or activate.inplace  # ConvModule's default for activations that take it
+
+
+def test_mmyolo_convs_are_initialised_as_mmcv_initialises_them():
+    """mmcv's ConvModule: Kaiming normal with fan-out for its activation (ReLU, or LeakyReLU with
+    its slope), zero bias; the same random draws as that init after nn.Conv2d's own."""
+    torch.manual_seed(0)
+    block = fused_cbam.nn.MMYoloCBAM(C, 8, 7, act_cfg={"type": "LeakyReLU", "negative_slope": 0.3})
+    torch.manual_seed(0)
+    expected = []
+    for shape, slope in (((C, 4, 1), 0.3), ((4, C, 1), 0), ((2, 1, 7), 0)):
+        conv = nn.Conv2d(*shape)  # its own init draws first, as in the block
+        nonlinearity = "leaky_relu" if slope else "relu"
+        nn.init.kaiming_normal_(conv.weight, a=slope, mode="fan_out", nonlinearity=nonlinearity)
+        expected.append(conv.weight)
+    convs = [block.channel_attention.fc[0].conv, block.channel_attention.fc[1].conv, block.spatial_attention.conv.conv]
+    for conv, weight in zip(convs, expected):
+        assert torch.equal(conv.weight, weight) and not conv.bias.any()
+
+
+def test_mmyolo_init_cfg_goes_to_mmengine(monkeypatch):
+    block = fused_cbam.nn.MMYoloCBAM(C, init_cfg=None)
+    block.init_weights()  # nothing to do, no mmengine needed
+    cfg = {"type": "Kaiming", "layer": "Conv2d"}
+    block = fused_cbam.nn.MMYoloCBAM(C, init_cfg=cfg)
+    assert block.init_cfg == cfg and block.init_cfg is not cfg
+    monkeypatch.setitem(sys.modules, "mmengine", None)  # not installed
+    with pytest.raises(ImportError, match="init_cfg needs mmengine"):
+        block.init_weights()
+    calls = []
+    mmengine, model = types.ModuleType("mmengine"), types.ModuleType("mmengine.model")
+    model.initialize = lambda module, init_cfg: calls.append((module, init_cfg))
+    monkeypatch.setitem(sys.modules, "mmengine", mmengine)
+    monkeypatch.setitem(sys.modules, "mmengine.model", model)
+    block.init_weights()
+    assert calls == [(block, cfg)]
+
+
+def test_mmyolo_act_cfg_errors(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mmcv", None)  # as here: mmcv not installed
+    with pytest.raises(ValueError, match="act_cfg: expected a dict with a 'type'"):
+        fused_cbam.nn.MMYoloCBAM(C, act_cfg="relu")
+    with pytest.raises(ValueError, match="act_cfg: type 'Swish' needs mmcv installed"):
+        fused_cbam.nn.MMYoloCBAM(C, act_cfg={"type": "Swish"})
