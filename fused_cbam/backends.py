@@ -132,16 +132,19 @@ def resolve(backend: str, x: Tensor):
     """The backend object that serves x, after checking it can. Inside a torch.func transform,
     the reference: the fused operators have no batching rules for vmap, and their autograd is not
     written in the form (``setup_context``) that functorch's grad needs."""
+    return resolve_for_device(backend, x.device)
+
+
+def resolve_for_device(backend: str, device: torch.device):
+    """``resolve`` for a tensor on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = _auto(x.device)
+        backend = _auto(device)
     reason = _unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
     expected_device = {"cpu": "cpu", "cuda": "cuda", "triton": "cpu" if _TRITON_INTERPRETED else "cuda"}
-    if backend in expected_device and x.device.type != expected_device[backend]:
-        raise ValueError(
-            f"x: backend {backend!r} expects a {expected_device[backend]} tensor, got one on {x.device}"
-        )
+    if backend in expected_device and device.type != expected_device[backend]:
+        raise ValueError(f"x: backend {backend!r} expects a {expected_device[backend]} tensor, got one on {device}")
     return _backend("reference" if in_func_transform() else backend)

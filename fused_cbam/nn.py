@@ -31,23 +31,37 @@ from fused_cbam import backends
 from fused_cbam.ops import check_input
 
 
-def fused_cbam_forward(x: Tensor, backend: str, channel, spatial) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def fused_cbam_forward(x: Tensor, ops, channel, spatial) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The fused CBAM core that every layout shares: ``x * channel gate * spatial gate``.
 
-    ``channel`` is the layout's channel half (a ``ChannelHalf``), or None for a spatial half
-    called alone; ``spatial`` its spatial half (a ``SpatialHalf``), or None for a channel-only
-    block. x is read three times and written once (twice and once with one half); nothing
-    full-size but x is kept for backward. Returns the output and the two gates (None for a
-    missing half).
+    ``ops`` are the backend's calls (``_operators``); ``channel`` is the layout's channel half
+    (a ``ChannelHalf``), or None for a spatial half called alone; ``spatial`` its spatial half
+    (a ``SpatialHalf``), or None for a channel-only block. x is read three times and written
+    once (twice and once with one half); nothing full-size but x is kept for backward. Returns
+    the output and the two gates (None for a missing half).
     """
-    ops = backends.resolve(backend, x)
-    # One gradient of x for the block's operators, threaded from the channel pooling on; an
-    # exported graph keeps the registered operators alone (no carriers).
-    if channel is not None and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
-        ops = ops.one_grad()
     channel_gate = None if channel is None else _channel_gate(ops, x, channel)
     spatial_gate = None if spatial is None else _spatial_gate(ops, x, channel_gate, spatial)
     return ops.gate_apply(x, channel_gate, spatial_gate), channel_gate, spatial_gate
+
+
+def _operators(module: nn.Module, x: Tensor, one_grad: bool = False):
+    """The calls of ``module.backend`` for x; with ``one_grad``, one gradient of x threaded from
+    the channel pooling on when a gradient flows (not in an exported graph, which keeps the
+    registered operators alone: no carriers).
+
+    Under FX symbolic tracing (x a Proxy: ``torch.fx.symbolic_trace``, timm's and torchvision's
+    feature extractors), the registered operators of the backend that the device of the module's
+    parameters gets: the graph records them as calls, and their own autograd adds their gradients
+    of x when it runs.
+    """
+    if isinstance(x, torch.fx.Proxy):
+        device = next(module.parameters(), torch.empty(0)).device
+        return backends.resolve_for_device(module.backend, device)
+    ops = backends.resolve(module.backend, x)
+    if one_grad and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
+        return ops.one_grad()
+    return ops
 
 
 def _channel_gate(ops, x: Tensor, channel) -> Tensor:
@@ -67,6 +81,7 @@ def _spatial_gate(ops, x: Tensor, channel_gate: Tensor | None, spatial) -> Tenso
     return spatial.to_gate(spatial.logits(stacked)).to(x.dtype)
 
 
+@torch.fx.wrap  # FX tracing records the call; the layout is decided when the graph runs
 def _spatial_conv_layout(maps: Tensor) -> Tensor:
     """The spatial conv's 1- or 2-channel input, in channels_last strides on the CPU when a
     gradient will flow back through the conv.
@@ -97,9 +112,13 @@ class GateInspection:
             self.last_spatial_gate = None if spatial_gate is None else spatial_gate.detach()
 
 
-def _check_input(x: Tensor, channels: int) -> None:
+def _check_input(x: Tensor, channels: int | None = None) -> None:
+    """``check_input``, and x's channel count against the module's (when given). Nothing to check
+    on an FX Proxy: the graph runs the operators, which check."""
+    if isinstance(x, torch.fx.Proxy):
+        return
     check_input(x)
-    if x.shape[1] != channels:
+    if channels is not None and x.shape[1] != channels:
         raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
 
 
@@ -131,7 +150,7 @@ class ChannelHalf(Half):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.channels)
-        return fused_cbam_forward(x, self.backend, self, None)[0]
+        return fused_cbam_forward(x, _operators(self, x, one_grad=True), self, None)[0]
 
 
 class SpatialHalf(Half):
@@ -141,8 +160,8 @@ class SpatialHalf(Half):
     pool_order = ("mean", "max")
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x)
-        return fused_cbam_forward(x, self.backend, None, self)[0]
+        _check_input(x)
+        return fused_cbam_forward(x, _operators(self, x), None, self)[0]
 
 
 class FusedBlock(GateInspection, nn.Module):
@@ -170,11 +189,13 @@ class FusedBlock(GateInspection, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         channel, spatial = self._halves()
         _check_input(x, channel.channels)
-        out = self._inference(x)
+        traced = isinstance(x, torch.fx.Proxy)  # FX tracing: the training path, nothing kept
+        out = None if traced else self._inference(x)
         if out is not None:
             return out
-        out, channel_gate, spatial_gate = fused_cbam_forward(x, self.backend, channel, spatial)
-        self._keep(channel_gate, spatial_gate)
+        out, channel_gate, spatial_gate = fused_cbam_forward(x, _operators(self, x, one_grad=True), channel, spatial)
+        if not traced:
+            self._keep(channel_gate, spatial_gate)
         return out
 
     def _plain(self) -> list | None:
@@ -283,7 +304,7 @@ def _plain(mlp: list | None, conv: list | None, *gates) -> list | None:
 
 def _lp_pool(x: Tensor) -> Tensor:
     """L2 norm over H x W, as the official code computes it (``F.lp_pool2d`` with p = 2)."""
-    return F.lp_pool2d(x, 2, tuple(x.shape[2:])).flatten(1)
+    return F.lp_pool2d(x, 2, x.shape[2:]).flatten(1)
 
 
 def _lse_pool(x: Tensor) -> Tensor:
@@ -671,7 +692,7 @@ class MMYoloChannelAttention(ChannelHalf):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.channels)
-        return _channel_gate(backends.resolve(self.backend, x), x, self)[:, :, None, None]
+        return _channel_gate(_operators(self, x), x, self)[:, :, None, None]
 
 
 class MMYoloSpatialAttention(SpatialHalf):
@@ -686,8 +707,8 @@ class MMYoloSpatialAttention(SpatialHalf):
         return logits if activate is None else activate(logits)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x)
-        return _spatial_gate(backends.resolve(self.backend, x), x, None, self)
+        _check_input(x)
+        return _spatial_gate(_operators(self, x), x, None, self)
 
 
 class MMYoloCBAM(FusedBlock):

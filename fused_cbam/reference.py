@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 
+@torch.fx.wrap  # under FX symbolic tracing the dtype is known only when the graph runs
 def _opmath(t: Tensor) -> Tensor:
     """The dtype arithmetic is carried out in: float32 for 16-bit floats, else unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -300,12 +300,16 @@ def test_lp_and_lse_pools_warn_once(monkeypatch):
         fused_cbam.nn.CBAM(C)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "fx"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("layout", [name for name in LAYOUT_IDS if "no_spatial" not in name])
-def test_spatial_conv_gets_channels_last_maps_on_the_cpu(layout, memory_format):
+def test_spatial_conv_gets_channels_last_maps_on_the_cpu(layout, memory_format, traced):
     """oneDNN's conv over NCHW maps of 1-2 channels pads them to 16 (benchmarks/NOTES.md): on the
-    CPU, each layout's spatial conv must see channels_last strides, one-channel maps included."""
+    CPU, each layout's spatial conv must see channels_last strides, one-channel maps included,
+    also in an FX-traced graph."""
     block = fused_cbam.convert(_original(layout, "shallow", "cpu")[0], backend="reference").train()
+    if traced:
+        block = torch.fx.symbolic_trace(block)
     seen = []
     convs = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
     assert len(convs) == 1
@@ -442,3 +446,44 @@ def test_mmyolo_act_cfg_errors(monkeypatch):
         fused_cbam.nn.MMYoloCBAM(C, act_cfg="relu")
     with pytest.raises(ValueError, match="act_cfg: type 'Swish' needs mmcv installed"):
         fused_cbam.nn.MMYoloCBAM(C, act_cfg={"type": "Swish"})
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_fx_symbolic_trace_records_the_fused_operators(layout, train, backend, device):
+    """``torch.fx.symbolic_trace`` of a fused block, and of each of its halves, gives a graph
+    that calls the backend's operators and computes what the original computes, gradients
+    included."""
+    original, shape = _original(layout, "shallow", device)
+    block = fused_cbam.convert(copy.deepcopy(original), backend=backend)
+    original.train(train)
+    block.train(train)
+    for name in [None, *_halves(layout)]:
+        module = block if name is None else getattr(block, name)
+        traced = torch.fx.symbolic_trace(module)
+        targets = [str(node.target) for node in traced.graph.nodes if node.op == "call_function"]
+        assert (backend == "reference") != any(t.startswith("fused_cbam.") for t in targets), targets
+        x = make_input(shape, torch.float32, device, requires_grad=True)
+        _compare_step(traced, original if name is None else getattr(original, name), x)
+        original.zero_grad()
+        block.zero_grad()
+
+
+def test_timm_feature_extractor_over_a_converted_model():
+    """timm's FX feature extraction (torchvision's create_feature_extractor underneath) over a
+    converted ResNet: the same features and gradients as over the original."""
+    from timm.models import create_feature_extractor
+
+    original = _randomized(timm.create_model("resnet18", block_args=dict(attn_layer="cbam")))
+    model = fused_cbam.convert(copy.deepcopy(original), backend="cpu")
+    nodes = {"layer2": "mid", "layer4": "last"}
+    ours, theirs = create_feature_extractor(model, nodes), create_feature_extractor(original, nodes)
+    x = make_input((2, 3, 64, 64), torch.float32, "cpu", requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = ours(x), theirs(x_ref)
+    for key in nodes.values():
+        assert_close(out[key], ref[key], 1e-4, key)
+    sum(f.square().sum() for f in out.values()).backward()
+    sum(f.square().sum() for f in ref.values()).backward()
+    assert_close(x.grad, x_ref.grad, 1e-4, "grad of x")
