@@ -135,11 +135,16 @@ def resolve(backend: str, x: Tensor):
     return resolve_for_device(backend, x.device)
 
 
-def resolve_for_device(backend: str, device: torch.device):
-    """``resolve`` for a tensor on ``device``."""
+def checked(backend: str) -> str:
+    """``backend``, after checking that it names one of BACKENDS."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    return backend
+
+
+def resolve_for_device(backend: str, device: torch.device):
+    """``resolve`` for a tensor on ``device``."""
+    if checked(backend) == "auto":
         backend = _auto(device)
     reason = _unavailable_reason(backend)
     if reason is not None:

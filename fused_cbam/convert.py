@@ -119,7 +119,10 @@ def _mmyolo(m: nn.Module):
     for path in adopt:
         _get(m, path)
     kwargs = dict(
-        in_channels=fc1.in_channels, reduce_ratio=fc1.in_channels / fc1.out_channels, kernel_size=conv.kernel_size[0]
+        in_channels=fc1.in_channels,
+        reduce_ratio=fc1.in_channels / fc1.out_channels,
+        kernel_size=conv.kernel_size[0],
+        init_cfg=getattr(m, "init_cfg", None),  # (mmengine's BaseModule keeps it)
     )
     return kwargs, adopt
 
@@ -148,20 +151,27 @@ def _build(layout: Layout, m: nn.Module, backend: str) -> nn.Module:
         fused = layout.fused(**kwargs, backend=backend)
     except (TypeError, ValueError) as e:
         raise NotThisLayout(str(e)) from None
-    # The adopted parts bring their own parameters (e.g. a PReLU activation's weight).
+    theirs = m.state_dict(keep_vars=True)
+    if _outside_activations(fused.state_dict()) != _outside_activations(theirs):
+        diff = sorted(_outside_activations(fused.state_dict()) ^ _outside_activations(theirs))
+        raise NotThisLayout(f"state_dict keys differ from the {layout.name} layout's: {diff}")
     for path in adopt:
         parent, _, name = path.rpartition(".")
         setattr(fused.get_submodule(parent), name, m.get_submodule(path))
-    ours, theirs = fused.state_dict(keep_vars=True), m.state_dict(keep_vars=True)
-    if set(ours) != set(theirs):
-        diff = sorted(set(ours) ^ set(theirs))
-        raise NotThisLayout(f"state_dict keys differ from the {layout.name} layout's: {diff}")
-    if any(ours[k] is not theirs[k] for k in ours):
+    ours = fused.state_dict(keep_vars=True)
+    if ours.keys() != theirs.keys() or any(ours[k] is not theirs[k] for k in ours):
         raise NotThisLayout("its tensors are not all held by the submodules the fused module takes over")
     originals = dict(m.named_modules())
     for name, sub in fused.named_modules():
         sub.training = originals.get(name, m).training
     return fused
+
+
+def _outside_activations(state_dict) -> set[str]:
+    """The keys that are not an activation's (a PReLU's weight, under a part named ``act`` or
+    ``activate``): the layout's structure, which must be the same; the fused module takes over
+    the original's activations with their parameters."""
+    return {key for key in state_dict if not {"act", "activate"} & set(key.split(".")[:-1])}
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -214,8 +224,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+    backends.checked(backend)
     done: dict[int, nn.Module] = {}  # a module shared by several parents gets one replacement
 
     def walk(m: nn.Module, qualname: str) -> nn.Module:

@@ -122,12 +122,6 @@ def _check_input(x: Tensor, channels: int | None = None) -> None:
         raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
 
 
-def _checked_backend(backend: str) -> str:
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
-    return backend
-
-
 class Half(nn.Module):
     """One half of a fused layout (its channel or its spatial attention): that half's parts
     under the layout's attribute names, and its small computations for the fused core. Called
@@ -136,9 +130,17 @@ class Half(nn.Module):
 
     def __init__(self, backend: str = "auto", **parts: nn.Module):
         super().__init__()
-        self.backend = _checked_backend(backend)
+        self.backend = backend
         for name, module in parts.items():
             setattr(self, name, module)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        self._backend = backends.checked(backend)
 
     def to_gate(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)
@@ -178,7 +180,7 @@ class FusedBlock(GateInspection, nn.Module):
 
     @backend.setter
     def backend(self, backend: str) -> None:
-        self._backend = _checked_backend(backend)
+        self._backend = backends.checked(backend)
         for half in self.modules():
             if isinstance(half, Half):
                 half.backend = backend
@@ -658,18 +660,21 @@ def mmcv_activation(act_cfg: dict | None) -> nn.Module | None:
 
 class ConvAct(nn.Module):
     """mmcv's ``ConvModule`` layout without a norm: ``conv`` (with bias), then ``activate``
-    (Identity without an activation), initialised as ConvModule initialises: Kaiming normal
-    (fan-out, for the ReLU or the LeakyReLU of ``act_cfg``), zero bias."""
+    (Identity without an activation), initialised as ConvModule initialises (``init_weights``)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, padding=0, act_cfg=None):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=True)
         self.activate = mmcv_activation(act_cfg) or nn.Identity()
         leaky = act_cfg is not None and act_cfg["type"] == "LeakyReLU"
-        slope = act_cfg.get("negative_slope", 0.01) if leaky else 0
-        nn.init.kaiming_normal_(
-            self.conv.weight, a=slope, mode="fan_out", nonlinearity="leaky_relu" if leaky else "relu"
-        )
+        self._init_slope = act_cfg.get("negative_slope", 0.01) if leaky else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming normal (fan-out, for the ReLU, or the LeakyReLU of ``act_cfg``), zero bias."""
+        slope = self._init_slope
+        nonlinearity = "relu" if slope is None else "leaky_relu"
+        nn.init.kaiming_normal_(self.conv.weight, a=slope or 0, mode="fan_out", nonlinearity=nonlinearity)
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -730,18 +735,33 @@ class MMYoloCBAM(FusedBlock):
         conv = ConvAct(2, 1, kernel_size, kernel_size // 2, act_cfg={"type": "Sigmoid"})
         self.spatial_attention = MMYoloSpatialAttention(backend, conv=conv)
         self.init_cfg = copy.deepcopy(init_cfg)
+        self.is_init = False
 
     def init_weights(self) -> None:
-        """Initialise as mmengine's ``BaseModule.init_weights`` does from ``init_cfg`` (which
-        needs mmengine); without ``init_cfg``, nothing: the conv modules were initialised when
-        built, as mmcv's are. mmengine's runner calls this through the model's own."""
-        if self.init_cfg is None:
+        """What mmengine's ``BaseModule.init_weights`` does for mmyolo's CBAM (mmengine's runner
+        calls it through the model's own), once: ``init_cfg``'s initialisers (mmengine needed),
+        then the children's own ``init_weights``, of which mmyolo's has one, the spatial conv
+        module's (mmcv's ConvModule initialises its conv again; the MLP's conv modules sit in a
+        Sequential, which has none), then a "Pretrained" ``init_cfg`` last."""
+        if self.is_init:
             return
-        try:
-            from mmengine.model import initialize
-        except ImportError:
-            raise ImportError("MMYoloCBAM.init_weights: init_cfg needs mmengine (pip install mmengine)") from None
-        initialize(self, self.init_cfg)
+        configs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
+        configs = [config for config in configs if config is not None]
+        if configs:
+            try:
+                from mmengine.model import initialize
+            except ImportError:
+                raise ImportError("MMYoloCBAM.init_weights: init_cfg needs mmengine (pip install mmengine)") from None
+        others = [config for config in configs if config["type"] != "Pretrained"]
+        if others:
+            initialize(self, others)
+        conv_init = getattr(self.spatial_attention.conv, "init_weights", None)  # (a copy's may have none)
+        if conv_init is not None:
+            conv_init()
+        pretrained = [config for config in configs if config["type"] == "Pretrained"]
+        if pretrained:
+            initialize(self, pretrained)
+        self.is_init = True
 
     def _halves(self) -> tuple[MMYoloChannelAttention, MMYoloSpatialAttention]:
         return self.channel_attention, self.spatial_attention

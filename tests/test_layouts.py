@@ -62,9 +62,7 @@ LAYOUTS = {
 LAYOUT_IDS = list(LAYOUTS)
 
 
-
-
-def _halves(layout: str) -> list[str]:
+def _half_names(layout: str) -> list[str]:
     """The attribute names of the layout's channel and spatial halves."""
     if layout.startswith("official"):
         return ["ChannelGate"] + ([] if "no_spatial" in layout else ["SpatialGate"])
@@ -361,7 +359,7 @@ def test_each_half_called_alone_matches_the_original_half(layout, built, memory_
         block.load_state_dict(original.state_dict(), strict=True)
     original.train(train)
     block.train(train)
-    for name in _halves(layout):
+    for name in _half_names(layout):
         half = getattr(block, name)
         assert isinstance(half, fused_cbam.nn.Half) and half.backend == backend
         x = make_input(shape, torch.float32, device, memory_format, requires_grad=True)
@@ -377,8 +375,9 @@ def test_the_block_keeps_its_halves_on_its_backend():
     assert model.ChannelGate.backend == model.SpatialGate.backend == "reference"
     fused_cbam.convert(model, backend="cpu")
     assert model.ChannelGate.backend == model.SpatialGate.backend == "cpu"
-    with pytest.raises(ValueError, match="backend: expected one of"):
-        block.backend = "fast"
+    for module in (block, block.channel):
+        with pytest.raises(ValueError, match="backend: expected one of"):
+            module.backend = "fast"
     with pytest.raises(ValueError, match="x: expected 32 channels"):
         block.channel(make_input((2, 8, 3, 3), torch.float32, "cpu"))
 
@@ -422,22 +421,51 @@ def test_mmyolo_convs_are_initialised_as_mmcv_initialises_them():
         assert torch.equal(conv.weight, weight) and not conv.bias.any()
 
 
-def test_mmyolo_init_cfg_goes_to_mmengine(monkeypatch):
+def test_mmyolo_init_weights_as_mmengine(monkeypatch):
+    """mmengine's BaseModule.init_weights for mmyolo's CBAM, once: init_cfg's initialisers, then
+    the spatial conv module's own init (mmcv's ConvModule's), then a Pretrained init_cfg."""
     block = fused_cbam.nn.MMYoloCBAM(C, init_cfg=None)
-    block.init_weights()  # nothing to do, no mmengine needed
-    cfg = {"type": "Kaiming", "layer": "Conv2d"}
-    block = fused_cbam.nn.MMYoloCBAM(C, init_cfg=cfg)
-    assert block.init_cfg == cfg and block.init_cfg is not cfg
+    spatial = block.spatial_attention.conv.conv.weight.clone()
+    mlp = block.channel_attention.fc[0].conv.weight.clone()
+    block.init_weights()  # no mmengine needed
+    assert not torch.equal(block.spatial_attention.conv.conv.weight, spatial)
+    assert torch.equal(block.channel_attention.fc[0].conv.weight, mlp) and block.is_init
+
+    configs = [{"type": "Pretrained", "checkpoint": "x.pth"}, {"type": "Normal", "layer": "Conv2d"}]
+    block = fused_cbam.nn.MMYoloCBAM(C, init_cfg=configs)
+    assert block.init_cfg == configs and block.init_cfg is not configs
     monkeypatch.setitem(sys.modules, "mmengine", None)  # not installed
     with pytest.raises(ImportError, match="init_cfg needs mmengine"):
         block.init_weights()
     calls = []
     mmengine, model = types.ModuleType("mmengine"), types.ModuleType("mmengine.model")
-    model.initialize = lambda module, init_cfg: calls.append((module, init_cfg))
+    model.initialize = lambda module, init_cfg: calls.append((module, init_cfg, module.spatial_attention.conv.conv.weight.clone()))
     monkeypatch.setitem(sys.modules, "mmengine", mmengine)
     monkeypatch.setitem(sys.modules, "mmengine.model", model)
     block.init_weights()
-    assert calls == [(block, cfg)]
+    block.init_weights()  # once
+    assert [(m, cfg) for m, cfg, _ in calls] == [(block, configs[1:]), (block, configs[:1])]
+    assert not torch.equal(calls[0][2], calls[1][2]), "the spatial conv is initialised again in between"
+    assert fused_cbam.convert(MMYolo.CBAM(C, 8)).init_cfg is None
+    original = MMYolo.CBAM(C, 8)
+    original.init_cfg = configs
+    assert fused_cbam.convert(original).init_cfg == configs
+
+
+def test_convert_skips_blocks_with_more_parts(caplog):
+    """A layout with a part more (a norm in an MLP layer) is not that layout: left alone."""
+    mmyolo = MMYolo.CBAM(C, 8)
+    fc0 = mmyolo.channel_attention.fc[0]
+    fc0.bn = nn.BatchNorm2d(4)
+    official = Official.CBAM(C)
+    mlp = official.ChannelGate.mlp
+    official.ChannelGate.mlp = nn.Sequential(mlp[0], mlp[1], nn.BatchNorm1d(2), mlp[2], mlp[3])
+    model = nn.Sequential(mmyolo, official)
+    with caplog.at_level(logging.INFO, logger="fused_cbam.convert"):
+        fused_cbam.convert(model)
+    assert model[0] is mmyolo and model[1] is official
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert len(skipped) == 2 and all("state_dict keys differ" in message for message in skipped), skipped
 
 
 def test_mmyolo_act_cfg_errors(monkeypatch):
@@ -459,7 +487,7 @@ def test_fx_symbolic_trace_records_the_fused_operators(layout, train, backend, d
     block = fused_cbam.convert(copy.deepcopy(original), backend=backend)
     original.train(train)
     block.train(train)
-    for name in [None, *_halves(layout)]:
+    for name in [None, *_half_names(layout)]:
         module = block if name is None else getattr(block, name)
         traced = torch.fx.symbolic_trace(module)
         targets = [str(node.target) for node in traced.graph.nodes if node.op == "call_function"]
