@@ -122,6 +122,20 @@ def _check_input(x: Tensor, channels: int | None = None) -> None:
         raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
 
 
+class BackendAttribute:
+    """The ``backend`` of a block or a half: checked when set, and passed on from a block to the
+    halves it holds."""
+
+    def __get__(self, module, owner=None):
+        return self if module is None else module._backend
+
+    def __set__(self, module: nn.Module, backend: str) -> None:
+        module._backend = backends.checked(backend)
+        for half in module.modules():
+            if isinstance(half, Half):
+                half._backend = backend
+
+
 class Half(nn.Module):
     """One half of a fused layout (its channel or its spatial attention): that half's parts
     under the layout's attribute names, and its small computations for the fused core. Called
@@ -134,13 +148,7 @@ class Half(nn.Module):
         for name, module in parts.items():
             setattr(self, name, module)
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, backend: str) -> None:
-        self._backend = backends.checked(backend)
+    backend = BackendAttribute()
 
     def to_gate(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)
@@ -174,16 +182,7 @@ class FusedBlock(GateInspection, nn.Module):
         super().__init__()
         self.backend = backend
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, backend: str) -> None:
-        self._backend = backends.checked(backend)
-        for half in self.modules():
-            if isinstance(half, Half):
-                half.backend = backend
+    backend = BackendAttribute()
 
     def _halves(self) -> tuple[ChannelHalf, SpatialHalf | None]:
         raise NotImplementedError
