@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from fused_cbam import backends
@@ -239,4 +240,10 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
                         setattr(m, name, new)
         return done[id(m)]
 
-    return walk(model, "")
+    converted = walk(model, "")
+    if isinstance(model, torch.fx.GraphModule) and not any(isinstance(m, fused_nn.FusedBlock) for m in done.values()):
+        log.warning(
+            "<model> is an FX GraphModule with no CBAM module left to replace: tracing inlines the modules' "
+            "forward; convert the model before tracing it"
+        )
+    return converted

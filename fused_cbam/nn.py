@@ -112,6 +112,12 @@ class GateInspection:
             self.last_spatial_gate = None if spatial_gate is None else spatial_gate.detach()
 
 
+def _odd_kernel(kernel_size: int) -> int:
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size: expected an odd size (the conv keeps H x W), got {kernel_size}")
+    return kernel_size
+
+
 def _check_input(x: Tensor, channels: int | None = None) -> None:
     """``check_input``, and x's channel count against the module's (when given). Nothing to check
     on an FX Proxy: the graph runs the operators, which check."""
@@ -137,16 +143,15 @@ class BackendAttribute:
 
 
 class Half(nn.Module):
-    """One half of a fused layout (its channel or its spatial attention): that half's parts
-    under the layout's attribute names, and its small computations for the fused core. Called
-    alone, it computes what the half it replaces computes (x times its gate, in most layouts)
-    with the fused operators of ``backend``, which the block holding it keeps equal to its own."""
+    """One half of a fused layout (its channel or its spatial attention), with the constructor
+    and the parts, under the same names, of the half it replaces, and its small computations for
+    the fused core. Called alone, it computes what that half computes (x times its gate, in most
+    layouts) with the fused operators of ``backend``, which the block holding it keeps equal to
+    its own."""
 
-    def __init__(self, backend: str = "auto", **parts: nn.Module):
+    def __init__(self, backend: str = "auto"):
         super().__init__()
         self.backend = backend
-        for name, module in parts.items():
-            setattr(self, name, module)
 
     backend = BackendAttribute()
 
@@ -174,6 +179,11 @@ class SpatialHalf(Half):
         return fused_cbam_forward(x, _operators(self, x), None, self)[0]
 
 
+class Parts(nn.Module):
+    """The class of the halves in blocks that fused_cbam pickled before each layout's halves had
+    their own (c396736 and before): unpickling the block gives them their class back."""
+
+
 class FusedBlock(GateInspection, nn.Module):
     """What every fused layout shares: the backend, the input checks and the call of the core
     with the layout's two halves (``_halves()``)."""
@@ -183,9 +193,21 @@ class FusedBlock(GateInspection, nn.Module):
         self.backend = backend
 
     backend = BackendAttribute()
+    half_classes: tuple[type, type]  # the layout's (channel half, spatial half)
 
     def _halves(self) -> tuple[ChannelHalf, SpatialHalf | None]:
         raise NotImplementedError
+
+    def __setstate__(self, state: dict) -> None:
+        """Also loads a block pickled by fused_cbam before its halves had a class per layout
+        (c396736 and before), where ``backend`` was a plain attribute and the halves ``Parts``."""
+        if "backend" in state:
+            state["_backend"] = state.pop("backend")
+        super().__setstate__(state)
+        for half, half_class in zip(self._halves(), self.half_classes):
+            if type(half) is Parts:
+                half.__class__ = half_class
+        self.backend = self._backend
 
     def forward(self, x: Tensor) -> Tensor:
         channel, spatial = self._halves()
@@ -396,7 +418,8 @@ class SpatialGate(SpatialHalf):
 
     def __init__(self, kernel_size=7, *, backend="auto"):
         super().__init__(backend)
-        self.spatial = BasicConv(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, relu=False)
+        k = _odd_kernel(kernel_size)
+        self.spatial = BasicConv(2, 1, k, stride=1, padding=(k - 1) // 2, relu=False)
 
     def logits(self, maps: Tensor) -> Tensor:
         return self.spatial(maps)
@@ -409,6 +432,8 @@ class CBAM(FusedBlock):
     ``pool_types`` may also hold "lp" (L2 norm over H x W) and "lse" (log-sum-exp over H x W),
     which are pooled in plain PyTorch (one warning per process says so).
     """
+
+    half_classes = (ChannelGate, SpatialGate)
 
     def __init__(
         self, gate_channels, reduction_ratio=16, pool_types=("avg", "max"), no_spatial=False, *, backend="auto"
@@ -463,6 +488,27 @@ class ChannelAttn(ChannelHalf):
     """timm's ``ChannelAttn`` (``fc1``, ``act``, ``fc2``, ``gate``): called alone, x times
     the gate of the MLP's sum over the average and the max pool."""
 
+    def __init__(
+        self,
+        channels,
+        rd_ratio=1.0 / 16,
+        rd_channels=None,
+        rd_divisor=1,
+        act_layer=nn.ReLU,
+        gate_layer="sigmoid",
+        mlp_bias=False,
+        device=None,
+        dtype=None,
+        *,
+        backend="auto",
+    ):
+        super().__init__(backend)
+        rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, device=device, dtype=dtype)
+        self.act = act_layer(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, device=device, dtype=dtype)
+        self.gate = make_gate(gate_layer)
+
     @property
     def channels(self) -> int:
         return self.fc1.in_channels
@@ -492,6 +538,14 @@ class SpatialAttn(SpatialHalf):
     """timm's ``SpatialAttn`` (``conv``: conv + BN, ``gate``) over [mean, max]: called alone,
     x times its gate."""
 
+    def __init__(self, kernel_size=7, gate_layer="sigmoid", device=None, dtype=None, *, backend="auto"):
+        super().__init__(backend)
+        k = _odd_kernel(kernel_size)
+        self.conv = BasicConv(len(self.pool_order), 1, k, padding=(k - 1) // 2, relu=False, bn_momentum=0.1)
+        self.gate = make_gate(gate_layer)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
     def logits(self, maps: Tensor) -> Tensor:
         return self.conv(maps)
 
@@ -509,6 +563,7 @@ class _TimmCbam(FusedBlock):
     """timm's constructor and parameters; ``light`` selects the light variant's halves."""
 
     light = False
+    half_classes = (ChannelAttn, SpatialAttn)
 
     def __init__(
         self,
@@ -526,22 +581,13 @@ class _TimmCbam(FusedBlock):
         backend="auto",
     ):
         super().__init__(backend)
-        rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor)
-        self.channel = (LightChannelAttn if self.light else ChannelAttn)(
-            backend,
-            fc1=nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias),
-            act=act_layer(inplace=True),
-            fc2=nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias),
-            gate=make_gate(gate_layer),
+        channel_class, spatial_class = self.half_classes
+        self.channel = channel_class(
+            channels, rd_ratio, rd_channels, rd_divisor, act_layer, gate_layer, mlp_bias, device, dtype, backend=backend
         )
-        k = spatial_kernel_size
-        self.spatial = (LightSpatialAttn if self.light else SpatialAttn)(
-            backend,
-            conv=BasicConv(1 if self.light else 2, 1, k, padding=(k - 1) // 2, relu=False, bn_momentum=0.1),
-            gate=make_gate("sigmoid" if self.light else gate_layer),  # timm's light spatial gate is a sigmoid
-        )
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
+        # timm builds the light spatial half without gate_layer: a sigmoid.
+        spatial_args = () if self.light else (gate_layer,)
+        self.spatial = spatial_class(spatial_kernel_size, *spatial_args, device=device, dtype=dtype, backend=backend)
 
     def _halves(self) -> tuple[ChannelAttn, SpatialAttn]:
         return self.channel, self.spatial
@@ -567,6 +613,7 @@ class LightCbamModule(_TimmCbam):
     1-channel spatial conv over 0.5·mean + 0.5·max of the channel-gated x."""
 
     light = True
+    half_classes = (LightChannelAttn, LightSpatialAttn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,8 +621,13 @@ class LightCbamModule(_TimmCbam):
 
 
 class UltralyticsChannelAttention(ChannelHalf):
-    """ultralytics' ``ChannelAttention`` (``fc``: a 1x1 conv C -> C with bias, ``act``) over
-    the average pool only: called alone, x times its gate."""
+    """ultralytics' ``ChannelAttention(channels)`` (``fc``: a 1x1 conv C -> C with bias, ``act``)
+    over the average pool only: called alone, x times its gate."""
+
+    def __init__(self, channels, *, backend="auto"):
+        super().__init__(backend)
+        self.fc = nn.Conv2d(channels, channels, 1, bias=True)
+        self.act = nn.Sigmoid()
 
     @property
     def channels(self) -> int:
@@ -589,8 +641,15 @@ class UltralyticsChannelAttention(ChannelHalf):
 
 
 class UltralyticsSpatialAttention(SpatialHalf):
-    """ultralytics' ``SpatialAttention`` (``cv1``: 2 -> 1, no bias, no BN; ``act``) over
-    [mean, max]: called alone, x times its gate."""
+    """ultralytics' ``SpatialAttention(kernel_size=7)`` (``cv1``: 2 -> 1, kernel 3 or 7, no bias,
+    no BN; ``act``) over [mean, max]: called alone, x times its gate."""
+
+    def __init__(self, kernel_size=7, *, backend="auto"):
+        super().__init__(backend)
+        if kernel_size not in (3, 7):
+            raise ValueError(f"kernel_size: expected 3 or 7, got {kernel_size}")
+        self.cv1 = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.act = nn.Sigmoid()
 
     def logits(self, maps: Tensor) -> Tensor:
         return self.cv1(maps)
@@ -604,16 +663,12 @@ class UltralyticsCBAM(FusedBlock):
     from the average pool only (``channel_attention.fc``, a 1x1 conv C -> C with bias), spatial
     attention ``spatial_attention.cv1`` (2 -> 1, kernel 3 or 7, no bias, no BN) over [mean, max]."""
 
+    half_classes = (UltralyticsChannelAttention, UltralyticsSpatialAttention)
+
     def __init__(self, c1, kernel_size=7, *, backend="auto"):
         super().__init__(backend)
-        if kernel_size not in (3, 7):
-            raise ValueError(f"kernel_size: expected 3 or 7, got {kernel_size}")
-        self.channel_attention = UltralyticsChannelAttention(
-            backend, fc=nn.Conv2d(c1, c1, 1, bias=True), act=nn.Sigmoid()
-        )
-        self.spatial_attention = UltralyticsSpatialAttention(
-            backend, cv1=nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False), act=nn.Sigmoid()
-        )
+        self.channel_attention = UltralyticsChannelAttention(c1, backend=backend)
+        self.spatial_attention = UltralyticsSpatialAttention(kernel_size, backend=backend)
 
     def _halves(self) -> tuple[UltralyticsChannelAttention, UltralyticsSpatialAttention]:
         return self.channel_attention, self.spatial_attention
@@ -661,12 +716,14 @@ class ConvAct(nn.Module):
     """mmcv's ``ConvModule`` layout without a norm: ``conv`` (with bias), then ``activate``
     (Identity without an activation), initialised as ConvModule initialises (``init_weights``)."""
 
+    _init_slope: float | None = None  # a LeakyReLU's negative slope, for the init
+
     def __init__(self, in_channels, out_channels, kernel_size, padding=0, act_cfg=None):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=True)
         self.activate = mmcv_activation(act_cfg) or nn.Identity()
-        leaky = act_cfg is not None and act_cfg["type"] == "LeakyReLU"
-        self._init_slope = act_cfg.get("negative_slope", 0.01) if leaky else None
+        if act_cfg is not None and act_cfg["type"] == "LeakyReLU":
+            self._init_slope = act_cfg.get("negative_slope", 0.01)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -681,8 +738,15 @@ class ConvAct(nn.Module):
 
 
 class MMYoloChannelAttention(ChannelHalf):
-    """mmyolo's ``ChannelAttention`` (``fc``: two conv modules, ``sigmoid``): called alone, its
-    gate [N, C, 1, 1], as mmyolo's returns it (the block multiplies)."""
+    """mmyolo's ``ChannelAttention(channels, reduce_ratio=16, act_cfg=dict(type="ReLU"))``
+    (``fc``: two conv modules, ``act_cfg`` between them; ``sigmoid``): called alone, its gate
+    [N, C, 1, 1], as mmyolo's returns it (the block multiplies)."""
+
+    def __init__(self, channels, reduce_ratio=16, act_cfg=_RELU, *, backend="auto"):
+        super().__init__(backend)
+        hidden = int(channels / reduce_ratio)
+        self.fc = nn.Sequential(ConvAct(channels, hidden, 1, act_cfg=act_cfg), ConvAct(hidden, channels, 1))
+        self.sigmoid = nn.Sigmoid()
 
     @property
     def channels(self) -> int:
@@ -700,8 +764,13 @@ class MMYoloChannelAttention(ChannelHalf):
 
 
 class MMYoloSpatialAttention(SpatialHalf):
-    """mmyolo's ``SpatialAttention`` (``conv``: a conv module with bias and its sigmoid) over
-    [mean, max]: called alone, its gate [N, 1, H, W], as mmyolo's returns it."""
+    """mmyolo's ``SpatialAttention(kernel_size=7)`` (``conv``: a conv module with bias and its
+    sigmoid) over [mean, max]: called alone, its gate [N, 1, H, W], as mmyolo's returns it."""
+
+    def __init__(self, kernel_size=7, *, backend="auto"):
+        super().__init__(backend)
+        k = _odd_kernel(kernel_size)
+        self.conv = ConvAct(2, 1, k, k // 2, act_cfg={"type": "Sigmoid"})
 
     def logits(self, maps: Tensor) -> Tensor:
         return self.conv.conv(maps)
@@ -721,20 +790,17 @@ class MMYoloCBAM(FusedBlock):
     (``channel_attention.fc.{0,1}.conv``, ``act_cfg`` between them) and a sigmoid, a spatial conv
     with bias and no BN (``spatial_attention.conv.conv``) and a sigmoid over [avg, max]."""
 
+    half_classes = (MMYoloChannelAttention, MMYoloSpatialAttention)
+    init_cfg = None  # (also for blocks pickled before they took it)
+    is_init = False
+
     def __init__(
         self, in_channels, reduce_ratio=16, kernel_size=7, act_cfg=_RELU, init_cfg=None, *, backend="auto"
     ):
         super().__init__(backend)
-        hidden = int(in_channels / reduce_ratio)
-        self.channel_attention = MMYoloChannelAttention(
-            backend,
-            fc=nn.Sequential(ConvAct(in_channels, hidden, 1, act_cfg=act_cfg), ConvAct(hidden, in_channels, 1)),
-            sigmoid=nn.Sigmoid(),
-        )
-        conv = ConvAct(2, 1, kernel_size, kernel_size // 2, act_cfg={"type": "Sigmoid"})
-        self.spatial_attention = MMYoloSpatialAttention(backend, conv=conv)
+        self.channel_attention = MMYoloChannelAttention(in_channels, reduce_ratio, act_cfg, backend=backend)
+        self.spatial_attention = MMYoloSpatialAttention(kernel_size, backend=backend)
         self.init_cfg = copy.deepcopy(init_cfg)
-        self.is_init = False
 
     def init_weights(self) -> None:
         """What mmengine's ``BaseModule.init_weights`` does for mmyolo's CBAM (mmengine's runner

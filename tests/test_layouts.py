@@ -7,10 +7,13 @@ import sys
 import types
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+import official_cbam
+import timm.layers.cbam as timm_cbam
 from timm.layers.cbam import CbamModule as TimmCbamModule
 from timm.layers.cbam import LightCbamModule as TimmLightCbamModule
 from torch import nn
@@ -452,6 +455,14 @@ def test_mmyolo_init_weights_as_mmengine(monkeypatch):
     assert fused_cbam.convert(original).init_cfg == configs
 
 
+def test_convert_says_a_traced_model_has_no_blocks_left(caplog):
+    traced = torch.fx.symbolic_trace(Deep(Ultralytics.CBAM(C)))  # its blocks inlined by the trace
+    with caplog.at_level(logging.INFO, logger="fused_cbam.convert"):
+        assert fused_cbam.convert(traced) is traced
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "FX GraphModule" in message and "convert the model before tracing it" in message
+
+
 def test_convert_skips_blocks_with_more_parts(caplog):
     """A layout with a part more (a norm in an MLP layer) is not that layout: left alone."""
     mmyolo = MMYolo.CBAM(C, 8)
@@ -466,6 +477,61 @@ def test_convert_skips_blocks_with_more_parts(caplog):
     assert model[0] is mmyolo and model[1] is official
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
     assert len(skipped) == 2 and all("state_dict keys differ" in message for message in skipped), skipped
+
+
+HALVES = {
+    "official-channel": (fused_cbam.nn.ChannelGate, official_cbam.ChannelGate, (C, 8, ("avg", "max"))),
+    "official-spatial": (fused_cbam.nn.SpatialGate, official_cbam.SpatialGate, ()),
+    "timm-channel": (fused_cbam.nn.ChannelAttn, timm_cbam.ChannelAttn, (C, 1 / 6, None, 4, nn.ReLU, "hard_sigmoid", True)),
+    "timm-spatial": (fused_cbam.nn.SpatialAttn, timm_cbam.SpatialAttn, (5, "hard_sigmoid")),
+    "timm-light-channel": (fused_cbam.nn.LightChannelAttn, timm_cbam.LightChannelAttn, (C,)),
+    "timm-light-spatial": (fused_cbam.nn.LightSpatialAttn, timm_cbam.LightSpatialAttn, (3,)),
+    "ultralytics-channel": (fused_cbam.nn.UltralyticsChannelAttention, Ultralytics.ChannelAttention, (C,)),
+    "ultralytics-spatial": (fused_cbam.nn.UltralyticsSpatialAttention, Ultralytics.SpatialAttention, (3,)),
+    "mmyolo-channel": (fused_cbam.nn.MMYoloChannelAttention, MMYolo.ChannelAttention, (C, 4, {"type": "SiLU"})),
+    "mmyolo-spatial": (fused_cbam.nn.MMYoloSpatialAttention, MMYolo.SpatialAttention, (5,)),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("half", list(HALVES))
+def test_halves_built_alone_take_the_original_constructor(half, train):
+    """Each half class, built alone with its original's constructor arguments, has its
+    parameters and computes what it computes."""
+    fused_class, original_class, args = HALVES[half]
+    original = _randomized(original_class(*args)).train(train)
+    fused = fused_class(*args, backend="cpu").train(train)
+    assert list(fused.state_dict()) == list(original.state_dict())
+    fused.load_state_dict(original.state_dict(), strict=True)
+    x = make_input(SHAPE, torch.float32, "cpu", "channels_last", requires_grad=True)
+    _compare_step(fused, original, x)
+
+
+def test_even_spatial_kernels_are_refused():
+    for build in (
+        lambda: fused_cbam.nn.SpatialGate(4),
+        lambda: fused_cbam.nn.CbamModule(C, spatial_kernel_size=4),
+        lambda: fused_cbam.nn.MMYoloCBAM(C, 8, 4),
+    ):
+        with pytest.raises(ValueError, match="kernel_size: expected an odd size"):
+            build()
+
+
+def test_blocks_pickled_before_the_halves_had_classes_load():
+    """Whole modules pickled by fused_cbam at c396736 (tests/data, made by that commit's code):
+    ultralytics, for one, saves its checkpoints so. They load, give the outputs they gave then,
+    and train."""
+    saved = torch.load(Path(__file__).with_name("data") / "modules-c396736.pt", weights_only=False)
+    for name, block in saved["modules"].items():
+        assert all(isinstance(half, fused_cbam.nn.Half) for half in block._halves() if half is not None), name
+        with torch.no_grad():
+            assert torch.equal(block(saved["x"]), saved["outputs"][name]), name
+        block.backend = "reference"
+        assert all(half.backend == "reference" for half in block._halves() if half is not None)
+        x = saved["x"].clone().requires_grad_()
+        block.train()(x).sum().backward()
+        assert x.grad.abs().sum() > 0
+    saved["modules"]["mmyolo"].init_weights()
 
 
 def test_mmyolo_act_cfg_errors(monkeypatch):
