@@ -292,7 +292,7 @@ def test_every_layout_keeps_its_gates_when_asked(layout):
 
 
 def test_lp_and_lse_pools_warn_once(monkeypatch):
-    monkeypatch.setattr(fused_cbam.nn, "_warned_reference_pools", False)
+    monkeypatch.setattr(fused_cbam.nn.official, "_warned_reference_pools", False)
     with pytest.warns(UserWarning, match="'lp'/'lse', which are pooled in plain PyTorch"):
         fused_cbam.nn.CBAM(C, pool_types=("avg", "lse"))
     with warnings.catch_warnings():

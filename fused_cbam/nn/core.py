@@ -1,0 +1,232 @@
+"""The fused CBAM core that every layout shares, the halves' and the blocks' base classes."""
+
+import torch
+from torch import Tensor, nn
+
+from fused_cbam import backends
+from fused_cbam.ops import check_input
+
+
+def fused_cbam_forward(x: Tensor, ops, channel, spatial) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The fused CBAM core that every layout shares: ``x * channel gate * spatial gate``.
+
+    ``ops`` are the backend's calls (``operators``); ``channel`` is the layout's channel half
+    (a ``ChannelHalf``), or None for a spatial half called alone; ``spatial`` its spatial half
+    (a ``SpatialHalf``), or None for a channel-only block. x is read three times and written
+    once (twice and once with one half); nothing full-size but x is kept for backward. Returns
+    the output and the two gates (None for a missing half).
+    """
+    channel_gate = None if channel is None else fused_channel_gate(ops, x, channel)
+    spatial_gate = None if spatial is None else fused_spatial_gate(ops, x, channel_gate, spatial)
+    return ops.gate_apply(x, channel_gate, spatial_gate), channel_gate, spatial_gate
+
+
+def operators(module: nn.Module, x: Tensor, one_grad: bool = False):
+    """The calls of ``module.backend`` for x; with ``one_grad``, one gradient of x threaded from
+    the channel pooling on when a gradient flows (not in an exported graph, which keeps the
+    registered operators alone: no carriers).
+
+    Under FX symbolic tracing (x a Proxy: ``torch.fx.symbolic_trace``, timm's and torchvision's
+    feature extractors), the registered operators of the backend that the device of the module's
+    parameters gets: the graph records them as calls, and their own autograd adds their gradients
+    of x when it runs.
+    """
+    if isinstance(x, torch.fx.Proxy):
+        device = next(module.parameters(), torch.empty(0)).device
+        return backends.resolve_for_device(module.backend, device)
+    ops = backends.resolve(module.backend, x)
+    if one_grad and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
+        return ops.one_grad()
+    return ops
+
+
+def fused_channel_gate(ops, x: Tensor, channel) -> Tensor:
+    """[N, C] gate of the channel half from the fused average and max pools of x."""
+    avg, mx = ops.channel_pool(x)
+    return channel.to_gate(channel.logits(avg, mx, x)).to(x.dtype)
+
+
+def fused_spatial_gate(ops, x: Tensor, channel_gate: Tensor | None, spatial) -> Tensor:
+    """[N, 1, H, W] gate of the spatial half from the fused mean and max over the channels of
+    ``x * channel_gate``, stacked in ``spatial.pool_order`` ("mix": 0.5·mean + 0.5·max)."""
+    s_mean, s_max = ops.spatial_pool(x, channel_gate)
+    maps = {"mean": s_mean, "max": s_max}
+    if "mix" in spatial.pool_order:
+        maps["mix"] = 0.5 * s_mean + 0.5 * s_max
+    stacked = _spatial_conv_layout(torch.cat([maps[k] for k in spatial.pool_order], dim=1))
+    return spatial.to_gate(spatial.logits(stacked)).to(x.dtype)
+
+
+@torch.fx.wrap  # FX tracing records the call; the layout is decided when the graph runs
+def _spatial_conv_layout(maps: Tensor) -> Tensor:
+    """The spatial conv's 1- or 2-channel input, in channels_last strides on the CPU when a
+    gradient will flow back through the conv.
+
+    oneDNN runs a conv over NCHW input in a layout blocked by 16 channels, padding these maps'
+    channels to 16: its backward took 3.1 ms at 8x2x56x56 (2.1 ms for one map) on a 2-core Xeon,
+    against 0.47 ms (0.35 ms) channels_last (benchmarks/NOTES.md, "The spatial conv on the CPU");
+    the forward takes the same time in both. A one-channel tensor with NCHW strides counts as
+    channels_last-contiguous, so ``contiguous`` would keep it; ``clone`` sets the strides.
+    """
+    if maps.device.type != "cpu" or not maps.requires_grad or backends.in_func_transform():
+        return maps  # (vmap has no channels_last)
+    return maps.clone(memory_format=torch.channels_last)
+
+
+class GateInspection:
+    """Lets a module hand back its last gates: set ``keep_gates = True`` and, after a forward,
+    read ``last_channel_gate`` ([N, C]) and ``last_spatial_gate`` ([N, 1, H, W], the gate map;
+    None for a channel-only block). Nothing is kept, and nothing costs, when it is False."""
+
+    keep_gates: bool = False
+    last_channel_gate: Tensor | None = None
+    last_spatial_gate: Tensor | None = None
+
+    def _keep(self, channel_gate: Tensor, spatial_gate: Tensor | None) -> None:
+        if self.keep_gates:
+            self.last_channel_gate = channel_gate.detach()
+            self.last_spatial_gate = None if spatial_gate is None else spatial_gate.detach()
+
+
+def odd_kernel(kernel_size: int) -> int:
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size: expected an odd size (the conv keeps H x W), got {kernel_size}")
+    return kernel_size
+
+
+def check_block_input(x: Tensor, channels: int | None = None) -> None:
+    """``check_input``, and x's channel count against the module's (when given). Nothing to check
+    on an FX Proxy: the graph runs the operators, which check."""
+    if isinstance(x, torch.fx.Proxy):
+        return
+    check_input(x)
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
+
+
+class BackendAttribute:
+    """The ``backend`` of a block or a half: checked when set, and passed on from a block to the
+    halves it holds."""
+
+    def __get__(self, module, owner=None):
+        return self if module is None else module._backend
+
+    def __set__(self, module: nn.Module, backend: str) -> None:
+        module._backend = backends.checked(backend)
+        for half in module.modules():
+            if isinstance(half, Half):
+                half._backend = backend
+
+
+class Half(nn.Module):
+    """One half of a fused layout (its channel or its spatial attention), with the constructor
+    and the parts, under the same names, of the half it replaces, and its small computations for
+    the fused core. Called alone, it computes what that half computes (x times its gate, in most
+    layouts) with the fused operators of ``backend``, which the block holding it keeps equal to
+    its own."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    backend = BackendAttribute()
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+
+class ChannelHalf(Half):
+    """A channel half: ``channels``, ``logits(avg, max, x) -> [N, C]`` (the layout's MLP over
+    the fused pools; x only for pools computed in plain PyTorch) and ``to_gate``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_block_input(x, self.channels)
+        return fused_cbam_forward(x, operators(self, x, one_grad=True), self, None)[0]
+
+
+class SpatialHalf(Half):
+    """A spatial half: ``pool_order`` (the maps its conv takes: "mean", "max", or "mix" for
+    0.5·mean + 0.5·max), ``logits(maps) -> [N, 1, H, W]`` (the conv) and ``to_gate``."""
+
+    pool_order = ("mean", "max")
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_block_input(x)
+        return fused_cbam_forward(x, operators(self, x), None, self)[0]
+
+
+class Parts(nn.Module):
+    """The class of the halves in blocks that fused_cbam pickled before each layout's halves had
+    their own (c396736 and before): unpickling the block gives them their class back."""
+
+
+class FusedBlock(GateInspection, nn.Module):
+    """What every fused layout shares: the backend, the input checks and the call of the core
+    with the layout's two halves (``_halves()``)."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    backend = BackendAttribute()
+    half_classes: tuple[type, type]  # the layout's (channel half, spatial half)
+
+    def _halves(self) -> tuple[ChannelHalf, SpatialHalf | None]:
+        raise NotImplementedError
+
+    def __setstate__(self, state: dict) -> None:
+        """Also loads a block pickled by fused_cbam before its halves had a class per layout
+        (c396736 and before), where ``backend`` was a plain attribute and the halves ``Parts``."""
+        if "backend" in state:
+            state["_backend"] = state.pop("backend")
+        super().__setstate__(state)
+        for half, half_class in zip(self._halves(), self.half_classes):
+            if type(half) is Parts:
+                half.__class__ = half_class
+        self.backend = self._backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        channel, spatial = self._halves()
+        check_block_input(x, channel.channels)
+        traced = isinstance(x, torch.fx.Proxy)  # FX tracing: the training path, nothing kept
+        out = None if traced else self._inference(x)
+        if out is not None:
+            return out
+        out, channel_gate, spatial_gate = fused_cbam_forward(x, operators(self, x, one_grad=True), channel, spatial)
+        if not traced:
+            self._keep(channel_gate, spatial_gate)
+        return out
+
+    def _plain(self) -> list | None:
+        """The arguments of ``cbam_inference`` after x when the module is, as configured now, a
+        block that operator computes; None otherwise (the default)."""
+        return None
+
+    def _inference(self, x: Tensor) -> Tensor | None:
+        """The whole block in one operator, when nothing needs a gradient or the gates and the
+        backend has that operator: x is read from memory once instead of three times. Not under
+        autocast, where the MLP and the conv follow autocast (the operator computes in x's dtype)."""
+        if self.keep_gates:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        operator = backends.resolve(self.backend, x).cbam_inference
+        if operator is None or torch.is_autocast_enabled(x.device.type):  # (only cpu, cuda get here)
+            return None
+        # The operator reads the parts' weights directly: a part with hooks (pruning's or
+        # weight_norm's pre-hooks recompute .weight) must run its own forward.
+        if any(m._forward_pre_hooks or m._forward_hooks for m in self.modules() if m is not self):
+            return None
+        args = self._plain()
+        return None if args is None else operator(x, *args)
+
+
+def summed(mlp, rows: list[Tensor]) -> Tensor:
+    """``sum(mlp(r) for r in rows)`` as one batched call of the shared MLP over the stacked rows."""
+    out = mlp(torch.cat(rows, dim=0))
+    return out.unflatten(0, (len(rows), rows[0].shape[0])).sum(dim=0)
+
+
+def pointwise(convs: nn.Module, pooled: Tensor) -> Tensor:
+    """An MLP of 1x1 convs applied to [M, C] pooled vectors, as to [M, C, 1, 1] images."""
+    return convs(pooled[:, :, None, None]).flatten(1)

@@ -1,0 +1,68 @@
+"""The arguments of ``cbam_inference`` after x (its schema, in csrc/ops.cpp, has the formulas):
+each layout's ``_plain()`` gathers them from its parts with these, or says None when its block,
+as configured, is not one that operator computes."""
+
+import torch
+from torch import nn
+
+
+def is_sigmoid(fn) -> bool:
+    return fn is torch.sigmoid or type(fn) is nn.Sigmoid or (
+        type(fn).__name__ == "Sigmoid" and type(fn).__module__.startswith("timm.")
+    )
+
+
+def is_pointwise(fc: nn.Module) -> bool:
+    """A Linear layer, or a 1x1 convolution that acts as one on a 1x1 input."""
+    conv = type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.padding == (0, 0)
+    return conv or isinstance(fc, nn.Linear)
+
+
+def plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module, pooling: str = "sum") -> list | None:
+    """[fc1 weight, fc1 bias, fc2 weight, fc2 bias, pooling] of a Linear/1x1-conv MLP with a
+    ReLU (biases may be None; pooling as cbam_inference takes it); None for any other MLP."""
+    if type(act) is not nn.ReLU or not (is_pointwise(fc1) and is_pointwise(fc2)):
+        return None
+    return [fc1.weight, fc1.bias, fc2.weight, fc2.bias, pooling]
+
+
+def plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list | None:
+    """[weight, bias, BN running mean, running var, weight, bias, eps, max_first] of the spatial
+    conv (2 -> 1 channels, or 1 -> 1 over 0.5·mean + 0.5·max; odd square kernel, 'same' zero
+    padding) and its eval-mode BatchNorm (the operator folds it in); None for any other conv, or
+    a BatchNorm using batch statistics."""
+    k = conv.kernel_size if type(conv) is nn.Conv2d else (0, 0)
+    if (
+        k[0] != k[1] or k[0] % 2 == 0 or conv.in_channels not in (1, 2) or conv.out_channels != 1
+        or conv.stride != (1, 1) or conv.padding != (k[0] // 2,) * 2 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
+    ):
+        return None
+    if bn is None:
+        norm = [None, None, None, None, 0.0]
+    elif is_plain_batch_norm(bn) and not bn.training and bn.running_mean is not None:
+        norm = [bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps]
+    else:
+        return None
+    return [conv.weight, conv.bias, *norm, tuple(pool_order) == ("max", "mean")]
+
+
+def is_plain_batch_norm(bn: nn.Module) -> bool:
+    """A BatchNorm2d, or timm's BatchNormAct2d without activation or dropout (Identity children)."""
+    if type(bn) is nn.BatchNorm2d:
+        return True
+    act_free = all(type(child) is nn.Identity for child in bn.children())
+    return isinstance(bn, nn.BatchNorm2d) and type(bn).__name__ == "BatchNormAct2d" and act_free
+
+
+def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
+    """``plain_conv`` of a conv-then-BatchNorm module (ours, or the one ``convert`` adopted from
+    the user's model, e.g. timm's ConvNormAct): None unless its children are exactly ``conv`` and
+    ``bn``, so that a module with an activation (or anything else) after them keeps its forward."""
+    children = dict(module.named_children())
+    if children.keys() != {"conv", "bn"} or not is_plain_batch_norm(children["bn"]):
+        return None
+    return plain_conv(module.conv, module.bn, pool_order)
+
+
+def plain_block(mlp: list | None, conv: list | None, *gates) -> list | None:
+    return mlp + conv if mlp is not None and conv is not None and all(map(is_sigmoid, gates)) else None
