@@ -175,6 +175,10 @@ def _outside_activations(state_dict) -> set[str]:
     return {key for key in state_dict if not {"act", "activate"} & set(key.split(".")[:-1])}
 
 
+# What a traced graph keeps of a CBAM module it inlined: its MLP, under each layout's path.
+_PART_PATHS = ("ChannelGate.mlp", "channel.fc1", "channel_attention.fc")
+
+
 def _has_hooks(m: nn.Module) -> bool:
     hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return any(getattr(m, name) for name in hooks)
@@ -242,8 +246,10 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
 
     converted = walk(model, "")
     if isinstance(model, torch.fx.GraphModule) and not any(isinstance(m, fused_nn.FusedBlock) for m in done.values()):
-        log.warning(
-            "<model> is an FX GraphModule with no CBAM module left to replace: tracing inlines the modules' "
-            "forward; convert the model before tracing it"
-        )
+        inlined = [name for name, _ in model.named_modules() if name.endswith(_PART_PATHS)]
+        if inlined:
+            log.warning(
+                "<model> is an FX GraphModule that holds CBAM parts (%s) but no CBAM module to replace: tracing "
+                "inlined their forward; convert the model before tracing it", inlined[0],
+            )
     return converted

@@ -173,7 +173,7 @@ def test_inference_mode_empty_batch_and_nan(backend, device):
     assert out[1].isnan().all() and not out[0].isnan().any()
 
 
-@pytest.mark.filterwarnings("ignore:fused_cbam.nn.CBAM. pool_types")
+@pytest.mark.filterwarnings("ignore:fused_cbam.nn.ChannelGate. pool_types")
 @pytest.mark.parametrize(
     "why",
     ["grad", "train", "keep_gates", "silu", "no_spatial", "max_only", "lse", "reference_backend"],

@@ -28,7 +28,7 @@ STEM_CHANNELS = 8
 BACKENDS = COMPILED_BACKENDS + [pytest.param("reference", "cpu", id="reference")]
 
 # lp/lse pooling warns once that it runs in plain PyTorch; test_lp_and_lse_pools_warn_once checks it.
-pytestmark = pytest.mark.filterwarnings("ignore:fused_cbam.nn.CBAM. pool_types")
+pytestmark = pytest.mark.filterwarnings("ignore:fused_cbam.nn.ChannelGate. pool_types")
 
 
 @dataclass
@@ -457,10 +457,12 @@ def test_mmyolo_init_weights_as_mmengine(monkeypatch):
 
 def test_convert_says_a_traced_model_has_no_blocks_left(caplog):
     traced = torch.fx.symbolic_trace(Deep(Ultralytics.CBAM(C)))  # its blocks inlined by the trace
+    plain = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(C, C, 1), nn.ReLU()))  # never had one
     with caplog.at_level(logging.INFO, logger="fused_cbam.convert"):
-        assert fused_cbam.convert(traced) is traced
+        assert fused_cbam.convert(traced) is traced and fused_cbam.convert(plain) is plain
     (message,) = [r.getMessage() for r in caplog.records]
-    assert "FX GraphModule" in message and "convert the model before tracing it" in message
+    assert "FX GraphModule that holds CBAM parts (stages.0.1.channel_attention.fc)" in message
+    assert "convert the model before tracing it" in message
 
 
 def test_convert_skips_blocks_with_more_parts(caplog):
@@ -532,6 +534,21 @@ def test_blocks_pickled_before_the_halves_had_classes_load():
         block.train()(x).sum().backward()
         assert x.grad.abs().sum() > 0
     saved["modules"]["mmyolo"].init_weights()
+
+
+def test_timm_halves_take_device_and_dtype_as_timm():
+    """Built directly in that dtype (and on that device), as timm builds them: the same random
+    draws, so a seeded model initialises the same."""
+    for kwargs in ({"dtype": torch.float64}, {"device": "meta"}):
+        torch.manual_seed(0)
+        ours = fused_cbam.nn.CbamModule(C, **kwargs)
+        after_ours = torch.rand(1)
+        torch.manual_seed(0)
+        theirs = TimmCbamModule(C, **kwargs)
+        assert torch.equal(torch.rand(1), after_ours), kwargs
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert a.dtype == b.dtype and a.device == b.device, name
+            assert a.device.type == "meta" or torch.equal(a, b), name
 
 
 def test_mmyolo_act_cfg_errors(monkeypatch):

@@ -19,6 +19,9 @@ operator computes). ``fused_cbam.convert`` puts the modules in place of a model'
 
 Modules: ``core`` (the shared core and the base classes), one per layout (``official``,
 ``timm``, ``ultralytics``, ``mmyolo``), and ``inference_args`` (``cbam_inference``'s arguments).
+The classes are all importable from here too, under the names that whole modules pickled before
+the split (c396736 and before, when this was one module) refer to: ``Parts``, ``Flatten``,
+``BasicConv`` and ``ConvAct`` among them.
 """
 
 from fused_cbam.nn.core import (

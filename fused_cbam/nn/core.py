@@ -169,7 +169,7 @@ class FusedBlock(GateInspection, nn.Module):
         self.backend = backend
 
     backend = BackendAttribute()
-    half_classes: tuple[type, type]  # the layout's (channel half, spatial half)
+    half_classes: tuple[type, ...] = ()  # the layout's (channel half, spatial half)
 
     def _halves(self) -> tuple[ChannelHalf, SpatialHalf | None]:
         raise NotImplementedError

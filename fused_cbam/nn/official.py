@@ -30,7 +30,7 @@ def _warn_reference_pools(pool_types) -> None:
     if not _warned_reference_pools:
         _warned_reference_pools = True
         warnings.warn(
-            f"fused_cbam.nn.CBAM: pool_types {tuple(pool_types)} include 'lp'/'lse', which are pooled in "
+            f"fused_cbam.nn.ChannelGate: pool_types {tuple(pool_types)} include 'lp'/'lse', which are pooled in "
             "plain PyTorch (an extra read of x each); 'avg' and 'max' stay fused",
             stacklevel=4,
         )
@@ -42,14 +42,31 @@ class Flatten(nn.Module):
 
 
 class BasicConv(nn.Module):
-    """The official code's conv (no bias) + optional BN + optional ReLU."""
+    """The official code's ``BasicConv``: a conv, then an optional BN and ReLU (``bn_momentum``,
+    ``device`` and ``dtype`` for timm's ConvNormAct, which it also stands for)."""
 
     def __init__(
-        self, in_planes, out_planes, kernel_size, stride=1, padding=0, relu=True, bn=True, *, bn_momentum=0.01
+        self,
+        in_planes,
+        out_planes,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        relu=True,
+        bn=True,
+        bias=False,
+        *,
+        bn_momentum=0.01,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
-        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=bn_momentum, affine=True) if bn else None
+        self.out_channels = out_planes
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size, stride, padding, dilation, groups, bias, **factory)
+        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=bn_momentum, affine=True, **factory) if bn else None
         self.relu = nn.ReLU() if relu else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -142,6 +159,3 @@ class CBAM(FusedBlock):
         if mlp is not None:
             mlp[-1] = "sum" if "max" in pools else "avg"
         return plain_block(mlp, plain_conv_bn(self.SpatialGate.spatial, SpatialGate.pool_order))
-
-
-# ---------------------------------------------------------------------------------------------

@@ -94,10 +94,10 @@ class SpatialAttn(SpatialHalf):
     def __init__(self, kernel_size=7, gate_layer="sigmoid", device=None, dtype=None, *, backend="auto"):
         super().__init__(backend)
         k = odd_kernel(kernel_size)
-        self.conv = BasicConv(len(self.pool_order), 1, k, padding=(k - 1) // 2, relu=False, bn_momentum=0.1)
+        self.conv = BasicConv(
+            len(self.pool_order), 1, k, padding=(k - 1) // 2, relu=False, bn_momentum=0.1, device=device, dtype=dtype
+        )
         self.gate = make_gate(gate_layer)
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
 
     def logits(self, maps: Tensor) -> Tensor:
         return self.conv(maps)
@@ -113,7 +113,8 @@ class LightSpatialAttn(SpatialAttn):
 
 
 class _TimmCbam(FusedBlock):
-    """timm's constructor and parameters; ``light`` selects the light variant's halves."""
+    """timm's constructor and parameters; the light variant has its own ``half_classes`` and
+    ``light`` set."""
 
     light = False
     half_classes = (ChannelAttn, SpatialAttn)
@@ -147,7 +148,7 @@ class _TimmCbam(FusedBlock):
 
     def _plain(self) -> list | None:
         c, s = self.channel, self.spatial
-        conv = plain_conv_bn(s.conv, ("mean", "max"))
+        conv = plain_conv_bn(s.conv, s.pool_order)
         # The light variant: one MLP pass over 0.5·avg + 0.5·max, and timm's fixed sigmoid
         # channel gate (gate_layer is not used there).
         mlp = plain_mlp(c.fc1, c.act, c.fc2, "mix" if self.light else "sum")
@@ -167,6 +168,3 @@ class LightCbamModule(_TimmCbam):
 
     light = True
     half_classes = (LightChannelAttn, LightSpatialAttn)
-
-
-# ---------------------------------------------------------------------------------------------

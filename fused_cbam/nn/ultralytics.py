@@ -63,6 +63,3 @@ class UltralyticsCBAM(FusedBlock):
         ca, sa = self.channel_attention, self.spatial_attention
         mlp = [ca.fc.weight, ca.fc.bias, None, None, "avg"] if is_pointwise(ca.fc) else None
         return plain_block(mlp, plain_conv(sa.cv1, None, ("mean", "max")), ca.act, sa.act)
-
-
-# ---------------------------------------------------------------------------------------------
