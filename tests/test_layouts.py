@@ -465,6 +465,20 @@ def test_convert_says_a_traced_model_has_no_blocks_left(caplog):
     assert "convert the model before tracing it" in message
 
 
+@pytest.mark.parametrize("name", ["channel_attention", "spatial_attention"])
+def test_mmyolo_halves_give_their_gate_in_the_dtype_autocast_gives(name):
+    """mmyolo's halves return the gate itself: under autocast, in the dtype its conv gives, as
+    mmyolo's do (a block's output stays in x's dtype)."""
+    original = _randomized(MMYolo.CBAM(C, 8))
+    block = fused_cbam.convert(copy.deepcopy(original), backend="cpu")
+    x = make_input(SHAPE, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = getattr(block, name)(x), getattr(original, name)(x)
+        assert block(x).dtype == torch.float32
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert_close(out, ref, 1e-2, name)
+
+
 def test_convert_skips_blocks_with_more_parts(caplog):
     """A layout with a part more (a norm in an MLP layer) is not that layout: left alone."""
     mmyolo = MMYolo.CBAM(C, 8)

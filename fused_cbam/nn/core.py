@@ -16,8 +16,9 @@ def fused_cbam_forward(x: Tensor, ops, channel, spatial) -> tuple[Tensor, Tensor
     once (twice and once with one half); nothing full-size but x is kept for backward. Returns
     the output and the two gates (None for a missing half).
     """
-    channel_gate = None if channel is None else fused_channel_gate(ops, x, channel)
-    spatial_gate = None if spatial is None else fused_spatial_gate(ops, x, channel_gate, spatial)
+    # The gates in x's dtype (under autocast, the MLP and the conv give another)
+    channel_gate = None if channel is None else fused_channel_gate(ops, x, channel).to(x.dtype)
+    spatial_gate = None if spatial is None else fused_spatial_gate(ops, x, channel_gate, spatial).to(x.dtype)
     return ops.gate_apply(x, channel_gate, spatial_gate), channel_gate, spatial_gate
 
 
@@ -41,20 +42,22 @@ def operators(module: nn.Module, x: Tensor, one_grad: bool = False):
 
 
 def fused_channel_gate(ops, x: Tensor, channel) -> Tensor:
-    """[N, C] gate of the channel half from the fused average and max pools of x."""
+    """[N, C] gate of the channel half from the fused average and max pools of x, in the dtype
+    its MLP and gate give."""
     avg, mx = ops.channel_pool(x)
-    return channel.to_gate(channel.logits(avg, mx, x)).to(x.dtype)
+    return channel.to_gate(channel.logits(avg, mx, x))
 
 
 def fused_spatial_gate(ops, x: Tensor, channel_gate: Tensor | None, spatial) -> Tensor:
     """[N, 1, H, W] gate of the spatial half from the fused mean and max over the channels of
-    ``x * channel_gate``, stacked in ``spatial.pool_order`` ("mix": 0.5·mean + 0.5·max)."""
+    ``x * channel_gate``, stacked in ``spatial.pool_order`` ("mix": 0.5·mean + 0.5·max), in the
+    dtype its conv and gate give."""
     s_mean, s_max = ops.spatial_pool(x, channel_gate)
     maps = {"mean": s_mean, "max": s_max}
     if "mix" in spatial.pool_order:
         maps["mix"] = 0.5 * s_mean + 0.5 * s_max
     stacked = _spatial_conv_layout(torch.cat([maps[k] for k in spatial.pool_order], dim=1))
-    return spatial.to_gate(spatial.logits(stacked)).to(x.dtype)
+    return spatial.to_gate(spatial.logits(stacked))
 
 
 @torch.fx.wrap  # FX tracing records the call; the layout is decided when the graph runs
