@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_cbam import ops
-from fused_cbam.nn import FusedBlock
+from fused_cbam.nn import FusedBlock, Half
 
 
 def _check_fc(fc_weight, fc_bias, features: Tensor) -> None:
@@ -157,12 +157,14 @@ def _is_pointwise_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
 
 
-# Class names of CBAM modules and their parts in the layouts fused_cbam knows (fused or not).
-_CBAM_CLASS_NAMES = {"CBAM", "CbamModule", "LightCbamModule", "ChannelGate"}
+# Class names of CBAM modules and their channel halves in the layouts fused_cbam knows (fused or
+# not, in a block or used alone).
+_CBAM_CLASS_NAMES = {"CBAM", "CbamModule", "LightCbamModule", "ChannelGate", "ChannelAttn", "LightChannelAttn",
+                     "ChannelAttention"}  # fmt: skip
 
 
 def _is_cbam(m: nn.Module) -> bool:
-    return isinstance(m, FusedBlock) or type(m).__name__ in _CBAM_CLASS_NAMES
+    return isinstance(m, (FusedBlock, Half)) or type(m).__name__ in _CBAM_CLASS_NAMES
 
 
 def _in_any(name: str, blocks: list[str]) -> bool:

@@ -197,6 +197,20 @@ def test_extractor_skips_the_layers_of_every_cbam_layout(layout, fused):
         assert extractor.fc_layer is model.head
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("layout", ["official", "timm", "ultralytics", "mmyolo"])
+def test_extractor_skips_the_layers_of_a_channel_half_used_alone(layout, fused):
+    """A channel attention half used on its own (its MLP of Linear layers or 1x1 convs) is not
+    taken for a 1x1-conv classifier either."""
+    half = {"official": "ChannelGate", "timm": "channel"}.get(layout, "channel_attention")
+    block = _unfused(layout)
+    if fused:
+        block = fused_cbam.convert(block)
+    model = TinyNet(conv_head=True, attention=getattr(block, half))
+    with CAMExtractor(model, "attention") as extractor:
+        assert extractor.fc_layer is model.head
+
+
 def test_extractor_hook_is_removed_when_the_block_raises():
     model = TinyNet()
     with pytest.raises(RuntimeError, match="boom"), CAMExtractor(model, "attention"):
