@@ -479,6 +479,18 @@ def test_mmyolo_halves_give_their_gate_in_the_dtype_autocast_gives(name):
     assert_close(out, ref, 1e-2, name)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace|trace_method)` is deprecated")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks are constants there
+def test_torch_jit_script_says_what_to_use_instead():
+    model = fused_cbam.convert(Deep(Official.CBAM(C)), backend="reference")
+    for module in (model, fused_cbam.nn.ChannelAttn(C)):
+        with pytest.raises(RuntimeError, match="torch.jit.script cannot compile fused_cbam's modules"):
+            torch.jit.script(module)
+    with torch.no_grad():  # tracing works, as ultralytics' exporter runs it
+        x = make_input((2, STEM_CHANNELS, 5, 6), torch.float32, "cpu")
+        assert torch.equal(torch.jit.trace(model.eval(), x)(x), model(x))
+
+
 def test_convert_skips_blocks_with_more_parts(caplog):
     """A layout with a part more (a norm in an MLP layer) is not that layout: left alone."""
     mmyolo = MMYolo.CBAM(C, 8)

@@ -107,6 +107,16 @@ def check_block_input(x: Tensor, channels: int | None = None) -> None:
         raise ValueError(f"x: expected {channels} channels (the module's channel count), got {x.shape[1]}")
 
 
+def _refuse_scripting(module: nn.Module):
+    """``torch.jit.script`` asks every module of a model for its scriptable form first: say why
+    there is none, instead of TorchScript's error about the Python it cannot compile."""
+    raise RuntimeError(
+        f"{type(module).__name__}: torch.jit.script cannot compile fused_cbam's modules (their forward "
+        "chooses a backend in Python); use torch.export, torch.compile, or torch.jit.trace under "
+        "torch.no_grad()"
+    )
+
+
 class BackendAttribute:
     """The ``backend`` of a block or a half: checked when set, and passed on from a block to the
     halves it holds."""
@@ -133,6 +143,7 @@ class Half(nn.Module):
         self.backend = backend
 
     backend = BackendAttribute()
+    __prepare_scriptable__ = _refuse_scripting
 
     def to_gate(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)
@@ -173,6 +184,7 @@ class FusedBlock(GateInspection, nn.Module):
 
     backend = BackendAttribute()
     half_classes: tuple[type, ...] = ()  # the layout's (channel half, spatial half)
+    __prepare_scriptable__ = _refuse_scripting
 
     def _halves(self) -> tuple[ChannelHalf, SpatialHalf | None]:
         raise NotImplementedError
