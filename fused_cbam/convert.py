@@ -153,8 +153,9 @@ def _build(layout: Layout, m: nn.Module, backend: str) -> nn.Module:
     except (TypeError, ValueError) as e:
         raise NotThisLayout(str(e)) from None
     theirs = m.state_dict(keep_vars=True)
-    if _outside_activations(fused.state_dict()) != _outside_activations(theirs):
-        diff = sorted(_outside_activations(fused.state_dict()) ^ _outside_activations(theirs))
+    structure, their_structure = _outside_activations(fused.state_dict()), _outside_activations(theirs)
+    if structure != their_structure:
+        diff = sorted(structure ^ their_structure)
         raise NotThisLayout(f"state_dict keys differ from the {layout.name} layout's: {diff}")
     for path in adopt:
         parent, _, name = path.rpartition(".")

@@ -113,10 +113,8 @@ class LightSpatialAttn(SpatialAttn):
 
 
 class _TimmCbam(FusedBlock):
-    """timm's constructor and parameters; the light variant has its own ``half_classes`` and
-    ``light`` set."""
+    """timm's constructor and parameters; the light variant has its own ``half_classes``."""
 
-    light = False
     half_classes = (ChannelAttn, SpatialAttn)
 
     def __init__(
@@ -143,6 +141,11 @@ class _TimmCbam(FusedBlock):
         spatial_args = () if self.light else (gate_layer,)
         self.spatial = spatial_class(spatial_kernel_size, *spatial_args, device=device, dtype=dtype, backend=backend)
 
+    @property
+    def light(self) -> bool:
+        """Whether this is the light variant (its halves are the light ones)."""
+        return issubclass(self.half_classes[0], LightChannelAttn)
+
     def _halves(self) -> tuple[ChannelAttn, SpatialAttn]:
         return self.channel, self.spatial
 
@@ -166,5 +169,4 @@ class LightCbamModule(_TimmCbam):
     0.5·mean + 0.5·max, a sigmoid channel gate (timm ignores ``gate_layer`` there), and a
     1-channel spatial conv over 0.5·mean + 0.5·max of the channel-gated x."""
 
-    light = True
     half_classes = (LightChannelAttn, LightSpatialAttn)
