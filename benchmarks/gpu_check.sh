@@ -14,7 +14,13 @@
 # $OUT takes 8 files at most, tar LOG_DIR into $OUT.
 #
 #   BENCH_ARGS       arguments of python -m fused_cbam.bench (default: --quick)
+#   GPU_CHECK_STEPS  the steps to run, comma-separated, of build, tests, sanitizers, bench,
+#                    inductor, rest (default: all but rest). Two calls on one warm machine can
+#                    share the work: "build,tests,sanitizers", then "build,bench,inductor,rest"
+#                    (the second build only relinks what changed). Each call writes its own summary.
+#   PYTEST_LIMIT     seconds for the GPU tests (default 230)
 #   GPU_CHECK_REST=1 also run the tests that use no GPU (CI runs them), after the others
+#                    (the same as naming rest in GPU_CHECK_STEPS)
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -27,6 +33,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python}
 START=$(date +%s)
+STEPS=",${GPU_CHECK_STEPS:-build,tests,sanitizers,bench,inductor},"
+if [[ "${GPU_CHECK_REST:-0}" == 1 ]]; then STEPS="${STEPS}rest,"; fi
+wanted() { [[ "$STEPS" == *",$1,"* ]]; }
 
 elapsed() { echo $(($(date +%s) - START)); }
 
@@ -85,7 +94,7 @@ except Exception:
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {t}')" 2>/dev/null || echo unknown)
 
 # ---- build (sm_90 only, all cores)
-step build 120 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+wanted build && step build 120 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
   "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 
 # ---- tests, in parallel workers when pytest-xdist is there (Triton compiles its autotuning
@@ -113,9 +122,11 @@ GPU_TESTS="cuda or triton"
   # FUSED_CBAM_TRITON_AUTOTUNE=0: each Triton kernel compiles its first configuration only,
   # instead of compiling and timing all of them for every new test shape in every worker.
   export OMP_NUM_THREADS=1 FUSED_CBAM_FAILURE_LOG="$LOG/failures.log" FUSED_CBAM_TRITON_AUTOTUNE=0
-  step pytest 230 "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "$GPU_TESTS"
+  if wanted tests; then
+    step pytest "${PYTEST_LIMIT:-230}" "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "$GPU_TESTS"
+  fi
   # the CPU's >2^31-element test is left to CI: about 50 s on two threads, longer on one
-  if [[ "${GPU_CHECK_REST:-0}" == 1 ]]; then
+  if wanted rest; then
     step pytest_rest 70 "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($GPU_TESTS) and not test_more_than_2_31_elements"
   fi
 ) &
@@ -125,7 +136,9 @@ SANITIZER=$(command -v compute-sanitizer || true)
 if [[ -z "$SANITIZER" && -x /usr/local/cuda/bin/compute-sanitizer ]]; then
   SANITIZER=/usr/local/cuda/bin/compute-sanitizer
 fi
-if [[ -n "$SANITIZER" ]]; then
+if ! wanted sanitizers; then
+  :
+elif [[ -n "$SANITIZER" ]]; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees
   # out-of-bounds accesses that would otherwise land inside a cached block.
   step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
@@ -142,10 +155,10 @@ wait
 
 # ---- benchmark (alone on the GPU)
 read -r -a BENCH <<<"${BENCH_ARGS:---quick}"
-step bench 150 "$PY" -m fused_cbam.bench "${BENCH[@]}" --out "$LOG/bench"
+wanted bench && step bench 150 "$PY" -m fused_cbam.bench "${BENCH[@]}" --out "$LOG/bench"
 
 # ---- what torch.compile generates for the reference (its passes over x), bf16 at a bench shape
-step inductor 60 "$PY" benchmarks/inductor_passes.py --dtype bfloat16 --batch 64 --shape 512x28x28 \
+wanted inductor && step inductor 60 "$PY" benchmarks/inductor_passes.py --dtype bfloat16 --batch 64 --shape 512x28x28 \
   --out "$LOG/inductor.txt"
 
 # ---- summary
@@ -158,6 +171,7 @@ verdict() {  # verdict NAME PATTERN: the step's rc and its matching summary line
 }
 FAILED=()
 for rc_file in "$LOG"/*.rc; do
+  [[ -f "$rc_file" ]] || continue  # (no step ran)
   rc=$(cat "$rc_file")
   [[ "$rc" == 0 ]] || FAILED+=("$(basename "$rc_file" .rc)(rc=$rc)")
 done
@@ -166,13 +180,14 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   echo "device: $DEVICE"
   echo "versions: $VERSIONS"
   echo "commit: $COMMIT"
-  echo "build: $(verdict build 'Successfully installed|error|Error')"
-  echo "pytest (cuda, triton): $(verdict pytest '(passed|failed|error|no tests ran)')"
-  [[ -f "$LOG/pytest_rest.rc" ]] && echo "pytest (the rest): $(verdict pytest_rest '(passed|failed|error|no tests ran)')"
-  echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"
-  echo "racecheck: $(verdict racecheck 'RACECHECK SUMMARY|ERROR SUMMARY|sanitizer_smoke')"
-  echo "bench: $(verdict bench '.')"
-  echo "inductor: $(verdict inductor 'kernels touching')"
+  echo "steps: ${STEPS:1:-1}"
+  wanted build && echo "build: $(verdict build 'Successfully installed|error|Error')"
+  wanted tests && echo "pytest (cuda, triton): $(verdict pytest '(passed|failed|error|no tests ran)')"
+  wanted rest && echo "pytest (the rest): $(verdict pytest_rest '(passed|failed|error|no tests ran)')"
+  wanted sanitizers && echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"
+  wanted sanitizers && echo "racecheck: $(verdict racecheck 'RACECHECK SUMMARY|ERROR SUMMARY|sanitizer_smoke')"
+  wanted bench && echo "bench: $(verdict bench '.')"
+  wanted inductor && echo "inductor: $(verdict inductor 'kernels touching')"
   echo "failed steps: ${FAILED[*]:-none}"
   echo "test failures:"
   grep -E "^==== " "$LOG/failures.log" 2>/dev/null | sed 's/^==== /  /' | head -n 40 || true
