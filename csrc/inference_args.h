@@ -23,11 +23,14 @@ inline at::Tensor parameter(const at::Tensor& t, const at::Tensor& x, at::IntArr
   return t.to(dtype).contiguous();
 }
 
+// Whether an optional parameter is given: C++ callers may pass an undefined tensor for None.
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 // An optional parameter of the given shape; an undefined tensor when absent.
 inline at::Tensor optional_parameter(const std::optional<at::Tensor>& t, const at::Tensor& x,
                                      at::IntArrayRef shape, const char* name,
                                      at::ScalarType dtype) {
-  return t.has_value() && t->defined() ? parameter(*t, x, shape, name, dtype) : at::Tensor();
+  return present(t) ? parameter(*t, x, shape, name, dtype) : at::Tensor();
 }
 
 // An MLP weight: [rows, cols], or a 1x1 conv's [rows, cols, 1, 1], as [rows, cols].
@@ -57,14 +60,14 @@ inline Mlp mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
   TORCH_CHECK_VALUE(fc1_weight.dim() >= 2 && fc1_weight.size(0) > 0,
                     "fc1_weight: expected shape [hidden, ", C, "] (or [hidden, ", C,
                     ", 1, 1]), got ", fc1_weight.sizes());
-  TORCH_CHECK_VALUE(fc2_weight.has_value() || !fc2_bias.has_value(),
+  TORCH_CHECK_VALUE(present(fc2_weight) || !present(fc2_bias),
                     "fc2_bias: expected None without fc2_weight");
   // Without fc2, fc1 alone maps the pooled vectors to the channel logits.
-  const int64_t hidden = fc2_weight.has_value() ? fc1_weight.size(0) : C;
+  const int64_t hidden = present(fc2_weight) ? fc1_weight.size(0) : C;
   Mlp m;
   m.w1 = matrix(fc1_weight, x, hidden, C, "fc1_weight", dtype);
   m.b1 = optional_parameter(fc1_bias, x, {hidden}, "fc1_bias", dtype);
-  if (fc2_weight.has_value()) {
+  if (present(fc2_weight)) {
     m.w2 = matrix(*fc2_weight, x, C, hidden, "fc2_weight", dtype);
     m.b2 = optional_parameter(fc2_bias, x, {C}, "fc2_bias", dtype);
   }
@@ -90,7 +93,7 @@ inline SpatialConv spatial_conv(const at::Tensor& x, const at::Tensor& conv_weig
   TORCH_CHECK_VALUE(s.K % 2 == 1 && (s.maps == 1 || s.maps == 2),
                     "conv_weight: expected shape [1, 2, K, K] (or [1, 1, K, K]) with K odd, got ",
                     conv_weight.sizes());
-  TORCH_CHECK_VALUE(bn_mean.has_value() == bn_var.has_value(),
+  TORCH_CHECK_VALUE(present(bn_mean) == present(bn_var),
                     "bn_mean, bn_var: expected both or neither");
   s.weight = parameter(conv_weight, x, {1, s.maps, s.K, s.K}, "conv_weight", dtype);
   s.bias = optional_parameter(conv_bias, x, {1}, "conv_bias", dtype);

@@ -133,15 +133,22 @@ def test_batches_larger_than_one_chunk(memory_format):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# 256 channels: every chunk on the vector paths; 255: the scalar ones; "misaligned": x's data
+# one element past a 16-byte boundary (a view into a larger buffer), so every chunk is too.
+@pytest.mark.parametrize("case", ["256", "255", "misaligned"])
 @pytest.mark.needs_cuda
-def test_batches_larger_than_one_chunk_on_the_gpu(memory_format, dtype, backend):
+def test_batches_larger_than_one_chunk_on_the_gpu(memory_format, dtype, backend, case):
     """On a GPU, chunks of samples take half of the L2 cache (25-30 MB on an H100/H200): x of
     about 2.5 chunks, odd spatial size."""
     skip_unless_available(backend)
-    fused, reference = _pair("official", 256, dtype, "cuda", backend)
+    channels = 255 if case == "255" else 256
+    fused, reference = _pair("official", channels, dtype, "cuda", backend)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    sample_bytes = 256 * 29 * 31 * dtype.itemsize
-    x = make_input((max(3, l2 * 5 // 4 // sample_bytes), 256, 29, 31), dtype, "cuda", memory_format)
+    sample_bytes = channels * 29 * 31 * dtype.itemsize
+    x = make_input((max(3, l2 * 5 // 4 // sample_bytes), channels, 29, 31), dtype, "cuda", memory_format)
+    if case == "misaligned":
+        buffer = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+        x = buffer[1:].as_strided(x.shape, x.stride()).copy_(x)
     out, ops = _run_logged(fused, x)
     assert _logged_name(backend) in ops, ops
     with torch.no_grad():

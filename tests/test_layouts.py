@@ -479,16 +479,43 @@ def test_mmyolo_halves_give_their_gate_in_the_dtype_autocast_gives(name):
     assert_close(out, ref, 1e-2, name)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace|trace_method)` is deprecated")
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks are constants there
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_torch_jit_script_says_what_to_use_instead():
     model = fused_cbam.convert(Deep(Official.CBAM(C)), backend="reference")
     for module in (model, fused_cbam.nn.ChannelAttn(C)):
         with pytest.raises(RuntimeError, match="torch.jit.script cannot compile fused_cbam's modules"):
             torch.jit.script(module)
-    with torch.no_grad():  # tracing works, as ultralytics' exporter runs it
-        x = make_input((2, STEM_CHANNELS, 5, 6), torch.float32, "cpu")
-        assert torch.equal(torch.jit.trace(model.eval(), x)(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(trace|trace_method)` is deprecated")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks are constants there
+@pytest.mark.parametrize(
+    "mode",
+    ["train", "eval-grad", "eval-no_grad", "eval-no_grad-frozen"],
+)
+@pytest.mark.parametrize("layout", ["official", "timm", "timm-light", "ultralytics-k7", "mmyolo"])
+def test_torch_jit_trace(layout, mode):
+    """``torch.jit.trace`` (its check, which traces again under no_grad, included) in training
+    and in eval mode, with and without gradients: the traced module computes what the original
+    does, gradients included. The one inference operator is in the graph only when nothing can
+    want a gradient (eval, parameters frozen, as ultralytics' exporter traces)."""
+    original, shape = _original(layout, "deep", "cpu")
+    model = fused_cbam.convert(copy.deepcopy(original), backend="cpu")
+    train, grad, frozen = mode == "train", "no_grad" not in mode, mode.endswith("frozen")
+    for m in (original, model):
+        m.train(train).requires_grad_(not frozen)
+    x = make_input(shape, torch.float32, "cpu", "channels_last", requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(copy.deepcopy(model), x)
+    traced.load_state_dict(original.state_dict())  # (tracing ran training steps of the BNs)
+    nodes = [node.kind() for node in traced.inlined_graph.nodes()]
+    assert ("fused_cbam::cbam_inference" in nodes) == frozen, nodes
+    assert "fused_cbam::gate_apply" in nodes or frozen, nodes
+    if grad:
+        _compare_step(traced, original, x)
+    else:
+        with torch.no_grad():
+            assert_close(traced(x), original(x), 1e-5, "output")
 
 
 def test_convert_skips_blocks_with_more_parts(caplog):

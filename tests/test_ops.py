@@ -183,13 +183,16 @@ def _opcheck_cases(device):
 
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_operators_that_add_into_the_gradient(backend, device, memory_format, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+# C and H x W not multiples of the vector width (scalar paths), then both multiples of 16
+# (the 16-byte vector paths, in either format)
+@pytest.mark.parametrize("shape", [(3, 11, 5, 6), (2, 16, 8, 8)], ids=["3x11x5x6", "2x16x8x8"])
+def test_backward_operators_that_add_into_the_gradient(backend, device, memory_format, dtype, shape):
     """Each adds to grad_x (in place) what its writing twin returns, and the same grad_scale."""
     skip_unless_available(backend)
     ops = operator_namespace(backend)
-    x = make_input((3, 11, 5, 6), dtype, device, memory_format)
-    g = (torch.rand(3, 11, device=device) + 0.5).to(dtype)
+    x = make_input(shape, dtype, device, memory_format)
+    g = (torch.rand(shape[:2], device=device) + 0.5).to(dtype)
     _, _, cidx = ops.channel_pool(x)
     mean, _, sidx = ops.spatial_pool(x, g)
     grad_avg, grad_cmax = torch.randn_like(g), torch.randn_like(g)

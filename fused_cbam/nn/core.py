@@ -24,8 +24,8 @@ def fused_cbam_forward(x: Tensor, ops, channel, spatial) -> tuple[Tensor, Tensor
 
 def operators(module: nn.Module, x: Tensor, one_grad: bool = False):
     """The calls of ``module.backend`` for x; with ``one_grad``, one gradient of x threaded from
-    the channel pooling on when a gradient flows (not in an exported graph, which keeps the
-    registered operators alone: no carriers).
+    the channel pooling on when a gradient flows (not in an exported or ``torch.jit.trace``d
+    graph, which keeps the registered operators alone: no carriers, no Python autograd nodes).
 
     Under FX symbolic tracing (x a Proxy: ``torch.fx.symbolic_trace``, timm's and torchvision's
     feature extractors), the registered operators of the backend that the device of the module's
@@ -36,7 +36,8 @@ def operators(module: nn.Module, x: Tensor, one_grad: bool = False):
         device = next(module.parameters(), torch.empty(0)).device
         return backends.resolve_for_device(module.backend, device)
     ops = backends.resolve(module.backend, x)
-    if one_grad and x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
+    exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+    if one_grad and x.requires_grad and torch.is_grad_enabled() and not exporting:
         return ops.one_grad()
     return ops
 
@@ -69,10 +70,12 @@ def _spatial_conv_layout(maps: Tensor) -> Tensor:
     channels to 16: its backward took 3.1 ms at 8x2x56x56 (2.1 ms for one map) on a 2-core Xeon,
     against 0.47 ms (0.35 ms) channels_last (benchmarks/NOTES.md, "The spatial conv on the CPU");
     the forward takes the same time in both. A one-channel tensor with NCHW strides counts as
-    channels_last-contiguous, so ``contiguous`` would keep it; ``clone`` sets the strides.
+    channels_last-contiguous, so ``contiguous`` would keep it; ``clone`` sets the strides. Not
+    in a ``torch.jit.trace``, whose check traces again without gradients and must see the same
+    graph; nor under vmap, which has no channels_last.
     """
-    if maps.device.type != "cpu" or not maps.requires_grad or backends.in_func_transform():
-        return maps  # (vmap has no channels_last)
+    if maps.device.type != "cpu" or not maps.requires_grad or backends.in_func_transform() or torch.jit.is_tracing():
+        return maps
     return maps.clone(memory_format=torch.channels_last)
 
 
@@ -112,8 +115,7 @@ def _refuse_scripting(module: nn.Module):
     there is none, instead of TorchScript's error about the Python it cannot compile."""
     raise RuntimeError(
         f"{type(module).__name__}: torch.jit.script cannot compile fused_cbam's modules (their forward "
-        "chooses a backend in Python); use torch.export, torch.compile, or torch.jit.trace under "
-        "torch.no_grad()"
+        "chooses a backend in Python); use torch.export, torch.compile or torch.jit.trace"
     )
 
 
@@ -223,7 +225,11 @@ class FusedBlock(GateInspection, nn.Module):
         autocast, where the MLP and the conv follow autocast (the operator computes in x's dtype)."""
         if self.keep_gates:
             return None
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        # A torch.jit.trace graph may run later with gradients, and the trace's check traces
+        # again under no_grad: there, the grad mode of the moment does not decide.
+        if (torch.is_grad_enabled() or torch.jit.is_tracing()) and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
             return None
         operator = backends.resolve(self.backend, x).cbam_inference
         if operator is None or torch.is_autocast_enabled(x.device.type):  # (only cpu, cuda get here)
