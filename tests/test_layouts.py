@@ -651,3 +651,29 @@ def test_timm_feature_extractor_over_a_converted_model():
     sum(f.square().sum() for f in out.values()).backward()
     sum(f.square().sum() for f in ref.values()).backward()
     assert_close(x.grad, x_ref.grad, 1e-4, "grad of x")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao.quantization's own
+@pytest.mark.parametrize("layout", ["official", "timm", "mmyolo"])
+def test_fx_int8_quantization_is_as_accurate_as_the_original(layout):
+    """FX graph-mode post-training quantization (prepare_fx, calibration, convert_fx) of a
+    converted model: its int8 error against the float original is no larger than the original's
+    own. The MLP is traced once per pool, as the originals call it, so each pool gets its own
+    observer (one call over both stacked pools gave three times the error)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    original = _original(layout, "deep", "cpu")[0].eval()
+    model = fused_cbam.convert(copy.deepcopy(original), backend="cpu").eval()
+    shape = (4, STEM_CHANNELS, *SHAPE[2:])
+    x = make_input(shape, torch.float32, "cpu")
+    with torch.no_grad():
+        expected = original(x)
+        errors = []
+        for m in (original, model):
+            quantized = prepare_fx(copy.deepcopy(m), get_default_qconfig_mapping("x86"), (x,))
+            for _ in range(8):
+                quantized(make_input(shape, torch.float32, "cpu"))
+            quantized = convert_fx(quantized)
+            errors.append((quantized(x) - expected).abs().mean().item() / expected.abs().mean().item())
+    assert errors[1] <= 1.2 * errors[0], f"relative int8 error: original {errors[0]:.4f}, converted {errors[1]:.4f}"

@@ -243,7 +243,15 @@ class FusedBlock(GateInspection, nn.Module):
 
 
 def summed(mlp, rows: list[Tensor]) -> Tensor:
-    """``sum(mlp(r) for r in rows)`` as one batched call of the shared MLP over the stacked rows."""
+    """``sum(mlp(r) for r in rows)`` as one batched call of the shared MLP over the stacked rows.
+    Under FX tracing, one call per row, as the original layouts make them: graph-mode
+    quantization then observes each pool's values apart (one observer over both stacked pools
+    gave a converted timm block three times the original's int8 error)."""
+    if isinstance(rows[0], torch.fx.Proxy):
+        total = mlp(rows[0])
+        for row in rows[1:]:
+            total = total + mlp(row)
+        return total
     out = mlp(torch.cat(rows, dim=0))
     return out.unflatten(0, (len(rows), rows[0].shape[0])).sum(dim=0)
 
