@@ -257,5 +257,8 @@ def summed(mlp, rows: list[Tensor]) -> Tensor:
 
 
 def pointwise(convs: nn.Module, pooled: Tensor) -> Tensor:
-    """An MLP of 1x1 convs applied to [M, C] pooled vectors, as to [M, C, 1, 1] images."""
-    return convs(pooled[:, :, None, None]).flatten(1)
+    """An MLP of 1x1 convs applied to [M, C] pooled vectors, as to [M, C, 1, 1] images.
+    (``torch.flatten``, not the method: FX int8 quantization treats the function as a shape op
+    and keeps the conv's quantized output as it is, where the method's output was quantized
+    again before the gate.)"""
+    return torch.flatten(convs(pooled[:, :, None, None]), 1)
