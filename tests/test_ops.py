@@ -329,3 +329,62 @@ def test_gate_apply_backward_names_a_bad_grad_out(backend, device):
         ops.gate_apply_backward(torch.randn_like(x, dtype=torch.float16), x, None, None)
     with pytest.raises(ValueError, match="grad_out.*shape"):
         ops.gate_apply_backward(torch.randn(2, 3, 5, 4, device=device), x, None, None)
+
+
+# Sums this long: a float32 accumulator adding one term at a time stops growing once the terms
+# fall below half an ulp of the sum (2^24 ones sum to 2^24, so a plane of 2^25 ones averaged 0.5).
+# Triton's interpreter would take minutes at these sizes: the compiled backends, and Triton on a GPU.
+LONG_BACKENDS = COMPILED_BACKENDS + [pytest.param("triton", "cuda", id="triton", marks=needs_cuda)]
+
+
+@pytest.mark.parametrize("backend,device", LONG_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_sums_over_2_25_terms_are_exact_for_ones(backend, device, memory_format):
+    """2^25 pixels of ones in bfloat16 (128 MiB): every sum the operators take over them."""
+    skip_unless_available(backend)
+    x = torch.ones(1, 2, 4096, 8192, dtype=torch.bfloat16, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else x
+    ops = operator_namespace(backend)
+    avg, _, _ = ops.channel_pool(x)
+    assert torch.equal(avg, torch.ones_like(avg)), avg
+    scale = torch.ones(1, 2, dtype=x.dtype, device=device)
+    mean, _, argmax = ops.spatial_pool(x, scale)
+    ones = torch.ones_like(mean)
+    _, grad_scale = ops.spatial_pool_backward(ones, torch.zeros_like(mean), argmax, x, scale)
+    assert torch.equal(grad_scale, torch.full_like(grad_scale, 2.0**24)), grad_scale  # sum_p 1/C
+    _, grad_g, grad_h = ops.gate_apply_backward(x, x, scale, ones)
+    assert torch.equal(grad_g, torch.full_like(grad_g, 2.0**25)), grad_g
+    # The inference operator: gate sigmoid(avg) from fc1 = identity, h = sigmoid(mean map) from
+    # a 1x1 conv taking the mean map only.
+    eye = torch.eye(2, dtype=x.dtype, device=device)
+    conv = torch.tensor([1.0, 0.0], dtype=x.dtype, device=device).view(1, 2, 1, 1)
+    out = ops.cbam_inference(x, eye, None, None, None, "avg", conv, None, None, None, None, None, 0.0, False)
+    g = torch.tensor(1.0).sigmoid()
+    assert_close(out, torch.full_like(out, g * g.sigmoid()), TOLERANCE[torch.bfloat16], "cbam_inference")
+
+
+@pytest.mark.parametrize("backend,device", LONG_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_long_float32_sums_are_as_accurate_as_torch(backend, device, memory_format):
+    """Means and gradient sums over 2^20 pixels of values 1 + |N(0, 1)|: relative errors against
+    float64 within a few float32 ulps (torch's own pairwise sums: about 2e-7), where one float32
+    accumulator per channel gave 2.5e-5."""
+    skip_unless_available(backend)
+    torch.manual_seed(0)
+    x = make_input((2, 8, 1024, 1024), torch.float32, device, memory_format).abs_().add_(1)
+    ops = operator_namespace(backend)
+    exact = x.double().mean((2, 3))
+
+    def error(actual, expected):
+        return ((actual.double() - expected) / expected).abs().max().item()
+
+    assert error(ops.channel_pool(x)[0], exact) < 1e-6
+    scale = torch.rand(2, 8, device=device) + 0.5
+    mean, _, argmax = ops.spatial_pool(x, scale)
+    grad_mean = torch.rand_like(mean) + 1
+    _, grad_scale = ops.spatial_pool_backward(grad_mean, torch.zeros_like(mean), argmax, x, scale)
+    assert error(grad_scale, (x.double() * grad_mean.double()).sum((2, 3)) / 8) < 1e-6
+    grad_out = torch.rand_like(x) + 1
+    spatial = torch.rand_like(mean) + 0.5
+    _, grad_g, _ = ops.gate_apply_backward(grad_out, x, scale, spatial)
+    assert error(grad_g, (grad_out.double() * x.double() * spatial.double()).sum((2, 3))) < 1e-6

@@ -30,8 +30,13 @@ using OpVec = Vectorized<opmath_t<T>>;
 // Channels handled by one NHWC task, and pixels by one NCHW spatial-pool or NHWC backward task.
 constexpr int64_t kBlockC = 256;
 constexpr int64_t kBlockP = 1024;
-// Positions are tracked in float lanes, exact below 2^24; longer spans are merged in int64.
-constexpr int64_t kIndexSpan = int64_t{1} << 24;
+// Long sums: each float accumulator takes at most kSumBlock terms, then its sum is added into a
+// double. One float accumulator over a long reduction stops growing once its terms fall below
+// half an ulp of the sum (2^25 ones averaged to 0.5; 2.5e-5 relative error at 1024 x 1024).
+// NHWC pooling also tracks positions in float lanes per block of pixels (exact below 2^24).
+constexpr int64_t kSumBlock = 4096;
+// Contiguous rows are summed in blocks of this many values (kSumBlock per lane and less).
+constexpr int64_t kRowBlock = 16384;
 // Rows of at most this many vectors are searched for their arg-max without an early exit.
 constexpr int64_t kShortScan = 8;
 
@@ -134,24 +139,21 @@ struct RowStats {
   int64_t argmax;
 };
 
-// Sum, maximum (NaN wins) and first position of the maximum (when kArgmax) of one contiguous
-// row of `length` values, read through vec_at / scalar_at as in first_index_of. The vector loop
-// keeps two independent chains each for the sum and the max: one chain waits on the latency of
-// its adds instead of keeping the load ports busy. The arg-max search reads the row again, from L1.
-template <typename Vec, typename S, bool kArgmax = true, typename VecAt, typename ScalarAt>
-RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scalar_at) {
+// Sum and maximum (NaN wins) of the values [i0, i1) of a row, as row_stats reads them.
+template <typename Vec, typename S, typename VecAt, typename ScalarAt>
+std::pair<S, S> block_stats(int64_t i0, int64_t i1, const VecAt& vec_at, const ScalarAt& scalar_at) {
   constexpr int64_t V = Vec::size();
   S sum = 0;
-  S m = scalar_at(0);
-  int64_t i = 0;
-  if (length >= V) {
-    Vec vsum = vec_at(0);
+  S m = scalar_at(i0);
+  int64_t i = i0;
+  if (i1 - i0 >= V) {
+    Vec vsum = vec_at(i0);
     Vec vmax = vsum;
-    i = V;
-    if (length >= 2 * V) {
-      Vec vsum1 = vec_at(V);
+    i = i0 + V;
+    if (i1 - i0 >= 2 * V) {
+      Vec vsum1 = vec_at(i0 + V);
       Vec vmax1 = vsum1;
-      for (i = 2 * V; i + 2 * V <= length; i += 2 * V) {
+      for (i = i0 + 2 * V; i + 2 * V <= i1; i += 2 * V) {
         const Vec v0 = vec_at(i);
         const Vec v1 = vec_at(i + V);
         vsum = vsum + v0;
@@ -162,7 +164,7 @@ RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scala
       vsum = vsum + vsum1;
       vmax = at::vec::maximum(vmax, vmax1);
     }
-    for (; i + V <= length; i += V) {
+    for (; i + V <= i1; i += V) {
       const Vec v = vec_at(i);
       vsum = vsum + v;
       vmax = at::vec::maximum(vmax, v);
@@ -170,15 +172,33 @@ RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scala
     sum = reduce_sum(vsum);
     m = reduce_max(vmax);
   }
-  for (; i < length; ++i) {
+  for (; i < i1; ++i) {
     const S v = scalar_at(i);
     sum += v;
     if (takes_over(v, m)) m = v;
   }
+  return {sum, m};
+}
+
+// Sum, maximum (NaN wins) and first position of the maximum (when kArgmax) of one contiguous
+// row of `length` values, read through vec_at / scalar_at as in first_index_of. The vector loop
+// keeps two independent chains each for the sum and the max: one chain waits on the latency of
+// its adds instead of keeping the load ports busy. Blocks of kRowBlock values are summed apart
+// and added in double. The arg-max search reads the row again, from L1.
+template <typename Vec, typename S, bool kArgmax = true, typename VecAt, typename ScalarAt>
+RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scalar_at) {
+  double sum = 0;
+  S m = 0;
+  for (int64_t i0 = 0; i0 < length; i0 += kRowBlock) {
+    const auto [block_sum, block_max] =
+        block_stats<Vec, S>(i0, std::min(length, i0 + kRowBlock), vec_at, scalar_at);
+    sum += block_sum;
+    if (i0 == 0 || takes_over(block_max, m)) m = block_max;
+  }
   if constexpr (kArgmax) {
-    return {sum, m, first_index_of<Vec>(length, m, vec_at, scalar_at)};
+    return {static_cast<S>(sum), m, first_index_of<Vec>(length, m, vec_at, scalar_at)};
   } else {
-    return {sum, m, 0};
+    return {static_cast<S>(sum), m, 0};
   }
 }
 
@@ -210,16 +230,18 @@ void channel_pool_nhwc(
   const int64_t blocks = (C + kBlockC - 1) / kBlockC;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(kBlockC), span_max(kBlockC), span_pos(kBlockC), best(kBlockC);
+    std::vector<double> total(kBlockC);
     std::vector<int64_t> best_pos(kBlockC);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
       const int64_t c0 = (task % blocks) * kBlockC;
       const int64_t cn = std::min(kBlockC, C - c0);
       const T* base = x + n * P * C + c0;
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t p0 = 0; p0 < P; p0 += kIndexSpan) {
-        const int64_t p1 = std::min(P, p0 + kIndexSpan);
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t p0 = 0; p0 < P; p0 += kSumBlock) {
+        const int64_t p1 = std::min(P, p0 + kSumBlock);
         for (int64_t c = 0; c < cn; ++c) {
+          sum[c] = 0;
           span_max[c] = base[p0 * C + c];
           span_pos[c] = 0;
         }
@@ -245,6 +267,7 @@ void channel_pool_nhwc(
           }
         }
         for (int64_t c = 0; c < cn; ++c) {
+          total[c] += sum[c];
           if (p0 == 0 || takes_over(span_max[c], best[c])) {
             best[c] = span_max[c];
             best_pos[c] = p0 + static_cast<int64_t>(span_pos[c]);
@@ -253,7 +276,7 @@ void channel_pool_nhwc(
       }
       const int64_t out = n * C + c0;
       for (int64_t c = 0; c < cn; ++c) {
-        avg[out + c] = static_cast<T>(sum[c] / P);
+        avg[out + c] = static_cast<T>(total[c] / P);
         max[out + c] = static_cast<T>(best[c]);
         argmax[out + c] = static_cast<int32_t>(best_pos[c]);
       }
@@ -375,10 +398,12 @@ void spatial_pool_nchw(
   const int64_t blocks = (P + kBlockP - 1) / kBlockP;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(kBlockP), best(kBlockP), best_c(kBlockP);
+    std::vector<double> total(kBlockP);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
       const int64_t p0 = (task % blocks) * kBlockP;
       const int64_t pn = std::min(kBlockP, P - p0);
+      std::fill(total.begin(), total.end(), 0.0);
       for (int64_t c = 0; c < C; ++c) {
         const T* row = x + (n * C + c) * P + p0;
         const acc_t s = scale[n * C + c];
@@ -391,6 +416,12 @@ void spatial_pool_nchw(
             best_c[p] = 0;
           }
           continue;
+        }
+        if (c % kSumBlock == 0) {
+          for (int64_t q = 0; q < pn; ++q) {
+            total[q] += sum[q];
+            sum[q] = 0;
+          }
         }
         for (; p + V <= pn; p += V) {
           const Vec y = load_opmath(row + p) * vs;
@@ -411,7 +442,7 @@ void spatial_pool_nchw(
       }
       const int64_t out = n * P + p0;
       for (int64_t p = 0; p < pn; ++p) {
-        mean[out + p] = static_cast<T>(sum[p] / C);
+        mean[out + p] = static_cast<T>((total[p] + sum[p]) / C);
         max[out + p] = static_cast<T>(best[p]);
         argmax[out + p] = static_cast<int32_t>(best_c[p]);
       }
@@ -444,13 +475,21 @@ void spatial_pool_backward_nhwc(
   const int64_t blocks = (C + kBlockC - 1) / kBlockC;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ds(kBlockC);
+    std::vector<double> total(kBlockC);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
       const int64_t c0 = (task % blocks) * kBlockC;
       const int64_t cn = std::min(kBlockC, C - c0);
       const T* s = scale + n * C + c0;
       std::fill(ds.begin(), ds.end(), acc_t(0));
+      std::fill(total.begin(), total.end(), 0.0);
       for (int64_t p = 0; p < P; ++p) {
+        if (p % kSumBlock == 0) {
+          for (int64_t c = 0; c < cn; ++c) {
+            total[c] += ds[c];
+            ds[c] = 0;
+          }
+        }
         const int64_t np = n * P + p;
         const acc_t w = static_cast<acc_t>(grad_mean[np]) * inv_c;
         const Vec vw(w);
@@ -478,7 +517,9 @@ void spatial_pool_backward_nhwc(
           ds[j] += g * static_cast<acc_t>(xr[j]);
         }
       }
-      for (int64_t c = 0; c < cn; ++c) grad_scale[n * C + c0 + c] = static_cast<T>(ds[c]);
+      for (int64_t c = 0; c < cn; ++c) {
+        grad_scale[n * C + c0 + c] = static_cast<T>(total[c] + ds[c]);
+      }
     }
   });
 }
@@ -512,14 +553,17 @@ void spatial_pool_backward_nchw(
       T* dxr = dx + r * P;
       const acc_t s = scale[r];
       const Vec vs(s), vinv(inv_c);
-      Vec vds(0);
+      double ds = 0;
       int64_t p = 0;
-      for (; p + V <= P; p += V) {
-        const Vec w = load_opmath(gm + p) * vinv;
-        store_opmath(kAccumulate ? load_opmath(dxr + p) + w * vs : w * vs, dxr + p);
-        vds = vds + w * load_opmath(xr + p);
+      for (int64_t p1 = std::min(P, kRowBlock); p + V <= P; p1 = std::min(P, p1 + kRowBlock)) {
+        Vec vds(0);
+        for (; p + V <= p1; p += V) {
+          const Vec w = load_opmath(gm + p) * vinv;
+          store_opmath(kAccumulate ? load_opmath(dxr + p) + w * vs : w * vs, dxr + p);
+          vds = vds + w * load_opmath(xr + p);
+        }
+        ds += reduce_sum(vds);
       }
-      acc_t ds = reduce_sum(vds);
       for (; p < P; ++p) {
         const acc_t w = static_cast<acc_t>(gm[p]) * inv_c;
         dxr[p] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[p]) + w * s : w * s);
@@ -635,16 +679,20 @@ void gate_backward_rows(
         T* dxr = dx + r * length;
         const acc_t a = row_gate[r];
         const Vec va(a);
-        Vec vsum(0);
+        double sum = 0;
         int64_t i = 0;
-        for (; i + V <= length; i += V) {
-          const Vec d = load_opmath(dr + i), xv = load_opmath(xr + i), b = load_opmath(line + i);
-          store_opmath(d * b * va, dxr + i);
-          const Vec dxv = d * xv;
-          vsum = vsum + dxv * b;
-          (Vec::loadu(part + i) + dxv * va).store(part + i);
+        for (int64_t i1 = std::min(length, kRowBlock); i + V <= length;
+             i1 = std::min(length, i1 + kRowBlock)) {
+          Vec vsum(0);
+          for (; i + V <= i1; i += V) {
+            const Vec d = load_opmath(dr + i), xv = load_opmath(xr + i), b = load_opmath(line + i);
+            store_opmath(d * b * va, dxr + i);
+            const Vec dxv = d * xv;
+            vsum = vsum + dxv * b;
+            (Vec::loadu(part + i) + dxv * va).store(part + i);
+          }
+          sum += reduce_sum(vsum);
         }
-        acc_t sum = reduce_sum(vsum);
         for (; i < length; ++i) {
           const acc_t d = dr[i], xv = xr[i], b = line[i];
           dxr[i] = static_cast<T>(d * b * a);
@@ -658,7 +706,7 @@ void gate_backward_rows(
   at::parallel_for(0, N * length, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t ni = begin; ni < end; ++ni) {
       const int64_t n = ni / length, i = ni % length;
-      acc_t sum = 0;
+      double sum = 0;
       for (int64_t b = 0; b < blocks; ++b) sum += line_partial[(n * blocks + b) * length + i];
       grad_line_gate[ni] = static_cast<T>(sum);
     }
@@ -712,6 +760,7 @@ void inference_pool_impl(
   acc_t* max = pooled + (n1 - n0) * C;
   at::parallel_for(n0, n1, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(channels_last ? C : 0), best(channels_last ? C : 0);
+    std::vector<double> total(channels_last ? C : 0);
     for (int64_t n = begin; n < end; ++n) {
       const T* xs = x + n * C * P;
       acc_t* a = avg + (n - n0) * C;
@@ -727,8 +776,17 @@ void inference_pool_impl(
         }
         continue;
       }
-      for (int64_t c = 0; c < C; ++c) sum[c] = best[c] = static_cast<acc_t>(xs[c]);
+      for (int64_t c = 0; c < C; ++c) {
+        sum[c] = best[c] = static_cast<acc_t>(xs[c]);
+        total[c] = 0;
+      }
       for (int64_t p = 1; p < P; ++p) {
+        if (p % kSumBlock == 0) {
+          for (int64_t c = 0; c < C; ++c) {
+            total[c] += sum[c];
+            sum[c] = 0;
+          }
+        }
         const T* row = xs + p * C;
         int64_t c = 0;
         for (; c + V <= C; c += V) {
@@ -743,7 +801,7 @@ void inference_pool_impl(
         }
       }
       for (int64_t c = 0; c < C; ++c) {
-        a[c] = rounded<T>(sum[c] / P);
+        a[c] = rounded<T>(static_cast<acc_t>((total[c] + sum[c]) / P));
         m[c] = rounded<T>(best[c]);
       }
     }
@@ -758,9 +816,19 @@ inline void pool_pixels(const T* x, const T* gate, int64_t C, int64_t P, const E
   using acc_t = opmath_t<T>;
   constexpr int64_t V = Vec::size();
   Vec sum[B], max[B];
+  double total[B * V] = {};
+  acc_t sums[V], maxima[V];
+  auto fold = [&] {
+    for (int64_t b = 0; b < B; ++b) {
+      sum[b].store(sums);
+      for (int64_t i = 0; i < V; ++i) total[b * V + i] += sums[i];
+      sum[b] = Vec(0);
+    }
+  };
   const Vec g0(static_cast<acc_t>(gate[0]));
   for (int64_t b = 0; b < B; ++b) sum[b] = max[b] = load_opmath(x + b * V) * g0;
   for (int64_t c = 1; c < C; ++c) {
+    if (c % kSumBlock == 0) fold();
     const T* row = x + c * P;
     const Vec gc(static_cast<acc_t>(gate[c]));
     for (int64_t b = 0; b < B; ++b) {
@@ -769,11 +837,10 @@ inline void pool_pixels(const T* x, const T* gate, int64_t C, int64_t P, const E
       max[b] = at::vec::maximum(max[b], y);
     }
   }
-  acc_t sums[V], maxima[V];
+  fold();
   for (int64_t b = 0; b < B; ++b) {
-    sum[b].store(sums);
     max[b].store(maxima);
-    for (int64_t i = 0; i < V; ++i) emit(b * V + i, sums[i], maxima[i]);
+    for (int64_t i = 0; i < V; ++i) emit(b * V + i, static_cast<acc_t>(total[b * V + i]), maxima[i]);
   }
 }
 
@@ -825,13 +892,14 @@ void inference_gate_impl(
         for (; p + 4 * V <= r1 * W; p += 4 * V) pool_pixels<4>(xs + p, g, C, P, emit);
         for (; p + V <= r1 * W; p += V) pool_pixels<1>(xs + p, g, C, P, emit);
         for (; p < r1 * W; ++p) {
-          acc_t total = static_cast<acc_t>(xs[p]) * static_cast<acc_t>(g[0]), maximum = total;
+          acc_t maximum = static_cast<acc_t>(xs[p]) * static_cast<acc_t>(g[0]);
+          double total = maximum;  // a few pixels: each term added in double
           for (int64_t c = 1; c < C; ++c) {
             const acc_t y = static_cast<acc_t>(xs[c * P + p]) * static_cast<acc_t>(g[c]);
             total += y;
             if (takes_over(y, maximum)) maximum = y;
           }
-          set_maps(p, total, maximum);
+          set_maps(p, static_cast<acc_t>(total), maximum);
         }
       };
       auto spatial_gate_rows = [&](int64_t r0, int64_t r1) {
