@@ -81,8 +81,12 @@ def _resize(maps: Tensor, output_size) -> Tensor:
     """Bilinear resize of [N, H, W] maps to ``output_size`` (an int or (H, W)); None keeps them."""
     if output_size is None:
         return maps
-    size = (output_size, output_size) if isinstance(output_size, numbers.Integral) else tuple(output_size)
-    if len(size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in size):
+
+    def is_length(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+
+    size = (output_size, output_size) if is_length(output_size) else output_size
+    if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == 2 and all(map(is_length, size))):
         raise ValueError(f"output_size: expected a positive int or (H, W) of positive ints, got {output_size!r}")
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 

@@ -149,7 +149,10 @@ def _build(layout: Layout, m: nn.Module, backend: str) -> nn.Module:
     """The fused module of ``layout`` around m's own submodules, or NotThisLayout."""
     kwargs, adopt = layout.recognise(m)
     try:
-        fused = layout.fused(**kwargs, backend=backend)
+        # Its own parameters are replaced by m's: their initialisation must not use up draws
+        # of the global generator, which the user's next random numbers come from.
+        with torch.random.fork_rng(devices=[]):
+            fused = layout.fused(**kwargs, backend=backend)
     except (TypeError, ValueError) as e:
         raise NotThisLayout(str(e)) from None
     theirs = m.state_dict(keep_vars=True)

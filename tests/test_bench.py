@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 import fused_cbam
 from fused_cbam.bench import __main__ as bench
 from fused_cbam.bench import report
@@ -84,3 +86,18 @@ def test_full_mode_times_each_operator_of_each_backend(tmp_path):
     assert block == {(p, m) for p in ("reference", "cpu", "compile+cpu") for m in ("forward", "forward+backward")}
     ops = {(r["provider"], r["target"]) for r in rows if r["target"] != "cbam"}
     assert ops == {(p, op) for p in ("reference", "cpu") for op in ("channel_pool", "spatial_pool", "gate_apply")}
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--shapes", "8x4x4"], "--shapes: expected C >= 16"),
+        (["--shapes", "32x4"], "--shapes: expected CxHxW"),
+        (["--batch", "0"], "--batch: expected a positive batch size, got 0"),
+        (["--formats", "nhwc"], "--formats: expected channels_last and/or nchw, got nhwc"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", *argv])
+    assert message in capsys.readouterr().err

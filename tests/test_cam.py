@@ -124,6 +124,8 @@ def test_empty_batch():
         ({"class_idx": "a"}, TypeError, "class_idx: expected None, an int or a sequence of ints"),
         ({"fc_bias": torch.randn(4)}, ValueError, r"fc_bias: expected shape \(3,\)"),
         ({"output_size": (4, 0)}, ValueError, "output_size: expected a positive int or"),
+        ({"output_size": 4.0}, ValueError, "output_size: expected a positive int or"),
+        ({"output_size": True}, ValueError, "output_size: expected a positive int or"),
         ({"features": torch.randn(2, 8, 4)}, ValueError, "features: expected a 4-D tensor"),
     ],
 )

@@ -245,6 +245,15 @@ def test_log_names_what_was_replaced_and_why_the_rest_was_skipped(caplog):
     assert [model[1][0], model[1][1], model[2]] == untouched
 
 
+def test_convert_leaves_the_global_random_generator_as_it_was():
+    """The fused modules it builds initialise parameters that it then replaces by the model's:
+    the user's next random numbers (dropout, shuffling) are those they would have been."""
+    model = timm.create_model("resnet18", block_args=dict(attn_layer="cbam"))
+    state = torch.get_rng_state()
+    fused_cbam.convert(model)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_convert_again_sets_the_backend_and_keeps_shared_modules_shared():
     block = Ultralytics.CBAM(C)
     model = fused_cbam.convert(nn.Sequential(block, block), backend="cpu")

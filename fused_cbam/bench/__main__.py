@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--shapes", help="comma-separated CxHxW (default: ResNet-50's CBAM blocks and a YOLO neck)")
     p.add_argument("--batch", type=int, help="default: 64 on GPU, 8 on CPU")
     p.add_argument("--backends", help="comma-separated providers to run (default: all available)")
-    p.add_argument("--formats", default="channels_last,nchw", help="channels_last and/or nchw")
+    p.add_argument("--formats", default="channels_last,nchw", help="channels_last and/or nchw, comma-separated")
     p.add_argument("--quick", action="store_true", help="two shapes, shorter timing, no per-operator table, no max-autotune")
     p.add_argument("--out", default="benchmarks/results", help="folder of the record and the plot")
     args = p.parse_args(argv)
@@ -36,11 +36,26 @@ def parse_args(argv=None):
     gpu = args.device.type == "cuda"
     args.dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
     default_shapes = RESNET50_SHAPES[1:3] if args.quick else RESNET50_SHAPES + YOLO_NECK_SHAPES
-    args.shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes.split(",") if args.shapes else default_shapes)]
-    args.batch = args.batch or (64 if gpu else 8)
+    args.shapes = [_shape(p, s) for s in (args.shapes.split(",") if args.shapes else default_shapes)]
+    args.batch = (64 if gpu else 8) if args.batch is None else args.batch
+    if args.batch < 1:
+        p.error(f"--batch: expected a positive batch size, got {args.batch}")
     args.formats = args.formats.split(",")
+    if set(args.formats) - {"channels_last", "nchw"}:
+        p.error(f"--formats: expected channels_last and/or nchw, got {','.join(args.formats)}")
     args.backends = args.backends.split(",") if args.backends else None
     return args
+
+
+def _shape(parser: argparse.ArgumentParser, text: str) -> tuple[int, int, int]:
+    """C, H, W of a ``CxHxW`` shape; the reference module's MLP divides C by 16, so C >= 16."""
+    try:
+        c, h, w = (int(v) for v in text.split("x"))
+    except ValueError:
+        parser.error(f"--shapes: expected CxHxW, e.g. 512x28x28, got {text!r}")
+    if c < 16 or h < 1 or w < 1:
+        parser.error(f"--shapes: expected C >= 16 (the MLP's reduction ratio) and H, W >= 1, got {text!r}")
+    return c, h, w
 
 
 class Runner:
