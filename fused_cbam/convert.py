@@ -156,7 +156,7 @@ def _build(layout: Layout, m: nn.Module, backend: str) -> nn.Module:
     except (TypeError, ValueError) as e:
         raise NotThisLayout(str(e)) from None
     theirs = m.state_dict(keep_vars=True)
-    structure, their_structure = _outside_activations(fused.state_dict()), _outside_activations(theirs)
+    structure, their_structure = _structure(fused, fused.state_dict()), _structure(m, theirs)
     if structure != their_structure:
         diff = sorted(structure ^ their_structure)
         raise NotThisLayout(f"state_dict keys differ from the {layout.name} layout's: {diff}")
@@ -172,11 +172,25 @@ def _build(layout: Layout, m: nn.Module, backend: str) -> nn.Module:
     return fused
 
 
-def _outside_activations(state_dict) -> set[str]:
-    """The keys that are not an activation's (a PReLU's weight, under a part named ``act`` or
-    ``activate``): the layout's structure, which must be the same; the fused module takes over
-    the original's activations with their parameters."""
-    return {key for key in state_dict if not {"act", "activate"} & set(key.split(".")[:-1])}
+def _structure(module: nn.Module, state_dict) -> set[str]:
+    """The keys of the layout's structure, which must be the same, from ``module``'s state_dict:
+    - not an activation's (a PReLU's weight, under a part named ``act`` or ``activate``): the
+      fused module takes over the original's activations with their parameters;
+    - a tensor that a hook recomputes before each forward under the name ``weight`` (pruning's
+      ``weight_orig`` and ``weight_mask``, weight_norm's ``weight_g`` and ``weight_v``,
+      spectral_norm's ``weight_orig``, ``weight_u`` and ``weight_v``) counts as ``weight``: the
+      fused module takes over the part with its hooks."""
+    keys = set()
+    for key in state_dict:
+        path, _, name = key.rpartition(".")
+        if {"act", "activate"} & set(path.split(".")):
+            continue
+        owner = module.get_submodule(path)
+        base = name.rpartition("_")[0]
+        if base and isinstance(vars(owner).get(base), torch.Tensor):  # a plain attribute, recomputed
+            name = base
+        keys.add(f"{path}.{name}" if path else name)
+    return keys
 
 
 # What a traced graph keeps of a CBAM module it inlined: its MLP, under each layout's path.

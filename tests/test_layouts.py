@@ -245,6 +245,35 @@ def test_log_names_what_was_replaced_and_why_the_rest_was_skipped(caplog):
     assert [model[1][0], model[1][1], model[2]] == untouched
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("reparametrization", ["prune", "weight_norm"])
+def test_convert_takes_blocks_whose_parts_are_pruned_or_weight_normed(reparametrization):
+    """Pruning (``weight_orig``, ``weight_mask``) and weight_norm (``weight_g``, ``weight_v``)
+    replace a part's weight by tensors that a hook combines before each forward: the fused block
+    takes the part over with its hook, and trains as the original does (pruned models cannot be
+    deep-copied, so each is built twice from one seed)."""
+    import torch.nn.utils.prune as prune
+
+    def make():
+        torch.manual_seed(0)
+        model = _randomized(Deep(Official.CBAM(C, 4)))
+        if reparametrization == "prune":
+            parts = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            prune.global_unstructured(parts, pruning_method=prune.L1Unstructured, amount=0.3)
+        else:
+            for m in model.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    torch.nn.utils.weight_norm(m)
+        return model
+
+    original, model = make(), fused_cbam.convert(make(), backend="cpu")
+    assert len(_fused_blocks(model)) == 1
+    x = make_input((SHAPE[0], STEM_CHANNELS, *SHAPE[2:]), torch.float32, "cpu", requires_grad=True)
+    _compare_step(model, original, x)
+    with torch.no_grad():
+        assert_close(model.eval()(x), original.eval()(x), 1e-5, "eval output")
+
+
 def test_convert_leaves_the_global_random_generator_as_it_was():
     """The fused modules it builds initialise parameters that it then replaces by the model's:
     the user's next random numbers (dropout, shuffling) are those they would have been."""
