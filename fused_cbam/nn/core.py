@@ -236,10 +236,19 @@ class FusedBlock(GateInspection, nn.Module):
             return None
         # The operator reads the parts' weights directly: a part with hooks (pruning's or
         # weight_norm's pre-hooks recompute .weight) must run its own forward.
-        if any(m._forward_pre_hooks or m._forward_hooks for m in self.modules() if m is not self):
+        if _parts_have_hooks(self):
             return None
         args = self._plain()
         return None if args is None else operator(x, *args)
+
+
+def _parts_have_hooks(module: nn.Module) -> bool:
+    """Whether a submodule of ``module``, at any depth, has forward hooks (a walk without the
+    names that ``modules()`` builds: this runs at every eval-mode call)."""
+    return any(
+        part is not None and (part._forward_pre_hooks or part._forward_hooks or _parts_have_hooks(part))
+        for part in module._modules.values()
+    )
 
 
 def summed(mlp, rows: list[Tensor]) -> Tensor:
