@@ -9,7 +9,8 @@
 # (benchmarks/inductor_passes.py), and writes LOG_DIR/gpu-check-<device>.txt with the verdicts.
 # Each step logs to LOG_DIR/<step>.log under its own time limit; the test-suite and the two
 # sanitizer runs share the GPU at once (correctness only), the benchmark runs alone after them.
-# At worst 9.5 minutes (the sum of the limits, GPU_CHECK_REST unset). A failing step does not
+# At worst the sum of the limits of the steps run (9.5 minutes for the default steps), plus a
+# few seconds to start Python for the environment and the summary. A failing step does not
 # stop the later ones, but the script exits non-zero if any failed. On the device tool, whose
 # $OUT takes 8 files at most, tar LOG_DIR into $OUT.
 #
@@ -35,6 +36,13 @@ PY=${PYTHON:-python}
 START=$(date +%s)
 STEPS=",${GPU_CHECK_STEPS:-build,tests,sanitizers,bench,inductor},"
 if [[ "${GPU_CHECK_REST:-0}" == 1 ]]; then STEPS="${STEPS}rest,"; fi
+IFS=, read -r -a NAMED <<<"${STEPS:1:-1}"
+for name in "${NAMED[@]}"; do
+  case "$name" in
+    build | tests | sanitizers | bench | inductor | rest) ;;
+    *) echo "GPU_CHECK_STEPS: unknown step '$name' (known: build, tests, sanitizers, bench, inductor, rest)" >&2; exit 2 ;;
+  esac
+done
 wanted() { [[ "$STEPS" == *",$1,"* ]]; }
 
 elapsed() { echo $(($(date +%s) - START)); }

@@ -8,6 +8,8 @@ C++/CUDA kernels, ``fused_cbam_triton`` for the Triton ones) gets the same regis
 import torch
 from torch import Tensor
 
+from fused_cbam import reference
+
 _EMPTY = (0,)
 
 
@@ -131,21 +133,36 @@ _FAKES = {
 }
 
 
+def _setup_cbam_inference(ctx, inputs, output):
+    ctx.arguments = [None if isinstance(a, Tensor) else a for a in inputs]
+    ctx.save_for_backward(*[a if isinstance(a, Tensor) else None for a in inputs])
+
+
 def _cbam_inference_backward(ctx, grad_out):
-    raise RuntimeError(
-        "cbam_inference is the inference path and has no backward; the fused modules "
-        "use it only when no gradient is needed (no_grad or inference mode, eval mode)"
-    )
+    """The block recomputed from its formula in plain PyTorch (``reference.cbam_inference``), and
+    its gradients: the modules take this operator only where no gradient is needed, but a graph
+    traced from a module in eval mode (``torch.jit.trace``) may be differentiated later."""
+    saved = ctx.saved_tensors
+    _refuse_double_backward(grad_out, *saved)
+    with torch.enable_grad():
+        inputs = [
+            arg if t is None else t.detach().requires_grad_(wanted)
+            for arg, t, wanted in zip(ctx.arguments, saved, ctx.needs_input_grad)
+        ]
+        wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+        out = reference.cbam_inference(*inputs)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+    return tuple(next(grads) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
 
 
 def register(namespace: str) -> None:
-    """Register fake kernels for every operator, autograd for the three forward ones, and an
-    autograd formula for ``cbam_inference`` that refuses."""
+    """Register fake kernels for every operator, autograd for the three forward ones and for
+    ``cbam_inference`` (a recomputation in plain PyTorch)."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
     ops = getattr(torch.ops, namespace)
     for name, (backward, setup_context) in _autograd(ops).items():
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
     torch.library.register_autograd(
-        f"{namespace}::cbam_inference", _cbam_inference_backward, setup_context=lambda ctx, inputs, output: None
+        f"{namespace}::cbam_inference", _cbam_inference_backward, setup_context=_setup_cbam_inference
     )

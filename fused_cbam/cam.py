@@ -8,6 +8,7 @@ scale; the [N, num_classes, H, W] stack of every class's map is never formed.
 """
 
 import numbers
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,10 @@ def _resize(maps: Tensor, output_size) -> Tensor:
     def is_length(v) -> bool:
         return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
 
-    size = (output_size, output_size) if is_length(output_size) else output_size
-    if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == 2 and all(map(is_length, size))):
+    size = (output_size, output_size) if is_length(output_size) else ()
+    if not size and isinstance(output_size, Iterable) and not isinstance(output_size, (str, Tensor)):
+        size = tuple(output_size)  # (H, W): a tuple, list, torch.Size, numpy array
+    if len(size) != 2 or not all(map(is_length, size)):
         raise ValueError(f"output_size: expected a positive int or (H, W) of positive ints, got {output_size!r}")
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 

@@ -11,6 +11,7 @@ NaN receives the gradient.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -61,3 +62,34 @@ def cbam(x: Tensor, mlp, spatial) -> Tensor:
     s_mean, s_max = spatial_pool(x, channel_gate)
     spatial_gate = torch.sigmoid(spatial(torch.cat([s_max, s_mean], dim=1)))
     return gate_apply(x, channel_gate, spatial_gate)
+
+
+def cbam_inference(
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight, conv_bias,
+    bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,
+) -> Tensor:  # fmt: skip
+    """The formula of the ``cbam_inference`` operator (its schema in csrc/ops.cpp), all in
+    opmath: the operators round the pools and maps to x's dtype where the modules do; this does
+    not (its use is the operator's backward, which recomputes the block)."""
+
+    def mlp(v: Tensor) -> Tensor:
+        hidden = F.linear(v, _opmath(fc1_weight).flatten(1), fc1_bias)
+        if fc2_weight is None:  # fc1 alone gives the logits
+            return hidden
+        return F.linear(torch.relu(hidden), _opmath(fc2_weight).flatten(1), fc2_bias)
+
+    y = _opmath(x)
+    avg, mx = y.mean(dim=(2, 3)), _first_max(y.flatten(2), dim=2)
+    logits = {"avg": lambda: mlp(avg), "sum": lambda: mlp(avg) + mlp(mx), "mix": lambda: mlp(0.5 * avg + 0.5 * mx)}
+    y = y * torch.sigmoid(logits[pooling]())[:, :, None, None]
+    mean, mx = y.mean(dim=1, keepdim=True), _first_max(y, dim=1, keepdim=True)
+    if conv_weight.shape[1] == 1:
+        maps = 0.5 * mean + 0.5 * mx
+    else:
+        maps = torch.cat([mx, mean] if max_first else [mean, mx], dim=1)
+    u = F.conv2d(maps, _opmath(conv_weight), conv_bias, padding=conv_weight.shape[-1] // 2)
+    if bn_mean is not None:
+        u = (u - bn_mean) * torch.rsqrt(bn_var + bn_eps)
+        u = u if bn_weight is None else u * bn_weight
+        u = u if bn_bias is None else u + bn_bias
+    return (y * torch.sigmoid(u)).to(x.dtype)

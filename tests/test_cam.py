@@ -64,7 +64,7 @@ def test_normalised_maps_span_zero_to_one_and_a_constant_map_gives_zeros():
     assert raw.min() < 0 or raw.max() > 1  # unnormalised maps are left as they are
 
 
-@pytest.mark.parametrize("output_size,shape", [(32, (32, 32)), ((20, 28), (20, 28))])
+@pytest.mark.parametrize("output_size,shape", [(32, (32, 32)), ((20, 28), (20, 28)), (np.array([20, 28]), (20, 28))])
 def test_upsampled_shape_and_normalised_after_upsampling(output_size, shape):
     features, fc_weight = torch.randn(2, 8, 5, 7), torch.randn(3, 8)
     cam = class_activation_map(features, fc_weight, [0, 2], output_size=output_size)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fused_cbam
+from fused_cbam import reference
 from helpers import (
     COMPILED_BACKENDS,
     OPERATOR_BACKENDS,
@@ -294,13 +295,32 @@ def test_fc2_bias_without_fc2_weight_is_refused(backend, device):
 
 
 @on_each_device
-def test_backward_is_refused_with_a_reason(backend, device):
+@pytest.mark.parametrize("variant", ["sum-bn", "avg-one-layer", "mix-one-map"])
+def test_backward_recomputes_the_formula(variant, backend, device):
+    """The operator's backward (for graphs traced from eval-mode modules) gives the gradients of
+    its formula, for every input; gradcheck in float64 where the backend has it. A second
+    derivative is refused."""
     skip_unless_available(backend)
-    args = list(_operator_args(device=device))
-    args[0].requires_grad_()
-    out = _inference_op(backend)(*args)
-    with pytest.raises(RuntimeError, match="inference path and has no backward"):
-        out.sum().backward()
+    args = list(_operator_args(c=4, hidden=2, k=3, device=device))
+    args[0] = args[0][:2, :, :4, :5].contiguous()  # (gradcheck's numerical Jacobian: one forward per element)
+    if variant == "avg-one-layer":
+        args[1:6] = [torch.randn(4, 4, device=device), torch.randn(4, device=device), None, None, "avg"]
+    elif variant == "mix-one-map":
+        args[5], args[6] = "mix", torch.randn(1, 1, 3, 3, device=device)
+    op = _inference_op(backend)
+    if backend != "triton":  # (Triton has no float64)
+        args64 = [a.double().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        assert torch.autograd.gradcheck(lambda *a: op(*a), args64, fast_mode=True)
+    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    out = op(*leaves)
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, tensors, grad)
+    expected = torch.autograd.grad(reference.cbam_inference(*leaves), tensors, grad)
+    for i, (actual, want) in enumerate(zip(grads, expected)):
+        assert_close(actual, want, 1e-4, f"gradient of tensor argument {i}")
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(op(*leaves).sum(), leaves[0], create_graph=True)[0].sum().backward()
 
 
 @on_each_device

@@ -184,9 +184,9 @@ def _opcheck_cases(device):
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-# C and H x W not multiples of the vector width (scalar paths), then both multiples of 16
-# (the 16-byte vector paths, in either format)
-@pytest.mark.parametrize("shape", [(3, 11, 5, 6), (2, 16, 8, 8)], ids=["3x11x5x6", "2x16x8x8"])
+# C and H x W not multiples of the vector width (scalar paths), then both multiples of 32 (the
+# vector paths in either format: CUDA's 16-byte vectors, AVX512's 32 16-bit values)
+@pytest.mark.parametrize("shape", [(3, 11, 5, 6), (2, 32, 8, 8)], ids=["3x11x5x6", "2x32x8x8"])
 def test_backward_operators_that_add_into_the_gradient(backend, device, memory_format, dtype, shape):
     """Each adds to grad_x (in place) what its writing twin returns, and the same grad_scale."""
     skip_unless_available(backend)
@@ -388,3 +388,31 @@ def test_long_float32_sums_are_as_accurate_as_torch(backend, device, memory_form
     spatial = torch.rand_like(mean) + 0.5
     _, grad_g, _ = ops.gate_apply_backward(grad_out, x, scale, spatial)
     assert error(grad_g, (grad_out.double() * x.double() * spatial.double()).sum((2, 3))) < 1e-6
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 3277), (1, 257, 3, 7)], ids=["P=16385", "C=257"])
+def test_sums_across_the_kernels_blocks(backend, device, memory_format, shape):
+    """Sizes one past the CPU kernels' summing blocks (256 terms, rows of 4096 values, 16384),
+    with ties (values in steps of 0.25) so that the first maximum sits in an earlier block than
+    later equal ones: forward and every gradient against the reference."""
+    skip_unless_available(backend)
+    x = (make_input(shape, torch.float32, device, memory_format) * 4).round() / 4
+    x.requires_grad_()
+    g = (torch.rand(shape[:2], device=device) + 0.5).requires_grad_()
+    h = (torch.rand(shape[0], 1, *shape[2:], device=device) + 0.5).requires_grad_()
+    leaves = (x, g, h)
+    for op in OPS:
+        args = {"channel_pool": (), "spatial_pool": (g,), "gate_apply": (g, h)}[op]
+        outs = _run(op, backend, x, args)
+        refs = _run(op, "reference", x, args)
+        grads = [torch.randn_like(o) for o in outs]
+        actual = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+        expected = torch.autograd.grad(refs, leaves, grads, allow_unused=True)
+        for i, (out, ref) in enumerate(zip(outs, refs)):
+            assert_close(out, ref, 2e-6, f"{op} output {i}")
+        for name, a, e in zip("xgh", actual, expected):
+            assert (a is None) == (e is None), f"{op}: grad of {name}"
+            if a is not None:
+                assert_close(a, e, 2e-6, f"{op}: grad of {name}")

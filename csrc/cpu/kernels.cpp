@@ -32,11 +32,12 @@ constexpr int64_t kBlockC = 256;
 constexpr int64_t kBlockP = 1024;
 // Long sums: each float accumulator takes at most kSumBlock terms, then its sum is added into a
 // double. One float accumulator over a long reduction stops growing once its terms fall below
-// half an ulp of the sum (2^25 ones averaged to 0.5; 2.5e-5 relative error at 1024 x 1024).
-// NHWC pooling also tracks positions in float lanes per block of pixels (exact below 2^24).
-constexpr int64_t kSumBlock = 4096;
-// Contiguous rows are summed in blocks of this many values (kSumBlock per lane and less).
-constexpr int64_t kRowBlock = 16384;
+// half an ulp of the sum (2^25 ones averaged to 0.5; 2.5e-5 relative error at 1024 x 1024), and
+// its error grows with its length (27 ulps after 4000 terms). NHWC pooling also tracks
+// positions in float lanes per block of pixels (exact below 2^24).
+constexpr int64_t kSumBlock = 256;
+// Contiguous rows are summed in blocks of this many values (at most 256 per vector lane).
+constexpr int64_t kRowBlock = 4096;
 // Rows of at most this many vectors are searched for their arg-max without an early exit.
 constexpr int64_t kShortScan = 8;
 

@@ -221,14 +221,18 @@ class FusedBlock(GateInspection, nn.Module):
 
     def _inference(self, x: Tensor) -> Tensor | None:
         """The whole block in one operator, when nothing needs a gradient or the gates and the
-        backend has that operator: x is read from memory once instead of three times. Not under
-        autocast, where the MLP and the conv follow autocast (the operator computes in x's dtype)."""
+        backend has that operator: x is read from memory once instead of three times (its
+        backward recomputes the block in plain PyTorch, for traced graphs). Not under autocast,
+        where the MLP and the conv follow autocast (the operator computes in x's dtype)."""
         if self.keep_gates:
             return None
-        # A torch.jit.trace graph may run later with gradients, and the trace's check traces
-        # again under no_grad: there, the grad mode of the moment does not decide.
-        if (torch.is_grad_enabled() or torch.jit.is_tracing()) and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        # In a torch.jit.trace, the module's configuration alone decides (the trace's check
+        # traces again under no_grad, where x may not require a gradient any more); a traced
+        # graph that is differentiated later runs the operator's own backward.
+        if (
+            not torch.jit.is_tracing()
+            and torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         ):
             return None
         operator = backends.resolve(self.backend, x).cbam_inference
