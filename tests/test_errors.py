@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fused_cbam
+from helpers import make_input
 
 BACKENDS = ["reference"] + (["cpu"] if "cpu" in fused_cbam.available_backends() else [])
 
@@ -76,3 +77,25 @@ def test_unknown_or_unavailable_backend():
 
 def test_available_backends_lists_reference():
     assert "reference" in fused_cbam.available_backends()
+
+
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_an_argmax_of_another_input_is_refused(memory_format):
+    """The CPU backward kernels write at the arg-max positions: indices from another x (same N
+    and C, larger H x W or C) are refused, not written outside the gradient."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the compiled CPU backend is not built")
+    ops = torch.ops.fused_cbam
+    small = make_input((2, 4, 3, 3), torch.float32, "cpu", memory_format)
+    _, _, positions = ops.channel_pool(make_input((2, 4, 16, 16), torch.float32, "cpu", memory_format))
+    grad = torch.rand(2, 4)
+    with pytest.raises(ValueError, match=r"argmax: expected positions h \* W \+ w in \[0, 9\)"):
+        ops.channel_pool_backward(grad, grad, positions, small)
+    with pytest.raises(ValueError, match=r"argmax: expected positions"):
+        ops.channel_pool_backward_add(torch.zeros_like(small), grad, grad, positions)
+    _, _, channels = ops.spatial_pool(make_input((2, 64, 3, 3), torch.float32, "cpu", memory_format), None)
+    grad = torch.rand(2, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"argmax: expected channels in \[0, 4\)"):
+        ops.spatial_pool_backward(grad, grad, channels, small, None)
+    with pytest.raises(ValueError, match=r"argmax: expected channels"):
+        ops.spatial_pool_backward_add(torch.zeros_like(small), grad, grad, channels, small, None)

@@ -401,3 +401,29 @@ def test_parts_with_hooks_leave_the_inference_operator(hook):
     assert "fused_cbam.cbam_inference" not in log.names
     assert_close(out, block(x), 1e-6, "no_grad output against the grad-enabled forward")
     assert seen == ([] if hook == "prune" else [(2, 1, 8, 8)] * 2)
+
+
+def test_subclassed_parts_and_other_dtypes_leave_the_inference_operator():
+    """The operator reads the parts' weights: a Linear subclass with its own forward, or
+    parameters in another dtype than x (which the parts' own forward refuses, as the original's
+    does), take the three operators instead of a silently different result."""
+    skip_unless_available("cpu")
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    torch.manual_seed(0)
+    block = fused_cbam.nn.CBAM(16, 4, backend="cpu").eval()
+    scaled = ScaledLinear(16, 4)
+    scaled.load_state_dict(block.ChannelGate.mlp[1].state_dict())
+    block.ChannelGate.mlp[1] = scaled
+    x = torch.randn(2, 16, 5, 6)
+    with torch.no_grad(), OperatorLog() as log:
+        out = block(x)
+    assert "fused_cbam.cbam_inference" not in log.names
+    assert_close(out, block(x), 1e-6, "no_grad output against the grad-enabled forward")
+
+    block = fused_cbam.nn.CBAM(16, 4, backend="cpu").eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
+        block(x.bfloat16())

@@ -185,8 +185,9 @@ def test_autocast_inference_follows_the_same_rule(backend, device, autocast_dtyp
     assert "fused_cbam.cbam_inference" not in log.names and "fused_cbam.gate_apply" in log.names
     assert out.dtype == x.dtype == expected.dtype
     assert_close(out, expected, TOLERANCE[autocast_dtype], "output")
-    with torch.no_grad(), OperatorLog() as log:  # without autocast: the inference operator
-        fused(x)
+    # Without autocast (and x in the parameters' dtype, which the parts need): the inference operator
+    with torch.no_grad(), OperatorLog() as log:
+        fused(x.float())
     assert "fused_cbam.cbam_inference" in log.names
 
 

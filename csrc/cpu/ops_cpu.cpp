@@ -62,13 +62,21 @@ void check_input(const at::Tensor& x) {
       "x: expected H * W < 2^31, got H x W = ", x.size(2), " x ", x.size(3));
 }
 
-// The arg-max a forward operator returned: its shape, int32.
-at::Tensor argmax_of(const at::Tensor& argmax, at::IntArrayRef shape) {
+// The arg-max a forward operator returned: its shape, int32, every index in [0, bound) (the
+// kernels write at these positions: one from another input would write outside grad_x).
+at::Tensor argmax_of(
+    const at::Tensor& argmax, at::IntArrayRef shape, int64_t bound, const char* what) {
   TORCH_CHECK_VALUE(
       argmax.sizes() == shape, "argmax: expected shape ", shape, ", got ", argmax.sizes());
   TORCH_CHECK_TYPE(
       argmax.scalar_type() == at::kInt, "argmax: expected dtype int32, got ", argmax.scalar_type());
-  return argmax.contiguous();
+  at::Tensor am = argmax.contiguous();
+  const int32_t* index = am.const_data_ptr<int32_t>();
+  const bool in_range = std::all_of(
+      index, index + am.numel(), [bound](int32_t i) { return i >= 0 && i < bound; });
+  TORCH_CHECK_VALUE(in_range, "argmax: expected ", what, " in [0, ", bound,
+                    ") (the arg-max of this x's forward), got one outside");
+  return am;
 }
 
 // A tensor that goes with x: the expected shape, x's dtype and device.
@@ -121,7 +129,7 @@ at::Tensor channel_pool_backward(
   const auto shape = per_channel(x);
   const at::Tensor ga = small(grad_avg, x, shape, "grad_avg");
   const at::Tensor gm = small(grad_max, x, shape, "grad_max");
-  const at::Tensor am = argmax_of(argmax, shape);
+  const at::Tensor am = argmax_of(argmax, shape, x.size(2) * x.size(3), "positions h * W + w");
   at::Tensor grad_x = empty_like_x(x);
   if (x.numel() > 0) kernels().channel_pool_backward(ga, gm, am, grad_x);
   return grad_x;
@@ -144,7 +152,8 @@ void channel_pool_backward_add(
   const auto shape = per_channel(grad_x);
   const at::Tensor ga = small(grad_avg, grad_x, shape, "grad_avg");
   const at::Tensor gm = small(grad_max, grad_x, shape, "grad_max");
-  const at::Tensor am = argmax_of(argmax, shape);
+  const at::Tensor am =
+      argmax_of(argmax, shape, grad_x.size(2) * grad_x.size(3), "positions h * W + w");
   if (grad_x.numel() > 0) kernels().channel_pool_backward_add(ga, gm, am, grad_x);
 }
 
@@ -168,7 +177,7 @@ at::Tensor spatial_pool_backward_into(
   const auto shape = per_pixel(x);
   const at::Tensor gmean = small(grad_mean, x, shape, "grad_mean");
   const at::Tensor gmax = small(grad_max, x, shape, "grad_max");
-  const at::Tensor am = argmax_of(argmax, shape);
+  const at::Tensor am = argmax_of(argmax, shape, x.size(1), "channels");
   const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
   at::Tensor grad_scale = at::empty(per_channel(x), x.options());
   if (x.numel() > 0) {

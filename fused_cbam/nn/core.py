@@ -243,7 +243,11 @@ class FusedBlock(GateInspection, nn.Module):
         if _parts_have_hooks(self):
             return None
         args = self._plain()
-        return None if args is None else operator(x, *args)
+        # Parameters in another dtype than x: the parts' own forward raises (or mixes dtypes) as
+        # the original's does; the operator would cast them silently.
+        if args is None or any(isinstance(a, Tensor) and a.dtype != x.dtype for a in args):
+            return None
+        return operator(x, *args)
 
 
 def _parts_have_hooks(module: nn.Module) -> bool:

@@ -13,9 +13,10 @@ def is_sigmoid(fn) -> bool:
 
 
 def is_pointwise(fc: nn.Module) -> bool:
-    """A Linear layer, or a 1x1 convolution that acts as one on a 1x1 input."""
+    """A Linear layer, or a 1x1 convolution that acts as one on a 1x1 input (exactly those
+    classes: the operator reads their weights and never calls a subclass's own forward)."""
     conv = type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.padding == (0, 0)
-    return conv or isinstance(fc, nn.Linear)
+    return conv or type(fc) is nn.Linear
 
 
 def plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module, pooling: str = "sum") -> list | None:
