@@ -69,16 +69,21 @@ def cbam_inference(
     bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,
 ) -> Tensor:  # fmt: skip
     """The formula of the ``cbam_inference`` operator (its schema in csrc/ops.cpp), all in
-    opmath: the operators round the pools and maps to x's dtype where the modules do; this does
-    not (its use is the operator's backward, which recomputes the block)."""
+    x's opmath dtype, every parameter cast to it as the operators cast them: the operators round
+    the pools and maps to x's dtype where the modules do; this does not (its use is the
+    operator's backward, which recomputes the block)."""
+    y = _opmath(x)
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias = (
+        None if t is None else t.to(y.dtype)
+        for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias)
+    )
 
     def mlp(v: Tensor) -> Tensor:
-        hidden = F.linear(v, _opmath(fc1_weight).flatten(1), fc1_bias)
+        hidden = F.linear(v, fc1_weight.flatten(1), fc1_bias)
         if fc2_weight is None:  # fc1 alone gives the logits
             return hidden
-        return F.linear(torch.relu(hidden), _opmath(fc2_weight).flatten(1), fc2_bias)
+        return F.linear(torch.relu(hidden), fc2_weight.flatten(1), fc2_bias)
 
-    y = _opmath(x)
     avg, mx = y.mean(dim=(2, 3)), _first_max(y.flatten(2), dim=2)
     logits = {"avg": lambda: mlp(avg), "sum": lambda: mlp(avg) + mlp(mx), "mix": lambda: mlp(0.5 * avg + 0.5 * mx)}
     y = y * torch.sigmoid(logits[pooling]())[:, :, None, None]
@@ -87,7 +92,7 @@ def cbam_inference(
         maps = 0.5 * mean + 0.5 * mx
     else:
         maps = torch.cat([mx, mean] if max_first else [mean, mx], dim=1)
-    u = F.conv2d(maps, _opmath(conv_weight), conv_bias, padding=conv_weight.shape[-1] // 2)
+    u = F.conv2d(maps, conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
     if bn_mean is not None:
         u = (u - bn_mean) * torch.rsqrt(bn_var + bn_eps)
         u = u if bn_weight is None else u * bn_weight

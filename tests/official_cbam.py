@@ -7,13 +7,21 @@ from torch import nn
 
 
 class BasicConv(nn.Module):
-    def __init__(self, in_planes, out_planes, kernel_size, padding):
+    def __init__(self, in_planes, out_planes, kernel_size, padding, relu=False):
         super().__init__()
         self.conv = nn.Conv2d(in_planes, out_planes, kernel_size, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=0.01, affine=True)
+        self.relu = nn.ReLU() if relu else None
 
+    # The official code's forward, as users' copies have it: fused_cbam's inference operator
+    # reads this module's parts when its forward is this one (tests/test_layouts.py checks both).
     def forward(self, x):
-        return self.bn(self.conv(x))
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.relu is not None:
+            x = self.relu(x)
+        return x
 
 
 class ChannelGate(nn.Module):

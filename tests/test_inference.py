@@ -12,6 +12,7 @@ from torch import nn
 
 import fused_cbam
 from fused_cbam import reference
+from layouts import MMYolo
 from helpers import (
     COMPILED_BACKENDS,
     OPERATOR_BACKENDS,
@@ -294,9 +295,15 @@ def test_fc2_bias_without_fc2_weight_is_refused(backend, device):
         _inference_op(backend)(*args)
 
 
+def _float(t):
+    """A float32 view of the graph (gradients flow back to t in its own dtype)."""
+    return t.float() if isinstance(t, torch.Tensor) else t
+
+
 @on_each_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["sum-bn", "avg-one-layer", "mix-one-map"])
-def test_backward_recomputes_the_formula(variant, backend, device):
+def test_backward_recomputes_the_formula(variant, dtype, backend, device):
     """The operator's backward (for graphs traced from eval-mode modules) gives the gradients of
     its formula, for every input; gradcheck in float64 where the backend has it. A second
     derivative is refused."""
@@ -308,17 +315,19 @@ def test_backward_recomputes_the_formula(variant, backend, device):
     elif variant == "mix-one-map":
         args[5], args[6] = "mix", torch.randn(1, 1, 3, 3, device=device)
     op = _inference_op(backend)
-    if backend != "triton":  # (Triton has no float64)
+    if dtype == torch.float32 and backend != "triton":  # (Triton has no float64)
         args64 = [a.double().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
         assert torch.autograd.gradcheck(lambda *a: op(*a), args64, fast_mode=True)
-    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    # x in the dtype, the parameters (biases included) too, as a .to(dtype) model holds them
+    leaves = [a.to(dtype).requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     out = op(*leaves)
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, tensors, grad)
-    expected = torch.autograd.grad(reference.cbam_inference(*leaves), tensors, grad)
+    expected = torch.autograd.grad(reference.cbam_inference(*[_float(a) for a in leaves]), tensors, grad)
     for i, (actual, want) in enumerate(zip(grads, expected)):
-        assert_close(actual, want, 1e-4, f"gradient of tensor argument {i}")
+        assert actual.dtype == dtype, f"gradient of tensor argument {i}: {actual.dtype}"
+        assert_close(actual, want, 1e-4 if dtype == torch.float32 else 2e-2, f"gradient of tensor argument {i}")
     with pytest.raises(RuntimeError, match="do not support double backward"):
         torch.autograd.grad(op(*leaves).sum(), leaves[0], create_graph=True)[0].sum().backward()
 
@@ -403,27 +412,67 @@ def test_parts_with_hooks_leave_the_inference_operator(hook):
     assert seen == ([] if hook == "prune" else [(2, 1, 8, 8)] * 2)
 
 
-def test_subclassed_parts_and_other_dtypes_leave_the_inference_operator():
-    """The operator reads the parts' weights: a Linear subclass with its own forward, or
-    parameters in another dtype than x (which the parts' own forward refuses, as the original's
-    does), take the three operators instead of a silently different result."""
+class _Scaled:
+    """Mixed into a part's class: its forward gives twice what the part's gives."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def _with_part(block, path: str, make):
+    """Replace the part at ``path`` by ``make(part)`` (same parameters)."""
+    parent, _, name = path.rpartition(".")
+    setattr(block.get_submodule(parent), name, make(block.get_submodule(path)))
+    return block
+
+
+def _rebased(part, mixin):
+    """``part`` with ``mixin`` put in front of its class (a subclass with its own forward)."""
+    part.__class__ = type(f"Scaled{type(part).__name__}", (mixin, type(part)), {})
+    return part
+
+
+class _BatchNormAct2d(nn.BatchNorm2d):  # named like timm's, but not timm's: a ReLU after the BN
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+SUBCLASSED = {
+    "official Linear": lambda: _with_part(fused_cbam.nn.CBAM(16, 4), "ChannelGate.mlp.1", lambda p: _rebased(p, _Scaled)),
+    "official mlp Sequential": lambda: _with_part(fused_cbam.nn.CBAM(16, 4), "ChannelGate.mlp", lambda p: _rebased(p, _Scaled)),
+    "official BasicConv": lambda: _with_part(fused_cbam.nn.CBAM(16, 4), "SpatialGate.spatial", lambda p: _rebased(p, _Scaled)),
+    "timm conv module": lambda: _with_part(fused_cbam.nn.CbamModule(16, rd_channels=4), "spatial.conv", lambda p: _rebased(p, _Scaled)),
+    "timm BatchNormAct2d look-alike": lambda: _with_part(
+        fused_cbam.nn.CbamModule(16, rd_channels=4), "spatial.conv.bn", lambda p: _rebased(p, _BatchNormAct2d)
+    ),
+    "mmyolo conv module": lambda: _with_part(fused_cbam.nn.MMYoloCBAM(16, 4), "channel_attention.fc.0", lambda p: _rebased(p, _Scaled)),
+    # mmcv's ConvModule (here the tests' stand-in, converted) with its activation first
+    "mmyolo ConvModule act first": lambda: _with_part(
+        fused_cbam.convert(MMYolo.CBAM(16, 4, 7)), "spatial_attention.conv", lambda p: setattr(p, "order", ("act", "conv", "norm")) or p
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SUBCLASSED)
+def test_parts_with_a_forward_of_their_own_leave_the_inference_operator(case):
+    """The operator reads the parts' weights and calls none of their forwards: a part or a
+    container whose forward is not the one the operator assumes (a subclass, a look-alike of
+    timm's class, mmcv's ConvModule in another order) takes the three operators instead of giving
+    a silently different result."""
     skip_unless_available("cpu")
-
-    class ScaledLinear(nn.Linear):
-        def forward(self, x):
-            return super().forward(x) * 2.0
-
     torch.manual_seed(0)
-    block = fused_cbam.nn.CBAM(16, 4, backend="cpu").eval()
-    scaled = ScaledLinear(16, 4)
-    scaled.load_state_dict(block.ChannelGate.mlp[1].state_dict())
-    block.ChannelGate.mlp[1] = scaled
+    block = SUBCLASSED[case]().eval()
+    block.backend = "cpu"
     x = torch.randn(2, 16, 5, 6)
     with torch.no_grad(), OperatorLog() as log:
         out = block(x)
     assert "fused_cbam.cbam_inference" not in log.names
     assert_close(out, block(x), 1e-6, "no_grad output against the grad-enabled forward")
 
+
+def test_parameters_in_another_dtype_leave_the_inference_operator():
+    """The operator would cast them; the parts' own forward refuses, as the original's does."""
+    skip_unless_available("cpu")
     block = fused_cbam.nn.CBAM(16, 4, backend="cpu").eval()
     with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
-        block(x.bfloat16())
+        block(torch.randn(2, 16, 5, 6, dtype=torch.bfloat16))

@@ -226,14 +226,13 @@ class FusedBlock(GateInspection, nn.Module):
         where the MLP and the conv follow autocast (the operator computes in x's dtype)."""
         if self.keep_gates:
             return None
-        # In a torch.jit.trace, the module's configuration alone decides (the trace's check
-        # traces again under no_grad, where x may not require a gradient any more); a traced
-        # graph that is differentiated later runs the operator's own backward.
-        if (
-            not torch.jit.is_tracing()
-            and torch.is_grad_enabled()
-            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        ):
+        # In a torch.jit.trace, the module's configuration alone decides, eval mode (the trace's
+        # check traces again under no_grad, where x may not require a gradient any more); a
+        # traced graph that is differentiated later runs the operator's own backward.
+        if torch.jit.is_tracing():
+            if self.training:
+                return None
+        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
         operator = backends.resolve(self.backend, x).cbam_inference
         if operator is None or torch.is_autocast_enabled(x.device.type):  # (only cpu, cuda get here)

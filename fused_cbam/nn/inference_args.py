@@ -52,7 +52,8 @@ def is_plain_batch_norm(bn: nn.Module) -> bool:
     if type(bn) is nn.BatchNorm2d:
         return True
     act_free = all(type(child) is nn.Identity for child in bn.children())
-    return isinstance(bn, nn.BatchNorm2d) and type(bn).__name__ == "BatchNormAct2d" and act_free
+    timm_class = type(bn).__name__ == "BatchNormAct2d" and type(bn).__module__.startswith("timm.")
+    return isinstance(bn, nn.BatchNorm2d) and timm_class and act_free
 
 
 def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
@@ -63,6 +64,25 @@ def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
     if children.keys() != {"conv", "bn"} or not is_plain_batch_norm(children["bn"]):
         return None
     return plain_conv(module.conv, module.bn, pool_order)
+
+
+def forward_is(module: nn.Module, known: type) -> bool:
+    """Whether ``module`` computes what ``known``'s forward computes: an instance of ``known``, or
+    of a class whose forward is a copy of it (the same bytecode, names and numbers), as the CBAM
+    code copied into users' projects has. The operator reads a container's parts and never calls
+    the container's own forward, which must therefore be the one it assumes."""
+    if type(module) is known:
+        return True
+    mine, theirs = type(module).forward.__code__, known.forward.__code__
+
+    def numbers(code):
+        return tuple(c for c in code.co_consts if not isinstance(c, str))
+
+    return mine.co_code == theirs.co_code and mine.co_names == theirs.co_names and numbers(mine) == numbers(theirs)
+
+
+def is_timm_class(module: nn.Module, name: str) -> bool:
+    return type(module).__name__ == name and type(module).__module__.startswith("timm.")
 
 
 def plain_block(mlp: list | None, conv: list | None, *gates) -> list | None:

@@ -18,7 +18,7 @@ from fused_cbam.nn.core import (
     pointwise,
     summed,
 )
-from fused_cbam.nn.inference_args import plain_block, plain_conv, plain_mlp
+from fused_cbam.nn.inference_args import forward_is, plain_block, plain_conv, plain_mlp
 
 _RELU = types.MappingProxyType({"type": "ReLU"})  # mmyolo's default act_cfg, read-only
 # Activations without an ``inplace`` argument, for which mmcv's ConvModule does not set it.
@@ -73,6 +73,17 @@ class ConvAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.activate(self.conv(x))
+
+
+def _conv_then_activation(module: nn.Module) -> bool:
+    """A conv module whose forward is its conv, then its activation (if any): ours, or mmcv's
+    ``ConvModule`` (or a stand-in of that name) in its default order, without norm or padding
+    layer. The inference operator reads its parts instead of calling it."""
+    if forward_is(module, ConvAct):
+        return True
+    default_order = getattr(module, "order", ("conv", "norm", "act")) == ("conv", "norm", "act")
+    plain = not getattr(module, "with_norm", False) and not getattr(module, "with_explicit_padding", False)
+    return type(module).__name__ == "ConvModule" and default_order and plain
 
 
 class MMYoloChannelAttention(ChannelHalf):
@@ -171,10 +182,12 @@ class MMYoloCBAM(FusedBlock):
 
     def _plain(self) -> list | None:
         fc = self.channel_attention.fc
+        conv = self.spatial_attention.conv
+        if type(fc) is not nn.Sequential or not all(map(_conv_then_activation, (fc[0], fc[1], conv))):
+            return None
         # mmcv's ConvModule has no ``activate`` without an activation
         if type(getattr(fc[1], "activate", None)) not in (nn.Identity, type(None)):
             return None
         mlp = plain_mlp(fc[0].conv, getattr(fc[0], "activate", None), fc[1].conv)
-        conv = self.spatial_attention.conv
         activate = getattr(conv, "activate", None)
         return plain_block(mlp, plain_conv(conv.conv, None, ("mean", "max")), self.channel_attention.sigmoid, activate)

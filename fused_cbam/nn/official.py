@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_cbam.nn.core import ChannelHalf, FusedBlock, SpatialHalf, odd_kernel, summed
-from fused_cbam.nn.inference_args import plain_block, plain_conv_bn, plain_mlp
+from fused_cbam.nn.inference_args import (
+    forward_is,
+    plain_block,
+    plain_conv_bn,
+    plain_mlp,
+)
 
 
 def _lp_pool(x: Tensor) -> Tensor:
@@ -38,7 +43,7 @@ def _warn_reference_pools(pool_types) -> None:
 
 class Flatten(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1)
+        return x.flatten(1)  # (the official code's x.view(x.size(0), -1) fails on an empty batch)
 
 
 class BasicConv(nn.Module):
@@ -153,9 +158,13 @@ class CBAM(FusedBlock):
         pools = sorted(self.ChannelGate.pool_types)
         if self.no_spatial or pools not in (["avg"], ["avg", "max"]):
             return None
-        layers = list(self.ChannelGate.mlp)  # Flatten, Linear, ReLU, Linear (or a copy's own)
-        flattens = len(layers) == 4 and type(layers[0]).__name__ == "Flatten"
-        mlp = plain_mlp(*layers[1:]) if flattens else None
-        if mlp is not None:
-            mlp[-1] = "sum" if "max" in pools else "avg"
-        return plain_block(mlp, plain_conv_bn(self.SpatialGate.spatial, SpatialGate.pool_order))
+        mlp, spatial = self.ChannelGate.mlp, self.SpatialGate.spatial
+        # A Sequential of a flatten (ours, the official code's or torch's), Linear, ReLU, Linear;
+        # the spatial conv module the official BasicConv (or a copy), whose parts it reads.
+        if type(mlp) is not nn.Sequential or len(mlp) != 4 or not forward_is(spatial, BasicConv):
+            return None
+        torch_flatten = type(mlp[0]) is nn.Flatten and (mlp[0].start_dim, mlp[0].end_dim) == (1, -1)
+        if not (torch_flatten or type(mlp[0]).__name__ == "Flatten"):
+            return None
+        parts = plain_mlp(mlp[1], mlp[2], mlp[3], "sum" if "max" in pools else "avg")
+        return plain_block(parts, plain_conv_bn(spatial, SpatialGate.pool_order))

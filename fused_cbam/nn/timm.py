@@ -11,7 +11,13 @@ from fused_cbam.nn.core import (
     pointwise,
     summed,
 )
-from fused_cbam.nn.inference_args import plain_block, plain_conv_bn, plain_mlp
+from fused_cbam.nn.inference_args import (
+    forward_is,
+    is_timm_class,
+    plain_block,
+    plain_conv_bn,
+    plain_mlp,
+)
 from fused_cbam.nn.official import BasicConv
 
 
@@ -151,7 +157,9 @@ class _TimmCbam(FusedBlock):
 
     def _plain(self) -> list | None:
         c, s = self.channel, self.spatial
-        conv = plain_conv_bn(s.conv, s.pool_order)
+        # The spatial conv module: ours, or timm's ConvNormAct that convert took over (conv, bn).
+        known = forward_is(s.conv, BasicConv) or is_timm_class(s.conv, "ConvNormAct")
+        conv = plain_conv_bn(s.conv, s.pool_order) if known else None
         # The light variant: one MLP pass over 0.5·avg + 0.5·max, and timm's fixed sigmoid
         # channel gate (gate_layer is not used there).
         mlp = plain_mlp(c.fc1, c.act, c.fc2, "mix" if self.light else "sum")
