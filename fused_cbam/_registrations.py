@@ -141,18 +141,18 @@ def _setup_cbam_inference(ctx, inputs, output):
 def _cbam_inference_backward(ctx, grad_out):
     """The block recomputed from its formula in plain PyTorch (``reference.cbam_inference``), and
     its gradients: the modules take this operator only where no gradient is needed, but a graph
-    traced from a module in eval mode (``torch.jit.trace``) may be differentiated later."""
-    saved = ctx.saved_tensors
-    _refuse_double_backward(grad_out, *saved)
+    traced from a module in eval mode (``torch.jit.trace``) may be differentiated later. Under
+    ``create_graph`` the recomputation hangs on the inputs' own graph, so higher derivatives work."""
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         inputs = [
-            arg if t is None else t.detach().requires_grad_(wanted)
-            for arg, t, wanted in zip(ctx.arguments, saved, ctx.needs_input_grad)
+            arg if t is None else t if create_graph else t.detach().requires_grad_(wanted)
+            for arg, t, wanted in zip(ctx.arguments, ctx.saved_tensors, ctx.needs_input_grad)
         ]
-        wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+        wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
         out = reference.cbam_inference(*inputs)
-        grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
-    return tuple(next(grads) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph) if wanted else ())
+    return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
 
 
 def register(namespace: str) -> None:
