@@ -142,11 +142,13 @@ def _cbam_inference_backward(ctx, grad_out):
     """The block recomputed from its formula in plain PyTorch (``reference.cbam_inference``), and
     its gradients: the modules take this operator only where no gradient is needed, but a graph
     traced from a module in eval mode (``torch.jit.trace``) may be differentiated later. Under
-    ``create_graph`` the recomputation hangs on the inputs' own graph, so higher derivatives work."""
+    ``create_graph`` the recomputation hangs on the inputs' own graph, so higher derivatives work;
+    through an alias of each (``view_as``), so that an argument passed twice, or computed from
+    another, gets its own gradient and not the total one, which autograd would then add again."""
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         inputs = [
-            arg if t is None else t if create_graph else t.detach().requires_grad_(wanted)
+            arg if t is None else t.view_as(t) if create_graph else t.detach().requires_grad_(wanted)
             for arg, t, wanted in zip(ctx.arguments, ctx.saved_tensors, ctx.needs_input_grad)
         ]
         wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]

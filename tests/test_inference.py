@@ -330,6 +330,17 @@ def test_backward_recomputes_the_formula(variant, dtype, backend, device):
         assert_close(actual, want, 1e-4 if dtype == torch.float32 else 2e-2, f"gradient of tensor argument {i}")
     if dtype == torch.float32 and backend != "triton":  # second derivatives, through the recomputation
         assert torch.autograd.gradgradcheck(lambda *a: op(*a), args64, fast_mode=True)
+    # Arguments tied together (one tensor twice, one computed from another), with create_graph
+    tied = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    bias = tied[2]
+    tied_args = [tied[0], tied[1], bias, tied[3], tied[4], *tied[5:]]
+    if tied_args[4] is None and tied_args[3] is not None:
+        tied_args[4] = bias.sum() + torch.zeros(tied_args[3].shape[0], device=device)
+    for create_graph in (False, True):
+        grad = torch.autograd.grad(op(*tied_args).square().sum(), [tied[0], bias], create_graph=create_graph)
+        expected = torch.autograd.grad(reference.cbam_inference(*tied_args).square().sum(), [tied[0], bias])
+        for name, actual, want in zip(("x", "fc1 bias"), grad, expected):
+            assert_close(actual, want, 1e-4, f"tied arguments, create_graph={create_graph}: grad of {name}")
 
 
 @on_each_device
@@ -432,6 +443,26 @@ def _rebased(part, mixin):
     return part
 
 
+class _Called:
+    """Mixed into a part's class: its __call__ doubles what its forward gives."""
+
+    def __call__(self, *args):
+        return 2 * super().__call__(*args)
+
+
+class _HalfGate:
+    """Mixed into a channel half: another gate from the same logits."""
+
+    def to_gate(self, logits):
+        return torch.sigmoid(2 * logits)
+
+
+def _renamed(part, mixin):
+    """``_rebased``, keeping the class's name."""
+    part.__class__ = type(type(part).__name__, (mixin, type(part)), {})
+    return part
+
+
 class _BatchNormAct2d(nn.BatchNorm2d):  # named like timm's, but not timm's: a ReLU after the BN
     def forward(self, x):
         return torch.relu(super().forward(x))
@@ -450,6 +481,19 @@ SUBCLASSED = {
     "mmyolo ConvModule act first": lambda: _with_part(
         fused_cbam.convert(MMYolo.CBAM(16, 4, 7)), "spatial_attention.conv", lambda p: setattr(p, "order", ("act", "conv", "norm")) or p
     ),
+    "mmyolo ConvModule with a norm": lambda: _with_part(
+        fused_cbam.convert(MMYolo.CBAM(16, 4, 7)), "channel_attention.fc.0", lambda p: p.add_module("bn", nn.BatchNorm2d(4)) or p
+    ),
+    "mmyolo third layer": lambda: _with_part(fused_cbam.nn.MMYoloCBAM(16, 4), "channel_attention.fc", lambda p: p.append(nn.Tanh())),
+    "instance forward": lambda: _with_part(
+        fused_cbam.nn.CBAM(16, 4), "ChannelGate.mlp.1", lambda p: setattr(p, "forward", lambda x, f=p.forward: 2 * f(x)) or p
+    ),
+    "own __call__": lambda: _with_part(fused_cbam.nn.CBAM(16, 4), "SpatialGate.spatial", lambda p: _rebased(p, _Called)),
+    "function in BasicConv.relu": lambda: _with_part(
+        fused_cbam.nn.CBAM(16, 4), "SpatialGate.spatial", lambda p: object.__setattr__(p, "relu", torch.tanh) or p
+    ),
+    "Flatten look-alike": lambda: _with_part(fused_cbam.nn.CBAM(16, 4), "ChannelGate.mlp.0", lambda p: _renamed(p, _Scaled)),
+    "half subclass": lambda: _with_part(fused_cbam.nn.CbamModule(16, rd_channels=4), "channel", lambda p: _rebased(p, _HalfGate)),
 }
 
 
@@ -468,6 +512,23 @@ def test_parts_with_a_forward_of_their_own_leave_the_inference_operator(case):
         out = block(x)
     assert "fused_cbam.cbam_inference" not in log.names
     assert_close(out, block(x), 1e-6, "no_grad output against the grad-enabled forward")
+
+
+def test_global_forward_hooks_leave_the_inference_operator():
+    """A hook registered for every module runs on the parts in the three-operator path."""
+    skip_unless_available("cpu")
+    block = fused_cbam.nn.CBAM(16, 4, backend="cpu").eval()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: 2 * out if isinstance(module, nn.Linear) else None
+    )
+    try:
+        x = torch.randn(2, 16, 5, 6)
+        with torch.no_grad(), OperatorLog() as log:
+            out = block(x)
+        assert "fused_cbam.cbam_inference" not in log.names
+        assert_close(out, block(x), 1e-6, "no_grad output against the grad-enabled forward")
+    finally:
+        handle.remove()
 
 
 def test_parameters_in_another_dtype_leave_the_inference_operator():

@@ -239,7 +239,9 @@ class FusedBlock(GateInspection, nn.Module):
             return None
         # The operator reads the parts' weights directly: a part with hooks (pruning's or
         # weight_norm's pre-hooks recompute .weight) must run its own forward.
-        if _parts_have_hooks(self):
+        if _parts_run_more_than_their_forward(self) or any(
+            half is not None and type(half) not in self.half_classes for half in self._halves()
+        ):  # (a subclass of a half may compute its gate otherwise)
             return None
         args = self._plain()
         # Parameters in another dtype than x: the parts' own forward raises (or mixes dtypes) as
@@ -249,11 +251,23 @@ class FusedBlock(GateInspection, nn.Module):
         return operator(x, *args)
 
 
-def _parts_have_hooks(module: nn.Module) -> bool:
-    """Whether a submodule of ``module``, at any depth, has forward hooks (a walk without the
-    names that ``modules()`` builds: this runs at every eval-mode call)."""
+def _parts_run_more_than_their_forward(module: nn.Module) -> bool:
+    """Whether calling a submodule of ``module``, at any depth, runs more than its class's
+    forward: forward hooks (global ones too), a forward set on the instance (accelerate's
+    offloading wraps it so), a class with its own ``__call__``. A walk without the names that
+    ``modules()`` builds: this runs at every eval-mode call."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return True
     return any(
-        part is not None and (part._forward_pre_hooks or part._forward_hooks or _parts_have_hooks(part))
+        part is not None
+        and (
+            part._forward_pre_hooks
+            or part._forward_hooks
+            or "forward" in part.__dict__
+            or type(part).__call__ is not nn.Module.__call__
+            or type(part)._call_impl is not nn.Module._call_impl
+            or _parts_run_more_than_their_forward(part)
+        )
         for part in module._modules.values()
     )
 

@@ -66,19 +66,33 @@ def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
     return plain_conv(module.conv, module.bn, pool_order)
 
 
-def forward_is(module: nn.Module, known: type) -> bool:
-    """Whether ``module`` computes what ``known``'s forward computes: an instance of ``known``, or
-    of a class whose forward is a copy of it (the same bytecode, names and numbers), as the CBAM
-    code copied into users' projects has. The operator reads a container's parts and never calls
-    the container's own forward, which must therefore be the one it assumes."""
-    if type(module) is known:
-        return True
-    mine, theirs = type(module).forward.__code__, known.forward.__code__
+def forward_is(module: nn.Module, known) -> bool:
+    """Whether ``module``'s forward is the function ``known`` (a class's forward), or a copy of it
+    (the same bytecode, names and numbers), as the CBAM code copied into users' projects has, and
+    every attribute it reads of the module is a child module or None (a plain function in
+    ``self.relu`` would run too). The operator reads a container's parts and never calls the
+    container's own forward, which must therefore be the one it assumes."""
+    mine, theirs = type(module).forward.__code__, known.__code__
 
     def numbers(code):
         return tuple(c for c in code.co_consts if not isinstance(c, str))
 
-    return mine.co_code == theirs.co_code and mine.co_names == theirs.co_names and numbers(mine) == numbers(theirs)
+    same = mine is theirs or (
+        mine.co_code == theirs.co_code and mine.co_names == theirs.co_names and numbers(mine) == numbers(theirs)
+    )
+    return same and all(_is_part_or_none(_attribute(module, name)) for name in theirs.co_names)
+
+
+def _attribute(module: nn.Module, name: str):
+    """``getattr(module, name, None)`` without nn.Module's slow path for missing names."""
+    for table in (module._modules, module._parameters, module._buffers, module.__dict__):
+        if name in table:
+            return table[name]
+    return getattr(type(module), name, None)
+
+
+def _is_part_or_none(value) -> bool:
+    return value is None or isinstance(value, nn.Module)
 
 
 def is_timm_class(module: nn.Module, name: str) -> bool:

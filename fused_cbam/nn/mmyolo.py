@@ -77,13 +77,13 @@ class ConvAct(nn.Module):
 
 def _conv_then_activation(module: nn.Module) -> bool:
     """A conv module whose forward is its conv, then its activation (if any): ours, or mmcv's
-    ``ConvModule`` (or a stand-in of that name) in its default order, without norm or padding
-    layer. The inference operator reads its parts instead of calling it."""
-    if forward_is(module, ConvAct):
+    ``ConvModule`` (or a stand-in of that name) in its default order with no other part (no norm,
+    no padding layer). The inference operator reads its parts instead of calling it."""
+    if forward_is(module, ConvAct.forward):
         return True
     default_order = getattr(module, "order", ("conv", "norm", "act")) == ("conv", "norm", "act")
-    plain = not getattr(module, "with_norm", False) and not getattr(module, "with_explicit_padding", False)
-    return type(module).__name__ == "ConvModule" and default_order and plain
+    parts = set(module._modules)
+    return type(module).__name__ == "ConvModule" and default_order and "conv" in parts <= {"conv", "activate"}
 
 
 class MMYoloChannelAttention(ChannelHalf):
@@ -183,7 +183,7 @@ class MMYoloCBAM(FusedBlock):
     def _plain(self) -> list | None:
         fc = self.channel_attention.fc
         conv = self.spatial_attention.conv
-        if type(fc) is not nn.Sequential or not all(map(_conv_then_activation, (fc[0], fc[1], conv))):
+        if type(fc) is not nn.Sequential or len(fc) != 2 or not all(map(_conv_then_activation, (fc[0], fc[1], conv))):
             return None
         # mmcv's ConvModule has no ``activate`` without an activation
         if type(getattr(fc[1], "activate", None)) not in (nn.Identity, type(None)):

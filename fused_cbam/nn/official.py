@@ -46,6 +46,10 @@ class Flatten(nn.Module):
         return x.flatten(1)  # (the official code's x.view(x.size(0), -1) fails on an empty batch)
 
 
+def _official_flatten(self, x):  # the official code's Flatten.forward, which copies match
+    return x.view(x.size(0), -1)
+
+
 class BasicConv(nn.Module):
     """The official code's ``BasicConv``: a conv, then an optional BN and ReLU (``bn_momentum``,
     ``device`` and ``dtype`` for timm's ConvNormAct, which it also stands for)."""
@@ -161,10 +165,10 @@ class CBAM(FusedBlock):
         mlp, spatial = self.ChannelGate.mlp, self.SpatialGate.spatial
         # A Sequential of a flatten (ours, the official code's or torch's), Linear, ReLU, Linear;
         # the spatial conv module the official BasicConv (or a copy), whose parts it reads.
-        if type(mlp) is not nn.Sequential or len(mlp) != 4 or not forward_is(spatial, BasicConv):
+        if type(mlp) is not nn.Sequential or len(mlp) != 4 or not forward_is(spatial, BasicConv.forward):
             return None
         torch_flatten = type(mlp[0]) is nn.Flatten and (mlp[0].start_dim, mlp[0].end_dim) == (1, -1)
-        if not (torch_flatten or type(mlp[0]).__name__ == "Flatten"):
+        if not (torch_flatten or forward_is(mlp[0], Flatten.forward) or forward_is(mlp[0], _official_flatten)):
             return None
         parts = plain_mlp(mlp[1], mlp[2], mlp[3], "sum" if "max" in pools else "avg")
         return plain_block(parts, plain_conv_bn(spatial, SpatialGate.pool_order))
