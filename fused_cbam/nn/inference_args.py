@@ -72,7 +72,9 @@ def forward_is(module: nn.Module, known) -> bool:
     every attribute it reads of the module is a child module or None (a plain function in
     ``self.relu`` would run too). The operator reads a container's parts and never calls the
     container's own forward, which must therefore be the one it assumes."""
-    mine, theirs = type(module).forward.__code__, known.__code__
+    mine, theirs = getattr(type(module).forward, "__code__", None), known.__code__
+    if mine is None:  # (a forward that is not a Python function)
+        return False
 
     def numbers(code):
         return tuple(c for c in code.co_consts if not isinstance(c, str))
