@@ -84,10 +84,11 @@ def cbam_inference(
             return hidden
         return F.linear(torch.relu(hidden), fc2_weight.flatten(1), fc2_bias)
 
-    avg, mx = y.mean(dim=(2, 3)), _first_max(y.flatten(2), dim=2)
+    # The pools and the gate of this module, on y already in opmath (so nothing is rounded)
+    avg, mx = channel_pool(y)
     logits = {"avg": lambda: mlp(avg), "sum": lambda: mlp(avg) + mlp(mx), "mix": lambda: mlp(0.5 * avg + 0.5 * mx)}
-    y = y * torch.sigmoid(logits[pooling]())[:, :, None, None]
-    mean, mx = y.mean(dim=1, keepdim=True), _first_max(y, dim=1, keepdim=True)
+    channel_gate = torch.sigmoid(logits[pooling]())
+    mean, mx = spatial_pool(y, channel_gate)
     if conv_weight.shape[1] == 1:
         maps = 0.5 * mean + 0.5 * mx
     else:
@@ -97,4 +98,4 @@ def cbam_inference(
         u = (u - bn_mean) * torch.rsqrt(bn_var + bn_eps)
         u = u if bn_weight is None else u * bn_weight
         u = u if bn_bias is None else u + bn_bias
-    return (y * torch.sigmoid(u)).to(x.dtype)
+    return gate_apply(y, channel_gate, torch.sigmoid(u)).to(x.dtype)

@@ -38,6 +38,15 @@ constexpr int64_t kBlockP = 1024;
 constexpr int64_t kSumBlock = 256;
 // Contiguous rows are summed in blocks of this many values (at most 256 per vector lane).
 constexpr int64_t kRowBlock = 4096;
+
+// Adds n float partial sums into their double totals and restarts them (every kSumBlock terms).
+template <typename S>
+inline void fold(double* total, S* partial, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    total[i] += partial[i];
+    partial[i] = 0;
+  }
+}
 // Rows of at most this many vectors are searched for their arg-max without an early exit.
 constexpr int64_t kShortScan = 8;
 
@@ -418,12 +427,7 @@ void spatial_pool_nchw(
           }
           continue;
         }
-        if (c % kSumBlock == 0) {
-          for (int64_t q = 0; q < pn; ++q) {
-            total[q] += sum[q];
-            sum[q] = 0;
-          }
-        }
+        if (c % kSumBlock == 0) fold(total.data(), sum.data(), pn);
         for (; p + V <= pn; p += V) {
           const Vec y = load_opmath(row + p) * vs;
           (Vec::loadu(&sum[p]) + y).store(&sum[p]);
@@ -485,12 +489,7 @@ void spatial_pool_backward_nhwc(
       std::fill(ds.begin(), ds.end(), acc_t(0));
       std::fill(total.begin(), total.end(), 0.0);
       for (int64_t p = 0; p < P; ++p) {
-        if (p % kSumBlock == 0) {
-          for (int64_t c = 0; c < cn; ++c) {
-            total[c] += ds[c];
-            ds[c] = 0;
-          }
-        }
+        if (p % kSumBlock == 0) fold(total.data(), ds.data(), cn);
         const int64_t np = n * P + p;
         const acc_t w = static_cast<acc_t>(grad_mean[np]) * inv_c;
         const Vec vw(w);
@@ -782,12 +781,7 @@ void inference_pool_impl(
         total[c] = 0;
       }
       for (int64_t p = 1; p < P; ++p) {
-        if (p % kSumBlock == 0) {
-          for (int64_t c = 0; c < C; ++c) {
-            total[c] += sum[c];
-            sum[c] = 0;
-          }
-        }
+        if (p % kSumBlock == 0) fold(total.data(), sum.data(), C);
         const T* row = xs + p * C;
         int64_t c = 0;
         for (; c + V <= C; c += V) {
@@ -819,7 +813,7 @@ inline void pool_pixels(const T* x, const T* gate, int64_t C, int64_t P, const E
   Vec sum[B], max[B];
   double total[B * V] = {};
   acc_t sums[V], maxima[V];
-  auto fold = [&] {
+  auto fold_vectors = [&] {  // fold, from the sums held in vectors
     for (int64_t b = 0; b < B; ++b) {
       sum[b].store(sums);
       for (int64_t i = 0; i < V; ++i) total[b * V + i] += sums[i];
@@ -829,7 +823,7 @@ inline void pool_pixels(const T* x, const T* gate, int64_t C, int64_t P, const E
   const Vec g0(static_cast<acc_t>(gate[0]));
   for (int64_t b = 0; b < B; ++b) sum[b] = max[b] = load_opmath(x + b * V) * g0;
   for (int64_t c = 1; c < C; ++c) {
-    if (c % kSumBlock == 0) fold();
+    if (c % kSumBlock == 0) fold_vectors();
     const T* row = x + c * P;
     const Vec gc(static_cast<acc_t>(gate[c]));
     for (int64_t b = 0; b < B; ++b) {
@@ -838,7 +832,7 @@ inline void pool_pixels(const T* x, const T* gate, int64_t C, int64_t P, const E
       max[b] = at::vec::maximum(max[b], y);
     }
   }
-  fold();
+  fold_vectors();
   for (int64_t b = 0; b < B; ++b) {
     max[b].store(maxima);
     for (int64_t i = 0; i < V; ++i) emit(b * V + i, static_cast<acc_t>(total[b * V + i]), maxima[i]);
