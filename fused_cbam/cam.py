@@ -61,6 +61,8 @@ def _class_indices(class_idx, features: Tensor, fc_weight: Tensor, fc_bias, back
             raise TypeError(
                 f"class_idx: expected None, an int or a sequence of ints, got {type(class_idx).__name__}"
             ) from None
+        if idx.numel() == 0:  # [] for an empty batch: as_tensor makes it float32
+            idx = idx.long()
         if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
             raise TypeError(f"class_idx: expected integer class indices, got dtype {idx.dtype}")
         if idx.dim() == 0:
@@ -95,11 +97,12 @@ def _resize(maps: Tensor, output_size) -> Tensor:
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
-    """Min-max normalise each [H, W] map of ``maps`` ([..., H, W]) to [0, 1]; a constant map gives zeros."""
+    """Min-max normalise each [H, W] map of ``maps`` ([..., H, W]) to [0, 1]; a constant map gives
+    zeros, and a map with a NaN gives NaN everywhere (as its max is NaN)."""
     lo = maps.amin(dim=(-2, -1), keepdim=True)
     span = maps.amax(dim=(-2, -1), keepdim=True) - lo
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (maps - lo) / safe, torch.zeros_like(maps))
+    constant = span == 0
+    return torch.where(constant, torch.zeros_like(maps), (maps - lo) / torch.where(constant, 1, span))
 
 
 def _finish(maps: Tensor, normalize: bool, output_size) -> Tensor:
@@ -210,8 +213,9 @@ class CAMExtractor:
             logits = model(images)
             maps = cam(output_size=images.shape[-2:])   # [N, H, W] in [0, 1], predicted classes
 
-    The hook is registered on construction and removed on exit from the ``with`` block (or by
-    ``remove()``); it keeps only the last output, detached.
+    The hooks (on ``target_layer`` and on the classifier, whose output gives the predicted
+    classes) are registered on construction and removed on exit from the ``with`` block (or by
+    ``remove()``); they keep only the last outputs, detached.
     """
 
     def __init__(self, model: nn.Module, target_layer, fc_layer=None):
@@ -223,16 +227,34 @@ class CAMExtractor:
             raise TypeError(f"fc_layer: expected an nn.Linear or a 1x1 nn.Conv2d, got {type(fc).__name__}")
         self.fc_layer = fc
         self.features: Tensor | None = None
-        self._handle = self.target_layer.register_forward_hook(self._hook)
+        self.logits: Tensor | None = None
+        self._handles = [
+            self.target_layer.register_forward_hook(self._keep_features),
+            fc.register_forward_hook(self._keep_logits),
+        ]
 
-    def _hook(self, module, inputs, output) -> None:
+    def _keep_features(self, module, inputs, output) -> None:
         self.features = output.detach() if isinstance(output, Tensor) else output
+        self.logits = None  # the classifier runs after the target layer: only this forward's count
+
+    def _keep_logits(self, module, inputs, output) -> None:
+        self.logits = output.detach() if isinstance(output, Tensor) else None
+
+    def _predicted_classes(self) -> Tensor | None:
+        """The classes the classifier's last output predicts ([N, num_classes], or a 1x1 conv's
+        [N, num_classes, H, W] averaged over H x W); None when it has another shape."""
+        logits, n = self.logits, self.features.shape[0]
+        if logits is None or logits.dim() < 2 or logits.shape[:2] != (n, self.fc_layer.weight.shape[0]):
+            return None
+        if logits.dim() > 2:
+            logits = logits.flatten(2).float().mean(dim=2)
+        return logits.argmax(dim=1).to(self.features.device)
 
     def remove(self) -> None:
-        """Remove the hook (idempotent)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def __enter__(self) -> "CAMExtractor":
         return self
@@ -242,11 +264,15 @@ class CAMExtractor:
 
     def __call__(self, class_idx=None, output_size=None, *, normalize: bool = True, backend: str = "auto") -> Tensor:
         """The maps of the last forward: ``class_activation_map`` of the hooked features with the
-        classifier's weights and bias; class_idx None means the classes the head predicts."""
+        classifier's weights and bias. class_idx None means the classes the classifier's output
+        predicted in that forward (whatever pooling the head uses), or, when its output is not
+        one row of logits per sample, the prediction of average pooling and the classifier."""
         if self.features is None:
             raise RuntimeError("CAMExtractor: no features yet; run a forward pass of the model first")
         if not isinstance(self.features, Tensor):
             raise TypeError(f"target_layer: expected its output to be a tensor, got {type(self.features).__name__}")
+        if class_idx is None:
+            class_idx = self._predicted_classes()
         weight = self.fc_layer.weight.detach().flatten(1)
         bias = None if self.fc_layer.bias is None else self.fc_layer.bias.detach()
         with torch.no_grad():
@@ -304,6 +330,8 @@ def overlay(image, cam: Tensor, alpha: float = 0.5, colormap: str = "jet"):
         cam = cam[0]
     if cam.dim() != 2 or cam.numel() == 0:
         raise ValueError(f"cam: expected a non-empty [H, W] map, got shape {tuple(cam.shape)}")
+    if cam.isnan().any():
+        raise ValueError("cam: the map has NaN values, which no colour can show")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
     try:

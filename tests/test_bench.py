@@ -1,13 +1,14 @@
 """The main job runs end to end on a tiny problem: gate, timing, record, table, plot, README."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 import fused_cbam
 from fused_cbam.bench import __main__ as bench
-from fused_cbam.bench import report
+from fused_cbam.bench import record, report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,55 @@ def test_a_backend_that_disagrees_is_refused(tmp_path, monkeypatch, capsys):
     assert "REFUSED cpu" in out
     rows = [json.loads(line) for line in next(tmp_path.glob("bench-*.jsonl")).read_text().splitlines()]
     assert {r["mode"] for r in rows if r["provider"] == "cpu"} == {"refused"}
+
+
+def test_the_gate_checks_the_inference_path_that_the_forward_timing_takes(tmp_path, monkeypatch, capsys):
+    # Only the one-operator eval path 1% off: the training path, forward and backward, is right.
+    inference = fused_cbam.nn.FusedBlock._inference
+
+    def off(self, x):
+        out = inference(self, x)
+        return None if out is None else out * 1.01
+
+    monkeypatch.setattr(fused_cbam.nn.FusedBlock, "_inference", off)
+    bench.main(["--device", "cpu", "--quick", "--shapes", "32x6x6", "--batch", "2", "--backends", "reference,cpu", "--formats", "nchw", "--out", str(tmp_path)])
+    assert "REFUSED cpu" in capsys.readouterr().out
+
+
+def test_report_uses_the_latest_full_run_and_refuses_what_it_cannot_use(tmp_path, capsys):
+    base = dict(device="cpu-x", device_type="cpu", dtype="float32", batch=2, torch="t", triton=None, cuda=None,
+                commit="c", copy_bandwidth=1e9, format="nchw", shape="16x4x4", provider="cpu", target="cbam",
+                mode="forward", p20_ms=1.0, p80_ms=1.0)  # fmt: skip
+    path = tmp_path / "bench-cpu-x.jsonl"
+    rows = [dict(base, date="2026-01-01T00:00:00", median_ms=1.0), dict(base, date="2026-01-02T00:00:00", median_ms=9.0, quick=True)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["median_ms"] for r in report.latest_run(rows)] == [1.0]  # not the later --quick run
+    assert [r["median_ms"] for r in report.latest_run(rows[1:])] == [9.0]
+    assert "| 1.000 |" in report.readme_section([path]) and "--quick" not in report.readme_section([path])
+    quick_only = tmp_path / "bench-cpu-quick.jsonl"
+    quick_only.write_text(json.dumps(rows[1]) + "\n")
+    assert "(a --quick run: short timings)" in report.readme_section([quick_only])
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    empty = tmp_path / "bench-empty.jsonl"
+    empty.write_text("")
+    for argv, message in (
+        ([str(path), "--readme", str(readme)], "--readme: " + str(readme) + " lacks the markers"),
+        ([str(path), "--readme", str(tmp_path / "none.md")], "--readme: cannot read"),
+        ([str(empty), "--readme", str(readme)], "is not a record with measurements"),
+    ):
+        with pytest.raises(SystemExit):
+            report.main(argv)
+        assert message in capsys.readouterr().err
+    assert readme.read_text() == "no markers\n"
+
+
+def test_the_record_names_the_checkout_commit_from_any_directory(tmp_path, monkeypatch):
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    monkeypatch.chdir(tmp_path)
+    assert record._commit().removesuffix("-dirty") == head.stdout.strip()
 
 
 def test_tables_show_the_gpu_columns_when_rows_have_them():
@@ -95,6 +145,9 @@ def test_full_mode_times_each_operator_of_each_backend(tmp_path):
         (["--shapes", "32x4"], "--shapes: expected CxHxW"),
         (["--batch", "0"], "--batch: expected a positive batch size, got 0"),
         (["--formats", "nhwc"], "--formats: expected channels_last and/or nchw, got nhwc"),
+        (["--device", "bogus"], "--device: expected cpu or cuda (cuda:N), got 'bogus'"),
+        (["--device", "meta"], "--device: expected cpu or cuda (cuda:N), got 'meta'"),
+        (["--device", "cuda:99"], "--device: 'cuda:99' asked for, but"),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_option(argv, message, capsys):

@@ -64,6 +64,16 @@ def test_normalised_maps_span_zero_to_one_and_a_constant_map_gives_zeros():
     assert raw.min() < 0 or raw.max() > 1  # unnormalised maps are left as they are
 
 
+def test_a_map_with_nan_stays_nan_when_normalised():
+    features = torch.randn(3, 8, 4, 5)
+    features[1, 0, 2, 3] = float("nan")
+    cam = class_activation_map(features, torch.randn(3, 8), 1)
+    assert cam[1].isnan().all()  # not a silent map of zeros
+    assert torch.isfinite(cam[[0, 2]]).all() and cam[[0, 2]].amax(dim=(1, 2)).tolist() == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="cam: the map has NaN values"):
+        overlay(torch.rand(3, 8, 8), cam[1])
+
+
 @pytest.mark.parametrize("output_size,shape", [(32, (32, 32)), ((20, 28), (20, 28)), (np.array([20, 28]), (20, 28))])
 def test_upsampled_shape_and_normalised_after_upsampling(output_size, shape):
     features, fc_weight = torch.randn(2, 8, 5, 7), torch.randn(3, 8)
@@ -107,7 +117,8 @@ def test_spatial_attention_map_is_the_channel_mean(backend, device):
 
 
 def test_empty_batch():
-    assert class_activation_map(torch.randn(0, 4, 3, 3), torch.randn(2, 4)).shape == (0, 3, 3)
+    for class_idx in (None, 1, [], torch.empty(0, dtype=torch.long)):
+        assert class_activation_map(torch.randn(0, 4, 3, 3), torch.randn(2, 4), class_idx).shape == (0, 3, 3)
 
 
 @pytest.mark.parametrize(
@@ -176,6 +187,27 @@ def test_extractor_finds_the_classifier_matches_the_function_and_removes_its_hoo
     extractor.features = None
     model(x)
     assert extractor.features is None  # no hook left to fire
+
+
+class MaxPoolNet(TinyNet):
+    """A head that pools by max (timm's global_pool="max"): its prediction is not that of
+    average pooling and the classifier."""
+
+    def forward(self, x):
+        return self.head(self.attention(self.features(x)).amax(dim=(2, 3)))
+
+
+def test_extractor_predicts_the_classes_the_model_predicts():
+    torch.manual_seed(0)
+    model = MaxPoolNet().eval()
+    x = torch.randn(16, 3, 10, 12)
+    with CAMExtractor(model, "attention") as extractor, torch.no_grad():
+        predicted = model(x).argmax(1)
+        maps = extractor(normalize=False)
+        features = extractor.features
+    gap_prediction = (features.mean(dim=(2, 3)) @ model.head.weight.t() + model.head.bias).argmax(1)
+    assert not torch.equal(gap_prediction, predicted), "average pooling must predict otherwise here"
+    assert_close(maps, explicit_cam(features, model.head.weight, predicted), 1e-5, "maps of the model's classes")
 
 
 def _unfused(layout):

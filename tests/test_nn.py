@@ -127,3 +127,18 @@ def test_last_gates_are_kept_only_when_asked():
     assert g.shape == (2, 16) and h.shape == (2, 1, 5, 6) and not g.requires_grad
     assert ((h > 0) & (h < 1)).all()
     assert_close(out, x * g[:, :, None, None] * h, 1e-6, "output from the kept gates")
+    fused.keep_gates = False  # drops them: no stale gates of an earlier input
+    assert fused.last_channel_gate is None and fused.last_spatial_gate is None
+    with torch.no_grad():
+        fused.eval()(x[:1])
+    assert fused.last_channel_gate is None and fused.last_spatial_gate is None
+
+
+def test_keep_gates_set_on_the_instance_in_an_older_pickle_is_kept():
+    _, fused = _pair(16, "reference", "cpu")
+    state = dict(fused.__dict__)
+    state["keep_gates"] = True  # where pickles made before it was a property hold it
+    state.pop("_keep_gates", None)
+    loaded = type(fused).__new__(type(fused))
+    loaded.__setstate__(state)
+    assert loaded.keep_gates

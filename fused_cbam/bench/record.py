@@ -10,9 +10,16 @@ import torch
 
 
 def _commit() -> str:
+    """The commit of the fused_cbam checkout that is running (not of the current directory's
+    repository); "unknown" for an installed copy outside git."""
+    checkout = Path(__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=checkout)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        out = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
@@ -25,7 +32,7 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, quick: bool) -> dict:
     try:
         import triton
 
@@ -40,6 +47,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "commit": _commit(),
+        "quick": quick,
     }
 
 

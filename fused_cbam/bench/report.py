@@ -119,6 +119,10 @@ def plot(rows, path: Path) -> Path:
 
 
 def latest_run(rows):
+    """The rows of the record's latest full run (a ``--quick`` one only when the record has no
+    other: its timings are shorter, and it has no operator table)."""
+    full = [r for r in rows if not r.get("quick")]
+    rows = full or rows
     last = max(r["date"] for r in rows)
     return [r for r in rows if r["date"] == last]
 
@@ -128,8 +132,9 @@ def readme_section(record_paths) -> str:
     for path in record_paths:
         rows = latest_run(record.load(path))
         env = rows[0]
+        quick = " (a --quick run: short timings)" if env.get("quick") else ""
         parts.append(
-            f"#### {env['device']}, {env['dtype']}, batch {env['batch']}\n\n"
+            f"#### {env['device']}, {env['dtype']}, batch {env['batch']}{quick}\n\n"
             f"Measured {env['date'][:10]} at commit `{env['commit']}` with torch {env['torch']}, triton {env['triton']}, "
             f"CUDA {env['cuda']}; copy bandwidth {env['copy_bandwidth'] / 1e9:.1f} GB/s. Record: `{path}`.\n\n"
             f"{block_table(rows)}\n\n![speedup over the eager reference]({path.with_suffix('.png')})\n"
@@ -145,7 +150,17 @@ def main(argv=None):
     p.add_argument("--readme", type=Path, default=Path("README.md"))
     args = p.parse_args(argv)
     paths = args.records or sorted(Path("benchmarks/results").glob("bench-*.jsonl"))
-    text = args.readme.read_text()
+    if not paths:
+        p.error("no records: pass record files, or run from the checkout, where benchmarks/results/bench-*.jsonl are")
+    for path in paths:
+        if not path.is_file() or not record.load(path):
+            p.error(f"records: {path} is not a record with measurements")
+    try:
+        text = args.readme.read_text()
+    except OSError as e:
+        p.error(f"--readme: cannot read {args.readme} ({e.strerror})")
+    if README_START not in text or README_END not in text:
+        p.error(f"--readme: {args.readme} lacks the markers of the generated tables ({README_START!r} ... {README_END!r})")
     start, end = text.index(README_START) + len(README_START), text.index(README_END)
     args.readme.write_text(text[:start] + "\n\n" + readme_section(paths) + "\n" + text[end:])
     for path in paths:

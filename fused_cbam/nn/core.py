@@ -82,14 +82,25 @@ def _spatial_conv_layout(maps: Tensor) -> Tensor:
 class GateInspection:
     """Lets a module hand back its last gates: set ``keep_gates = True`` and, after a forward,
     read ``last_channel_gate`` ([N, C]) and ``last_spatial_gate`` ([N, 1, H, W], the gate map;
-    None for a channel-only block). Nothing is kept, and nothing costs, when it is False."""
+    None for a channel-only block). Nothing is kept, and nothing costs, when it is False; turning
+    it off drops the gates kept so far."""
 
-    keep_gates: bool = False
+    _keep_gates: bool = False
     last_channel_gate: Tensor | None = None
     last_spatial_gate: Tensor | None = None
 
+    @property
+    def keep_gates(self) -> bool:
+        return self._keep_gates
+
+    @keep_gates.setter
+    def keep_gates(self, keep: bool) -> None:
+        self._keep_gates = bool(keep)
+        if not keep:
+            self.last_channel_gate = self.last_spatial_gate = None
+
     def _keep(self, channel_gate: Tensor, spatial_gate: Tensor | None) -> None:
-        if self.keep_gates:
+        if self._keep_gates:
             self.last_channel_gate = channel_gate.detach()
             self.last_spatial_gate = None if spatial_gate is None else spatial_gate.detach()
 
@@ -196,6 +207,8 @@ class FusedBlock(GateInspection, nn.Module):
         (c396736 and before), where ``backend`` was a plain attribute and the halves ``Parts``."""
         if "backend" in state:
             state["_backend"] = state.pop("backend")
+        if "keep_gates" in state:  # set on the instance before keep_gates was a property
+            state["_keep_gates"] = state.pop("keep_gates")
         super().__setstate__(state)
         for half, half_class in zip(self._halves(), self.half_classes):
             if type(half) is Parts:
