@@ -219,6 +219,45 @@ def test_backward_operators_that_add_into_the_gradient(backend, device, memory_f
             torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_arg_max_elements_take_both_gradient_terms_at_once(backend, device, memory_format):
+    """At an arg-max element the mean's and the max's terms are summed before they are rounded
+    or multiplied, as in the reference: adding the max term to a rounded sum overflowed float16
+    (an inf that makes GradScaler skip the step), and w·s + g·s gave inf - inf = NaN for an
+    infinite scale or x, where the reference's (w + g)·s is -inf."""
+    skip_unless_available(backend)
+    ops = operator_namespace(backend)
+    def laid_out(t):
+        return t.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else t
+
+    # float16: the mean's share 3e4 everywhere, the max term -4e4 at the arg-max; 4e4 held in grad_x.
+    inf = float("inf")
+    x = laid_out(torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=device).view(1, 2, 1, 2).half())
+    _, _, argmax = ops.channel_pool(x)
+    held = torch.full_like(x, 4e4)
+    grad_avg, grad_max = torch.full((1, 2), 6e4, device=device).half(), torch.full((1, 2), -4e4, device=device).half()
+    ops.channel_pool_backward_add(held, grad_avg, grad_max, argmax)
+    assert torch.equal(held, torch.tensor([[inf, 3e4], [3e4, inf]], device=device).view(1, 2, 1, 2).half()), held
+    # float32: one channel of the scale infinite; then a +inf of x at an arg-max pixel
+    x = laid_out(torch.tensor([[1.0, 2.0], [5.0, 0.0], [0.0, 1.0]], device=device).view(1, 3, 1, 2))
+    x_inf = x.clone()
+    x_inf[0, 1, 0, 0] = inf
+    grad_mean, grad_max = torch.full((1, 1, 1, 2), 0.3, device=device), torch.full((1, 1, 1, 2), -1.0, device=device)
+    for x, scale in ((x, torch.tensor([[1.0, inf, 1.0]], device=device)), (x_inf, torch.ones(1, 3, device=device))):
+        x_ref, scale_ref = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        mean, mx = reference.spatial_pool(x_ref, scale_ref)
+        expected = torch.autograd.grad((mean * grad_mean + mx * grad_max).sum(), (x_ref, scale_ref))
+        assert any(e.isinf().any() for e in expected) and not any(e.isnan().any() for e in expected)
+        _, _, argmax = ops.spatial_pool(x, scale)
+        written = ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
+        added = torch.zeros_like(x)
+        added_scale = ops.spatial_pool_backward_add(added, grad_mean, grad_max, argmax, x, scale)
+        for actual in (written, (added, added_scale)):
+            for a, e in zip(actual, expected):
+                torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
 _TUNED_ADD_SCRIPT = """
 import torch, fused_cbam.triton
 ops = torch.ops.fused_cbam_triton

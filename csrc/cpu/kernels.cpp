@@ -311,7 +311,9 @@ void channel_pool(const at::Tensor& x, at::Tensor& avg, at::Tensor& max, at::Ten
 
 // dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c]: every element gets
 // the share of the mean, then the arg-max positions get both terms. kAccumulate adds both to
-// dx instead of writing them.
+// dx instead of writing them; the arg-max elements' earlier values are kept aside first, so that
+// they take both terms in one rounding (adding the max term to a rounded sum could overflow
+// float16 where the reference's sum of the two gradients does not).
 template <bool kAccumulate, typename T>
 void channel_pool_backward_impl(
     const T* grad_avg, const T* grad_max, const int32_t* argmax, T* dx, int64_t N, int64_t C,
@@ -320,6 +322,16 @@ void channel_pool_backward_impl(
   using acc_t = opmath_t<T>;
   const int64_t rows = N * C;
   auto mean_share = [&](int64_t r) { return static_cast<acc_t>(grad_avg[r]) / P; };
+  auto argmax_offset = [&](int64_t r) {
+    const int64_t n = r / C, c = r % C, p = argmax[r];
+    return channels_last ? (n * P + p) * C + c : r * P + p;
+  };
+  std::vector<acc_t> held(kAccumulate ? rows : 0);
+  if constexpr (kAccumulate) {
+    at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) held[r] = static_cast<acc_t>(dx[argmax_offset(r)]);
+    });
+  }
   if (channels_last) {
     std::vector<T> shares(rows);
     for (int64_t r = 0; r < rows; ++r) shares[r] = static_cast<T>(mean_share(r));
@@ -348,13 +360,11 @@ void channel_pool_backward_impl(
   }
   at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / C, c = r % C, p = argmax[r];
-      const int64_t offset = channels_last ? (n * P + p) * C + c : r * P + p;
-      if constexpr (kAccumulate) {  // the mean's share is in dx already
-        dx[offset] =
-            static_cast<T>(static_cast<acc_t>(dx[offset]) + static_cast<acc_t>(grad_max[r]));
+      const acc_t both = mean_share(r) + static_cast<acc_t>(grad_max[r]);
+      if constexpr (kAccumulate) {
+        dx[argmax_offset(r)] = static_cast<T>(held[r] + both);
       } else {
-        dx[offset] = static_cast<T>(mean_share(r) + static_cast<acc_t>(grad_max[r]));
+        dx[argmax_offset(r)] = static_cast<T>(both);
       }
     }
   });
@@ -468,7 +478,9 @@ void spatial_pool(
 }
 
 // w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
-// dx = w * scale[n, c]; grad_scale[n, c] = sum_p w * x.
+// dx = w * scale[n, c]; grad_scale[n, c] = sum_p w * x. The arg-max element's w is formed before
+// it multiplies, as in the reference: (a + b) * s, not a * s + b * s, which can overflow float16
+// where the reference does not, or give inf - inf = NaN for an infinite x or scale.
 template <bool kAccumulate, typename T>
 void spatial_pool_backward_nhwc(
     const T* grad_mean, const T* grad_max, const int32_t* argmax, const T* x, const T* scale,
@@ -495,6 +507,11 @@ void spatial_pool_backward_nhwc(
         const Vec vw(w);
         const T* xr = x + np * C + c0;
         T* dxr = dx + np * C + c0;
+        const int64_t j = argmax[np] - c0;
+        const bool has_max = j >= 0 && j < cn;
+        // The arg-max element's value and partial sum before the loop below adds w's terms.
+        const acc_t held_j = kAccumulate && has_max ? static_cast<acc_t>(dxr[j]) : acc_t(0);
+        const acc_t ds_j = has_max ? ds[j] : acc_t(0);
         int64_t c = 0;
         for (; c + V <= cn; c += V) {
           const Vec d = vw * load_opmath(s + c);
@@ -506,15 +523,10 @@ void spatial_pool_backward_nhwc(
           dxr[c] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[c]) + d : d);
           ds[c] += w * static_cast<acc_t>(xr[c]);
         }
-        const int64_t j = argmax[np] - c0;
-        if (j >= 0 && j < cn) {
-          const acc_t g = grad_max[np];
-          if constexpr (kAccumulate) {  // w * s[j] is in dx already
-            dxr[j] = static_cast<T>(static_cast<acc_t>(dxr[j]) + g * static_cast<acc_t>(s[j]));
-          } else {
-            dxr[j] = static_cast<T>((w + g) * static_cast<acc_t>(s[j]));
-          }
-          ds[j] += g * static_cast<acc_t>(xr[j]);
+        if (has_max) {
+          const acc_t wg = w + static_cast<acc_t>(grad_max[np]);
+          dxr[j] = static_cast<T>(held_j + wg * static_cast<acc_t>(s[j]));
+          ds[j] = ds_j + wg * static_cast<acc_t>(xr[j]);
         }
       }
       for (int64_t c = 0; c < cn; ++c) {
@@ -522,6 +534,23 @@ void spatial_pool_backward_nhwc(
       }
     }
   });
+}
+
+// sum_p w[p] * x[p] for one (n, c) row, w = grad_mean / C plus grad_max at the row's arg-max
+// pixels: the slow, exact form of spatial_pool_backward_nchw's sum, for rows with infinities.
+template <typename T, typename acc_t>
+double arg_max_row_sum(
+    const T* x, const T* grad_mean, const T* grad_max, const int64_t* arg_max_pixels,
+    int64_t count, acc_t inv_c, int64_t P) {
+  std::vector<acc_t> w(P);
+  for (int64_t p = 0; p < P; ++p) w[p] = static_cast<acc_t>(grad_mean[p]) * inv_c;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t q = arg_max_pixels[k];
+    w[q] += static_cast<acc_t>(grad_max[q]);
+  }
+  double sum = 0;
+  for (int64_t p = 0; p < P; ++p) sum += w[p] * static_cast<acc_t>(x[p]);
+  return sum;
 }
 
 template <bool kAccumulate, typename T>
@@ -546,6 +575,7 @@ void spatial_pool_backward_nchw(
     }
   });
   at::parallel_for(0, N * C, grain_for_row(P), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> held;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / C, c = r % C;
       const T* gm = grad_mean + n * P;
@@ -553,6 +583,12 @@ void spatial_pool_backward_nchw(
       T* dxr = dx + r * P;
       const acc_t s = scale[r];
       const Vec vs(s), vinv(inv_c);
+      const int64_t* start = bucket_start.data() + n * (C + 1);
+      const int64_t* bucket = pixels.data() + n * P;
+      if constexpr (kAccumulate) {  // the arg-max pixels' values before the mean's term is added
+        held.resize(start[c + 1] - start[c]);
+        for (int64_t k = start[c]; k < start[c + 1]; ++k) held[k - start[c]] = dxr[bucket[k]];
+      }
       double ds = 0;
       int64_t p = 0;
       for (int64_t p1 = std::min(P, kRowBlock); p + V <= P; p1 = std::min(P, p1 + kRowBlock)) {
@@ -569,16 +605,18 @@ void spatial_pool_backward_nchw(
         dxr[p] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[p]) + w * s : w * s);
         ds += w * static_cast<acc_t>(xr[p]);
       }
-      const int64_t* start = bucket_start.data() + n * (C + 1);
       for (int64_t k = start[c]; k < start[c + 1]; ++k) {
-        const int64_t q = pixels[n * P + k];
+        const int64_t q = bucket[k];
         const acc_t g = grad_max[n * P + q];
-        if constexpr (kAccumulate) {  // the mean's term is in dx already
-          dxr[q] = static_cast<T>(static_cast<acc_t>(dxr[q]) + g * s);
-        } else {
-          dxr[q] = static_cast<T>((static_cast<acc_t>(gm[q]) * inv_c + g) * s);
-        }
+        const acc_t wg = static_cast<acc_t>(gm[q]) * inv_c + g;
+        dxr[q] = static_cast<T>((kAccumulate ? held[k - start[c]] : acc_t(0)) + wg * s);
         ds += g * static_cast<acc_t>(xr[q]);
+      }
+      // An infinite term: ds took w·x and g·x apart at the arg-max pixels (inf - inf = NaN where
+      // the reference's (w + g)·x is ±inf); the row again, with each pixel's w formed first.
+      if (!std::isfinite(ds)) {
+        ds = arg_max_row_sum(
+            xr, gm, grad_max + n * P, bucket + start[c], start[c + 1] - start[c], inv_c, P);
       }
       grad_scale[r] = static_cast<T>(ds);
     }
