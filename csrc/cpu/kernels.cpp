@@ -310,9 +310,9 @@ void channel_pool(const at::Tensor& x, at::Tensor& avg, at::Tensor& max, at::Ten
 }
 
 // dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c]: every element gets
-// the share of the mean, then the arg-max positions get both terms. kAccumulate adds both to
-// dx instead of writing them; the arg-max elements' earlier values are kept aside first, so that
-// they take both terms in one rounding (adding the max term to a rounded sum could overflow
+// the share of the mean, the arg-max positions both terms. kAccumulate adds them to dx instead
+// of writing them; an arg-max element's earlier value is read before the share is added, so that
+// it takes both terms in one rounding (adding the max term to a rounded sum could overflow
 // float16 where the reference's sum of the two gradients does not).
 template <bool kAccumulate, typename T>
 void channel_pool_backward_impl(
@@ -322,50 +322,51 @@ void channel_pool_backward_impl(
   using acc_t = opmath_t<T>;
   const int64_t rows = N * C;
   auto mean_share = [&](int64_t r) { return static_cast<acc_t>(grad_avg[r]) / P; };
-  auto argmax_offset = [&](int64_t r) {
-    const int64_t n = r / C, c = r % C, p = argmax[r];
-    return channels_last ? (n * P + p) * C + c : r * P + p;
+  auto both_terms = [&](int64_t r, acc_t held) {
+    return static_cast<T>(held + mean_share(r) + static_cast<acc_t>(grad_max[r]));
   };
+  if (!channels_last) {  // each (n, c) row, its arg-max element with it
+    at::parallel_for(0, rows, grain_for_row(P), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* row = dx + r * P;
+        const int64_t p = argmax[r];
+        const acc_t held = kAccumulate ? static_cast<acc_t>(row[p]) : acc_t(0);
+        if constexpr (kAccumulate) {
+          const Vec share(mean_share(r));
+          at::vec::map<T>([&](Vec d) { return d + share; }, row, row, P);
+        } else {
+          std::fill(row, row + P, static_cast<T>(mean_share(r)));
+        }
+        row[p] = both_terms(r, held);
+      }
+    });
+    return;
+  }
+  // channels_last: pixel by pixel, then the arg-max elements, whose earlier values are gathered
+  // first when adding.
+  auto argmax_offset = [&](int64_t r) { return ((r / C) * P + argmax[r]) * C + r % C; };
   std::vector<acc_t> held(kAccumulate ? rows : 0);
   if constexpr (kAccumulate) {
     at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) held[r] = static_cast<acc_t>(dx[argmax_offset(r)]);
     });
   }
-  if (channels_last) {
-    std::vector<T> shares(rows);
-    for (int64_t r = 0; r < rows; ++r) shares[r] = static_cast<T>(mean_share(r));
-    at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
-      for (int64_t np = begin; np < end; ++np) {
-        const T* src = shares.data() + (np / P) * C;
-        if constexpr (kAccumulate) {
-          at::vec::map2<T>(
-              [](Vec d, Vec share) { return d + share; }, dx + np * C, dx + np * C, src, C);
-        } else {
-          std::copy(src, src + C, dx + np * C);
-        }
+  std::vector<T> shares(rows);
+  for (int64_t r = 0; r < rows; ++r) shares[r] = static_cast<T>(mean_share(r));
+  at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
+    for (int64_t np = begin; np < end; ++np) {
+      const T* src = shares.data() + (np / P) * C;
+      if constexpr (kAccumulate) {
+        at::vec::map2<T>(
+            [](Vec d, Vec share) { return d + share; }, dx + np * C, dx + np * C, src, C);
+      } else {
+        std::copy(src, src + C, dx + np * C);
       }
-    });
-  } else {
-    at::parallel_for(0, rows, grain_for_row(P), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        if constexpr (kAccumulate) {
-          const Vec share(mean_share(r));
-          at::vec::map<T>([&](Vec d) { return d + share; }, dx + r * P, dx + r * P, P);
-        } else {
-          std::fill(dx + r * P, dx + (r + 1) * P, static_cast<T>(mean_share(r)));
-        }
-      }
-    });
-  }
+    }
+  });
   at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const acc_t both = mean_share(r) + static_cast<acc_t>(grad_max[r]);
-      if constexpr (kAccumulate) {
-        dx[argmax_offset(r)] = static_cast<T>(held[r] + both);
-      } else {
-        dx[argmax_offset(r)] = static_cast<T>(both);
-      }
+      dx[argmax_offset(r)] = both_terms(r, kAccumulate ? held[r] : acc_t(0));
     }
   });
 }
