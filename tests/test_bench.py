@@ -64,6 +64,11 @@ def test_the_gate_checks_the_inference_path_that_the_forward_timing_takes(tmp_pa
     monkeypatch.setattr(fused_cbam.nn.FusedBlock, "_inference", off)
     bench.main(["--device", "cpu", "--quick", "--shapes", "32x6x6", "--batch", "2", "--backends", "reference,cpu", "--formats", "nchw", "--out", str(tmp_path)])
     assert "REFUSED cpu" in capsys.readouterr().out
+    # The training step, which agrees, is still timed; the table says which mode was refused.
+    rows = [json.loads(line) for line in next(tmp_path.glob("bench-*.jsonl")).read_text().splitlines()]
+    cpu = {r["mode"]: r for r in rows if r["provider"] == "cpu"}
+    assert set(cpu) == {"refused", "forward+backward"} and cpu["refused"]["refused_modes"] == ["forward"]
+    assert "| nchw | 32x6x6 | cpu | refused |" in report.block_table(rows)
 
 
 def test_report_uses_the_latest_full_run_and_refuses_what_it_cannot_use(tmp_path, capsys):

@@ -43,14 +43,16 @@ def block_table(rows) -> str:
     for (fmt, shape), by_provider in _block_rows(rows).items():
         ref = by_provider.get("reference", {})
         for provider, modes in by_provider.items():
-            if "refused" in modes:
+            # (older records refused both modes in one row that names neither)
+            refused = modes.get("refused", {}).get("refused_modes", ["forward", "forward+backward"] if "refused" in modes else [])
+            if len(refused) == 2:
                 lines.append(f"| {fmt} | {shape} | {provider} | refused: disagrees with the reference |" + " |" * (8 if gpu else 5))
                 continue
             cells = []
             for mode in ("forward", "forward+backward"):
                 r = modes.get(mode)
                 base = ref.get(mode)
-                cells.append(f"{r['median_ms']:.3f}" if r else "")
+                cells.append(f"{r['median_ms']:.3f}" if r else "refused" if mode in refused else "")
                 cells.append(f"{base['median_ms'] / r['median_ms']:.2f}" if r and base else "")
             fb = modes.get("forward+backward", {})
             saved = f"{fb['saved_over_x']:.2f}" if "saved_over_x" in fb else ""
