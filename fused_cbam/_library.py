@@ -32,7 +32,11 @@ def _load() -> str | None:
 
 LOAD_ERROR = _load()
 if LOAD_ERROR is not None:
-    warnings.warn(f"{LOAD_ERROR}; only the reference backend is available. To fix, {REBUILD_HINT}", stacklevel=2)
+    warnings.warn(
+        f"{LOAD_ERROR}; the compiled backends (cpu, cuda) are unavailable, reference and triton (where it "
+        f"runs) still work. To fix, {REBUILD_HINT}",
+        stacklevel=2,
+    )
 
 
 def has_kernels(dispatch_key: str) -> bool:

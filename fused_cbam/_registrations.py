@@ -9,17 +9,9 @@ import torch
 from torch import Tensor
 
 from fused_cbam import reference
+from fused_cbam._layout import empty_like_x
 
 _EMPTY = (0,)
-
-
-def _like_x(x: Tensor) -> Tensor:
-    memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-    return torch.empty_like(x, memory_format=memory_format)
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _fake_channel_pool(x):
@@ -28,7 +20,7 @@ def _fake_channel_pool(x):
 
 
 def _fake_channel_pool_backward(grad_avg, grad_max, argmax, x):
-    return _like_x(x)
+    return empty_like_x(x)
 
 
 def _fake_spatial_pool(x, scale):
@@ -38,18 +30,18 @@ def _fake_spatial_pool(x, scale):
 
 def _fake_spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
     grad_scale = x.new_empty(x.shape[:2]) if scale is not None else x.new_empty(_EMPTY)
-    return _like_x(x), grad_scale
+    return empty_like_x(x), grad_scale
 
 
 def _fake_gate_apply(x, channel_gate, spatial_gate):
-    return _like_x(x)
+    return empty_like_x(x)
 
 
 def _fake_gate_apply_backward(grad_out, x, channel_gate, spatial_gate):
     n, c, h, w = x.shape
     grad_g = x.new_empty(n, c) if channel_gate is not None else x.new_empty(_EMPTY)
     grad_h = x.new_empty(n, 1, h, w) if spatial_gate is not None else x.new_empty(_EMPTY)
-    return _like_x(x), grad_g, grad_h
+    return empty_like_x(x), grad_g, grad_h
 
 
 def _setup_channel_pool(ctx, inputs, output):
@@ -117,7 +109,7 @@ def _fake_spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scal
 
 
 def _fake_cbam_inference(x, *parameters):
-    return _like_x(x)
+    return empty_like_x(x)
 
 
 _FAKES = {

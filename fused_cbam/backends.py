@@ -20,8 +20,7 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 class OperatorBackend:
     """The operators of one namespace (``fused_cbam`` or ``fused_cbam_triton``)."""
 
-    def __init__(self, name: str, namespace: str):
-        self.name = name
+    def __init__(self, namespace: str):
         self._ops = getattr(torch.ops, namespace)
 
     @property
@@ -47,7 +46,6 @@ class OperatorBackend:
 
 
 class ReferenceBackend:
-    name = "reference"
     channel_pool = staticmethod(reference.channel_pool)
     spatial_pool = staticmethod(reference.spatial_pool)
     gate_apply = staticmethod(reference.gate_apply)
@@ -99,8 +97,8 @@ def available_backends() -> list[str]:
 
 _INSTANCES = {
     "reference": ReferenceBackend(),
-    "cpu": OperatorBackend("cpu", "fused_cbam"),
-    "cuda": OperatorBackend("cuda", "fused_cbam"),
+    "cpu": OperatorBackend("fused_cbam"),
+    "cuda": OperatorBackend("fused_cbam"),
 }
 
 
@@ -108,7 +106,7 @@ def _backend(name: str):
     if name not in _INSTANCES:  # triton: its operators are registered on first use
         import fused_cbam.triton  # noqa: F401
 
-        _INSTANCES[name] = OperatorBackend("triton", "fused_cbam_triton")
+        _INSTANCES[name] = OperatorBackend("fused_cbam_triton")
     return _INSTANCES[name]
 
 

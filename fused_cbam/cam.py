@@ -163,7 +163,7 @@ def _named_module(model: nn.Module, layer, name: str) -> nn.Module:
     return layer
 
 
-def _is_pointwise_conv(m: nn.Module) -> bool:
+def _is_1x1_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
 
 
@@ -191,7 +191,7 @@ def _find_classifier(model: nn.Module) -> nn.Module:
         return model.get_submodule(linears[0])
     if linears:
         raise ValueError(f"fc_layer: the model has several nn.Linear layers {linears}; pass the classifier as fc_layer")
-    convs = [name for name, m in layers if _is_pointwise_conv(m)]
+    convs = [name for name, m in layers if _is_1x1_conv(m)]
     if len(convs) == 1:
         return model.get_submodule(convs[0])
     raise ValueError(
@@ -223,7 +223,7 @@ class CAMExtractor:
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.target_layer = _named_module(model, target_layer, "target_layer")
         fc = _find_classifier(model) if fc_layer is None else _named_module(model, fc_layer, "fc_layer")
-        if not (isinstance(fc, nn.Linear) or _is_pointwise_conv(fc)):
+        if not (isinstance(fc, nn.Linear) or _is_1x1_conv(fc)):
             raise TypeError(f"fc_layer: expected an nn.Linear or a 1x1 nn.Conv2d, got {type(fc).__name__}")
         self.fc_layer = fc
         self.features: Tensor | None = None
@@ -332,7 +332,7 @@ def overlay(image, cam: Tensor, alpha: float = 0.5, colormap: str = "jet"):
         raise ValueError(f"cam: expected a non-empty [H, W] map, got shape {tuple(cam.shape)}")
     if cam.isnan().any():
         raise ValueError("cam: the map has NaN values, which no colour can show")
-    if not 0.0 <= alpha <= 1.0:
+    if not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
     try:
         cmap = matplotlib.colormaps[colormap]

@@ -19,7 +19,7 @@ def check_input(x, name: str = "x") -> None:
         raise ValueError(f"{name}: expected a non-empty spatial size H x W, got {x.shape[2]} x {x.shape[3]}")
 
 
-def check_small(t: Tensor | None, x: Tensor, shape: tuple[int, ...], name: str) -> Tensor | None:
+def checked_small_as_x(t: Tensor | None, x: Tensor, shape: tuple[int, ...], name: str) -> Tensor | None:
     """Check a per-sample tensor (gate or scale) against x; return it in x's dtype, contiguous."""
     if t is None:
         return None
@@ -46,7 +46,7 @@ def spatial_pool(
     """Mean and max over C of ``x * channel_scale[:, :, None, None]`` (x when no scale), from
     one read of x and without storing the product: two [N, 1, H, W] tensors."""
     check_input(x)
-    channel_scale = check_small(channel_scale, x, tuple(x.shape[:2]), "channel_scale")
+    channel_scale = checked_small_as_x(channel_scale, x, tuple(x.shape[:2]), "channel_scale")
     return backends.resolve(backend, x).spatial_pool(x, channel_scale)
 
 
@@ -60,6 +60,6 @@ def gate_apply(
     """``x * channel_gate[n, c] * spatial_gate[n, 0, h, w]`` in one read and one write of x."""
     check_input(x)
     n, c, h, w = x.shape
-    channel_gate = check_small(channel_gate, x, (n, c), "channel_gate")
-    spatial_gate = check_small(spatial_gate, x, (n, 1, h, w), "spatial_gate")
+    channel_gate = checked_small_as_x(channel_gate, x, (n, c), "channel_gate")
+    spatial_gate = checked_small_as_x(spatial_gate, x, (n, 1, h, w), "spatial_gate")
     return backends.resolve(backend, x).gate_apply(x, channel_gate, spatial_gate)

@@ -50,20 +50,6 @@ def gate_apply(x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | No
     return out.to(x.dtype)
 
 
-def cbam(x: Tensor, mlp, spatial) -> Tensor:
-    """The official CBAM forward, unfused.
-
-    ``mlp`` maps an [N, C] pooled vector to [N, C] logits (it is applied to the mean and to the
-    max, and the two results are summed); ``spatial`` maps the [N, 2, H, W] stack [max, mean]
-    of the spatial maps to [N, 1, H, W] logits (conv + BN in the official layout).
-    """
-    avg, mx = channel_pool(x)
-    channel_gate = torch.sigmoid(mlp(avg) + mlp(mx))
-    s_mean, s_max = spatial_pool(x, channel_gate)
-    spatial_gate = torch.sigmoid(spatial(torch.cat([s_max, s_mean], dim=1)))
-    return gate_apply(x, channel_gate, spatial_gate)
-
-
 def cbam_inference(
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight, conv_bias,
     bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,

@@ -296,8 +296,9 @@ def test_overlay_blends_with_alpha():
     cam[2, 3] = 1.0
     heat = overlay(image, cam, alpha=1.0, colormap="gray")
     assert heat.getpixel((3, 2)) == (255, 255, 255) and heat.getpixel((0, 0)) == (0, 0, 0)
-    with pytest.raises(ValueError, match="alpha: expected a value in"):
-        overlay(image, cam, alpha=1.5)
+    for alpha in (1.5, "a"):
+        with pytest.raises(ValueError, match="alpha: expected a value in"):
+            overlay(image, cam, alpha=alpha)
     with pytest.raises(ValueError, match="colormap: unknown matplotlib colormap"):
         overlay(image, cam, colormap="no-such-map")
     with pytest.raises(ValueError, match=r"image: expected \[3, H, W\]"):

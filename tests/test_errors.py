@@ -99,3 +99,26 @@ def test_an_argmax_of_another_input_is_refused(memory_format):
         ops.spatial_pool_backward(grad, grad, channels, small, None)
     with pytest.raises(ValueError, match=r"argmax: expected channels"):
         ops.spatial_pool_backward_add(torch.zeros_like(small), grad, grad, channels, small, None)
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: fused_cbam.nn.CBAM(32, 0), ValueError, "reduction_ratio: expected a positive ratio"),
+        (lambda: fused_cbam.nn.CBAM(8, 16), ValueError, r"reduction_ratio: .* got 8 // 16"),
+        (lambda: fused_cbam.nn.CBAM(32, pool_types=("avg", "sum")), ValueError, "pool_types: expected"),
+        (lambda: fused_cbam.nn.MMYoloCBAM(8), ValueError, r"reduce_ratio: .* got 8 / 16"),
+        (lambda: fused_cbam.nn.MMYoloCBAM(32, reduce_ratio=0), ValueError, "reduce_ratio: expected a positive ratio"),
+        (lambda: fused_cbam.nn.MMYoloCBAM(32, reduce_ratio=4, kernel_size=4), ValueError, "kernel_size: expected an odd"),
+        (lambda: fused_cbam.nn.CbamModule(32, gate_layer="no-such-gate"), ValueError, "gate_layer: expected"),
+        (lambda: fused_cbam.nn.CbamModule(32, spatial_kernel_size=6), ValueError, "kernel_size: expected an odd"),
+        (lambda: fused_cbam.nn.UltralyticsCBAM(16, kernel_size=5), ValueError, "kernel_size: expected 3 or 7"),
+    ],
+    ids=["ratio-0", "no-hidden", "pool", "mmyolo-no-hidden", "mmyolo-ratio-0", "mmyolo-kernel", "timm-gate", "timm-kernel",
+         "ultralytics-kernel"],  # fmt: skip
+)
+def test_bad_constructor_arguments_name_the_argument(make, error, match):
+    """Where the originals raise a ZeroDivisionError, a KeyError, or build a block whose first
+    forward fails inside a conv (mmyolo's hidden size 0)."""
+    with pytest.raises(error, match=match):
+        make()

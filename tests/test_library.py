@@ -37,7 +37,7 @@ def test_library_built_for_another_torch(tmp_path):
     result = _run_with_build_info(tmp_path, "0.0.1", code)
     assert result.returncode == 0, result.stderr
     assert f"built for torch 0.0.1, but torch {torch.__version__} is installed" in result.stderr
-    assert "only the reference backend is available" in result.stderr
+    assert "the compiled backends (cpu, cuda) are unavailable, reference and triton" in result.stderr
     assert "backends ['reference']" in result.stdout
     assert "cbam torch.Size([2, 8, 3, 3])" in result.stdout
     assert "error backend 'cpu' is unavailable" in result.stdout and "pip install --no-build-isolation" in result.stdout

@@ -295,6 +295,12 @@ def test_backward_operators_that_add_refuse_a_gradient_of_another_layout(backend
         ops.spatial_pool_backward_add(torch.zeros(2, 4, 3, 5, device=device), mean, mean, sidx, x, None)
     with pytest.raises(ValueError, match="grad_x.*shape"):
         ops.spatial_pool_backward_add(torch.zeros(2, 4, 3, 6, device=device), mean, mean, sidx, x, None)
+    # A grad_x that is no gradient of any x is named as grad_x, not as x.
+    avg, _, cidx = ops.channel_pool(x)
+    with pytest.raises(ValueError, match="grad_x"):
+        ops.channel_pool_backward_add(torch.zeros(4, 3, 5, device=device), avg, avg, cidx)
+    with pytest.raises(TypeError, match="grad_x"):
+        ops.channel_pool_backward_add(torch.zeros(2, 4, 3, 5, device=device, dtype=torch.int32), avg, avg, cidx)
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_cbam
-from fused_cbam._registrations import _like_x
+from fused_cbam._layout import empty_like_x
 from helpers import COMPILED_BACKENDS, TOLERANCE, TRITON_DEVICE, assert_close, backend_available
 
 OPS = ["channel_pool", "spatial_pool", "gate_apply"]
@@ -163,7 +163,7 @@ def check_against_reference(op: str, backend: str, device: str, case: Case) -> N
         else:
             assert_close(out, ref, atol, f"{op} output {i}")
     if op == "gate_apply":  # the memory format the fake kernel promises
-        promised = _like_x(x).stride()
+        promised = empty_like_x(x).stride()
         assert outs[0].stride() == promised or outs[0].numel() == 0, (
             f"gate_apply output strides {outs[0].stride()}, the fake kernel's {promised} (x's {x.stride()})"
         )

@@ -22,7 +22,7 @@ import fused_cbam.nn  # noqa: E402
 import fused_cbam.triton  # noqa: E402,F401  (registers torch.ops.fused_cbam_triton)
 from fused_cbam import reference  # noqa: E402
 from fused_cbam.triton import _common  # noqa: E402
-from fused_cbam._registrations import _like_x  # noqa: E402
+from fused_cbam._layout import empty_like_x  # noqa: E402
 from helpers import fused_and_reference  # noqa: E402
 
 OPS = torch.ops.fused_cbam_triton
@@ -95,7 +95,7 @@ def first_argmax(v, dim):
 
 
 def assert_format_like_x(t, x):
-    assert t.stride() == _like_x(x).stride(), (t.stride(), _like_x(x).stride())
+    assert t.stride() == empty_like_x(x).stride(), (t.stride(), empty_like_x(x).stride())
 
 
 @pytest.fixture

@@ -44,22 +44,23 @@ at::Tensor dense(const at::Tensor& x) {
   return x.is_contiguous() || is_channels_last(x) ? x : x.contiguous();
 }
 
-void check_input(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (N, C, H, W), got ", x.dim(), "-D");
+void check_input(const at::Tensor& x, const char* name = "x") {
+  TORCH_CHECK_VALUE(
+      x.dim() == 4, name, ": expected a 4-D tensor (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK_TYPE(
-      at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ",
+      at::isFloatingType(x.scalar_type()), name, ": expected a floating-point tensor, got ",
       x.scalar_type());
   TORCH_CHECK_VALUE(
-      x.size(2) * x.size(3) > 0, "x: expected a non-empty spatial size, got H x W = ", x.size(2),
-      " x ", x.size(3));
+      x.size(2) * x.size(3) > 0, name, ": expected a non-empty spatial size, got H x W = ",
+      x.size(2), " x ", x.size(3));
   // The kernels track arg-max channels in float lanes, exact below 2^24; arg-max positions are
   // stored in int32.
   TORCH_CHECK_VALUE(
-      x.size(1) > 0 && x.size(1) < (int64_t{1} << 24),
-      "x: expected between 1 and 2^24 - 1 channels, got ", x.size(1));
+      x.size(1) > 0 && x.size(1) < (int64_t{1} << 24), name,
+      ": expected between 1 and 2^24 - 1 channels, got ", x.size(1));
   TORCH_CHECK_VALUE(
-      x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(),
-      "x: expected H * W < 2^31, got H x W = ", x.size(2), " x ", x.size(3));
+      x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(), name,
+      ": expected H * W < 2^31, got H x W = ", x.size(2), " x ", x.size(3));
 }
 
 // The arg-max a forward operator returned: its shape, int32, every index in [0, bound) (the
@@ -138,7 +139,7 @@ at::Tensor channel_pool_backward(
 // A gradient of x that a backward operator adds into: x's shape and dtype, dense in x's memory
 // format (x itself when given, else its own).
 void check_accumulator(const at::Tensor& grad_x, const at::Tensor& like) {
-  check_input(grad_x);
+  check_input(grad_x, "grad_x");
   check_like(grad_x, like, like.sizes(), "grad_x");
   TORCH_CHECK_VALUE(
       grad_x.is_contiguous(format_of(like)) && (grad_x.is_contiguous() || is_channels_last(grad_x)),

@@ -233,10 +233,11 @@ class FusedBlock(GateInspection, nn.Module):
         return None
 
     def _inference(self, x: Tensor) -> Tensor | None:
-        """The whole block in one operator, when nothing needs a gradient or the gates and the
-        backend has that operator: x is read from memory once instead of three times (its
-        backward recomputes the block in plain PyTorch, for traced graphs). Not under autocast,
-        where the MLP and the conv follow autocast (the operator computes in x's dtype)."""
+        """The whole block in one operator, when neither a gradient nor the kept gates are needed,
+        outside autocast, the parts run nothing but their forward, and the backend has that
+        operator: x is read from memory once instead of three times (its backward recomputes the
+        block in plain PyTorch, for traced graphs). Not under autocast, where the MLP and the conv
+        follow autocast (the operator computes in x's dtype)."""
         if self.keep_gates:
             return None
         # In a torch.jit.trace, the module's configuration alone decides, eval mode (the trace's

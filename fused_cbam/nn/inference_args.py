@@ -7,9 +7,7 @@ from torch import nn
 
 
 def is_sigmoid(fn) -> bool:
-    return fn is torch.sigmoid or type(fn) is nn.Sigmoid or (
-        type(fn).__name__ == "Sigmoid" and type(fn).__module__.startswith("timm.")
-    )
+    return fn is torch.sigmoid or type(fn) is nn.Sigmoid or is_timm_class(fn, "Sigmoid")
 
 
 def is_pointwise(fc: nn.Module) -> bool:
@@ -52,8 +50,7 @@ def is_plain_batch_norm(bn: nn.Module) -> bool:
     if type(bn) is nn.BatchNorm2d:
         return True
     act_free = all(type(child) is nn.Identity for child in bn.children())
-    timm_class = type(bn).__name__ == "BatchNormAct2d" and type(bn).__module__.startswith("timm.")
-    return isinstance(bn, nn.BatchNorm2d) and timm_class and act_free
+    return isinstance(bn, nn.BatchNorm2d) and is_timm_class(bn, "BatchNormAct2d") and act_free
 
 
 def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
@@ -97,8 +94,9 @@ def _is_part_or_none(value) -> bool:
     return value is None or isinstance(value, nn.Module)
 
 
-def is_timm_class(module: nn.Module, name: str) -> bool:
-    return type(module).__name__ == name and type(module).__module__.startswith("timm.")
+def is_timm_class(obj, name: str) -> bool:
+    """Whether obj's class is timm's class ``name`` (by name and module: timm is optional)."""
+    return type(obj).__name__ == name and type(obj).__module__.startswith("timm.")
 
 
 def plain_block(mlp: list | None, conv: list | None, *gates) -> list | None:

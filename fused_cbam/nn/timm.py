@@ -34,7 +34,10 @@ def make_gate(gate_layer) -> nn.Module:
     except ImportError:
         create_act_layer = None
     if create_act_layer is not None:
-        return create_act_layer(gate_layer)
+        try:
+            return create_act_layer(gate_layer)
+        except KeyError:  # timm's own error is the bare name
+            raise ValueError(f"gate_layer: expected an activation timm knows, got {gate_layer!r}") from None
     if not isinstance(gate_layer, str):
         return gate_layer()
     known = {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "hardsigmoid": nn.Hardsigmoid}

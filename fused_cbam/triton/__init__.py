@@ -21,7 +21,7 @@ How this path differs from the C++/CUDA one:
 - an x without channels or pixels (C == 0 or H * W == 0) raises ValueError, as in C++.
 
 Memory format: x may be NCHW-contiguous or channels_last; outputs shaped like x follow
-``_registrations._like_x`` (channels_last iff x is channels_last-contiguous and not contiguous).
+``_layout.empty_like_x`` (channels_last iff x is channels_last-contiguous and not contiguous).
 A channels_last x is read in place; any other layout is made contiguous first.
 """
 
@@ -106,5 +106,3 @@ def _cbam_inference_op(
 
 
 _registrations.register(NAMESPACE)
-
-ops = getattr(torch.ops, NAMESPACE)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._registrations import _is_channels_last
+from .._layout import is_channels_last
 
 
 def _interpreting() -> bool:
@@ -178,7 +178,7 @@ def check_accumulator(grad_x: torch.Tensor, op: str, x: torch.Tensor = None) -> 
     x = grad_x if x is None else x
     check_like(grad_x, x, x.shape, "grad_x", op)
     check_x(grad_x, op, "grad_x")
-    channels_last = _is_channels_last(x)
+    channels_last = is_channels_last(x)
     if not grad_x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format):
         raise ValueError(
             f"fused_cbam_triton::{op}: grad_x: expected a tensor dense in x's memory format "
@@ -189,7 +189,7 @@ def check_accumulator(grad_x: torch.Tensor, op: str, x: torch.Tensor = None) -> 
 def layout(x: torch.Tensor, like: torch.Tensor = None):
     """``(x', channels_last, (stride_n, stride_c, stride_p))`` with x' in the memory format of ``like``.
 
-    ``like`` (default x) decides the format by the rule of ``_registrations._like_x``: channels_last
+    ``like`` (default x) decides the format by the rule of ``_layout.empty_like_x``: channels_last
     when it is channels_last-contiguous and not contiguous, else NCHW-contiguous; x' is x itself
     when it already has that format (no copy of a channels_last x). P = H * W has a single stride
     in both formats (1 for NCHW, C for channels_last), which is all the kernels use.
@@ -197,7 +197,7 @@ def layout(x: torch.Tensor, like: torch.Tensor = None):
     like = x if like is None else like
     n, c, h, w = like.shape
     p = h * w
-    if _is_channels_last(like):
+    if is_channels_last(like):
         return x.contiguous(memory_format=torch.channels_last), True, (p * c, 1, c)
     return x.contiguous(), False, (c * p, p, 1)
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._registrations import _like_x
+from .._layout import empty_like_x
 from ._common import (
     INTERPRET_CONFIG,
     POINTWISE_CL,
@@ -179,7 +179,7 @@ def _backward_into(dx, grad_avg, grad_max, argmax, accumulate: bool, op: str) ->
 
 def channel_pool_backward(grad_avg, grad_max, argmax, x):
     check_x(x, "channel_pool_backward")
-    dx = _like_x(x)
+    dx = empty_like_x(x)
     _backward_into(dx, grad_avg, grad_max, argmax, False, "channel_pool_backward")
     return dx
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._registrations import _like_x
+from .._layout import empty_like_x
 from ._common import (
     INTERPRET_CONFIG,
     POINTWISE_CL,
@@ -94,7 +94,7 @@ def _gates(x, g, h, op):
 def gate_apply(x: torch.Tensor, channel_gate, spatial_gate):
     check_x(x, "gate_apply")
     g, h = _gates(x, channel_gate, spatial_gate, "gate_apply")
-    out = _like_x(x)
+    out = empty_like_x(x)
     gate_apply_into(x, g, h, out)
     return out
 
@@ -189,7 +189,7 @@ def gate_apply_backward(grad_out, x, channel_gate, spatial_gate):
     check_like(grad_out, x, x.shape, "grad_out", op)
     grad_g = x.new_empty(n, c) if g is not None else x.new_empty(0)
     grad_h = x.new_empty(n, 1, hh, ww) if h is not None else x.new_empty(0)
-    dx = _like_x(x)
+    dx = empty_like_x(x)
     if dx.numel() == 0:
         return dx, grad_g.zero_(), grad_h.zero_()
     grad_out, _, _ = layout(grad_out, like=x)

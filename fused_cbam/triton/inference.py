@@ -17,13 +17,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._registrations import _like_x
+from .._layout import empty_like_x
 from ._common import INTERPRET, cast_to, check_x, device_guard, layout
 from .channel_pool import channel_pool
 from .gate_apply import gate_apply_into
 from .spatial_pool import spatial_pool
 
-_OP = "fused_cbam_triton::cbam_inference"
 _INTERPRETER_CHUNK = 2
 
 
@@ -164,7 +163,7 @@ def cbam_inference(
     w1, b1, w2, b2 = _mlp_parameters(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling)
     conv, maps, k = _conv_parameters(x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias)
     x = layout(x)[0]
-    out = _like_x(x)
+    out = empty_like_x(x)
     if out.numel() == 0:
         return out
     chunk = _samples_per_chunk(x)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._registrations import _like_x
+from .._layout import empty_like_x
 from ._common import (
     INTERPRET_CONFIG,
     REDUCE_CL,
@@ -161,7 +161,7 @@ _BACKWARD = tuned_backward(_backward_kernel, REDUCE_NCHW, REDUCE_CL)
 
 def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
     check_x(x, "spatial_pool_backward")
-    dx = _like_x(x)
+    dx = empty_like_x(x)
     grad_scale = _backward_into(dx, grad_mean, grad_max, argmax, x, scale, False, "spatial_pool_backward")
     return dx, grad_scale
 
