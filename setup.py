@@ -79,7 +79,7 @@ def _cuda_math_includes():
 
 
 def _extension():
-    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "cpu", "ops_cpu.cpp")]
+    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "autograd.cpp", os.path.join("cpu", "ops_cpu.cpp"))]
     kwargs = dict(name="fused_cbam._C", extra_link_args=["-fopenmp"])
     if not WITH_CUDA:
         return CppExtension(sources=sources, extra_compile_args={"cxx": CXX_FLAGS}, **kwargs)

@@ -1,8 +1,10 @@
 """Fake (shape-only) kernels and autograd formulas of the operators.
 
 Every operator namespace that implements the fused_cbam operators (``fused_cbam`` for the
-C++/CUDA kernels, ``fused_cbam_triton`` for the Triton ones) gets the same registrations, so
-``torch.compile`` traces each of them, forward and backward, and ``opcheck`` passes.
+C++/CUDA kernels, ``fused_cbam_triton`` for the Triton ones) gets the same fake kernels, so
+``torch.compile`` traces each of them, forward and backward, and ``opcheck`` passes. The three
+forward operators' autograd is here for Triton's; the C++ library registers its own
+(csrc/autograd.cpp), so that gradients are right without Python too.
 """
 
 import torch
@@ -149,13 +151,14 @@ def _cbam_inference_backward(ctx, grad_out):
     return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
 
 
-def register(namespace: str) -> None:
-    """Register fake kernels for every operator, autograd for the three forward ones and for
-    ``cbam_inference`` (a recomputation in plain PyTorch)."""
+def register(namespace: str, forward_autograd: bool = True) -> None:
+    """Register fake kernels for every operator, autograd for ``cbam_inference`` (a
+    recomputation in plain PyTorch) and, with ``forward_autograd``, for the three forward
+    operators (the C++ library registers theirs with its kernels: csrc/autograd.cpp)."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
     ops = getattr(torch.ops, namespace)
-    for name, (backward, setup_context) in _autograd(ops).items():
+    for name, (backward, setup_context) in _autograd(ops).items() if forward_autograd else ():
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
     torch.library.register_autograd(
         f"{namespace}::cbam_inference", _cbam_inference_backward, setup_context=_setup_cbam_inference

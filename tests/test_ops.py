@@ -309,6 +309,41 @@ def test_opcheck_every_operator(backend, device):
         torch.library.opcheck(op, args)
 
 
+_LIBRARY_ALONE = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])  # the operators, and none of the Python package's registrations
+assert "fused_cbam" not in sys.modules
+torch.manual_seed(0)
+x = torch.randn(2, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+g = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
+ops = torch.ops.fused_cbam
+avg, mx, _ = ops.channel_pool(x)
+mean, smx, _ = ops.spatial_pool(x, g)
+out = ops.gate_apply(x, g, mean.sigmoid())
+((avg * avg).sum() + mx.sum() + (mean * smx).sum() + out.square().sum()).backward()
+torch.save({"x": x.detach(), "g": g.detach(), "grad_x": x.grad, "grad_g": g.grad}, sys.argv[2])
+"""
+
+
+def test_the_library_alone_has_the_forward_operators_gradients(tmp_path):
+    """Loaded without the Python package (a TorchScript or AOTInductor graph run from C++, or
+    torch.ops.load_library), the forward operators still have their autograd: before, their
+    gradients were silently missing (only PyTorch's warning that no autograd kernel exists)."""
+    skip_unless_available("cpu")
+    import fused_cbam._C
+
+    saved = tmp_path / "grads.pt"
+    subprocess.run([sys.executable, "-c", _LIBRARY_ALONE, fused_cbam._C.__file__, str(saved)], check=True, timeout=120)
+    got = torch.load(saved)
+    x, g = got["x"].requires_grad_(), got["g"].requires_grad_()
+    avg, mx = reference.channel_pool(x)
+    mean, smx = reference.spatial_pool(x, g)
+    out = reference.gate_apply(x, g, mean.sigmoid())
+    ((avg * avg).sum() + mx.sum() + (mean * smx).sum() + out.square().sum()).backward()
+    assert_close(got["grad_x"], x.grad, 1e-12, "grad of x")
+    assert_close(got["grad_g"], g.grad, 1e-12, "grad of g")
+
+
 def test_every_operator_has_a_kernel_for_each_built_device():
     from fused_cbam import _library
 
