@@ -67,7 +67,7 @@ def test_the_gate_checks_the_inference_path_that_the_forward_timing_takes(tmp_pa
     # The training step, which agrees, is still timed; the table says which mode was refused.
     rows = [json.loads(line) for line in next(tmp_path.glob("bench-*.jsonl")).read_text().splitlines()]
     cpu = {r["mode"]: r for r in rows if r["provider"] == "cpu"}
-    assert set(cpu) == {"refused", "forward+backward"} and cpu["refused"]["refused_modes"] == ["forward"]
+    assert set(cpu) == {"refused", "forward+backward"} and list(cpu["refused"]["errors"]) == ["forward"]
     assert "| nchw | 32x6x6 | cpu | refused |" in report.block_table(rows)
 
 
@@ -80,10 +80,10 @@ def test_report_uses_the_latest_full_run_and_refuses_what_it_cannot_use(tmp_path
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r["median_ms"] for r in report.latest_run(rows)] == [1.0]  # not the later --quick run
     assert [r["median_ms"] for r in report.latest_run(rows[1:])] == [9.0]
-    assert "| 1.000 |" in report.readme_section([path]) and "--quick" not in report.readme_section([path])
+    section = report.readme_section({path: report.latest_run(rows)})
+    assert "| 1.000 |" in section and "--quick" not in section
     quick_only = tmp_path / "bench-cpu-quick.jsonl"
-    quick_only.write_text(json.dumps(rows[1]) + "\n")
-    assert "(a --quick run: short timings)" in report.readme_section([quick_only])
+    assert "(a --quick run: short timings)" in report.readme_section({quick_only: rows[1:]})
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
     empty = tmp_path / "bench-empty.jsonl"

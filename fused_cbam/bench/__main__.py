@@ -156,7 +156,7 @@ def bench_block(runner, providers, shape, fmt, env):
         refused = _refused_modes(correctness_gate(module, ref, x, grad), args.dtype) if provider.kind == "fused" else {}
         if refused:
             tqdm.write(f"REFUSED {provider.name} at {base['shape']} {fmt}: {refused}")
-            rows.append(dict(base, mode="refused", refused_modes=sorted(refused), errors=refused))
+            rows.append(dict(base, mode="refused", errors=refused))
         if "forward" not in refused:
             module.eval()
             with torch.no_grad():

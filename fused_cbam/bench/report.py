@@ -28,6 +28,7 @@ def _graph_cells(r) -> list[str]:
 
 
 _GRAPH_HEADER = " graph ms | kernels | busy ms |"
+_BLOCK_MODES = ("forward", "forward+backward")
 
 
 def block_table(rows) -> str:
@@ -43,13 +44,14 @@ def block_table(rows) -> str:
     for (fmt, shape), by_provider in _block_rows(rows).items():
         ref = by_provider.get("reference", {})
         for provider, modes in by_provider.items():
-            # (older records refused both modes in one row that names neither)
-            refused = modes.get("refused", {}).get("refused_modes", ["forward", "forward+backward"] if "refused" in modes else [])
-            if len(refused) == 2:
+            # the modes refused, with their errors (older records refused both, in a row without them)
+            refused_row = modes.get("refused")
+            refused = refused_row.get("errors", _BLOCK_MODES) if refused_row else {}
+            if len(refused) == len(_BLOCK_MODES):
                 lines.append(f"| {fmt} | {shape} | {provider} | refused: disagrees with the reference |" + " |" * (8 if gpu else 5))
                 continue
             cells = []
-            for mode in ("forward", "forward+backward"):
+            for mode in _BLOCK_MODES:
                 r = modes.get(mode)
                 base = ref.get(mode)
                 cells.append(f"{r['median_ms']:.3f}" if r else "refused" if mode in refused else "")
@@ -97,7 +99,7 @@ def plot(rows, path: Path) -> Path:
     provider_names = [p for p in dict.fromkeys(p for k in keys for p in table[k]) if p != "reference"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     width = 0.8 / max(1, len(provider_names))
-    for ax, mode in zip(axes, ("forward", "forward+backward")):
+    for ax, mode in zip(axes, _BLOCK_MODES):
         for i, provider in enumerate(provider_names):
             speedups = []
             for k in keys:
@@ -129,10 +131,10 @@ def latest_run(rows):
     return [r for r in rows if r["date"] == last]
 
 
-def readme_section(record_paths) -> str:
+def readme_section(runs: dict[Path, list[dict]]) -> str:
+    """The README's tables of each record's run (``latest_run``), keyed by the record's path."""
     parts = []
-    for path in record_paths:
-        rows = latest_run(record.load(path))
+    for path, rows in runs.items():
         env = rows[0]
         quick = " (a --quick run: short timings)" if env.get("quick") else ""
         parts.append(
@@ -154,9 +156,12 @@ def main(argv=None):
     paths = args.records or sorted(Path("benchmarks/results").glob("bench-*.jsonl"))
     if not paths:
         p.error("no records: pass record files, or run from the checkout, where benchmarks/results/bench-*.jsonl are")
+    runs = {}
     for path in paths:
-        if not path.is_file() or not record.load(path):
+        rows = record.load(path) if path.is_file() else []
+        if not rows:
             p.error(f"records: {path} is not a record with measurements")
+        runs[path] = latest_run(rows)
     try:
         text = args.readme.read_text()
     except OSError as e:
@@ -164,9 +169,9 @@ def main(argv=None):
     if README_START not in text or README_END not in text:
         p.error(f"--readme: {args.readme} lacks the markers of the generated tables ({README_START!r} ... {README_END!r})")
     start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    args.readme.write_text(text[:start] + "\n\n" + readme_section(paths) + "\n" + text[end:])
-    for path in paths:
-        plot(latest_run(record.load(path)), path.with_suffix(".png"))
+    args.readme.write_text(text[:start] + "\n\n" + readme_section(runs) + "\n" + text[end:])
+    for path, rows in runs.items():
+        plot(rows, path.with_suffix(".png"))
     print(f"updated {args.readme} from {[str(p) for p in paths]}")
 
 

@@ -93,12 +93,12 @@ class MMYoloChannelAttention(ChannelHalf):
 
     def __init__(self, channels, reduce_ratio=16, act_cfg=_RELU, *, backend="auto"):
         super().__init__(backend)
-        if reduce_ratio <= 0 or int(channels / reduce_ratio) < 1:
+        hidden = int(channels / reduce_ratio) if reduce_ratio > 0 else 0
+        if hidden < 1:
             raise ValueError(
                 f"reduce_ratio: expected a positive ratio with int(channels / reduce_ratio) >= 1, "
                 f"got {channels} / {reduce_ratio}"
             )
-        hidden = int(channels / reduce_ratio)
         self.fc = nn.Sequential(ConvAct(channels, hidden, 1, act_cfg=act_cfg), ConvAct(hidden, channels, 1))
         self.sigmoid = nn.Sigmoid()
 

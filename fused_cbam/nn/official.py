@@ -100,12 +100,12 @@ class ChannelGate(ChannelHalf):
             _warn_reference_pools(pool_types)
         self.gate_channels = gate_channels
         self.pool_types = tuple(pool_types)
-        if reduction_ratio <= 0 or gate_channels // reduction_ratio < 1:
+        hidden = gate_channels // reduction_ratio if reduction_ratio > 0 else 0
+        if hidden < 1:
             raise ValueError(
                 f"reduction_ratio: expected a positive ratio with gate_channels // reduction_ratio >= 1, "
                 f"got {gate_channels} // {reduction_ratio}"
             )
-        hidden = gate_channels // reduction_ratio
         self.mlp = nn.Sequential(
             Flatten(), nn.Linear(gate_channels, hidden), nn.ReLU(), nn.Linear(hidden, gate_channels)
         )
