@@ -1,7 +1,6 @@
 // Operator schemas of the fused_cbam namespace, declared once; each backend adds kernels with
-// TORCH_LIBRARY_IMPL (csrc/cpu/, csrc/cuda/), the three forward operators' autograd is in
-// csrc/autograd.cpp, and the fake kernels and cbam_inference's autograd live in Python
-// (fused_cbam/_registrations.py).
+// TORCH_LIBRARY_IMPL (csrc/cpu/, csrc/cuda/), the forward operators' autograd is in
+// csrc/autograd.cpp, and the fake kernels live in Python (fused_cbam/_registrations.py).
 //
 // x is [N, C, H, W] (NCHW or channels_last), P = H * W. Gates and scales have x's dtype.
 //   channel_pool(x)            -> avg [N, C], max [N, C] (x's dtype), argmax [N, C] int32 (index p)

@@ -2,9 +2,9 @@
 
 Every operator namespace that implements the fused_cbam operators (``fused_cbam`` for the
 C++/CUDA kernels, ``fused_cbam_triton`` for the Triton ones) gets the same fake kernels, so
-``torch.compile`` traces each of them, forward and backward, and ``opcheck`` passes. The three
-forward operators' autograd is here for Triton's; the C++ library registers its own
-(csrc/autograd.cpp), so that gradients are right without Python too.
+``torch.compile`` traces each of them, forward and backward, and ``opcheck`` passes. The forward
+operators' autograd is here for Triton's; the C++ library registers its own (csrc/autograd.cpp),
+so that gradients are right without Python too.
 """
 
 import torch
@@ -72,7 +72,8 @@ def _refuse_double_backward(*tensors) -> None:
 
 
 def _autograd(ops):
-    """Backward formulas that call the namespace's own backward operators."""
+    """Backward formulas: the three training operators' call the namespace's own backward
+    operators, cbam_inference's recomputes the block."""
 
     def channel_pool_backward(ctx, grad_avg, grad_max, _grad_argmax):
         x, argmax = ctx.saved_tensors
@@ -99,6 +100,7 @@ def _autograd(ops):
         "channel_pool": (channel_pool_backward, _setup_channel_pool),
         "spatial_pool": (spatial_pool_backward, _setup_spatial_pool),
         "gate_apply": (gate_apply_backward, _setup_gate_apply),
+        "cbam_inference": (_cbam_inference_backward, _setup_cbam_inference),
     }
 
 
@@ -151,15 +153,12 @@ def _cbam_inference_backward(ctx, grad_out):
     return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
 
 
-def register(namespace: str, forward_autograd: bool = True) -> None:
-    """Register fake kernels for every operator, autograd for ``cbam_inference`` (a
-    recomputation in plain PyTorch) and, with ``forward_autograd``, for the three forward
-    operators (the C++ library registers theirs with its kernels: csrc/autograd.cpp)."""
+def register(namespace: str, autograd: bool = True) -> None:
+    """Register fake kernels for every operator and, with ``autograd``, the forward operators'
+    autograd (the C++ library registers its own with its kernels: csrc/autograd.cpp)."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
-    ops = getattr(torch.ops, namespace)
-    for name, (backward, setup_context) in _autograd(ops).items() if forward_autograd else ():
+    if not autograd:
+        return
+    for name, (backward, setup_context) in _autograd(getattr(torch.ops, namespace)).items():
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
-    torch.library.register_autograd(
-        f"{namespace}::cbam_inference", _cbam_inference_backward, setup_context=_setup_cbam_inference
-    )

@@ -314,34 +314,50 @@ import sys, torch
 torch.ops.load_library(sys.argv[1])  # the operators, and none of the Python package's registrations
 assert "fused_cbam" not in sys.modules
 torch.manual_seed(0)
-x = torch.randn(2, 5, 4, 3, dtype=torch.float64, requires_grad=True)
-g = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
+leaves = {
+    "x": torch.randn(2, 5, 4, 3), "g": torch.rand(2, 5), "fc1": torch.randn(3, 5), "fc1_bias": torch.randn(3),
+    "fc2": torch.randn(5, 3), "conv": torch.randn(1, 2, 3, 3), "bn_weight": torch.randn(1),
+}
+leaves = {name: t.double().requires_grad_() for name, t in leaves.items()}
+x, g = leaves["x"], leaves["g"]
 ops = torch.ops.fused_cbam
 avg, mx, _ = ops.channel_pool(x)
 mean, smx, _ = ops.spatial_pool(x, g)
 out = ops.gate_apply(x, g, mean.sigmoid())
-((avg * avg).sum() + mx.sum() + (mean * smx).sum() + out.square().sum()).backward()
-torch.save({"x": x.detach(), "g": g.detach(), "grad_x": x.grad, "grad_g": g.grad}, sys.argv[2])
+block = ops.cbam_inference(
+    x, leaves["fc1"], leaves["fc1_bias"], leaves["fc2"], None, "sum", leaves["conv"], None,
+    torch.zeros(1, dtype=x.dtype), torch.ones(1, dtype=x.dtype), leaves["bn_weight"], None, 1e-5, True,
+)
+loss = (avg * avg).sum() + mx.sum() + (mean * smx).sum() + out.square().sum() + block.square().sum()
+loss.backward()
+torch.save({name: (t.detach(), t.grad) for name, t in leaves.items()}, sys.argv[2])
 """
 
 
 def test_the_library_alone_has_the_forward_operators_gradients(tmp_path):
     """Loaded without the Python package (a TorchScript or AOTInductor graph run from C++, or
-    torch.ops.load_library), the forward operators still have their autograd: before, their
-    gradients were silently missing (only PyTorch's warning that no autograd kernel exists)."""
+    torch.ops.load_library), the forward operators still have their autograd, cbam_inference's
+    included: before, their gradients were silently missing (only PyTorch's warning that no
+    autograd kernel exists)."""
     skip_unless_available("cpu")
     import fused_cbam._C
 
     saved = tmp_path / "grads.pt"
     subprocess.run([sys.executable, "-c", _LIBRARY_ALONE, fused_cbam._C.__file__, str(saved)], check=True, timeout=120)
     got = torch.load(saved)
-    x, g = got["x"].requires_grad_(), got["g"].requires_grad_()
+    leaves = {name: value.requires_grad_() for name, (value, _) in got.items()}
+    x, g = leaves["x"], leaves["g"]
     avg, mx = reference.channel_pool(x)
     mean, smx = reference.spatial_pool(x, g)
     out = reference.gate_apply(x, g, mean.sigmoid())
-    ((avg * avg).sum() + mx.sum() + (mean * smx).sum() + out.square().sum()).backward()
-    assert_close(got["grad_x"], x.grad, 1e-12, "grad of x")
-    assert_close(got["grad_g"], g.grad, 1e-12, "grad of g")
+    block = reference.cbam_inference(
+        x, leaves["fc1"], leaves["fc1_bias"], leaves["fc2"], None, "sum", leaves["conv"], None,
+        torch.zeros(1, dtype=x.dtype), torch.ones(1, dtype=x.dtype), leaves["bn_weight"], None, 1e-5, True,
+    )  # fmt: skip
+    loss = (avg * avg).sum() + mx.sum() + (mean * smx).sum() + out.square().sum() + block.square().sum()
+    loss.backward()
+    for name, (_, grad) in got.items():
+        assert_close(grad, leaves[name].grad, 1e-12, f"grad of {name}")
 
 
 def test_every_operator_has_a_kernel_for_each_built_device():
