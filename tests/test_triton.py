@@ -353,6 +353,32 @@ def test_backward_deterministic():
         assert torch.equal(a, b)
 
 
+def test_extents_whose_loops_would_wrap_are_refused():
+    """H·W or C within a block of 2^31: the kernels' int32 loops would wrap past the last block."""
+    one = torch.empty(1, 1, 1, 1, device=DEVICE)
+    _common.check_x(one.expand(1, 1, 1, _common.MAX_EXTENT), "channel_pool")
+    _common.check_x(one.expand(1, _common.MAX_EXTENT, 1, 1), "channel_pool")
+    for shape in [(1, 1, 3, 715827882), (1, 1, 1, 2**31 - 1), (1, _common.MAX_EXTENT + 1, 1, 1)]:
+        with pytest.raises(ValueError, match=r"x must have C and H \* W of at most 2\^31 - 1024"):
+            _common.check_x(one.expand(shape), "channel_pool")
+
+
+def test_tuned_kernels_launch_one_call_at_a_time(monkeypatch):
+    """Triton's autotuner keeps the call it is timing on itself: two threads tuning one kernel at
+    once would mix up their arguments (and an adding kernel's restored grad_x). Every launch of a
+    tuned kernel holds the lock."""
+    held = []
+    for tuner, _ in _common.TUNED_KERNELS:
+
+        def run(*args, _run=tuner.run, **kwargs):
+            held.append(_common.TUNER_LOCK.locked())
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(tuner, "run", run)
+    check_block((1, 3, 5, 7), "nchw")
+    assert len(held) >= 5 and all(held), held
+
+
 def test_errors():
     with pytest.raises(TypeError, match="float64"):
         OPS.channel_pool(torch.randn(1, 2, 3, 3, device=DEVICE, dtype=torch.float64))
@@ -453,7 +479,7 @@ def _split_bounds_kernel(bounds_ptr, length, BLOCK: tl.constexpr):
     tl.store(bounds_ptr + 2 * split + 1, end.to(tl.int64))
 
 
-@pytest.mark.parametrize("length", [1, 1000, 2**31 - 1], ids=str)
+@pytest.mark.parametrize("length", [1, 1000, _common.MAX_EXTENT], ids=str)
 def test_split_ranges_tile_the_row_up_to_2_31(length):
     """The splits of a row (4 per SM on a GPU: 528 on an H200; GPU block length) cover it exactly,
     in order, at lengths up to the largest H·W that check_x takes."""

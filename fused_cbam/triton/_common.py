@@ -12,6 +12,7 @@
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -60,10 +61,32 @@ def configs_to_try(gpu_configs, interpret_config) -> list:
 # GPU may pick has run in CI (tests/test_triton.py).
 TUNED_KERNELS: list = []
 
+# Triton's Autotuner keeps the call it is timing on itself (its arguments, the copies it restores
+# afterwards), so two threads tuning one kernel at once (nn.DataParallel's replicas, a threaded
+# server) mix them up: an adding kernel's grad_x is restored from the other call's copy, or the
+# tuner fails on the other call's arguments. Every launch of a tuned kernel holds this lock.
+TUNER_LOCK = threading.Lock()
+
+
+class _OneCallAtATime:
+    """A tuned kernel whose launches (``kernel[grid](...)``) hold ``TUNER_LOCK``."""
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+
+    def __getitem__(self, grid):
+        launch = self.tuner[grid]
+
+        def locked(*args, **kwargs):
+            with TUNER_LOCK:
+                return launch(*args, **kwargs)
+
+        return locked
+
 
 def autotune(gpu_configs, interpret_config, key, restore_value=None):
     """``triton.autotune`` over ``configs_to_try(gpu_configs, interpret_config)``, recorded in
-    ``TUNED_KERNELS``.
+    ``TUNED_KERNELS``, launched one call at a time.
 
     Configurations only change block shapes and warps; every kernel accumulates in float32, so the
     choice changes results by rounding at most. ``restore_value`` names the arguments a kernel
@@ -74,7 +97,7 @@ def autotune(gpu_configs, interpret_config, key, restore_value=None):
     def tune(kernel):
         tuner = triton.autotune(configs=configs, key=key, restore_value=restore_value)(kernel)
         TUNED_KERNELS.append((tuner, gpu_configs))
-        return tuner
+        return _OneCallAtATime(tuner)
 
     return tune
 
@@ -133,6 +156,11 @@ def tuned_backward(kernel, nchw_configs, cl_configs) -> dict:
 ROWS_PER_PROGRAM = {False: 4, True: 64}
 
 
+# Positions along H x W and C are int32 in the kernels' loops, which step one block past the last
+# (at most 1024 long): they must not wrap past 2^31.
+MAX_EXTENT = 2**31 - 1024
+
+
 def check_x(x: torch.Tensor, op: str, name: str = "x") -> None:
     where = f"fused_cbam_triton::{op}: {name}"
     if x.dim() != 4:
@@ -146,8 +174,8 @@ def check_x(x: torch.Tensor, op: str, name: str = "x") -> None:
         raise ValueError(
             f"{where} must have at least one channel and a non-empty spatial size, got shape {tuple(x.shape)}"
         )
-    if x.shape[2] * x.shape[3] > 2**31 - 1:  # positions along H x W are int32
-        raise ValueError(f"{where} must have H * W < 2^31, got shape {tuple(x.shape)}")
+    if max(x.shape[1], x.shape[2] * x.shape[3]) > MAX_EXTENT:
+        raise ValueError(f"{where} must have C and H * W of at most 2^31 - 1024, got shape {tuple(x.shape)}")
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
         raise RuntimeError(
             f"{where} is on {x.device}; the Triton kernels need CUDA tensors "
