@@ -23,16 +23,9 @@
 // for the gradient of an absent optional input. channel_pool_backward_add and
 // spatial_pool_backward_add add their gradient of x into grad_x (dense in x's memory format)
 // instead: the fused modules' backward fills one gradient of x.
-#include <Python.h>
+// A plain shared library, without Python: the package loads it with torch.ops.load_library
+// (fused_cbam/_library.py), and a C++ program can dlopen it as it is.
 #include <torch/library.h>
-
-extern "C" {
-// An importable, empty Python module: importing it loads the operator registrations.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 // flexible_layout: the kernels take x in any layout (outputs follow it, as the fake kernels say),
 // so torch.compile hands them its own tensors. With Inductor's default for custom operators

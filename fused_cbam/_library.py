@@ -1,5 +1,6 @@
 """Loads the compiled operator library (fused_cbam._C) once, and says why when it cannot."""
 
+import importlib.machinery
 import json
 import warnings
 from pathlib import Path
@@ -18,14 +19,27 @@ def build_info() -> dict:
         return {}
 
 
+def library_path() -> str | None:
+    """The compiled library's file beside this one (named as Python names an extension module of
+    this interpreter), or None if it was not built. It is a plain shared library, no Python module:
+    C++ programs load it too."""
+    here = Path(__file__).parent
+    found = (here / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    return next((str(path) for path in found if path.is_file()), None)
+
+
 def _load() -> str | None:
-    """Import the library; return None on success, else the reason it is unavailable."""
+    """Load the library (its operators register themselves); None on success, else the reason it
+    is unavailable."""
     built_for = build_info().get("torch")
     if built_for is not None and built_for != torch.__version__:
         return f"fused_cbam._C was built for torch {built_for}, but torch {torch.__version__} is installed"
+    path = library_path()
+    if path is None:
+        return "fused_cbam._C is not built"
     try:
-        from fused_cbam import _C  # noqa: F401  (importing registers the operators)
-    except ImportError as error:
+        torch.ops.load_library(path)
+    except OSError as error:
         return f"fused_cbam._C could not be loaded ({error})"
     return None
 

@@ -1,14 +1,16 @@
 """Every compiled operator against the reference: values, arg-max, gradients, gradcheck, opcheck."""
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import fused_cbam
-from fused_cbam import reference
+from fused_cbam import _library, reference
 from helpers import (
     COMPILED_BACKENDS,
     FORMATS,
@@ -383,16 +385,43 @@ torch.save({name: (t.detach(), t.grad) for name, t in leaves.items()}, sys.argv[
 """
 
 
+_DLOPEN_NOW = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+int main(int argc, char** argv) {
+  if (!dlopen(argv[1], RTLD_NOW | RTLD_LOCAL)) { fprintf(stderr, "%s\n", dlerror()); return 1; }
+  return 0;
+}
+"""
+
+
+def test_a_program_without_python_loads_the_library(tmp_path):
+    """A C++ program (a libtorch application, say) can dlopen the library with every symbol
+    bound at once (RTLD_NOW): it needs libtorch, not Python. Before, its Python module init left
+    PyModule_Create2 unresolved there."""
+    skip_unless_available("cpu")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    program = tmp_path / "dlopen_now"
+    subprocess.run([compiler, "-x", "c", "-", "-o", str(program), "-ldl"], input=_DLOPEN_NOW, text=True, check=True)
+    site = Path(torch.__file__).parent.parent
+    libraries = [str(Path(torch.__file__).parent / "lib"), *map(str, sorted(site.glob("nvidia/*/lib")))]
+    result = subprocess.run(
+        [str(program), _library.library_path()], capture_output=True, text=True, timeout=60,
+        env={"LD_LIBRARY_PATH": os.pathsep.join(libraries), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_library_alone_has_the_forward_operators_gradients(tmp_path):
     """Loaded without the Python package (a TorchScript or AOTInductor graph run from C++, or
     torch.ops.load_library), the forward operators still have their autograd, cbam_inference's
     included: before, their gradients were silently missing (only PyTorch's warning that no
     autograd kernel exists)."""
     skip_unless_available("cpu")
-    import fused_cbam._C
-
     saved = tmp_path / "grads.pt"
-    subprocess.run([sys.executable, "-c", _LIBRARY_ALONE, fused_cbam._C.__file__, str(saved)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", _LIBRARY_ALONE, _library.library_path(), str(saved)], check=True, timeout=120)
     got = torch.load(saved)
     leaves = {name: value.requires_grad_() for name, (value, _) in got.items()}
     x, g = leaves["x"], leaves["g"]
@@ -410,7 +439,6 @@ def test_the_library_alone_has_the_forward_operators_gradients(tmp_path):
 
 
 def test_every_operator_has_a_kernel_for_each_built_device():
-    from fused_cbam import _library
 
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_cbam::")]
     assert len(names) == 9
