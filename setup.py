@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 
 def _find_cuda_home():
@@ -35,6 +36,17 @@ from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_sources_module():
+    """fused_cbam/_sources.py alone (the package itself is not built yet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fused_cbam_sources", os.path.join(ROOT, "fused_cbam", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 DEBUG = os.environ.get("DEBUG") == "1"
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
@@ -114,6 +126,7 @@ class BuildExtensionWithCpuCapabilities(BuildExtension):
             "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None,
             "cpu_capabilities": list(CPU_CAPABILITIES),
             "python": sys.version.split()[0],
+            "sources": _load_sources_module().digest(Path(ROOT) / "csrc"),
         }
         # Beside the library in the build tree (wheels), and in the source package (editable
         # installs, whose library is copied out of a temporary build tree).

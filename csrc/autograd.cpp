@@ -233,11 +233,15 @@ class CbamInference : public torch::autograd::Function<CbamInference> {
   }
 };
 
-bool any_requires_grad(std::initializer_list<OptionalTensor> tensors) {
-  return at::GradMode::is_enabled() &&
-         std::any_of(tensors.begin(), tensors.end(), [](const OptionalTensor& t) {
-           return t.has_value() && t->defined() && t->requires_grad();
-         });
+// Whether autograd has anything to record: a tensor that requires a gradient (in grad mode), or
+// one with a forward-mode tangent, which autograd::Function refuses with its own error (it has no
+// jvp here) rather than returning an output without a tangent.
+bool autograd_needed(std::initializer_list<OptionalTensor> tensors) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  return std::any_of(tensors.begin(), tensors.end(), [grad_mode](const OptionalTensor& t) {
+    return t.has_value() && t->defined() &&
+           ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined());
+  });
 }
 
 at::Tensor cbam_inference(
@@ -246,10 +250,8 @@ at::Tensor cbam_inference(
     const at::Tensor& conv_weight, const OptionalTensor& conv_bias, const OptionalTensor& bn_mean,
     const OptionalTensor& bn_var, const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
     double bn_eps, bool max_first) {
-  const bool any_grad = any_requires_grad({x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                           conv_weight, conv_bias, bn_mean, bn_var, bn_weight,
-                                           bn_bias});
-  if (!any_grad) {  // the modules' case: no autograd node to build
+  if (!autograd_needed({x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias,
+                        bn_mean, bn_var, bn_weight, bn_bias})) {  // the modules' case: no autograd node to build
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return CbamInference::call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling,
                                conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from fused_cbam import _sources
+
 _BUILD_INFO = Path(__file__).with_name("_build_info.json")
 REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -e .  (from the fused_cbam checkout)"
 
@@ -39,18 +41,45 @@ def _load() -> str | None:
         return "fused_cbam._C is not built"
     try:
         torch.ops.load_library(path)
-    except OSError as error:
-        return f"fused_cbam._C could not be loaded ({error})"
+    except OSError as error:  # (torch keeps the loader's own message, e.g. a missing symbol, as the cause)
+        return f"fused_cbam._C could not be loaded ({error.__cause__ or error})"
     return None
 
 
+def _warn_if_stale() -> None:
+    """In a source checkout, whether csrc/ changed since the library was built (a pull without a
+    rebuild): the library then lacks what the Python side expects of it."""
+    csrc = Path(__file__).parent.parent / "csrc"
+    if csrc.is_dir() and build_info().get("sources") != _sources.digest(csrc):
+        warnings.warn(
+            f"fused_cbam._C was built from other sources than this checkout's {csrc} (changed since "
+            f"the build); {REBUILD_HINT}",
+            stacklevel=3,
+        )
+
+
 LOAD_ERROR = _load()
-if LOAD_ERROR is not None:
+if LOAD_ERROR is None:
+    _warn_if_stale()
+else:
     warnings.warn(
         f"{LOAD_ERROR}; the compiled backends (cpu, cuda) are unavailable, reference and triton (where it "
         f"runs) still work. To fix, {REBUILD_HINT}",
         stacklevel=2,
     )
+
+
+FORWARD_OPERATORS = ("channel_pool", "spatial_pool", "gate_apply", "cbam_inference")
+
+
+def operators_without_autograd() -> list[str]:
+    """The forward operators whose autograd the library does not register itself: none of today's,
+    but a library built before csrc/autograd.cpp had them all (a checkout pulled, not rebuilt) gets
+    the Python autograd for those, rather than silently no gradients."""
+    return [
+        name for name in FORWARD_OPERATORS
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_cbam::{name}", "Autograd")
+    ]  # fmt: skip
 
 
 def has_kernels(dispatch_key: str) -> bool:

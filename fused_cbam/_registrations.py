@@ -153,12 +153,12 @@ def _cbam_inference_backward(ctx, grad_out):
     return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
 
 
-def register(namespace: str, autograd: bool = True) -> None:
-    """Register fake kernels for every operator and, with ``autograd``, the forward operators'
-    autograd (the C++ library registers its own with its kernels: csrc/autograd.cpp)."""
+def register(namespace: str, autograd=None) -> None:
+    """Register fake kernels for every operator, and the autograd of the forward operators named
+    in ``autograd`` (all four when None; the C++ library registers its own with its kernels:
+    csrc/autograd.cpp)."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
-    if not autograd:
-        return
     for name, (backward, setup_context) in _autograd(getattr(torch.ops, namespace)).items():
-        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
+        if autograd is None or name in autograd:
+            torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)

@@ -10,6 +10,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from fused_cbam import _library, reference
 from fused_cbam._one_grad import OneGradBackend
@@ -129,8 +130,14 @@ def in_func_transform() -> bool:
 def resolve(backend: str, x: Tensor):
     """The backend object that serves x, after checking it can. Inside a torch.func transform,
     the reference: the fused operators have no batching rules for vmap, and their autograd is not
-    written in the form (``setup_context``) that functorch's grad needs."""
-    return resolve_for_device(backend, x.device)
+    written in the form (``setup_context``) that functorch's grad needs. The reference too for x
+    with a forward-mode tangent (``torch.autograd.forward_ad``): they have no forward formulas."""
+    resolved = resolve_for_device(backend, x.device)
+    return _backend("reference") if _has_tangent(x) else resolved
+
+
+def _has_tangent(x: Tensor) -> bool:
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None
 
 
 def checked(backend: str) -> str:

@@ -1,10 +1,13 @@
 """Without a usable compiled library, import still works, on the reference backend, and says why."""
 
+import functools
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import fused_cbam
 
@@ -49,6 +52,44 @@ def test_library_built_for_another_torch(tmp_path):
 
     result = _run_with_build_info(tmp_path, "0.0.1", _CODE)
     _assert_falls_back_to_the_reference(result, f"built for torch 0.0.1, but torch {torch.__version__} is installed")
+
+
+def test_a_checkout_whose_sources_changed_since_the_build_says_so(tmp_path):
+    """An editable install pulled but not rebuilt: its library lacks what the Python side expects
+    (e.g. an operator's autograd), so import says to rebuild."""
+    from fused_cbam import _library
+
+    if _library.LOAD_ERROR is not None or not (PACKAGE.parent / "csrc").is_dir():
+        pytest.skip("needs the compiled library of a source checkout")
+    shutil.copytree(PACKAGE, tmp_path / "fused_cbam", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PACKAGE.parent / "csrc", tmp_path / "csrc")
+    run = functools.partial(
+        subprocess.run, [sys.executable, "-c", "import fused_cbam"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    result = run()
+    assert result.returncode == 0 and "other sources" not in result.stderr, result.stderr
+    with open(tmp_path / "csrc" / "ops.cpp", "a") as f:
+        f.write("// changed after the build\n")
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert "fused_cbam._C was built from other sources than this checkout's" in result.stderr
+    assert "pip install --no-build-isolation" in result.stderr
+
+
+def test_a_library_that_fails_to_load_says_why(tmp_path):
+    """The loader's own reason (here: not a shared library at all), not only that it failed."""
+    import torch
+
+    from fused_cbam import _library
+
+    if _library.library_path() is None:
+        pytest.skip("needs the compiled library")
+    name = Path(_library.library_path()).name
+    code = f"(__import__('pathlib').Path('fused_cbam') / {name!r}).write_bytes(b'not a library'); " + _CODE
+    result = _run_with_build_info(tmp_path, torch.__version__, code)
+    _assert_falls_back_to_the_reference(result, "fused_cbam._C could not be loaded")
+    assert "file too short" in result.stderr  # (the loader's words for it)
 
 
 def test_library_not_built(tmp_path):

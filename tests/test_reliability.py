@@ -557,6 +557,49 @@ def test_concurrent_forward_calls_from_threads_agree(backend, device, grad):
 
 
 # ---------------------------------------------------------------------------------------------
+# Forward-mode AD (the fused operators have no forward formulas)
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_forward_mode_ad_through_the_modules_gives_the_reference_tangent(backend, device, train):
+    """torch.autograd.forward_ad through a module: x with a tangent runs the reference operators,
+    so the output's tangent is the reference's (the eval path under no_grad included, where the
+    inference operator used to return an output without a tangent)."""
+    skip_unless_available(backend)
+    module = _cbam(16, backend, device).train(train)
+    ref = copy.deepcopy(module)
+    ref.backend = "reference"
+    x = make_input((2, 16, 5, 6), torch.float32, device)
+    tangent = torch.randn_like(x)
+    tangents = []
+    with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+        for m in (module, ref):
+            out = m(torch.autograd.forward_ad.make_dual(x, tangent))
+            tangents.append(torch.autograd.forward_ad.unpack_dual(out).tangent)
+    assert tangents[0] is not None
+    assert_close(tangents[0], tangents[1], 1e-5, "tangent")
+
+
+@pytest.mark.parametrize("op", ["channel_pool", "spatial_pool", "gate_apply", "cbam_inference"])
+def test_the_operators_refuse_forward_mode_ad(op):
+    """Called directly with a tangent, each compiled operator says it has no forward formula
+    rather than return an output without a tangent."""
+    skip_unless_available("cpu")
+    x = make_input((2, 4, 3, 5), torch.float32, "cpu")
+    g, h = torch.rand(2, 4), torch.rand(2, 1, 3, 5)
+    args = {
+        "channel_pool": (), "spatial_pool": (g,), "gate_apply": (g, h),
+        "cbam_inference": (torch.randn(2, 4), None, torch.randn(4, 2), None, "sum", torch.randn(1, 2, 3, 3),
+                           None, None, None, None, None, 0.0, True),
+    }[op]  # fmt: skip
+    with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            getattr(torch.ops.fused_cbam, op)(dual, *args)
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.func transforms (inside one, the block runs the reference operators)
 
 

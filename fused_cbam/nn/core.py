@@ -36,10 +36,16 @@ def operators(module: nn.Module, x: Tensor, one_grad: bool = False):
         device = next(module.parameters(), torch.empty(0)).device
         return backends.resolve_for_device(module.backend, device)
     ops = backends.resolve(module.backend, x)
-    exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
-    if one_grad and x.requires_grad and torch.is_grad_enabled() and not exporting:
+    if one_grad and x.requires_grad and torch.is_grad_enabled() and not (_exporting() or torch.jit.is_tracing()):
         return ops.one_grad()
     return ops
+
+
+def _exporting() -> bool:
+    """Whether torch.export is tracing. Not ``torch.compiler.is_exporting()``: before torch 2.14
+    Dynamo folds that call to True in every trace (pytorch/pytorch#176347), so torch.compile took
+    the export path, and trained with three gradients of x. The flag it reads is traced as is."""
+    return torch.compiler._is_exporting_flag
 
 
 def fused_channel_gate(ops, x: Tensor, channel) -> Tensor:
