@@ -264,13 +264,16 @@ def test_arg_max_elements_take_both_gradient_terms_at_once(backend, device, memo
                 torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
 
 
-_TUNED_ADD_SCRIPT = """
-import torch, fused_cbam.triton
+# The adding operators' first calls of a shape on the GPU, with tuning on (each script's own process).
+_TUNED_SETUP = """
+import threading, torch, fused_cbam.triton
 ops = torch.ops.fused_cbam_triton
 x = torch.randn(3, 37, 29, 31, device="cuda").to(memory_format=torch.channels_last)
 g = torch.rand(3, 37, device="cuda") + 0.5
 _, _, cidx = ops.channel_pool(x)
 mean, _, sidx = ops.spatial_pool(x, g)
+"""
+_TUNED_ADD_SCRIPT = _TUNED_SETUP + """
 start = torch.randn_like(x)
 added = start.clone()
 ops.channel_pool_backward_add(added, g, g, cidx)
@@ -289,13 +292,7 @@ def _triton_tunes() -> bool:
 
 # Four threads make the first calls of one shape at once, so that each call is tuned while the
 # others are: with the tuner's state shared, a thread's grad_x was restored from another's copy.
-_TUNED_THREADS_SCRIPT = """
-import threading, torch, fused_cbam.triton
-ops = torch.ops.fused_cbam_triton
-x = torch.randn(3, 41, 23, 19, device="cuda").to(memory_format=torch.channels_last)
-g = torch.rand(3, 41, device="cuda") + 0.5
-_, _, cidx = ops.channel_pool(x)
-mean, _, sidx = ops.spatial_pool(x, g)
+_TUNED_THREADS_SCRIPT = _TUNED_SETUP + """
 starts = [torch.randn_like(x) for _ in range(4)]
 added = [start.clone() for start in starts]
 barrier, errors = threading.Barrier(4), []
