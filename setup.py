@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -110,15 +111,20 @@ class BuildExtensionWithCpuCapabilities(BuildExtension):
 
     def build_extension(self, ext):
         cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
-        ext.extra_objects = []
-        for capability, flags in CPU_CAPABILITIES.items():
-            ext.extra_objects += self.compiler.compile(
+
+        def compile_for(capability):
+            return self.compiler.compile(
                 [CAPABILITY_SOURCE],
                 output_dir=os.path.join(self.build_temp, f"cpu_{capability.lower()}"),
                 include_dirs=ext.include_dirs,
                 extra_postargs=[x for x in cxx if x != "-DFUSED_CBAM_WITH_CUDA"]
-                + [f"-DCPU_CAPABILITY={capability}"] + flags,
+                + [f"-DCPU_CAPABILITY={capability}"] + CPU_CAPABILITIES[capability],
             )
+
+        # At once (each is one compiler process in its own folder): one after another they took
+        # about 60 s of a 140 s build on two cores, and as long on a 16-core GPU machine.
+        with ThreadPoolExecutor(len(CPU_CAPABILITIES)) as pool:
+            ext.extra_objects = [obj for objs in pool.map(compile_for, CPU_CAPABILITIES) for obj in objs]
         super().build_extension(ext)
         info = {
             "torch": torch.__version__,

@@ -9,8 +9,9 @@
 # (benchmarks/inductor_passes.py), and writes LOG_DIR/gpu-check-<device>.txt with the verdicts.
 # Each step logs to LOG_DIR/<step>.log under its own time limit; the test-suite and the two
 # sanitizer runs share the GPU at once (correctness only), the benchmark runs alone after them.
-# At worst the sum of the limits of the steps run (9.5 minutes for the default steps), plus a
-# few seconds to start Python for the environment and the summary. A failing step does not
+# At worst the sum of the limits of the steps run (10.3 minutes for the default steps; a build
+# step that finds the library current takes seconds), plus a few seconds to start Python for the
+# environment and the summary. A failing step does not
 # stop the later ones, but the script exits non-zero if any failed. On the device tool, whose
 # $OUT takes 8 files at most, tar LOG_DIR into $OUT.
 #
@@ -18,7 +19,8 @@
 #   GPU_CHECK_STEPS  the steps to run, comma-separated, of build, tests, sanitizers, bench,
 #                    inductor, rest (default: all but rest). Two calls on one warm machine can
 #                    share the work: "build,tests,sanitizers", then "build,bench,inductor,rest"
-#                    (the second build only relinks what changed). Each call writes its own summary.
+#                    (the second call's build step finds the library built from the same
+#                    sources and skips). Each call writes its own summary.
 #   PYTEST_LIMIT     seconds for the GPU tests (default 230)
 #   GPU_CHECK_REST=1 also run the tests that use no GPU (CI runs them), after the others
 #                    (the same as naming rest in GPU_CHECK_STEPS)
@@ -101,9 +103,26 @@ except Exception:
     t = 'none'
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {t}')" 2>/dev/null || echo unknown)
 
-# ---- build (sm_90 only, all cores)
-wanted build && step build 120 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
-  "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+# ---- build (sm_90 only, all cores), unless the library there is built, with CUDA, from this
+# checkout's csrc/ (a later call on a warm machine: pip builds anew in a fresh folder each time,
+# 80 to 120 s, where an import tells in a few seconds that nothing changed)
+built_from_these_sources() {
+  "$PY" - 2>/dev/null <<'EOF'
+import sys
+from pathlib import Path
+from fused_cbam import _library, _sources
+info = _library.build_info()
+sys.exit(_library.LOAD_ERROR is not None or not info.get("cuda") or info.get("sources") != _sources.digest(Path("csrc")))
+EOF
+}
+if wanted build && built_from_these_sources; then
+  echo "== build: the library is built from these sources (skipped)"
+  echo "up to date: built from these sources" >"$LOG/build.log"
+  echo 0 >"$LOG/build.rc"
+elif wanted build; then
+  step build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+    "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+fi
 
 # ---- tests, in parallel workers when pytest-xdist is there (Triton compiles its autotuning
 # configurations in each), each test under a time limit when pytest-timeout is there
@@ -189,7 +208,7 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   echo "versions: $VERSIONS"
   echo "commit: $COMMIT"
   echo "steps: ${STEPS:1:-1}"
-  wanted build && echo "build: $(verdict build 'Successfully installed|error|Error')"
+  wanted build && echo "build: $(verdict build 'Successfully installed|up to date|error|Error')"
   wanted tests && echo "pytest (cuda, triton): $(verdict pytest '(passed|failed|error|no tests ran)')"
   wanted rest && echo "pytest (the rest): $(verdict pytest_rest '(passed|failed|error|no tests ran)')"
   wanted sanitizers && echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"
