@@ -583,8 +583,8 @@ def test_forward_mode_ad_through_the_modules_gives_the_reference_tangent(backend
 
 @pytest.mark.parametrize("op", ["channel_pool", "spatial_pool", "gate_apply", "cbam_inference"])
 def test_the_operators_refuse_forward_mode_ad(op):
-    """Called directly with a tangent, each compiled operator says it has no forward formula
-    rather than return an output without a tangent."""
+    """Called directly with a tangent (forward_ad, torch.func.jvp), each compiled operator says it
+    has no forward formula rather than return an output without a tangent, or a wrong one."""
     skip_unless_available("cpu")
     x = make_input((2, 4, 3, 5), torch.float32, "cpu")
     g, h = torch.rand(2, 4), torch.rand(2, 1, 3, 5)
@@ -597,6 +597,9 @@ def test_the_operators_refuse_forward_mode_ad(op):
         dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
         with pytest.raises(RuntimeError, match="jvp is not implemented"):
             getattr(torch.ops.fused_cbam, op)(dual, *args)
+    # torch.func.jvp (the eval path returned a wrong tangent there)
+    with pytest.raises(RuntimeError, match="cannot use C\\+\\+ torch::autograd::Function with functorch"):
+        torch.func.jvp(lambda t: getattr(torch.ops.fused_cbam, op)(t, *args), (x,), (torch.randn_like(x),))
 
 
 # ---------------------------------------------------------------------------------------------
