@@ -95,6 +95,9 @@ inline SpatialConv spatial_conv(const at::Tensor& x, const at::Tensor& conv_weig
                     conv_weight.sizes());
   TORCH_CHECK_VALUE(present(bn_mean) == present(bn_var),
                     "bn_mean, bn_var: expected both or neither");
+  TORCH_CHECK_VALUE(present(bn_mean) || !(present(bn_weight) || present(bn_bias)),
+                    "bn_weight, bn_bias: expected None without bn_mean and bn_var (the running "
+                    "statistics they go with)");
   s.weight = parameter(conv_weight, x, {1, s.maps, s.K, s.K}, "conv_weight", dtype);
   s.bias = optional_parameter(conv_bias, x, {1}, "conv_bias", dtype);
   s.bn_mean = optional_parameter(bn_mean, x, {1}, "bn_mean", dtype);

@@ -295,6 +295,19 @@ def test_fc2_bias_without_fc2_weight_is_refused(backend, device):
         _inference_op(backend)(*args)
 
 
+@on_each_device
+@pytest.mark.parametrize("given", [10, 11], ids=["bn_weight", "bn_bias"])
+def test_bn_affine_without_running_statistics_is_refused(given, backend, device):
+    """Accepted and ignored before (the formula applies them only with the statistics), and a
+    backward then failed on an unused input."""
+    skip_unless_available(backend)
+    args = list(_operator_args(device=device))
+    args[8:12] = [None] * 4
+    args[given] = torch.randn(1, device=device)
+    with pytest.raises(ValueError, match="bn_weight, bn_bias: expected None without bn_mean and bn_var"):
+        _inference_op(backend)(*args)
+
+
 def _float(t):
     """A float32 view of the graph (gradients flow back to t in its own dtype)."""
     return t.float() if isinstance(t, torch.Tensor) else t

@@ -148,6 +148,10 @@ def _conv_parameters(x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_b
         raise ValueError(f"conv_weight: expected shape [1, 2, K, K] (or [1, 1, K, K]) with K odd, got {list(conv_weight.shape)}")
     if (bn_mean is None) != (bn_var is None):
         raise ValueError("bn_mean, bn_var: expected both or neither")
+    if bn_mean is None and (bn_weight is not None or bn_bias is not None):
+        raise ValueError(
+            "bn_weight, bn_bias: expected None without bn_mean and bn_var (the running statistics they go with)"
+        )
     scalars = ((conv_bias, "conv_bias"), (bn_mean, "bn_mean"), (bn_var, "bn_var"), (bn_weight, "bn_weight"),
                (bn_bias, "bn_bias"))  # fmt: skip
     weight = _parameter(conv_weight, x, (1, maps, k, k), "conv_weight", torch.float32)
