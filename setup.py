@@ -37,17 +37,6 @@ from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _load_sources_module():
-    """fused_cbam/_sources.py alone (the package itself is not built yet)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fused_cbam_sources", os.path.join(ROOT, "fused_cbam", "_sources.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 DEBUG = os.environ.get("DEBUG") == "1"
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
@@ -58,6 +47,16 @@ CPU_CAPABILITIES = {
     "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
 }
 CAPABILITY_SOURCE = os.path.join("csrc", "cpu", "kernels.cpp")
+
+
+def _load_sources_module():
+    """fused_cbam/_sources.py alone (the package itself is not built yet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fused_cbam_sources", os.path.join(ROOT, "fused_cbam", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _want_cuda():

@@ -110,9 +110,8 @@ built_from_these_sources() {
   "$PY" - 2>/dev/null <<'EOF'
 import sys
 from pathlib import Path
-from fused_cbam import _library, _sources
-info = _library.build_info()
-sys.exit(_library.LOAD_ERROR is not None or not info.get("cuda") or info.get("sources") != _sources.digest(Path("csrc")))
+from fused_cbam import _library
+sys.exit(_library.LOAD_ERROR is not None or not _library.build_info().get("cuda") or _library.built_from_other_sources(Path("csrc")))
 EOF
 }
 if wanted build && built_from_these_sources; then

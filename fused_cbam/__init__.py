@@ -5,7 +5,7 @@ from fused_cbam.backends import available_backends
 from fused_cbam.ops import channel_pool, gate_apply, spatial_pool
 
 if _library.LOAD_ERROR is None:
-    _registrations.register("fused_cbam", autograd=_library.operators_without_autograd())
+    _registrations.register("fused_cbam", library_autograd=True)
 
 from fused_cbam import nn  # noqa: E402  (nn uses the operators registered above)
 from fused_cbam.convert import convert  # noqa: E402  (the function; its module stays in sys.modules)

@@ -46,11 +46,17 @@ def _load() -> str | None:
     return None
 
 
+def built_from_other_sources(csrc: Path) -> bool:
+    """Whether the library was built from other sources than ``csrc`` holds now (a checkout
+    pulled, or edited, and not rebuilt): it then lacks what the Python side expects of it."""
+    return build_info().get("sources") != _sources.digest(csrc)
+
+
 def _warn_if_stale() -> None:
-    """In a source checkout, whether csrc/ changed since the library was built (a pull without a
-    rebuild): the library then lacks what the Python side expects of it."""
+    """``built_from_other_sources`` of this package's checkout, where there is one (not for an
+    installed wheel)."""
     csrc = Path(__file__).parent.parent / "csrc"
-    if csrc.is_dir() and build_info().get("sources") != _sources.digest(csrc):
+    if csrc.is_dir() and built_from_other_sources(csrc):
         warnings.warn(
             f"fused_cbam._C was built from other sources than this checkout's {csrc} (changed since "
             f"the build); {REBUILD_HINT}",
@@ -67,19 +73,6 @@ else:
         f"runs) still work. To fix, {REBUILD_HINT}",
         stacklevel=2,
     )
-
-
-FORWARD_OPERATORS = ("channel_pool", "spatial_pool", "gate_apply", "cbam_inference")
-
-
-def operators_without_autograd() -> list[str]:
-    """The forward operators whose autograd the library does not register itself: none of today's,
-    but a library built before csrc/autograd.cpp had them all (a checkout pulled, not rebuilt) gets
-    the Python autograd for those, rather than silently no gradients."""
-    return [
-        name for name in FORWARD_OPERATORS
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_cbam::{name}", "Autograd")
-    ]  # fmt: skip
 
 
 def has_kernels(dispatch_key: str) -> bool:

@@ -153,12 +153,14 @@ def _cbam_inference_backward(ctx, grad_out):
     return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
 
 
-def register(namespace: str, autograd=None) -> None:
-    """Register fake kernels for every operator, and the autograd of the forward operators named
-    in ``autograd`` (all four when None; the C++ library registers its own with its kernels:
-    csrc/autograd.cpp)."""
+def register(namespace: str, library_autograd: bool = False) -> None:
+    """Register fake kernels for every operator, and the forward operators' autograd. With
+    ``library_autograd`` (the C++ library, which registers its own: csrc/autograd.cpp) only for
+    the operators that have none: a library built before it had them all (a checkout pulled, not
+    rebuilt) gets the Python autograd for those, rather than silently no gradients."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
     for name, (backward, setup_context) in _autograd(getattr(torch.ops, namespace)).items():
-        if autograd is None or name in autograd:
-            torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup_context)
+        qualified = f"{namespace}::{name}"
+        if not (library_autograd and torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Autograd")):
+            torch.library.register_autograd(qualified, backward, setup_context=setup_context)
