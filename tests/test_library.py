@@ -27,14 +27,14 @@ def _run_with_build_info(tmp_path, torch_version: str, code: str, library: bool 
 
 
 _CODE = (
-        "import torch, fused_cbam\n"
-        "print('backends', fused_cbam.available_backends())\n"
-        "x = torch.randn(2, 8, 3, 3)\n"
-        "print('cbam', fused_cbam.nn.CBAM(8, reduction_ratio=2)(x).shape)\n"
-        "try:\n"
-        "    fused_cbam.channel_pool(x, backend='cpu')\n"
-        "except RuntimeError as e:\n"
-        "    print('error', e)\n"
+    "import torch, fused_cbam\n"
+    "print('backends', fused_cbam.available_backends())\n"
+    "x = torch.randn(2, 8, 3, 3)\n"
+    "print('cbam', fused_cbam.nn.CBAM(8, reduction_ratio=2)(x).shape)\n"
+    "try:\n"
+    "    fused_cbam.channel_pool(x, backend='cpu')\n"
+    "except RuntimeError as e:\n"
+    "    print('error', e)\n"
 )
 
 
