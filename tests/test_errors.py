@@ -1,10 +1,13 @@
 """Bad input gets a TypeError/ValueError that names the argument and what was expected."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fused_cbam
-from helpers import make_input
+from helpers import make_input, needs_cuda
 
 BACKENDS = ["reference"] + (["cpu"] if "cpu" in fused_cbam.available_backends() else [])
 
@@ -99,6 +102,37 @@ def test_an_argmax_of_another_input_is_refused(memory_format):
         ops.spatial_pool_backward(grad, grad, channels, small, None)
     with pytest.raises(ValueError, match=r"argmax: expected channels"):
         ops.spatial_pool_backward_add(torch.zeros_like(small), grad, grad, channels, small, None)
+
+
+# Each call in a process of its own: a device-side assert leaves the CUDA context unusable.
+_OUT_OF_RANGE_ARGMAX = """
+import sys, torch, fused_cbam
+ops, case = torch.ops.fused_cbam, sys.argv[1]
+fmt = torch.channels_last if case.endswith("channels_last") else torch.contiguous_format
+x = torch.randn(2, 4, 3, 3, device="cuda").to(memory_format=fmt)
+if case.startswith("channel"):
+    grad = torch.rand(2, 4, device="cuda")
+    argmax = torch.full((2, 4), 9, dtype=torch.int32, device="cuda")  # positions are 0..8
+    ops.channel_pool_backward(grad, grad, argmax, x)
+else:
+    grad = torch.rand(2, 1, 3, 3, device="cuda")
+    argmax = torch.full((2, 1, 3, 3), 4, dtype=torch.int32, device="cuda")  # channels are 0..3
+    ops.spatial_pool_backward(grad, grad, argmax, x, torch.rand(2, 4, device="cuda"))
+torch.cuda.synchronize()
+"""
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["channel-nchw", "channel-channels_last", "spatial-nchw", "spatial-channels_last"])
+def test_an_out_of_range_argmax_stops_the_cuda_kernel(case):
+    """The CUDA backward kernels compare each position with the arg-max instead of writing at
+    it, so an arg-max outside x cannot write outside the gradient; it stops the kernel with a
+    device-side assert (as ATen's index checks do) instead of dropping the max's gradient."""
+    if "cuda" not in fused_cbam.available_backends():
+        pytest.skip("the CUDA backend is not built")
+    result = subprocess.run([sys.executable, "-c", _OUT_OF_RANGE_ARGMAX, case], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, "the kernel ran past an out-of-range argmax"
+    assert "device-side assert" in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

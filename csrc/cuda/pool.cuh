@@ -16,18 +16,26 @@
 namespace fused_cbam {
 namespace gpu {
 
-// The VEC consecutive kept positions from k0 of a pooling backward: the share of the mean's
-// gradient (grad_mean / count), the max's gradient and its arg-max.
+// An arg-max read by a backward kernel, pooled over `extent` positions. One outside them comes
+// from another input: stop with a device-side assert, as ATen's index checks do, instead of
+// silently dropping the max's gradient (the CPU kernels raise an error).
+__device__ __forceinline__ int64_t checked_argmax(int32_t id, int extent) {
+  CUDA_KERNEL_ASSERT_MSG(id >= 0 && id < extent, "fused_cbam: argmax outside the pooled extent");
+  return id;
+}
+
+// The VEC consecutive kept positions from k0 of a pooling backward, pooled over `extent`: the
+// share of the mean's gradient (grad_mean / count), the max's gradient and its arg-max.
 template <int VEC, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_pool_grads(const scalar_t* ga, const scalar_t* gm,
                                                 const int32_t* am, int64_t k0, acc_t count,
-                                                acc_t (&a)[VEC], acc_t (&m)[VEC],
+                                                int extent, acc_t (&a)[VEC], acc_t (&m)[VEC],
                                                 int64_t (&id)[VEC]) {
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     a[j] = static_cast<acc_t>(ga[k0 + j]) / count;
     m[j] = static_cast<acc_t>(gm[k0 + j]);
-    id[j] = am[k0 + j];
+    id[j] = checked_argmax(am[k0 + j], extent);
   }
 }
 
@@ -242,7 +250,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (KEPT_INNER) {
     acc_t a[VEC], m[VEC];
     int64_t id[VEC];
-    load_pool_grads<VEC>(ga, gm, am, tc.n * Li + tc.i0, count, a, m, id);
+    load_pool_grads<VEC>(ga, gm, am, tc.n * Li + tc.i0, count, Lo, a, m, id);
 #pragma unroll 4
     for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
       acc_t out[VEC];
@@ -256,7 +264,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t k = tc.n * Lo + o;
       const acc_t a = static_cast<acc_t>(ga[k]) / count;
       const acc_t m = static_cast<acc_t>(gm[k]);
-      const int64_t id = am[k];
+      const int64_t id = checked_argmax(am[k], Li);
       acc_t out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = a + (id == tc.i0 + j ? m : acc_t(0));

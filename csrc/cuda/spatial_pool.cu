@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
       id[j] = -1;
     }
     if (active) {
-      load_pool_grads<VEC>(gmean, gmax, am, tc.n * Li + tc.i0, count, a, m, id);
+      load_pool_grads<VEC>(gmean, gmax, am, tc.n * Li + tc.i0, count, Lo, a, m, id);
     }
     // The trip count is uniform over the block: the lane reduction needs the whole warp.
     for (int ob = tc.o_begin; ob < tc.o_end; ob += blockDim.y) {
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t k = tc.n * Lo + o;
         const acc_t a = static_cast<acc_t>(gmean[k]) / count;
         const acc_t m = static_cast<acc_t>(gmax[k]);
-        const int64_t id = am[k];
+        const int64_t id = checked_argmax(am[k], Li);
         const int64_t off = base + static_cast<int64_t>(o) * Li;
         acc_t xv[VEC], out[VEC];
         load_as<VEC>(x + off, xv);

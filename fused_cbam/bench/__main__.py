@@ -170,7 +170,7 @@ def bench_block(runner, providers, shape, fmt, env):
         def step(i):
             module(x_grads[i]).backward(grad)
 
-        fwd_bwd = runner.time(step, x_bytes)
+        fwd_bwd = runner.time(step, x_bytes) | runner.device_detail(step, x_bytes)
         saved = timing.saved_bytes(lambda: module(x_grads[0]), module)
         peak = timing.peak_bytes(lambda: step(0), device, compiled=provider.name.startswith("compile"))
         rows.append(dict(base, mode="forward+backward", **fwd_bwd, saved_bytes=saved, saved_over_x=saved / x_bytes, peak_bytes=peak))

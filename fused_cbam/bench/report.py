@@ -21,25 +21,28 @@ def _block_rows(rows):
 
 
 def _graph_cells(r) -> list[str]:
-    """A GPU forward's CUDA-graph replay time (or why it has none), device activities per call
-    and their summed duration."""
+    """A GPU call's CUDA-graph replay time (or why it has none), device activities per call
+    and their summed duration; empty cells for a row without them."""
+    if r is None or "kernels" not in r:
+        return ["", "", ""]
     graph = f"{r['graph_ms']:.3f}" if "graph_ms" in r else r.get("graph_error", "")
     return [graph, f"{r['kernels']:.0f}", f"{r['device_busy_ms']:.3f}"]
 
 
 _GRAPH_HEADER = " graph ms | kernels | busy ms |"
+_TRAIN_GRAPH_HEADER = " fwd+bwd graph ms | kernels | busy ms |"
 _BLOCK_MODES = ("forward", "forward+backward")
 
 
 def block_table(rows) -> str:
     """Markdown: per format and shape, each provider's forward and forward+backward medians,
     the speedup over the reference, and the bytes saved for backward relative to |x|; on a GPU
-    also the forward's CUDA-graph replay time, kernels per call and their summed duration."""
+    also each mode's CUDA-graph replay time, kernels per call and their summed duration."""
     gpu = any("kernels" in r for r in rows)
     lines = [
         "| format | shape | provider | forward ms | × ref | fwd+bwd ms | × ref | saved / abs(x) | peak MiB |"
-        + (_GRAPH_HEADER if gpu else ""),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if gpu else ""),
+        + (_GRAPH_HEADER + _TRAIN_GRAPH_HEADER if gpu else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" * 6 if gpu else ""),
     ]
     for (fmt, shape), by_provider in _block_rows(rows).items():
         ref = by_provider.get("reference", {})
@@ -48,7 +51,7 @@ def block_table(rows) -> str:
             refused_row = modes.get("refused")
             refused = refused_row.get("errors", _BLOCK_MODES) if refused_row else {}
             if len(refused) == len(_BLOCK_MODES):
-                lines.append(f"| {fmt} | {shape} | {provider} | refused: disagrees with the reference |" + " |" * (8 if gpu else 5))
+                lines.append(f"| {fmt} | {shape} | {provider} | refused: disagrees with the reference |" + " |" * (11 if gpu else 5))
                 continue
             cells = []
             for mode in _BLOCK_MODES:
@@ -59,7 +62,7 @@ def block_table(rows) -> str:
             fb = modes.get("forward+backward", {})
             saved = f"{fb['saved_over_x']:.2f}" if "saved_over_x" in fb else ""
             peak = f"{fb['peak_bytes'] / 2**20:.1f}" if fb.get("peak_bytes") is not None else ""
-            graph = _graph_cells(modes["forward"]) if gpu and "kernels" in modes.get("forward", {}) else ["", "", ""]
+            graph = [cell for mode in _BLOCK_MODES for cell in _graph_cells(modes.get(mode))]
             lines.append(
                 f"| {fmt} | {shape} | {provider} | " + " | ".join(cells) + f" | {saved} | {peak} |"
                 + (" " + " | ".join(graph) + " |" if gpu else "")
@@ -82,7 +85,7 @@ def operator_table(rows) -> str:
             )
             if gpu:
                 fraction = f"{100 * r['graph_bandwidth_fraction']:.0f}%" if "graph_bandwidth_fraction" in r else ""
-                line += " " + " | ".join(_graph_cells(r) if "kernels" in r else ["", "", ""]) + f" | {fraction} |"
+                line += " " + " | ".join(_graph_cells(r)) + f" | {fraction} |"
             lines.append(line)
     return "\n".join(lines)
 
