@@ -661,6 +661,48 @@ def test_jacrev_jacfwd_and_hessian_match_autograd_on_the_reference(backend, devi
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_a_training_step_captured_in_a_cuda_graph_replays_on_new_data(backend, memory_format):
+    """Launch-bound training (small batches, many blocks) is what CUDA graphs are for: a whole
+    forward and backward is captured as PyTorch's whole-network example does (warm-up on a
+    side stream, gradients None), and each replay on a new x gives eager's output and
+    gradients. A host synchronisation or a Triton autotuning launch inside the step would make
+    the capture fail."""
+    skip_unless_available(backend)
+    module = _cbam(32, backend, "cuda")
+    eager = copy.deepcopy(module)
+    static_x = make_input((4, 32, 7, 9), torch.float32, "cuda", memory_format, requires_grad=True)
+    static_grad = torch.randn_like(static_x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            module(static_x).backward(static_grad)
+    torch.cuda.current_stream().wait_stream(side)
+    module.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = module(static_x)
+        static_out.backward(static_grad)
+    for _ in range(2):
+        x = make_input(static_x.shape, torch.float32, "cuda", memory_format)
+        with torch.no_grad():
+            static_x.copy_(x)
+        graph.replay()
+        expected = _forward_backward(eager, x, static_grad)
+        got = [static_out, static_x.grad, *(p.grad for p in module.parameters())]
+        names = ["output", "grad of x", *(f"grad of {n}" for n, _ in module.named_parameters())]
+        for name, a, b in zip(names, got, expected):
+            assert_close(a, b, TOLERANCE[torch.float32], name)
+
+
+# ---------------------------------------------------------------------------------------------
 # Double backward
 
 
