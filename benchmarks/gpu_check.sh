@@ -16,6 +16,8 @@
 # $OUT takes 8 files at most, tar LOG_DIR into $OUT.
 #
 #   BENCH_ARGS       arguments of python -m fused_cbam.bench (default: --quick)
+#   BENCH_LIMIT      seconds for the benchmark (default 150; the record keeps each shape that
+#                    finished)
 #   GPU_CHECK_STEPS  the steps to run, comma-separated, of build, tests, sanitizers, bench,
 #                    inductor, rest (default: all but rest). Two calls on one warm machine can
 #                    share the work: "build,tests,sanitizers", then "build,bench,inductor,rest"
@@ -181,7 +183,7 @@ wait
 
 # ---- benchmark (alone on the GPU)
 read -r -a BENCH <<<"${BENCH_ARGS:---quick}"
-wanted bench && step bench 150 "$PY" -m fused_cbam.bench "${BENCH[@]}" --out "$LOG/bench"
+wanted bench && step bench "${BENCH_LIMIT:-150}" "$PY" -m fused_cbam.bench "${BENCH[@]}" --out "$LOG/bench"
 
 # ---- what torch.compile generates for the reference (its passes over x), bf16 at a bench shape
 wanted inductor && step inductor 60 "$PY" benchmarks/inductor_passes.py --dtype bfloat16 --batch 64 --shape 512x28x28 \
