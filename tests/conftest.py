@@ -41,3 +41,16 @@ def _fresh_random_state():
     torch.manual_seed(0)
     yield
     torch.random.set_rng_state(state)
+
+
+@pytest.fixture
+def poison():
+    """Fill every torch.empty (at::empty in the C++ kernels too) with NaN, int: its maximum, so
+    that an unwritten output element shows."""
+    old = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill

@@ -1,5 +1,7 @@
 """Shared test helpers: backends under test, input makers, and comparisons that explain failures."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -108,3 +110,18 @@ class OperatorLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def runs_fused(backend, *ops):
+    """Asserts that the code in the block dispatched each of ``ops`` (names in the backend's
+    namespace, e.g. ``"channel_pool"``) when ``backend`` is a fused one, so that a comparison
+    with the reference cannot pass on a silent fallback to the reference. Yields the log."""
+    if backend == "reference":
+        yield None
+        return
+    namespace = "fused_cbam_triton" if backend == "triton" else "fused_cbam"
+    with OperatorLog() as log:
+        yield log
+    missing = [op for op in ops if f"{namespace}.{op}" not in log.names]
+    assert not missing, f"backend {backend!r} did not run {missing}; it ran {sorted(set(log.names))}"

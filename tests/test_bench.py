@@ -118,6 +118,7 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
         dict(base, provider="cuda", mode="forward+backward", median_ms=3.0, saved_over_x=1.02, peak_bytes=2**20,
              graph_ms=1.5, kernels=30, device_busy_ms=1.2),
         dict(base, provider="triton", mode="refused", errors={"forward": {}, "forward+backward": {}}),
+        dict(base, provider="timm", mode="forward", median_ms=1.5, graph_ms=0.7),  # the profiler failed
         dict(base, provider="cuda", target="gate_apply", mode="forward", median_ms=0.1, bandwidth=2e12,
              bandwidth_fraction=0.5, graph_ms=0.05, kernels=1, device_busy_ms=0.05, graph_bandwidth_fraction=0.9),
     ]  # fmt: skip
@@ -126,6 +127,7 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
     assert "| 2.000 | 1.00 |" in block[2] and block[2].endswith("| 0.500 | 12 | 0.400 |  |  |  |")
     assert block[3].endswith("| capture failed: X | 5 | 0.200 | 1.500 | 30 | 1.200 |") and "| 1.02 | 1.0 |" in block[3]
     assert "refused" in block[4]
+    assert block[5].endswith("| 0.700 |  |  |  |  |  |")
     assert all(line.count("|") == block[0].count("|") for line in block)
     ops = report.operator_table(rows).splitlines()
     assert ops[2].endswith("| 50% | 0.050 | 1 | 0.050 | 90% |")

@@ -114,22 +114,25 @@ if case.startswith("channel"):
     grad = torch.rand(2, 4, device="cuda")
     argmax = torch.full((2, 4), 9, dtype=torch.int32, device="cuda")  # positions are 0..8
     ops.channel_pool_backward(grad, grad, argmax, x)
-else:
+else:  # spatial (with a scale: its own kernel) or spatial_unscaled
     grad = torch.rand(2, 1, 3, 3, device="cuda")
     argmax = torch.full((2, 1, 3, 3), 4, dtype=torch.int32, device="cuda")  # channels are 0..3
-    ops.spatial_pool_backward(grad, grad, argmax, x, torch.rand(2, 4, device="cuda"))
+    scale = None if case.startswith("spatial_unscaled") else torch.rand(2, 4, device="cuda")
+    ops.spatial_pool_backward(grad, grad, argmax, x, scale)
 torch.cuda.synchronize()
 """
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", ["channel-nchw", "channel-channels_last", "spatial-nchw", "spatial-channels_last"])
-def test_an_out_of_range_argmax_stops_the_cuda_kernel(case):
+@pytest.mark.parametrize("kernel", ["channel", "spatial", "spatial_unscaled"])
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_an_out_of_range_argmax_stops_the_cuda_kernel(kernel, memory_format):
     """The CUDA backward kernels compare each position with the arg-max instead of writing at
     it, so an arg-max outside x cannot write outside the gradient; it stops the kernel with a
     device-side assert (as ATen's index checks do) instead of dropping the max's gradient."""
     if "cuda" not in fused_cbam.available_backends():
         pytest.skip("the CUDA backend is not built")
+    case = f"{kernel}-{memory_format}"
     result = subprocess.run([sys.executable, "-c", _OUT_OF_RANGE_ARGMAX, case], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, "the kernel ran past an out-of-range argmax"
     assert "device-side assert" in result.stderr, result.stderr[-2000:]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_cbam
-from helpers import COMPILED_BACKENDS, assert_close, make_input
+from helpers import COMPILED_BACKENDS, assert_close, make_input, runs_fused
 from official_cbam import OfficialCBAM
 
 
@@ -37,10 +37,14 @@ def test_matches_official_forward_backward_and_bn_state(backend, device, memory_
     fused.train(train)
     x = make_input((3, 32, 9, 11), torch.float32, device, memory_format, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    out, ref = fused(x), official(x_ref)
+    ops = ("channel_pool", "gate_apply") + (() if kwargs.get("no_spatial") else ("spatial_pool",))
+    with runs_fused(backend, *ops):
+        out = fused(x)
+    ref = official(x_ref)
     assert_close(out, ref, 1e-5, "output")
     grad = torch.randn_like(ref)
-    out.backward(grad)
+    with runs_fused(backend, "gate_apply_backward"):
+        out.backward(grad)
     ref.backward(grad)
     assert_close(x.grad, x_ref.grad, 1e-5, "grad of x")
     official_params = dict(official.named_parameters())

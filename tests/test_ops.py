@@ -22,6 +22,7 @@ from helpers import (
     make_input,
     needs_cuda,
     operator_namespace,
+    runs_fused,
     skip_unless_available,
 )
 
@@ -41,9 +42,11 @@ def _args(op, x):
 
 
 def _run(op, backend, x, args):
+    """The public function of ``op`` on ``backend``, checked to dispatch that backend's operator."""
     fn = getattr(fused_cbam, op) if backend != "reference" else getattr(reference, op)
     kwargs = {"backend": backend} if backend != "reference" else {}
-    out = fn(x, *args, **kwargs)
+    with runs_fused(backend, op):
+        out = fn(x, *args, **kwargs)
     return out if isinstance(out, tuple) else (out,)
 
 
@@ -75,7 +78,8 @@ def test_forward_and_backward_match_reference(backend, device, op, shape, memory
 
     grads_out = [torch.randn_like(o) for o in outs]
     inputs, ref_inputs = (x, *args), (ref_x, *ref_args)
-    grads = torch.autograd.grad(outs, inputs, grads_out)
+    with runs_fused(backend, f"{op}_backward"):
+        grads = torch.autograd.grad(outs, inputs, grads_out)
     ref_grads = torch.autograd.grad(ref_outs, ref_inputs, grads_out)
     for i, (g, rg) in enumerate(zip(grads, ref_grads)):
         assert_close(g, rg, atol * 4, f"{op} grad of input {i}")
@@ -146,18 +150,27 @@ def test_empty_batch(backend, device, op):
     assert [g.shape for g in grads] == [t.shape for t in (x, *args)]
 
 
+@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
-def test_every_output_element_is_written(backend, device):
-    """Memory the allocator hands back is first filled with NaN; no NaN may survive."""
-    for _ in range(3):
-        torch.full((4, 32, 9, 9), float("nan"), device=device)
-    x = make_input((4, 32, 9, 9), torch.float32, device, "channels_last", requires_grad=True)
-    g, h = _args("gate_apply", x)
-    outs = [*torch.ops.fused_cbam.channel_pool(x), *torch.ops.fused_cbam.spatial_pool(x, g)]
-    outs.append(torch.ops.fused_cbam.gate_apply(x, g, h))
-    outs += torch.ops.fused_cbam.gate_apply_backward(torch.randn_like(x), x, g, h)
-    for out in outs:
-        assert not out.isnan().any()
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_every_output_element_is_written(backend, device, memory_format):
+    """Every output is allocated filled with NaN (arg-max: int max): from finite inputs no NaN,
+    and no arg-max outside x, may survive."""
+    ops = torch.ops.fused_cbam
+    x = make_input((4, 32, 9, 9), torch.float32, device, memory_format)
+    g, h = (t.detach() for t in _args("gate_apply", x))
+    avg, cmax, cidx = ops.channel_pool(x)
+    mean, smax, sidx = ops.spatial_pool(x, g)
+    outs = [avg, cmax, mean, smax, ops.gate_apply(x, g, h)]
+    outs += ops.gate_apply_backward(torch.randn_like(x), x, g, h)
+    outs.append(ops.channel_pool_backward(torch.randn_like(avg), torch.randn_like(avg), cidx, x))
+    outs += ops.spatial_pool_backward(torch.randn_like(mean), torch.randn_like(mean), sidx, x, g)
+    grad_x = torch.randn_like(x)
+    outs.append(ops.spatial_pool_backward_add(grad_x, torch.randn_like(mean), torch.randn_like(mean), sidx, x, g))
+    outs.append(grad_x)
+    for i, out in enumerate(outs):
+        assert out.isfinite().all(), f"output {i} has elements that were not written"
+    assert 0 <= cidx.min() and cidx.max() < 81 and 0 <= sidx.min() and sidx.max() < 32
 
 
 def _opcheck_cases(device):

@@ -671,8 +671,8 @@ def test_a_training_step_captured_in_a_cuda_graph_replays_on_new_data(backend, m
     """Launch-bound training (small batches, many blocks) is what CUDA graphs are for: a whole
     forward and backward is captured as PyTorch's whole-network example does (warm-up on a
     side stream, gradients None), and each replay on a new x gives eager's output and
-    gradients. A host synchronisation or a Triton autotuning launch inside the step would make
-    the capture fail."""
+    gradients. A host synchronisation inside the step would make the capture fail. (The warm-up
+    also tunes Triton's kernels where tuning is on; gpu_check.sh runs the tests untuned.)"""
     skip_unless_available(backend)
     module = _cbam(32, backend, "cuda")
     eager = copy.deepcopy(module)

@@ -23,9 +23,10 @@ def _block_rows(rows):
 def _graph_cells(r) -> list[str]:
     """A GPU call's CUDA-graph replay time (or why it has none), device activities per call
     and their summed duration; empty cells for a row without them."""
-    if r is None or "kernels" not in r:
-        return ["", "", ""]
+    r = r or {}
     graph = f"{r['graph_ms']:.3f}" if "graph_ms" in r else r.get("graph_error", "")
+    if "kernels" not in r:  # a CPU row, or the profiler failed
+        return [graph, "", ""]
     return [graph, f"{r['kernels']:.0f}", f"{r['device_busy_ms']:.3f}"]
 
 

@@ -54,11 +54,15 @@ def time_cuda_graph(fn: Callable[[int], object], buffers: int, reps: int) -> dic
             fn(i)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.current_stream()
     try:
         with torch.cuda.graph(graph):
             for i in range(buffers):
                 fn(i)
     except Exception as e:  # e.g. a host synchronisation inside the calls
+        # A capture that fails ends before torch.cuda.graph restores the stream it replaced:
+        # later measurements would run on the capture stream.
+        torch.cuda.set_stream(stream)
         torch.cuda.synchronize()
         return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     per_replay = time_cuda(lambda _: graph.replay(), 1, reps)
