@@ -354,6 +354,17 @@ def test_backward_deterministic():
         assert torch.equal(a, b)
 
 
+def test_grids_larger_than_a_launch_are_refused():
+    """One program per row of a few elements (the NCHW configurations with BLOCK_C = 1) needs
+    more programs than a CUDA grid holds once x has 2^31 elements: a clear error, checked on the
+    grid itself (a tensor that large would not fit the interpreter)."""
+    assert _common.checked_grid(lambda meta: (meta["rows"], 3))({"rows": _common.MAX_PROGRAMS}) == (2**31 - 1, 3)
+    with pytest.raises(ValueError, match=r"x: too large for the Triton kernels' grid \(2147483648 programs"):
+        _common.checked_grid(lambda meta: (meta["rows"], 3))({"rows": 2**31})
+    with pytest.raises(ValueError, match="x: too large"):
+        _common.checked_grid((2**31, 1))({})
+
+
 def test_extents_whose_loops_would_wrap_are_refused():
     """H·W or C within a block of 2^31: the kernels' int32 loops would wrap past the last block."""
     one = torch.empty(1, 1, 1, 1, device=DEVICE)

@@ -68,14 +68,35 @@ TUNED_KERNELS: list = []
 TUNER_LOCK = threading.Lock()
 
 
+MAX_PROGRAMS = 2**31 - 1  # a CUDA grid's first dimension
+
+
+def checked_grid(grid):
+    """``grid`` (a tuple, or a function of the configuration's meta-parameters) that refuses more
+    programs than a launch takes: Triton's launcher would raise an OverflowError that names
+    nothing. Only rows of a few elements get there (one program per row, 2^31 elements or more)."""
+
+    def checked(meta):
+        dims = grid(meta) if callable(grid) else grid
+        if dims[0] > MAX_PROGRAMS:
+            raise ValueError(
+                f"x: too large for the Triton kernels' grid ({dims[0]} programs, at most 2^31 - 1: "
+                "2^31 elements or more in rows of a few); use backend='cuda' or split the batch"
+            )
+        return dims
+
+    return checked
+
+
 class _OneCallAtATime:
-    """A tuned kernel whose launches (``kernel[grid](...)``) hold ``TUNER_LOCK``."""
+    """A tuned kernel whose launches (``kernel[grid](...)``) hold ``TUNER_LOCK`` and have their
+    grid checked (``checked_grid``)."""
 
     def __init__(self, tuner):
         self.tuner = tuner
 
     def __getitem__(self, grid):
-        launch = self.tuner[grid]
+        launch = self.tuner[checked_grid(grid)]
 
         def locked(*args, **kwargs):
             with TUNER_LOCK:
