@@ -5,10 +5,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import fused_cbam
 from fused_cbam.bench import __main__ as bench
-from fused_cbam.bench import record, report
+from fused_cbam.bench import record, report, timing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,6 +135,26 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
     assert all(line.count("|") == ops[0].count("|") for line in ops)
     cpu_rows = [{k: v for k, v in r.items() if k not in ("graph_ms", "graph_error", "kernels", "device_busy_ms")} for r in rows]
     assert "graph ms" not in report.block_table(cpu_rows)
+
+
+def test_activity_summary_counts_device_work_and_the_hosts_launch_calls():
+    """What the GPU columns are made of, from profiler events (faked here: a CPU has no CUDA
+    activities): CUDA activities, and the host's runtime and driver launch calls (Triton
+    launches through the driver), per call."""
+    from types import SimpleNamespace
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, device_type, us):
+        return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [
+        event("aten::add", cpu, 50), event("cudaLaunchKernel", cpu, 6), event("cuLaunchKernelEx", cpu, 8),
+        event("cudaLaunchKernelExC", cpu, 4), event("cudaMemsetAsync", cpu, 3),
+        event("void add_kernel<float>", cuda, 10), event("triton_poi_fused_0", cuda, 20), event("Memset (Device)", cuda, 2),
+    ]  # fmt: skip
+    summary = timing.activity_summary(events, reps=2)
+    assert summary == {"kernels": 1.5, "device_busy_ms": 0.016, "launch_calls": 1.5, "launch_api_ms": 0.009}
 
 
 def test_full_mode_times_each_operator_of_each_backend(tmp_path):

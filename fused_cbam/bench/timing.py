@@ -69,20 +69,39 @@ def time_cuda_graph(fn: Callable[[int], object], buffers: int, reps: int) -> dic
     return {k: v / buffers for k, v in per_replay.items()}
 
 
+# The host's calls that launch a kernel: the runtime's (cudaLaunchKernel, cudaLaunchKernelExC)
+# and the driver's (cuLaunchKernel, cuLaunchKernelEx: Triton's launcher).
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel")
+
+
 def cuda_kernels(fn: Callable[[], object], reps: int = 3) -> dict[str, float]:
-    """Device activities (kernels, copies, fills) per call and their summed duration, from the
-    profiler: with the eager time, it tells launch-bound calls from device-bound ones."""
+    """Device activities (kernels, copies, fills) per call and their summed duration, and the
+    host's time in kernel-launch calls, from the profiler: with the eager time and the graph
+    time, it tells launch-bound calls from device-bound ones, and of a launch-bound call's host
+    time what the driver's launches take (the rest is Python and the dispatcher)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(e.time_range.elapsed_us() for e in device_events)
-    return {"kernels": len(device_events) / reps, "device_busy_ms": busy_us / reps / 1e3}
+    return activity_summary(prof.events(), reps)
+
+
+def activity_summary(events, reps: int) -> dict[str, float]:
+    """Per call: device activities and their summed duration; host launch calls and theirs."""
+    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = [
+        e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(_LAUNCH_CALLS)
+    ]
+    return {
+        "kernels": len(device_events) / reps,
+        "device_busy_ms": sum(e.time_range.elapsed_us() for e in device_events) / reps / 1e3,
+        "launch_calls": len(launches) / reps,
+        "launch_api_ms": sum(e.time_range.elapsed_us() for e in launches) / reps / 1e3,
+    }
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], module: torch.nn.Module) -> int:
