@@ -24,6 +24,10 @@
 #                    (the second call's build step finds the library built from the same
 #                    sources and skips). Each call writes its own summary.
 #   PYTEST_LIMIT     seconds for the GPU tests (default 230)
+#   GPU_CHECK_DEADLINE  seconds from the start by which the script must have written its
+#                    summary: each step's limit is clipped to the time left (set it a little
+#                    under the device call's limit, so that a late start or a slow build
+#                    shortens the last steps instead of losing the summary and the logs)
 #   GPU_CHECK_REST=1 also run the tests that use no GPU (CI runs them), after the others
 #                    (the same as naming rest in GPU_CHECK_STEPS)
 set -euo pipefail
@@ -53,9 +57,21 @@ elapsed() { echo $(($(date +%s) - START)); }
 
 # step NAME LIMIT_S COMMAND...: runs COMMAND with a time limit, output to $LOG/NAME.log, exit
 # status to $LOG/NAME.rc (safe to run in the background: nothing is kept in shell variables).
+# With GPU_CHECK_DEADLINE, the limit is clipped to the time left before it, less 20 s for the
+# kill grace and the summary; a step with under 10 s left is skipped (rc "skipped").
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ -n "${GPU_CHECK_DEADLINE:-}" ]]; then
+    local left=$((GPU_CHECK_DEADLINE - $(elapsed) - 20))
+    if ((left < 10)); then
+      echo "== ${name} skipped: ${left}s left before GPU_CHECK_DEADLINE"
+      echo "skipped: the deadline was near" >"$LOG/$name.log"
+      echo skipped >"$LOG/$name.rc"
+      return 0
+    fi
+    ((left < limit)) && limit=$left
+  fi
   echo "== ${name} (t=$(elapsed)s, limit ${limit}s)"
   local rc=0
   timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1 || rc=$?

@@ -139,19 +139,21 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
 
 def test_activity_summary_counts_device_work_and_the_hosts_launch_calls():
     """What the GPU columns are made of, from profiler events (faked here: a CPU has no CUDA
-    activities): CUDA activities, and the host's runtime and driver launch calls (Triton
-    launches through the driver), per call."""
+    activities): CUDA activities but not user ranges, and the host's runtime and driver launch
+    calls (Triton launches through the driver), per call."""
     from types import SimpleNamespace
 
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 
-    def event(name, device_type, us):
-        return SimpleNamespace(name=name, device_type=device_type, time_range=SimpleNamespace(elapsed_us=lambda: us))
+    def event(name, device_type, us, user=False):
+        return SimpleNamespace(name=name, device_type=device_type, is_user_annotation=user,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))  # fmt: skip
 
     events = [
         event("aten::add", cpu, 50), event("cudaLaunchKernel", cpu, 6), event("cuLaunchKernelEx", cpu, 8),
         event("cudaLaunchKernelExC", cpu, 4), event("cudaMemsetAsync", cpu, 3),
         event("void add_kernel<float>", cuda, 10), event("triton_poi_fused_0", cuda, 20), event("Memset (Device)", cuda, 2),
+        event("## Call CompiledFxGraph f0 ##", cuda, 90, user=True),  # Inductor's range around a call
     ]  # fmt: skip
     summary = timing.activity_summary(events, reps=2)
     assert summary == {"kernels": 1.5, "device_busy_ms": 0.016, "launch_calls": 1.5, "launch_api_ms": 0.009}

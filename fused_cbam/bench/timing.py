@@ -91,8 +91,14 @@ def cuda_kernels(fn: Callable[[], object], reps: int = 3) -> dict[str, float]:
 
 
 def activity_summary(events, reps: int) -> dict[str, float]:
-    """Per call: device activities and their summed duration; host launch calls and theirs."""
-    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    """Per call: device activities and their summed duration; host launch calls and theirs.
+    User ranges are left out, as PyTorch's own tables do: Inductor wraps each compiled call in
+    one, which the profiler also lists on the device, spanning the call's kernels and its gaps."""
+    device_events = [
+        e
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     launches = [
         e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(_LAUNCH_CALLS)
     ]
