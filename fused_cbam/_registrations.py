@@ -7,6 +7,8 @@ operators' autograd is here for Triton's; the C++ library registers its own (csr
 so that gradients are right without Python too.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -153,13 +155,34 @@ def _cbam_inference_backward(ctx, grad_out):
     return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
 
 
+def _on_one_device(fake, operator):
+    """``fake`` refusing a tensor argument on another device than x's (the first tensor's where
+    there is no x), as the real kernels do, naming it as ``operator``'s schema does. Fake kernels
+    also serve the Meta dispatch key, which wins over the CPU's: an x on the CPU with a meta gate
+    got CPU outputs that nothing wrote."""
+    names = [a.name for a in operator.default._schema.arguments]
+
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        named = {n: a for n, a in [*zip(names, args), *kwargs.items()] if isinstance(a, Tensor)}
+        first = "x" if "x" in named else next(iter(named))
+        device = named[first].device
+        for name, t in named.items():
+            if t.device != device:
+                raise ValueError(f"{name}: expected a tensor on {device} ({first}'s device), got one on {t.device}")
+        return fake(*args, **kwargs)
+
+    return checked
+
+
 def register(namespace: str, library_autograd: bool = False) -> None:
     """Register fake kernels for every operator, and the forward operators' autograd. With
     ``library_autograd`` (the C++ library, which registers its own: csrc/autograd.cpp) only for
     the operators that have none: a library built before it had them all (a checkout pulled, not
     rebuilt) gets the Python autograd for those, rather than silently no gradients."""
     for name, fake in _FAKES.items():
-        torch.library.register_fake(f"{namespace}::{name}", fake)
+        operator = getattr(getattr(torch.ops, namespace), name)
+        torch.library.register_fake(f"{namespace}::{name}", _on_one_device(fake, operator))
     for name, (backward, setup_context) in _autograd(getattr(torch.ops, namespace)).items():
         qualified = f"{namespace}::{name}"
         if not (library_autograd and torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Autograd")):

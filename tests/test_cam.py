@@ -14,7 +14,7 @@ from torch import nn
 
 import fused_cbam
 from fused_cbam.cam import CAMExtractor, class_activation_map, overlay, spatial_attention_map
-from helpers import COMPILED_BACKENDS, TOLERANCE, assert_close, make_input
+from helpers import COMPILED_BACKENDS, TOLERANCE, assert_close, make_input, runs_fused
 
 BACKENDS = COMPILED_BACKENDS + [pytest.param("reference", "cpu", id="reference")]
 
@@ -31,7 +31,8 @@ def test_cam_is_the_weighted_channel_sum(backend, device, dtype, memory_format):
     features = make_input((3, 40, 7, 9), dtype, device, memory_format)  # C=40: not a multiple of a vector
     fc_weight = torch.randn(5, 40, device=device)
     for class_idx, idx in ((2, [2, 2, 2]), ([4, 0, 3], [4, 0, 3]), (torch.tensor([1, 1, 0]), [1, 1, 0])):
-        cam = class_activation_map(features, fc_weight, class_idx, normalize=False, backend=backend)
+        with runs_fused(backend, "spatial_pool"):
+            cam = class_activation_map(features, fc_weight, class_idx, normalize=False, backend=backend)
         assert cam.shape == (3, 7, 9) and cam.dtype == dtype
         # the weights are used in the features' dtype, as the fused operator requires
         expected = explicit_cam(features, fc_weight.to(dtype), idx)
@@ -46,7 +47,8 @@ def test_default_class_is_the_argmax_with_the_bias(backend, device):
     for bias in (None, fc_bias):
         logits = features.mean(dim=(2, 3)) @ fc_weight.t() + (0 if bias is None else bias)
         predicted = logits.argmax(dim=1)
-        cam = class_activation_map(features, fc_weight, fc_bias=bias, normalize=False, backend=backend)
+        with runs_fused(backend, "channel_pool", "spatial_pool"):  # the class from the pooled features
+            cam = class_activation_map(features, fc_weight, fc_bias=bias, normalize=False, backend=backend)
         assert_close(cam, explicit_cam(features, fc_weight, predicted), 1e-5, "CAM of the predicted class")
     without_bias = features.mean(dim=(2, 3)) @ fc_weight.t()
     assert not torch.equal(without_bias.argmax(1), (without_bias + fc_bias).argmax(1)), "the bias must matter here"
@@ -109,7 +111,9 @@ def test_cam_equals_grad_cam_up_to_relu_and_area_for_a_gap_fc_head(backend, devi
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_spatial_attention_map_is_the_channel_mean(backend, device):
     features = make_input((2, 9, 4, 6), torch.float32, device, "channels_last")
-    assert_close(spatial_attention_map(features, normalize=False, backend=backend), features.mean(dim=1), 1e-6)
+    with runs_fused(backend, "spatial_pool"):
+        attention = spatial_attention_map(features, normalize=False, backend=backend)
+    assert_close(attention, features.mean(dim=1), 1e-6)
     normalised = spatial_attention_map(features, backend=backend)
     assert normalised.amin(dim=(1, 2)).tolist() == [0.0, 0.0]
     assert normalised.amax(dim=(1, 2)).tolist() == pytest.approx([1.0, 1.0])

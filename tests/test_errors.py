@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_cbam
-from helpers import make_input, needs_cuda
+from helpers import OPERATOR_BACKENDS, make_input, needs_cuda, operator_namespace, skip_unless_available
 
 BACKENDS = ["reference"] + (["cpu"] if "cpu" in fused_cbam.available_backends() else [])
 
@@ -65,6 +65,32 @@ def test_tensors_on_different_devices_meta():
     x = torch.randn(2, 3, 4, 5)
     with pytest.raises(ValueError, match="channel_scale: expected a tensor on cpu"):
         fused_cbam.spatial_pool(x, torch.rand(2, 3, device="meta"), backend="reference")
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_operators_refuse_an_argument_on_the_meta_device(backend, device):
+    """A meta tensor among the arguments sends a call to the fake kernels (the Meta key wins over
+    the CPU's and CUDA's), which used to return x-device outputs that nothing wrote: they check
+    the devices as the kernels do, naming the argument."""
+    skip_unless_available(backend)
+    ops = operator_namespace(backend)
+    x = torch.randn(2, 3, 4, 5, device=device)
+    meta = {"device": "meta"}
+    gate, grad = torch.rand(2, 3, device=device), torch.rand(2, 3, device=device)
+    argmax = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    calls = {
+        "scale": lambda: ops.spatial_pool(x, torch.rand(2, 3, **meta)),
+        "spatial_gate": lambda: ops.gate_apply(x, gate, torch.rand(2, 1, 4, 5, **meta)),
+        "grad_avg": lambda: ops.channel_pool_backward(torch.rand(2, 3, **meta), grad, argmax, x),
+        "argmax": lambda: ops.channel_pool_backward_add(torch.zeros_like(x), grad, grad, argmax.to("meta")),
+        "fc1_weight": lambda: ops.cbam_inference(
+            x, torch.randn(1, 3, **meta), None, torch.randn(3, 1, device=device), None, "sum",
+            torch.randn(1, 2, 7, 7, device=device), None, None, None, None, None, 1e-5, True,
+        ),  # fmt: skip
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name}: expected a tensor on {device}"):
+            call()
 
 
 def test_unknown_or_unavailable_backend():
