@@ -213,6 +213,9 @@ verdict() {  # verdict NAME PATTERN: the step's rc and its matching summary line
   line=$(grep -E "$2" "$LOG/$1.log" 2>/dev/null | tail -n 1 || true)
   echo "rc=$rc ${line:-(no summary line)}"
 }
+# pytest's last line ("3 failed, 1200 passed, ... in 280.00s", "no tests ran"), not a test's
+# output or a short-summary line that names an error: a run cut by its limit has none.
+PYTEST_SUMMARY='^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran'
 FAILED=()
 for rc_file in "$LOG"/*.rc; do
   [[ -f "$rc_file" ]] || continue  # (no step ran)
@@ -226,8 +229,8 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   echo "commit: $COMMIT"
   echo "steps: ${STEPS:1:-1}"
   wanted build && echo "build: $(verdict build 'Successfully installed|up to date|error|Error')"
-  wanted tests && echo "pytest (cuda, triton): $(verdict pytest '(passed|failed|error|no tests ran)')"
-  wanted rest && echo "pytest (the rest): $(verdict pytest_rest '(passed|failed|error|no tests ran)')"
+  wanted tests && echo "pytest (cuda, triton): $(verdict pytest "$PYTEST_SUMMARY")"
+  wanted rest && echo "pytest (the rest): $(verdict pytest_rest "$PYTEST_SUMMARY")"
   wanted sanitizers && echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"
   wanted sanitizers && echo "racecheck: $(verdict racecheck 'RACECHECK SUMMARY|ERROR SUMMARY|sanitizer_smoke')"
   wanted bench && echo "bench: $(verdict bench '.')"
