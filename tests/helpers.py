@@ -138,7 +138,7 @@ def runs_fused(backend, *ops):
     if backend == "reference":
         yield None
         return
-    namespace = "fused_cbam_triton" if backend == "triton" else "fused_cbam"
+    namespace = operator_namespace(backend).name
     with OperatorLog() as log:
         yield log
     missing = [op for op in ops if f"{namespace}.{op}" not in log.names]

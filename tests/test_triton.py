@@ -6,8 +6,8 @@ block configuration, so the shapes below run each loop, mask and split path.
 """
 
 import functools
-import pathlib
 import os
+import pathlib
 
 import torch
 

@@ -31,16 +31,20 @@ def _graph_cells(r) -> list[str]:
 
 
 _GRAPH_HEADER = " graph ms | kernels | busy ms |"
-_GPU_KEYS = ("kernels", "graph_ms", "graph_error", "profile_error")  # what only GPU rows carry
 _TRAIN_GRAPH_HEADER = " fwd+bwd graph ms | kernels | busy ms |"
 _BLOCK_MODES = ("forward", "forward+backward")
+
+
+def _on_gpu(rows) -> bool:
+    """Whether the rows carry what only a GPU run records (graph times, the profiler's columns)."""
+    return any(key in r for r in rows for key in ("kernels", "graph_ms", "graph_error", "profile_error"))
 
 
 def block_table(rows) -> str:
     """Markdown: per format and shape, each provider's forward and forward+backward medians,
     the speedup over the reference, and the bytes saved for backward relative to |x|; on a GPU
     also each mode's CUDA-graph replay time, kernels per call and their summed duration."""
-    gpu = any(key in r for r in rows for key in _GPU_KEYS)
+    gpu = _on_gpu(rows)
     lines = [
         "| format | shape | provider | forward ms | × ref | fwd+bwd ms | × ref | saved / abs(x) | peak MiB |"
         + (_GRAPH_HEADER + _TRAIN_GRAPH_HEADER if gpu else ""),
@@ -73,7 +77,7 @@ def block_table(rows) -> str:
 
 
 def operator_table(rows) -> str:
-    gpu = any(key in r for r in rows for key in _GPU_KEYS)
+    gpu = _on_gpu(rows)
     lines = [
         "| format | shape | operator | provider | ms | GB/s | of copy bandwidth |"
         + (_GRAPH_HEADER + " graph: of copy bandwidth |" if gpu else ""),
