@@ -3,24 +3,32 @@
 // parameter contiguous in the dtype the caller computes in.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 
 namespace fused_cbam::inference {
 
-// A parameter: floating, on x's device, of the expected shape.
-inline at::Tensor parameter(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
-                            const char* name, at::ScalarType dtype) {
+// A parameter: floating, on x's device, of the expected shape; in its own strides.
+inline at::Tensor strided_parameter(const at::Tensor& t, const at::Tensor& x,
+                                    at::IntArrayRef shape, const char* name,
+                                    at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
                    ": expected a floating-point tensor, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(),
                     " (x's), got ", t.device());
-  return t.to(dtype).contiguous();
+  return t.to(dtype);
+}
+
+inline at::Tensor parameter(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
+                            const char* name, at::ScalarType dtype) {
+  return strided_parameter(t, x, shape, name, dtype).contiguous();
 }
 
 // Whether an optional parameter is given: C++ callers may pass an undefined tensor for None.
@@ -31,6 +39,18 @@ inline at::Tensor optional_parameter(const std::optional<at::Tensor>& t, const a
                                      at::IntArrayRef shape, const char* name,
                                      at::ScalarType dtype) {
   return present(t) ? parameter(*t, x, shape, name, dtype) : at::Tensor();
+}
+
+// The dtype a GPU kernel reads a group of parameters in (undefined tensors: absent ones): x's
+// when all of them have it, the modules' case, where nothing is converted and so nothing
+// launched; else x's math type.
+inline at::ScalarType read_dtype(const at::Tensor& x,
+                                 std::initializer_list<std::optional<at::Tensor>> parameters) {
+  const auto dtype = x.scalar_type();
+  for (const auto& t : parameters) {
+    if (present(t) && t->scalar_type() != dtype) return at::toOpMathType(dtype);
+  }
+  return dtype;
 }
 
 // An MLP weight: [rows, cols], or a 1x1 conv's [rows, cols, 1, 1], as [rows, cols].
@@ -75,7 +95,9 @@ inline Mlp mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
 }
 
 // The spatial conv and its eval-mode BatchNorm: weight [1, 2, K, K] over the two maps, or
-// [1, 1, K, K] over 0.5 * mean + 0.5 * max (K odd); the scalars undefined where absent.
+// [1, 1, K, K] over 0.5 * mean + 0.5 * max (K odd), in its own strides (a channels_last
+// model's is not contiguous: the GPU kernels read it as it is rather than copy it every call);
+// the scalars undefined where absent.
 struct SpatialConv {
   at::Tensor weight, bias, bn_mean, bn_var, bn_weight, bn_bias;
   int64_t maps, K;
@@ -98,7 +120,7 @@ inline SpatialConv spatial_conv(const at::Tensor& x, const at::Tensor& conv_weig
   TORCH_CHECK_VALUE(present(bn_mean) || !(present(bn_weight) || present(bn_bias)),
                     "bn_weight, bn_bias: expected None without bn_mean and bn_var (the running "
                     "statistics they go with)");
-  s.weight = parameter(conv_weight, x, {1, s.maps, s.K, s.K}, "conv_weight", dtype);
+  s.weight = strided_parameter(conv_weight, x, {1, s.maps, s.K, s.K}, "conv_weight", dtype);
   s.bias = optional_parameter(conv_bias, x, {1}, "conv_bias", dtype);
   s.bn_mean = optional_parameter(bn_mean, x, {1}, "bn_mean", dtype);
   s.bn_var = optional_parameter(bn_var, x, {1}, "bn_var", dtype);

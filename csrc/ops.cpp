@@ -17,8 +17,12 @@
 //                                 weights [hidden, C] / [C, hidden] (or 1x1 convs'); conv_weight
 //                                 [1, 2, K, K] over the maps [max, mean] if max_first else
 //                                 [mean, max], or [1, 1, K, K] over 0.5 mean + 0.5 max; bn in
-//                                 eval mode (running statistics); CPU and CUDA kernels (the
-//                                 CUDA one computes the MLP in x's dtype, as the modules do)
+//                                 eval mode (running statistics); CPU and CUDA kernels. The
+//                                 CPU one computes the MLP and conv in x's math type; the CUDA one
+//                                 rounds each MLP layer's output to x's dtype, as the modules'
+//                                 layers in x's dtype do, and reads the MLP's (the conv's)
+//                                 parameters in x's dtype if they all have it, else all in
+//                                 x's math type
 // The backward operators return the gradient of x in x's memory format, and an empty tensor
 // for the gradient of an absent optional input. channel_pool_backward_add and
 // spatial_pool_backward_add add their gradient of x into grad_x (dense in x's memory format)

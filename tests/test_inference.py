@@ -169,6 +169,107 @@ def test_a_short_last_chunk_joins_the_one_before():
             assert_close(fused(x), reference(x), TOLERANCE[torch.float32] * 4, f"out, batch {n}")
 
 
+# The MLP's variants, with their layers: two over both pools (official), two over their mix
+# (timm's light), one over the mean (ultralytics).
+MLP_LAYERS = {"official": 2, "timm-light": 2, "ultralytics": 1}
+# Views and allocations: no launch on a GPU.
+_NO_COMPUTE = {"empty", "empty_like", "empty_strided", "new_empty", "view", "slice", "select", "as_strided", "alias", "detach"}
+
+
+@pytest.mark.parametrize("layout", sorted(MLP_LAYERS))
+def test_the_triton_operator_runs_nothing_but_its_kernels(layout, monkeypatch):
+    """Between its kernels the Triton operator only allocates and views: no torch op converts a
+    parameter or computes part of the MLP, each of which would be one more launch on a GPU; the
+    MLP and its sigmoid take one launch a layer, per chunk (two samples in the interpreter)."""
+    pytest.importorskip("triton")
+    from fused_cbam.triton import _common, inference
+
+    if not _common.INTERPRET:
+        pytest.skip("counts the launches in Triton's interpreter (on a GPU: the profiler's test below)")
+    from triton.runtime.interpreter import InterpretedFunction
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launches, outside = [], []
+    inside = [False]  # the interpreter runs torch ops of its own inside a launch
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        inside[0] = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    class TorchOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0]:
+                outside.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    # A channels_last model: its spatial conv weight is not contiguous, and is read as it is.
+    fused, reference = (m.to(memory_format=torch.channels_last) for m in _pair(layout, 24, torch.bfloat16, "cpu", "triton"))
+    x = make_input((4, 24, 5, 6), torch.bfloat16, "cpu", "channels_last")
+    with torch.no_grad(), TorchOps():
+        out = inference.cbam_inference(x, *fused._plain())
+    assert set(outside) <= _NO_COMPUTE, outside
+    assert launches.count("_mlp_layer_kernel") == 2 * MLP_LAYERS[layout], launches
+    with torch.no_grad():
+        assert_close(out, reference(x), TOLERANCE[torch.bfloat16] * 4, "out", rounded_once=False)
+
+
+def _triton_kernel_names() -> set:
+    import triton
+
+    import fused_cbam.triton as package
+    from fused_cbam.triton import channel_pool, gate_apply, inference, spatial_pool
+
+    modules = (package._common, channel_pool, gate_apply, inference, spatial_pool)
+    return {name for m in modules for name, v in vars(m).items() if isinstance(v, triton.runtime.JITFunction)}
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", sorted(MLP_LAYERS))
+@pytest.mark.needs_cuda
+def test_the_gpu_operator_launches_nothing_but_its_kernels(layout, backend):
+    """On a GPU, one call (one chunk) launches the operator's own kernels only: no ATen kernel
+    converts a parameter or computes part of the MLP (cuBLAS, elementwise), and the MLP with its
+    sigmoid takes one kernel a layer."""
+    skip_unless_available(backend)
+    # A channels_last model: its spatial conv weight is not contiguous, and is read as it is.
+    fused, reference = (m.to(memory_format=torch.channels_last) for m in _pair(layout, 64, torch.bfloat16, "cuda", backend))
+    x = make_input((4, 64, 14, 14), torch.bfloat16, "cuda", "channels_last")
+    args = fused._plain()
+    operator = _inference_op(backend)
+    operator(x, *args)  # Triton compiles and tunes on its first call
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        out = operator(x, *args)
+        torch.cuda.synchronize()
+    with torch.no_grad():
+        assert_close(out, reference(x), TOLERANCE[torch.bfloat16] * 4, "out", rounded_once=False)
+    kernels = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = _triton_kernel_names() if backend == "triton" else None
+    foreign = [k for k in kernels if ("fused_cbam::gpu::" not in k if ours is None else k not in ours)]
+    assert kernels and not foreign, kernels
+    assert sum("mlp_layer_kernel" in k for k in kernels) == MLP_LAYERS[layout], kernels
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.needs_cuda
+def test_many_samples_in_one_chunk_on_the_gpu(backend):
+    """600000 samples of 2 x 1 x 1 make one chunk: the MLP kernel's blocks then stride over the
+    samples (a grid's second dimension takes at most 65535 blocks)."""
+    skip_unless_available(backend)
+    fused, reference = _pair("official", 2, torch.float32, "cuda", backend)
+    x = make_input((600000, 2, 1, 1), torch.float32, "cuda", "nchw")
+    out, ops = _run_logged(fused, x)
+    assert _logged_name(backend) in ops, ops
+    with torch.no_grad():
+        assert_close(out, reference(x), TOLERANCE[torch.float32] * 4, "out")
+
+
 @on_each_device
 def test_inference_mode_empty_batch_and_nan(backend, device):
     skip_unless_available(backend)

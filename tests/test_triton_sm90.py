@@ -141,9 +141,13 @@ def _run_every_operator() -> None:
             out = ops.gate_apply(x, g, h)
             ops.gate_apply_backward(out, x, g, h)
             ops.gate_apply_backward(out, x, None, None)
-            block = fused_cbam.nn.CBAM(24, reduction_ratio=4, backend="triton").eval().to(dtype)
-            with torch.no_grad():
-                block(x)
+            # The MLP's variants: two layers over both pools, over their mix, one layer over the mean.
+            blocks = (fused_cbam.nn.CBAM(24, reduction_ratio=4, backend="triton"),
+                      fused_cbam.nn.LightCbamModule(24, rd_ratio=1 / 4, backend="triton"),
+                      fused_cbam.nn.UltralyticsCBAM(24, backend="triton"))  # fmt: skip
+            for block in blocks:
+                with torch.no_grad():
+                    block.eval().to(dtype)(x)
 
 
 def test_every_triton_kernel_compiles_for_sm90(tmp_path):

@@ -267,9 +267,10 @@ std::pair<at::Tensor, double> folded_spatial_conv(const inference::SpatialConv& 
   const double conv_b = conv.bias.defined() ? scalar(conv.bias) : 0;
   const double bias = conv_b * scale + shift;
   const double map_share = maps == 1 ? 0.5 : 1;  // one kernel over the average of the two maps
-  at::Tensor folded = at::empty({2, K, K}, conv.weight.options());
-  AT_DISPATCH_FLOATING_TYPES(conv.weight.scalar_type(), "folded_spatial_conv", [&] {
-    const scalar_t* src = conv.weight.const_data_ptr<scalar_t>();
+  const at::Tensor weight = conv.weight.contiguous();
+  at::Tensor folded = at::empty({2, K, K}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "folded_spatial_conv", [&] {
+    const scalar_t* src = weight.const_data_ptr<scalar_t>();
     scalar_t* dst = folded.data_ptr<scalar_t>();
     for (int64_t map = 0; map < 2; ++map) {
       const int64_t from = maps == 1 ? 0 : max_first ? 1 - map : map;
