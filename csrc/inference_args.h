@@ -1,6 +1,7 @@
 // Checks of cbam_inference's parameters (schema: csrc/ops.cpp), shared by its CPU and CUDA
 // kernels so that both refuse the same arguments with the same messages. Each returns the
-// parameter contiguous in the dtype the caller computes in.
+// parameter in the dtype the caller asks for (which read_dtype picks on the GPU), contiguous
+// except the spatial conv's weight.
 #pragma once
 
 #include <ATen/OpMathType.h>

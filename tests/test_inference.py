@@ -373,6 +373,26 @@ def test_operator_formula_one_layer_average_only(backend, device):
     assert_close(out, y * torch.sigmoid(u), 1e-5, "out")
 
 
+@on_each_device
+@pytest.mark.parametrize("other", ["all", "fc1_bias", "bn_mean", "conv_weight"])
+def test_parameters_in_another_dtype_than_x(other, backend, device):
+    """A bfloat16 x with parameters in float32 (all, or one of a group): the group they belong to
+    (the MLP's; the conv's and its BN's) is read in float32, the rest in bfloat16 as given; the
+    result is the formula's within bfloat16's rounding of the pools, maps and layers."""
+    skip_unless_available(backend)
+    args = list(_operator_args(device=device))
+    args[0] = args[0].to(torch.bfloat16)
+    names = ["fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "pooling", "conv_weight", "conv_bias",
+             "bn_mean", "bn_var", "bn_weight", "bn_bias"]  # fmt: skip
+    for i, name in enumerate(names, start=1):
+        if isinstance(args[i], torch.Tensor) and other not in ("all", name):
+            args[i] = args[i].to(torch.bfloat16)
+    out = _inference_op(backend)(*args)
+    assert out.dtype == torch.bfloat16
+    want = reference.cbam_inference(*args)
+    assert_close(out, want, TOLERANCE[torch.bfloat16] * 4, "out", rounded_once=False)
+
+
 @pytest.mark.parametrize(
     "index,value,match",
     [

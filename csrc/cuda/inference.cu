@@ -142,6 +142,7 @@ struct MlpLayer {
 constexpr int kMlpWarpRows = 2;  // rows a warp takes at once: each input load serves both
 constexpr int kMlpSamples = 4;   // samples a block takes: each row load serves all of them
 constexpr int kMlpRows = kThreads / 32 * kMlpWarpRows;  // rows a block takes
+static_assert(kMlpWarpRows * kMlpSamples <= 32, "a lane writes each (row, sample) result");
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t rounded(acc_t v) {
@@ -152,9 +153,10 @@ __device__ __forceinline__ acc_t rounded(acc_t v) {
 // block's samples past S read the last ones' data and are never written, so that a step's loads
 // issue together, with no branch between them. A butterfly then gives every lane the sums, and
 // lane j * kMlpSamples + i writes row j's result of sample i. Blocks stride over the samples
-// (gridDim.y is at most 65535).
+// (gridDim.y is at most 65535). Two blocks an SM leave ptxas registers enough (60-80) to issue
+// all of a step's loads before its first multiply-add; at 64, half of them waited.
 template <typename scalar_t, typename param_t, int POOLS, bool MIX>
-__global__ void __launch_bounds__(kThreads) mlp_layer_kernel(MlpLayer<scalar_t, param_t> a) {
+__global__ void __launch_bounds__(kThreads, 2) mlp_layer_kernel(MlpLayer<scalar_t, param_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int r0 = static_cast<int>(blockIdx.x) * kMlpRows +
