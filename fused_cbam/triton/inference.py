@@ -159,8 +159,10 @@ def _mlp_layer_kernel(
             tl.store(out_ptr + S * R + out_offs, cast_to(tl.where(z1 < 0.0, 0.0, z1), out_ptr), mask=out_mask)
 
 
+# The products of a step, BLOCK_S * BLOCK_R * BLOCK_L, sit in registers: 4096 of them is 32 a
+# thread (per pool) with 4 warps.
 _mlp_layer_tuned = autotune(
-    [config(BLOCK_S=8, BLOCK_R=32, BLOCK_L=32, num_warps=4), config(BLOCK_S=4, BLOCK_R=16, BLOCK_L=64, num_warps=4),
+    [config(BLOCK_S=4, BLOCK_R=32, BLOCK_L=32, num_warps=4), config(BLOCK_S=8, BLOCK_R=16, BLOCK_L=32, num_warps=4),
      config(BLOCK_S=2, BLOCK_R=64, BLOCK_L=32, num_warps=4)],
     config(BLOCK_S=2, BLOCK_R=4, BLOCK_L=8, num_warps=1),
     key=["L", "R"],  # not the samples: a new batch size would tune again
