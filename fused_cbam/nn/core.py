@@ -278,18 +278,23 @@ def _parts_run_more_than_their_forward(module: nn.Module) -> bool:
     ``modules()`` builds: this runs at every eval-mode call."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return True
-    return any(
-        part is not None
-        and (
+    call, call_impl = nn.Module.__call__, nn.Module._call_impl
+    parts = list(module._modules.values())
+    while parts:
+        part = parts.pop()
+        if part is None:
+            continue
+        cls = type(part)
+        if (
             part._forward_pre_hooks
             or part._forward_hooks
             or "forward" in part.__dict__
-            or type(part).__call__ is not nn.Module.__call__
-            or type(part)._call_impl is not nn.Module._call_impl
-            or _parts_run_more_than_their_forward(part)
-        )
-        for part in module._modules.values()
-    )
+            or cls.__call__ is not call
+            or cls._call_impl is not call_impl
+        ):
+            return True
+        parts.extend(part._modules.values())
+    return False
 
 
 def summed(mlp, rows: list[Tensor]) -> Tensor:

@@ -57,10 +57,10 @@ def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
     """``plain_conv`` of a conv-then-BatchNorm module (ours, or the one ``convert`` adopted from
     the user's model, e.g. timm's ConvNormAct): None unless its children are exactly ``conv`` and
     ``bn``, so that a module with an activation (or anything else) after them keeps its forward."""
-    children = dict(module.named_children())
-    if children.keys() != {"conv", "bn"} or not is_plain_batch_norm(children["bn"]):
+    children = module._modules  # (not named_children(): this runs at every eval-mode call)
+    if children.keys() != {"conv", "bn"} or children["conv"] is None or not is_plain_batch_norm(children["bn"]):
         return None
-    return plain_conv(module.conv, module.bn, pool_order)
+    return plain_conv(children["conv"], children["bn"], pool_order)
 
 
 def forward_is(module: nn.Module, known) -> bool:
@@ -79,10 +79,10 @@ def forward_is(module: nn.Module, known) -> bool:
     same = mine is theirs or (
         mine.co_code == theirs.co_code and mine.co_names == theirs.co_names and numbers(mine) == numbers(theirs)
     )
-    return same and all(_is_part_or_none(_attribute(module, name)) for name in theirs.co_names)
+    return same and all(_is_part_or_none(attribute(module, name)) for name in theirs.co_names)
 
 
-def _attribute(module: nn.Module, name: str):
+def attribute(module: nn.Module, name: str):
     """``getattr(module, name, None)`` without nn.Module's slow path for missing names."""
     for table in (module._modules, module._parameters, module._buffers, module.__dict__):
         if name in table:

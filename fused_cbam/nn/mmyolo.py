@@ -18,7 +18,7 @@ from fused_cbam.nn.core import (
     pointwise,
     summed,
 )
-from fused_cbam.nn.inference_args import forward_is, plain_block, plain_conv, plain_mlp
+from fused_cbam.nn.inference_args import attribute, forward_is, plain_block, plain_conv, plain_mlp
 
 _RELU = types.MappingProxyType({"type": "ReLU"})  # mmyolo's default act_cfg, read-only
 # Activations without an ``inplace`` argument, for which mmcv's ConvModule does not set it.
@@ -188,11 +188,14 @@ class MMYoloCBAM(FusedBlock):
     def _plain(self) -> list | None:
         fc = self.channel_attention.fc
         conv = self.spatial_attention.conv
-        if type(fc) is not nn.Sequential or len(fc) != 2 or not all(map(_conv_then_activation, (fc[0], fc[1], conv))):
+        if type(fc) is not nn.Sequential or len(fc) != 2:
+            return None
+        fc1, fc2 = fc._modules.values()  # (Sequential's indexing is slow, and this runs every call)
+        if not all(map(_conv_then_activation, (fc1, fc2, conv))):
             return None
         # mmcv's ConvModule has no ``activate`` without an activation
-        if type(getattr(fc[1], "activate", None)) not in (nn.Identity, type(None)):
+        if type(attribute(fc2, "activate")) not in (nn.Identity, type(None)):
             return None
-        mlp = plain_mlp(fc[0].conv, getattr(fc[0], "activate", None), fc[1].conv)
-        activate = getattr(conv, "activate", None)
+        mlp = plain_mlp(fc1.conv, attribute(fc1, "activate"), fc2.conv)
+        activate = attribute(conv, "activate")
         return plain_block(mlp, plain_conv(conv.conv, None, ("mean", "max")), self.channel_attention.sigmoid, activate)

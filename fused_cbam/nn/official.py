@@ -168,8 +168,9 @@ class CBAM(FusedBlock):
         # the spatial conv module the official BasicConv (or a copy), whose parts it reads.
         if type(mlp) is not nn.Sequential or len(mlp) != 4 or not forward_is(spatial, BasicConv.forward):
             return None
-        torch_flatten = type(mlp[0]) is nn.Flatten and (mlp[0].start_dim, mlp[0].end_dim) == (1, -1)
-        if not (torch_flatten or forward_is(mlp[0], Flatten.forward) or forward_is(mlp[0], _official_flatten)):
+        flatten, fc1, act, fc2 = mlp._modules.values()  # (Sequential's indexing is slow, and this runs every call)
+        torch_flatten = type(flatten) is nn.Flatten and (flatten.start_dim, flatten.end_dim) == (1, -1)
+        if not (torch_flatten or forward_is(flatten, Flatten.forward) or forward_is(flatten, _official_flatten)):
             return None
-        parts = plain_mlp(mlp[1], mlp[2], mlp[3], "sum" if "max" in pools else "avg")
+        parts = plain_mlp(fc1, act, fc2, "sum" if "max" in pools else "avg")
         return plain_block(parts, plain_conv_bn(spatial, SpatialGate.pool_order))
