@@ -5,9 +5,10 @@
 
 Covers both memory formats, float32 and bfloat16, every operator (forward and backward
 operators, the two that add into a gradient, and cbam_inference with and without BatchNorm, 3x3
-and 7x7, one and two maps), with and without the optional gates/scale, odd sizes (scalar
-paths), a misaligned view (scalar head of the row kernel) and one N = 1 input large in H x W,
-which takes the split-H x W paths (partials + deterministic second kernel).
+and 7x7, one and two maps, each MLP variant, a channels_last conv weight, float32 parameters),
+with and without the optional gates/scale, odd sizes (scalar paths), a misaligned view (scalar
+head of the row kernel) and one N = 1 input large in H x W, which takes the split-H x W paths
+(partials + deterministic second kernel).
 Exits non-zero when a result is not finite or has the wrong shape; the sanitizer judges memory.
 ``--device cpu`` runs the same calls on the CPU operators (CI does, so that a GPU run does not
 find this script's own mistakes).
@@ -86,6 +87,14 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
             "sum" if maps == 2 else "mix", torch.randn(1, maps, k, k, **small), None, *norm, 1e-5, maps == 2,
         )  # fmt: skip
         _finite("cbam_inference", out)
+    # One layer over the mean (ultralytics'), a channels_last conv weight read through its strides,
+    # float32 parameters (with a bfloat16 x: the kernels' float32 reads)
+    conv_weight = torch.randn(1, 2, 7, 7, device=device).contiguous(memory_format=torch.channels_last)
+    out = ops.cbam_inference(
+        x, torch.randn(c, c, device=device), torch.randn(c, device=device), None, None, "avg", conv_weight, None,
+        None, None, None, None, 0.0, False,
+    )  # fmt: skip
+    _finite("cbam_inference", out)
 
 
 def main() -> int:
