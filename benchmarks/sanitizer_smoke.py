@@ -88,13 +88,15 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
         )  # fmt: skip
         _finite("cbam_inference", out)
     # One layer over the mean (ultralytics'), a channels_last conv weight read through its strides,
-    # float32 parameters (with a bfloat16 x: the kernels' float32 reads)
-    conv_weight = torch.randn(1, 2, 7, 7, device=device).contiguous(memory_format=torch.channels_last)
-    out = ops.cbam_inference(
-        x, torch.randn(c, c, device=device), torch.randn(c, device=device), None, None, "avg", conv_weight, None,
-        None, None, None, None, 0.0, False,
-    )  # fmt: skip
-    _finite("cbam_inference", out)
+    # in x's dtype and in float32 (with a bfloat16 x: the kernels' float32 reads)
+    for param_dtype in (dtype, torch.float32):
+        conv_weight = torch.randn(1, 2, 7, 7, device=device, dtype=param_dtype)
+        out = ops.cbam_inference(
+            x, torch.randn(c, c, device=device, dtype=param_dtype), torch.randn(c, device=device, dtype=param_dtype),
+            None, None, "avg", conv_weight.contiguous(memory_format=torch.channels_last), None, None, None, None,
+            None, 0.0, False,
+        )  # fmt: skip
+        _finite("cbam_inference", out)
 
 
 def main() -> int:

@@ -259,8 +259,9 @@ def test_the_gpu_operator_launches_nothing_but_its_kernels(layout, backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.needs_cuda
 def test_many_samples_in_one_chunk_on_the_gpu(backend):
-    """600000 samples of 2 x 1 x 1 make one chunk: the MLP kernel's blocks then stride over the
-    samples (a grid's second dimension takes at most 65535 blocks)."""
+    """600000 samples of 2 x 1 x 1 (4.8 MB, under half of an H100's or H200's L2): one chunk on
+    CUDA, whose MLP kernel's blocks then stride over the samples (a grid's second dimension takes
+    at most 65535 blocks); on Triton chunks of 65535 samples, the most its kernels' grids take."""
     skip_unless_available(backend)
     fused, reference = _pair("official", 2, torch.float32, "cuda", backend)
     x = make_input((600000, 2, 1, 1), torch.float32, "cuda", "nchw")
@@ -310,6 +311,30 @@ def test_other_cases_take_the_three_operator_path(why):
         assert not any(name.startswith("fused_cbam.") for name in ops), ops
     else:
         assert_took_the_three_operators(ops)
+
+
+@pytest.mark.parametrize("part", ["bn", "relu"])
+def test_spatial_conv_parts_set_to_none(part):
+    """A part of the spatial conv module set to None after construction (its BatchNorm folded into
+    the conv, say) stays in its ``_modules`` as None: the block computes what the original does,
+    in the one operator where that is the plain block (a ReLU the official spatial conv never
+    had) and in the three otherwise (no BatchNorm)."""
+    skip_unless_available("cpu")
+    blocks = _pair("official", 16)
+    for block in blocks:
+        spatial = block.SpatialGate.spatial
+        if part == "relu":  # (the official spatial conv has no ReLU: one set, then removed)
+            spatial.relu = nn.ReLU()
+        setattr(spatial, part, None)
+    fused, reference = blocks
+    x = torch.randn(2, 16, 6, 6)
+    out, ops = _run_logged(fused, x)
+    if part == "relu":
+        assert "fused_cbam.cbam_inference" in ops, ops
+    else:
+        assert_took_the_three_operators(ops)
+    with torch.no_grad():
+        assert_close(out, reference(x), TOLERANCE[torch.float32] * 4, "out")
 
 
 def assert_took_the_three_operators(names):
@@ -376,12 +401,16 @@ def test_operator_formula_one_layer_average_only(backend, device):
 @on_each_device
 @pytest.mark.parametrize("other", ["all", "fc1_bias", "bn_mean", "conv_weight"])
 def test_parameters_in_another_dtype_than_x(other, backend, device):
-    """A bfloat16 x with parameters in float32 (all, or one of a group): the group they belong to
-    (the MLP's; the conv's and its BN's) is read in float32, the rest in bfloat16 as given; the
-    result is the formula's within bfloat16's rounding of the pools, maps and layers."""
+    """A bfloat16 x with parameters in float32 (all, or one of a group): no operator misreads them,
+    and the result is the formula's within bfloat16's rounding of the pools, maps and layers. The
+    BatchNorm's mean, 100.3 (100.5 in bfloat16) over a variance of 0.01 with the conv's logits
+    near 100, shifts the logits by 2 if a float32 mean is rounded: the conv's group is read in
+    float32 when one of it is."""
     skip_unless_available(backend)
     args = list(_operator_args(device=device))
     args[0] = args[0].to(torch.bfloat16)
+    args[6] = args[6] * 1e-3  # conv weight: logits near the bias
+    args[7:12] = [torch.full((1,), v, device=device) for v in (100.0, 100.3, 0.01, 1.0, 0.0)]
     names = ["fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "pooling", "conv_weight", "conv_bias",
              "bn_mean", "bn_var", "bn_weight", "bn_bias"]  # fmt: skip
     for i, name in enumerate(names, start=1):

@@ -193,9 +193,10 @@ def test_autocast_inference_follows_the_same_rule(backend, device, autocast_dtyp
 
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 def test_inference_operator_ignores_autocast(backend, device):
-    """Called directly under autocast, cbam_inference computes in x's dtype as without it. The CPU
-    operator calls no autocast-eligible ATen operator (it passes either way); the Triton one (its
-    MLP is F.linear) and the CUDA one (at::addmm) failed before autocast was turned off inside."""
+    """Called directly under autocast, cbam_inference computes in x's dtype as without it: no
+    operator calls an autocast-eligible ATen operator (the MLP is their own kernel). The Triton
+    and CUDA ones, whose MLP was F.linear and at::addmm, failed before autocast was turned off
+    inside them."""
     skip_unless_available(backend)
     module = _cbam(16, backend, device).eval()
     operator = operator_namespace(backend).cbam_inference

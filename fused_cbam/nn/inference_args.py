@@ -57,8 +57,10 @@ def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
     """``plain_conv`` of a conv-then-BatchNorm module (ours, or the one ``convert`` adopted from
     the user's model, e.g. timm's ConvNormAct): None unless its children are exactly ``conv`` and
     ``bn``, so that a module with an activation (or anything else) after them keeps its forward."""
-    children = module._modules  # (not named_children(): this runs at every eval-mode call)
-    if children.keys() != {"conv", "bn"} or children["conv"] is None or not is_plain_batch_norm(children["bn"]):
+    # The children that are set (a part set to None stays in _modules); not named_children(),
+    # whose generator and memo cost more: this runs at every eval-mode call.
+    children = {name: child for name, child in module._modules.items() if child is not None}
+    if children.keys() != {"conv", "bn"} or not is_plain_batch_norm(children["bn"]):
         return None
     return plain_conv(children["conv"], children["bn"], pool_order)
 
@@ -83,7 +85,8 @@ def forward_is(module: nn.Module, known) -> bool:
 
 
 def attribute(module: nn.Module, name: str):
-    """``getattr(module, name, None)`` without nn.Module's slow path for missing names."""
+    """``getattr(module, name, None)`` without nn.Module's slow path for missing names (a class
+    attribute comes back as it is in the class: a property as the property object)."""
     for table in (module._modules, module._parameters, module._buffers, module.__dict__):
         if name in table:
             return table[name]

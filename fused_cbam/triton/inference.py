@@ -7,8 +7,9 @@ from HBM about once instead of three times. Per chunk: the channel pooling kerne
 its sigmoid in one ``_mlp_layer_kernel`` launch per layer (rounded as the modules' layers in x's
 dtype round); the spatial pooling kernel over x * gate; ``_spatial_gate_kernel`` (the K x K conv
 over the two maps, the eval-mode BatchNorm and the sigmoid); the gate kernel writing the chunk's
-rows of the output. The parameters are read in their own dtype, so that a call launches nothing
-to convert them. Under the interpreter (no L2 to size chunks by) a chunk is two samples, so that
+rows of the output. A group of parameters (the MLP's; the conv's and its BatchNorm's) all in x's
+dtype is read as it is, so that a call launches nothing to convert them (another group is
+converted to float32 once a call). Under the interpreter (no L2 to size chunks by) a chunk is two samples, so that
 CI runs the loop over chunks.
 """
 
@@ -165,12 +166,13 @@ _mlp_layer_tuned = autotune(
     [config(BLOCK_S=4, BLOCK_R=32, BLOCK_L=32, num_warps=4), config(BLOCK_S=8, BLOCK_R=16, BLOCK_L=32, num_warps=4),
      config(BLOCK_S=2, BLOCK_R=64, BLOCK_L=32, num_warps=4)],
     config(BLOCK_S=2, BLOCK_R=4, BLOCK_L=8, num_warps=1),
-    key=["L", "R"],  # not the samples: a new batch size would tune again
+    key=["L", "R", "POOLS", "LAST"],  # not the samples: a new batch size would tune again
 )(_mlp_layer_kernel)  # fmt: skip
 
 
 def _mlp_layer(in0, in1, w, b, out, pools, mix, last):
     s, r, l = in0.shape[0], w.shape[0], w.shape[1]
+    # An absent bias's pointer is never read: any tensor stands in for it.
     _mlp_layer_tuned[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), triton.cdiv(s, meta["BLOCK_S"]))](
         in0, in1, w, w if b is None else b, out, s, l, r, POOLS=pools, MIX=mix, HAS_BIAS=b is not None, LAST=last,
     )  # fmt: skip
@@ -179,7 +181,7 @@ def _mlp_layer(in0, in1, w, b, out, pools, mix, last):
 def _channel_gate(avg, mx, w1, b1, w2, b2, pooling):
     """The chunk's channel gate [k, C] in x's dtype from its pooled avg and max: sigmoid of
     fc2(relu(fc1(v))) summed over the pooled vectors v (or of fc1(v) without fc2), one launch a
-    layer (an absent bias's pointer is never read: any tensor stands in for it)."""
+    layer."""
     pools, mix = (2 if pooling == "sum" else 1), pooling == "mix"
     gate = torch.empty_like(avg)
     if w2 is None:
