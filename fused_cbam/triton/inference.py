@@ -83,7 +83,7 @@ def _strided_parameter(t, x, shape, name, dtype):
         raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name}: expected device {x.device} (x's), got {t.device}")
-    return t.to(dtype)
+    return t if t.dtype == dtype else t.to(dtype)  # (.to costs a dispatch even when it has nothing to do)
 
 
 def _parameter(t, x, shape, name, dtype):
