@@ -37,6 +37,17 @@ struct SpatialGateParams {
   bool max_first;
 };
 
+// Calls f with a value of the C++ type a group of parameters is read in (the group converted by
+// inference::read_dtype, `parameter` one of it): x's scalar_t, or its math type.
+template <typename scalar_t, typename F>
+void with_read_type(const at::Tensor& parameter, const F& f) {
+  if (parameter.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    f(scalar_t{});
+  } else {
+    f(at::opmath_type<scalar_t>{});
+  }
+}
+
 // gate[n, 0, y, x] = sigmoid(bn(conv_KxK(maps)[n, y, x])) over the zero-padded [mean, max]
 // maps (each [rows, H, W]), one output pixel per thread. The eval-mode BatchNorm is applied as
 // the affine map it is, after the conv's sum (scale * sum + bias); a one-map kernel acts on
@@ -113,11 +124,7 @@ void launch_spatial_gate(const at::Tensor& mean, const at::Tensor& mx,
               gate.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (conv.weight.scalar_type() == gate.scalar_type()) {
-      launch(scalar_t{});
-    } else {
-      launch(acc_t{});
-    }
+    with_read_type<scalar_t>(conv.weight, launch);
   });
 }
 
@@ -230,7 +237,6 @@ void launch_mlp_layer(const at::Tensor& in0, const at::Tensor& in1, const at::Te
   const dim3 grid(static_cast<unsigned>(ceil_div(R, kMlpRows)),
                   static_cast<unsigned>(std::min<int64_t>(ceil_div(S, kMlpSamples), 65535)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in0.scalar_type(), "mlp_layer", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto param_type, auto pools_c, auto mix_c) {
       using param_t = decltype(param_type);
       const MlpLayer<scalar_t, param_t> a{in0.const_data_ptr<scalar_t>(),
@@ -254,11 +260,7 @@ void launch_mlp_layer(const at::Tensor& in0, const at::Tensor& in1, const at::Te
         launch(param_type, One{}, std::false_type{});
       }
     };
-    if (w.scalar_type() == in0.scalar_type()) {
-      variant(scalar_t{});
-    } else {
-      variant(acc_t{});
-    }
+    with_read_type<scalar_t>(w, variant);
   });
 }
 
