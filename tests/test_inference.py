@@ -187,32 +187,25 @@ def test_the_triton_operator_runs_nothing_but_its_kernels(layout, monkeypatch):
     if not _common.INTERPRET:
         pytest.skip("counts the launches in Triton's interpreter (on a GPU: the profiler's test below)")
     from triton.runtime.interpreter import InterpretedFunction
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    launches, outside = [], []
-    inside = [False]  # the interpreter runs torch ops of its own inside a launch
+    launches, log = [], OperatorLog()
     original = InterpretedFunction.run
 
     def run(self, *args, **kwargs):
         launches.append(self.fn.__name__)
-        inside[0] = True
+        start = len(log.names)
         try:
             return original(self, *args, **kwargs)
         finally:
-            inside[0] = False
-
-    class TorchOps(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not inside[0]:
-                outside.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+            del log.names[start:]  # the torch ops the interpreter runs inside a launch
 
     monkeypatch.setattr(InterpretedFunction, "run", run)
     # A channels_last model: its spatial conv weight is not contiguous, and is read as it is.
     fused, reference = (m.to(memory_format=torch.channels_last) for m in _pair(layout, 24, torch.bfloat16, "cpu", "triton"))
     x = make_input((4, 24, 5, 6), torch.bfloat16, "cpu", "channels_last")
-    with torch.no_grad(), TorchOps():
+    with torch.no_grad(), log:
         out = inference.cbam_inference(x, *fused._plain())
+    outside = [name.split(".", 1)[1] for name in log.names]  # "aten.empty_like" -> "empty_like"
     assert set(outside) <= _NO_COMPUTE, outside
     assert launches.count("_mlp_layer_kernel") == 2 * MLP_LAYERS[layout], launches
     with torch.no_grad():

@@ -9,8 +9,8 @@ dtype round); the spatial pooling kernel over x * gate; ``_spatial_gate_kernel``
 over the two maps, the eval-mode BatchNorm and the sigmoid); the gate kernel writing the chunk's
 rows of the output. A group of parameters (the MLP's; the conv's and its BatchNorm's) all in x's
 dtype is read as it is, so that a call launches nothing to convert them (another group is
-converted to float32 once a call). Under the interpreter (no L2 to size chunks by) a chunk is two samples, so that
-CI runs the loop over chunks.
+converted to float32 once a call). Under the interpreter (no L2 to size chunks by) a chunk is
+two samples, so that CI runs the loop over chunks.
 """
 
 import functools
