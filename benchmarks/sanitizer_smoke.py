@@ -4,11 +4,11 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitizer_smoke.py
 
 Covers both memory formats, float32 and bfloat16, every operator (forward and backward
-operators, the two that add into a gradient, and cbam_inference with and without BatchNorm, 3x3
-and 7x7, one and two maps, each MLP variant, a channels_last conv weight, float32 parameters),
-with and without the optional gates/scale, odd sizes (scalar paths), a misaligned view (scalar
-head of the row kernel) and one N = 1 input large in H x W, which takes the split-H x W paths
-(partials + deterministic second kernel).
+operators, the two that add into a gradient, channel_gate with one and two gradients, and
+cbam_inference with and without BatchNorm, 3x3 and 7x7, one and two maps, each MLP variant, a
+channels_last conv weight, float32 parameters), with and without the optional gates/scale, odd
+sizes (scalar paths), a misaligned view (scalar head of the row kernel) and one N = 1 input
+large in H x W, which takes the split-H x W paths (partials + deterministic second kernel).
 Exits non-zero when a result is not finite or has the wrong shape; the sanitizer judges memory.
 ``--device cpu`` runs the same calls on the CPU operators (CI does, so that a GPU run does not
 find this script's own mistakes).
@@ -78,6 +78,12 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
         mean, _, sam = ops.spatial_pool(x, scale)
         gs = ops.spatial_pool_backward_add(grad_x, torch.randn_like(mean), torch.randn_like(mean), sam, x, scale)
         _finite("*_backward_add", grad_x, gs)
+
+    for pools, grad_2 in ((2, torch.randn(n, c, **small)), (1, None)):
+        gate = ops.channel_gate(torch.randn(pools, n, c, **small))
+        grad_logits = ops.channel_gate_backward(torch.randn(n, c, **small), grad_2, gate, pools)
+        assert grad_logits.shape == (pools, n, c)
+        _finite("channel_gate", gate, grad_logits)
 
     hidden = max(1, c // 4)
     for k, maps, bn in ((7, 2, True), (3, 1, False)):

@@ -1,9 +1,9 @@
 // Autograd of the forward operators, in C++ as torchvision's operators have it: the three
-// training operators' backward calls the namespace's backward operator through the dispatcher
-// (the CPU or CUDA kernel); cbam_inference's recomputes the block from its formula. Registered
-// with the library itself, the gradients are right wherever it is loaded, a TorchScript or
-// AOTInductor graph run from C++ without the Python package included, and a call costs no
-// Python. (Triton's operators get theirs in Python: fused_cbam/_registrations.py.)
+// training operators' and channel_gate's backward calls the namespace's backward operator
+// through the dispatcher (the CPU or CUDA kernel); cbam_inference's recomputes the block from its
+// formula. Registered with the library itself, the gradients are right wherever it is loaded, a
+// TorchScript or AOTInductor graph run from C++ without the Python package included, and a call
+// costs no Python. (Triton's operators get theirs in Python: fused_cbam/_registrations.py.)
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -118,6 +118,30 @@ class GateApply : public torch::autograd::Function<GateApply> {
             "fused_cbam::gate_apply_backward");
     auto [grad_x, grad_g, grad_h] = gate_apply_backward.call(grads[0], x, present(g), present(h));
     return {grad_x, g.defined() ? grad_g : at::Tensor(), h.defined() ? grad_h : at::Tensor()};
+  }
+};
+
+class ChannelGate : public torch::autograd::Function<ChannelGate> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto channel_gate = op<at::Tensor(const at::Tensor&)>("fused_cbam::channel_gate");
+    at::Tensor gate = channel_gate.call(logits);
+    // sym_size: size() on a tensor with symbolic sizes (torch.export's) would specialise all of
+    // them, the batch too; K itself is always a constant.
+    ctx->saved_data["pools"] = logits.sym_size(0);
+    ctx->save_for_backward({gate});
+    return {gate};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    refuse_double_backward({grads[0], saved[0]});
+    static const auto channel_gate_backward =
+        op<at::Tensor(const at::Tensor&, const OptionalTensor&, const at::Tensor&, int64_t)>(
+            "fused_cbam::channel_gate_backward");
+    const int64_t pools = ctx->saved_data["pools"].toSymInt().guard_int(__FILE__, __LINE__);
+    return {channel_gate_backward.call(grads[0], std::nullopt, saved[0], pools)};
   }
 };
 
@@ -277,12 +301,15 @@ at::Tensor gate_apply(
   return GateApply::apply(x, channel_gate, spatial_gate)[0];
 }
 
+at::Tensor channel_gate(const at::Tensor& logits) { return ChannelGate::apply(logits)[0]; }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_cbam, Autograd, m) {
   m.impl("channel_pool", &channel_pool);
   m.impl("spatial_pool", &spatial_pool);
   m.impl("gate_apply", &gate_apply);
+  m.impl("channel_gate", &channel_gate);
   m.impl("cbam_inference", &cbam_inference);
 }
 

@@ -7,6 +7,13 @@
 //   spatial_pool(x, scale?)    -> mean [N, 1, H, W], max [N, 1, H, W] (x's dtype), argmax int32
 //                                 (channel c) of y = x * scale[n, c]; y is never stored
 //   gate_apply(x, g?, h?)      -> x * g[n, c] * h[n, 0, h, w], in x's memory format
+//   channel_gate(logits)       -> sigmoid(sum over k of logits[k]) [N, C] in logits' dtype, from
+//                                 the channel MLP's logits of each of K pooled vectors [K, N, C]:
+//                                 the sum and the sigmoid in x's math type, rounded once
+//   channel_gate_backward(grad_gate, grad_gate_2?, gate, pools)
+//                              -> the gradient of the logits [pools, N, C]: every k gets
+//                                 (grad_gate + grad_gate_2) * gate * (1 - gate), the two
+//                                 gradients of a gate that feeds two operators added here
 //   cbam_inference(x, fc1_weight, fc1_bias?, fc2_weight?, fc2_bias?, pooling, conv_weight,
 //                  conv_bias?, bn_mean?, bn_var?, bn_weight?, bn_bias?, bn_eps, max_first)
 //                              -> the whole block of the plain CBAM layouts, without autograd:
@@ -58,6 +65,11 @@ TORCH_LIBRARY(fused_cbam, m) {
   m.def(
       "gate_apply_backward(Tensor grad_out, Tensor x, Tensor? channel_gate, Tensor? spatial_gate) "
       "-> (Tensor grad_x, Tensor grad_channel_gate, Tensor grad_spatial_gate)",
+      any_layout);
+  m.def("channel_gate(Tensor logits) -> Tensor", any_layout);
+  m.def(
+      "channel_gate_backward(Tensor grad_gate, Tensor? grad_gate_2, Tensor gate, int pools) "
+      "-> Tensor",
       any_layout);
   m.def(
       "cbam_inference(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, "

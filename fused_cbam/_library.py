@@ -11,6 +11,13 @@ from fused_cbam import _sources
 
 _BUILD_INFO = Path(__file__).with_name("_build_info.json")
 REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -e .  (from the fused_cbam checkout)"
+# Every operator of csrc/ops.cpp, which the Python package calls: a library built before one of
+# them existed (a checkout pulled, not rebuilt) is refused, with the rebuild hint.
+OPERATORS = (
+    "channel_pool", "channel_pool_backward", "channel_pool_backward_add", "spatial_pool",
+    "spatial_pool_backward", "spatial_pool_backward_add", "gate_apply", "gate_apply_backward",
+    "channel_gate", "channel_gate_backward", "cbam_inference",
+)  # fmt: skip
 
 
 def build_info() -> dict:
@@ -43,6 +50,9 @@ def _load() -> str | None:
         torch.ops.load_library(path)
     except OSError as error:  # (torch keeps the loader's own message, e.g. a missing symbol, as the cause)
         return f"fused_cbam._C could not be loaded ({error.__cause__ or error})"
+    missing = [name for name in OPERATORS if not hasattr(torch.ops.fused_cbam, name)]
+    if missing:
+        return f"fused_cbam._C lacks the operators {', '.join(missing)} (built from older sources)"
     return None
 
 

@@ -75,10 +75,36 @@ class _SpatialPool(torch.autograd.Function):
         return None, grad_x, grad_scale if scale is not None else None, None
 
 
+class _ChannelGate(torch.autograd.Function):
+    """The channel gate from the MLP's logits of each pooled vector (``channel_gate``), and a
+    token: a carrier of the gate's shape for gate_apply, whose gradient is gate_apply's share of
+    the gate's. The gate's own gradient is the spatial pooling's share; the backward operator adds
+    the two, where autograd would launch an addition."""
+
+    @staticmethod
+    def forward(ctx, logits, ops):
+        gate = ops.channel_gate(logits)
+        ctx.save_for_backward(gate)
+        ctx.pools = logits.shape[0]
+        ctx.ops = ops
+        ctx.set_materialize_grads(False)
+        return gate, _carrier(gate)
+
+    @staticmethod
+    def backward(ctx, grad_gate, grad_token):
+        (gate,) = ctx.saved_tensors
+        _refuse_double_backward(grad_gate, grad_token, gate)
+        grads = [g for g in (grad_gate, grad_token) if g is not None]
+        if not grads:
+            return None, None
+        return ctx.ops.channel_gate_backward(grads[0], grads[1] if len(grads) > 1 else None, gate, ctx.pools), None
+
+
 class _GateApply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, carrier, channel_gate, spatial_gate, ops):
+    def forward(ctx, x, carrier, channel_gate, gate_token, spatial_gate, ops):
         ctx.save_for_backward(x, channel_gate, spatial_gate)
+        ctx.has_token = gate_token is not None
         ctx.ops = ops
         return ops.gate_apply(x, channel_gate, spatial_gate)
 
@@ -88,15 +114,20 @@ class _GateApply(torch.autograd.Function):
         _refuse_double_backward(grad_out, x, channel_gate, spatial_gate)
         grad_x, grad_g, grad_h = ctx.ops.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
         grad_g = grad_g if channel_gate is not None else None
-        return None, grad_x, grad_g, grad_h if spatial_gate is not None else None, None
+        # The channel gate's gradient goes to its token when it has one (_ChannelGate).
+        grad_g, grad_token = (None, grad_g) if ctx.has_token else (grad_g, None)
+        return None, grad_x, grad_g, grad_token, grad_h if spatial_gate is not None else None, None
 
 
 class OneGradBackend:
     """The three calls of one block's forward on a backend (``ops``: its operator namespace,
-    ``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``), made afresh for each forward.
+    ``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``), made afresh for each forward,
+    and ``channel_gate``, the sigmoid of the channel MLP's summed logits.
 
-    They run in the block's order, channel_pool, spatial_pool, gate_apply, all on the same x;
-    each after the first also takes the carrier that the one before returned.
+    They run in the block's order, channel_pool, (channel_gate,) spatial_pool, gate_apply, all on
+    the same x; each after the first also takes the carrier that the one before returned. A
+    channel gate from ``channel_gate`` gets both its gradients (the spatial pooling's and the
+    gate's) in its own backward, added there.
 
     The gradient buffer is the gate backward's own output, which nothing else holds, so adding
     into it in place is safe. A pooling whose carrier gets no gradient (no loss reaches the gate)
@@ -110,6 +141,8 @@ class OneGradBackend:
         self._ops = ops
         self._x: Tensor | None = None  # the block's x, as channel_pool received it
         self._carrier: Tensor | None = None  # what the last call returned to carry the gradient
+        self._gate: Tensor | None = None  # the channel gate that channel_gate made, and its token
+        self._gate_token: Tensor | None = None
 
     def _carry(self, x: Tensor) -> Tensor:
         if x is not self._x:
@@ -121,9 +154,15 @@ class OneGradBackend:
         avg, mx, self._carrier = _ChannelPool.apply(x, self._ops)
         return avg, mx
 
+    def channel_gate(self, logits: Tensor) -> Tensor:
+        """``sigmoid(logits.sum(0))`` for the MLP's logits [K, N, C] of K pooled vectors."""
+        self._gate, self._gate_token = _ChannelGate.apply(logits, self._ops)
+        return self._gate
+
     def spatial_pool(self, x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
         mean, mx, self._carrier = _SpatialPool.apply(x, self._carry(x), scale, self._ops)
         return mean, mx
 
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
-        return _GateApply.apply(x, self._carry(x), channel_gate, spatial_gate, self._ops)
+        token = self._gate_token if channel_gate is not None and channel_gate is self._gate else None
+        return _GateApply.apply(x, self._carry(x), channel_gate, token, spatial_gate, self._ops)

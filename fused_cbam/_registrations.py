@@ -48,6 +48,14 @@ def _fake_gate_apply_backward(grad_out, x, channel_gate, spatial_gate):
     return empty_like_x(x), grad_g, grad_h
 
 
+def _fake_channel_gate(logits):
+    return logits.new_empty(logits.shape[1:])
+
+
+def _fake_channel_gate_backward(grad_gate, grad_gate_2, gate, pools):
+    return gate.new_empty(pools, *gate.shape)
+
+
 def _setup_channel_pool(ctx, inputs, output):
     (x,) = inputs
     ctx.save_for_backward(x, output[2])
@@ -63,6 +71,11 @@ def _setup_gate_apply(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _setup_channel_gate(ctx, inputs, output):
+    ctx.pools = inputs[0].shape[0]
+    ctx.save_for_backward(output)
+
+
 def _refuse_double_backward(*tensors) -> None:
     """The backward operators have no derivatives of their own: say so instead of returning
     gradients that silently lack their second-order terms."""
@@ -74,8 +87,8 @@ def _refuse_double_backward(*tensors) -> None:
 
 
 def _autograd(ops):
-    """Backward formulas: the three training operators' call the namespace's own backward
-    operators, cbam_inference's recomputes the block."""
+    """Backward formulas: the three training operators' and channel_gate's call the namespace's
+    own backward operators, cbam_inference's recomputes the block."""
 
     def channel_pool_backward(ctx, grad_avg, grad_max, _grad_argmax):
         x, argmax = ctx.saved_tensors
@@ -98,10 +111,16 @@ def _autograd(ops):
             grad_h if spatial_gate is not None else None,
         )
 
+    def channel_gate_backward(ctx, grad_gate):
+        (gate,) = ctx.saved_tensors
+        _refuse_double_backward(grad_gate, gate)
+        return ops.channel_gate_backward(grad_gate, None, gate, ctx.pools)
+
     return {
         "channel_pool": (channel_pool_backward, _setup_channel_pool),
         "spatial_pool": (spatial_pool_backward, _setup_spatial_pool),
         "gate_apply": (gate_apply_backward, _setup_gate_apply),
+        "channel_gate": (channel_gate_backward, _setup_channel_gate),
         "cbam_inference": (_cbam_inference_backward, _setup_cbam_inference),
     }
 
@@ -127,6 +146,8 @@ _FAKES = {
     "spatial_pool_backward_add": _fake_spatial_pool_backward_add,
     "gate_apply": _fake_gate_apply,
     "gate_apply_backward": _fake_gate_apply_backward,
+    "channel_gate": _fake_channel_gate,
+    "channel_gate_backward": _fake_channel_gate_backward,
     "cbam_inference": _fake_cbam_inference,
 }
 

@@ -3,6 +3,8 @@
 Every backend offers the same three calls, ``channel_pool(x) -> (avg, max)``,
 ``spatial_pool(x, scale) -> (mean, max)`` and ``gate_apply(x, g, h) -> out``; the compiled and
 Triton ones are registered PyTorch operators with autograd, the reference is plain PyTorch.
+The operator backends also have ``channel_gate(logits) -> gate``, a sigmoid gate from the
+MLP's logits of each pooled vector.
 """
 
 import importlib.util
@@ -44,6 +46,9 @@ class OperatorBackend:
 
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
         return self._ops.gate_apply(x, channel_gate, spatial_gate)
+
+    def channel_gate(self, logits: Tensor) -> Tensor:
+        return self._ops.channel_gate(logits)
 
 
 class ReferenceBackend:

@@ -50,6 +50,12 @@ def gate_apply(x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | No
     return out.to(x.dtype)
 
 
+def channel_gate(logits: Tensor) -> Tensor:
+    """``sigmoid(logits.sum(0))``: the channel gate [N, C] from the MLP's logits of each pooled
+    vector, stacked [K, N, C], summed and squashed in float32 and rounded once."""
+    return torch.sigmoid(_opmath(logits).sum(dim=0)).to(logits.dtype)
+
+
 def cbam_inference(
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight, conv_bias,
     bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,

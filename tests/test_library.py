@@ -77,6 +77,26 @@ def test_a_checkout_whose_sources_changed_since_the_build_says_so(tmp_path):
     assert "pip install --no-build-isolation" in result.stderr
 
 
+def test_a_library_that_lacks_an_operator_is_refused(tmp_path):
+    """A library built before an operator existed (a checkout pulled, not rebuilt, here one whose
+    list of operators names one more than it has): refused as a whole, with the rebuild hint,
+    rather than failing at import or at the operator's first call."""
+    from fused_cbam import _library
+
+    if _library.LOAD_ERROR is not None:
+        pytest.skip("needs the compiled library")
+    copy = tmp_path / "fused_cbam"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    source = (copy / "_library.py").read_text()
+    assert '"cbam_inference",\n)' in source
+    (copy / "_library.py").write_text(source.replace('"cbam_inference",\n)', '"cbam_inference", "added_later",\n)'))
+    result = subprocess.run(
+        [sys.executable, "-c", _CODE], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    _assert_falls_back_to_the_reference(result, "fused_cbam._C lacks the operators added_later (built from older sources)")
+
+
 def test_a_library_that_fails_to_load_says_why(tmp_path):
     """The loader's own reason (here: not a shared library at all), not only that it failed."""
     import torch

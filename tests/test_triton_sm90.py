@@ -121,8 +121,8 @@ def compile_for_sm90(records: list[dict]) -> int:
 
 
 def _run_every_operator() -> None:
-    """Every Triton operator once, forward and backward (the adding ones too) and the inference
-    operator, in both memory formats, in float32 and bfloat16."""
+    """Every Triton operator once, forward and backward (the adding ones and channel_gate too) and
+    the inference operator, in both memory formats, in float32 and bfloat16."""
     import fused_cbam.nn
     import fused_cbam.triton  # (registers the operators)
 
@@ -141,6 +141,9 @@ def _run_every_operator() -> None:
             out = ops.gate_apply(x, g, h)
             ops.gate_apply_backward(out, x, g, h)
             ops.gate_apply_backward(out, x, None, None)
+            gate = ops.channel_gate(torch.randn(2, 2, 24, dtype=dtype))
+            ops.channel_gate_backward(g, g, gate, 2)
+            ops.channel_gate_backward(g, None, gate, 2)
             # The MLP's variants: two layers over both pools, over their mix, one layer over the mean.
             blocks = (fused_cbam.nn.CBAM(24, reduction_ratio=4, backend="triton"),
                       fused_cbam.nn.LightCbamModule(24, rd_ratio=1 / 4, backend="triton"),

@@ -775,6 +775,60 @@ void gate_apply_backward(
 }
 
 // ---------------------------------------------------------------------------------------------
+// channel_gate: gate[m] = sigmoid(sum_k logits[k, m]) over the M = N * C gates, and its backward.
+
+template <typename T>
+void channel_gate_impl(const T* logits, T* gate, int64_t pools, int64_t M) {
+  using acc_t = opmath_t<T>;
+  at::parallel_for(0, M, kRowBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      acc_t sum = 0;
+      for (int64_t k = 0; k < pools; ++k) sum += static_cast<acc_t>(logits[k * M + m]);
+      gate[m] = static_cast<T>(acc_t(1) / (acc_t(1) + std::exp(-sum)));
+    }
+  });
+}
+
+void channel_gate(const at::Tensor& logits, at::Tensor& gate) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "channel_gate", [&] {
+        channel_gate_impl(
+            logits.const_data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), logits.size(0),
+            gate.numel());
+      });
+}
+
+// Each of the K rows of grad_logits gets the same value: the sum's gradient, as sigmoid_backward
+// computes it (grad * (1 - gate) * gate) from the gate in its own dtype.
+template <typename T>
+void channel_gate_backward_impl(
+    const T* grad, const T* grad_2, const T* gate, T* grad_logits, int64_t pools, int64_t M) {
+  using acc_t = opmath_t<T>;
+  at::parallel_for(0, M, kRowBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      acc_t g = static_cast<acc_t>(grad[m]);
+      if (grad_2 != nullptr) g += static_cast<acc_t>(grad_2[m]);
+      const acc_t s = static_cast<acc_t>(gate[m]);
+      const T d = static_cast<T>(g * (acc_t(1) - s) * s);
+      for (int64_t k = 0; k < pools; ++k) grad_logits[k * M + m] = d;
+    }
+  });
+}
+
+void channel_gate_backward(
+    const at::Tensor& grad_gate, const at::Tensor& grad_gate_2, const at::Tensor& gate,
+    at::Tensor& grad_logits) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gate.scalar_type(), "channel_gate_backward", [&] {
+        channel_gate_backward_impl(
+            grad_gate.const_data_ptr<scalar_t>(),
+            grad_gate_2.defined() ? grad_gate_2.const_data_ptr<scalar_t>() : nullptr,
+            gate.const_data_ptr<scalar_t>(), grad_logits.data_ptr<scalar_t>(),
+            grad_logits.size(0), gate.numel());
+      });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Inference: the whole block, one sample per thread at a time, so that x comes from memory once
 // (the channel pooling) and the spatial pooling and the gate find it in that core's L2. The
 // caller (ops_cpu.cpp) runs inference_pool, inference_mlp and inference_gate per chunk of
@@ -1115,6 +1169,8 @@ extern const KernelTable kernels = {
     spatial_pool_backward_into<true>,
     gate_apply,
     gate_apply_backward,
+    channel_gate,
+    channel_gate_backward,
     inference_pool,
     inference_mlp,
     inference_gate,

@@ -34,6 +34,13 @@ struct KernelTable {
       const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& channel_gate,
       const at::Tensor& spatial_gate, at::Tensor& grad_x, at::Tensor& grad_channel_gate,
       at::Tensor& grad_spatial_gate);
+  // gate [N, C] = sigmoid of the sum of logits [K, N, C] over K; the backward writes
+  // (grad_gate + grad_gate_2) * gate * (1 - gate) into each of the K rows of grad_logits
+  // (grad_gate_2 undefined for none). All contiguous, in one dtype.
+  void (*channel_gate)(const at::Tensor& logits, at::Tensor& gate);
+  void (*channel_gate_backward)(
+      const at::Tensor& grad_gate, const at::Tensor& grad_gate_2, const at::Tensor& gate,
+      at::Tensor& grad_logits);
   // Inference of the whole block for samples [n0, n1) in three steps: pooled [2, n1 - n0, C]
   // (opmath dtype) gets the mean and max of each (n, c); the channel MLP over the first `pools`
   // of them, or (mixed) over 0.5 * mean + 0.5 * max, written over the means (weights and biases

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../channel_gate_args.h"
 #include "../inference_args.h"
 #include "kernels.h"
 
@@ -241,6 +242,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
   return {grad_x, grad_g, grad_h};
 }
 
+at::Tensor channel_gate(const at::Tensor& logits_in) {
+  const at::Tensor logits = channel_gate_args::logits(logits_in);
+  at::Tensor gate = at::empty({logits.size(1), logits.size(2)}, logits.options());
+  if (gate.numel() > 0) kernels().channel_gate(logits, gate);
+  return gate;
+}
+
+at::Tensor channel_gate_backward(
+    const at::Tensor& grad_gate_in, const std::optional<at::Tensor>& grad_gate_2_in,
+    const at::Tensor& gate_in, int64_t pools) {
+  const at::Tensor gate = channel_gate_args::gate(gate_in, pools);
+  const at::Tensor grad_gate = channel_gate_args::gradient(grad_gate_in, gate, "grad_gate");
+  const at::Tensor grad_gate_2 = inference::present(grad_gate_2_in)
+      ? channel_gate_args::gradient(*grad_gate_2_in, gate, "grad_gate_2")
+      : at::Tensor();
+  at::Tensor grad_logits = at::empty({pools, gate.size(0), gate.size(1)}, gate.options());
+  if (gate.numel() > 0) kernels().channel_gate_backward(grad_gate, grad_gate_2, gate, grad_logits);
+  return grad_logits;
+}
+
 // A [1] parameter's value (already in the accumulation dtype, on the CPU).
 double scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[0]
@@ -353,6 +374,8 @@ TORCH_LIBRARY_IMPL(fused_cbam, CPU, m) {
   m.impl("channel_pool_backward_add", &channel_pool_backward_add);
   m.impl("gate_apply", &gate_apply);
   m.impl("gate_apply_backward", &gate_apply_backward);
+  m.impl("channel_gate", &channel_gate);
+  m.impl("channel_gate_backward", &channel_gate_backward);
   m.impl("cbam_inference", &cbam_inference);
 }
 

@@ -41,6 +41,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_apply_backward(
     const std::optional<at::Tensor>& channel_gate,
     const std::optional<at::Tensor>& spatial_gate);
 
+at::Tensor channel_gate(const at::Tensor& logits);
+
+at::Tensor channel_gate_backward(const at::Tensor& grad_gate,
+                                 const std::optional<at::Tensor>& grad_gate_2,
+                                 const at::Tensor& gate, int64_t pools);
+
 at::Tensor cbam_inference(
     const at::Tensor& x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const std::optional<at::Tensor>& fc2_weight, const std::optional<at::Tensor>& fc2_bias,

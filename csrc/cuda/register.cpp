@@ -12,5 +12,7 @@ TORCH_LIBRARY_IMPL(fused_cbam, CUDA, m) {
   m.impl("spatial_pool_backward_add", &fused_cbam::gpu::spatial_pool_backward_add);
   m.impl("gate_apply", &fused_cbam::gpu::gate_apply);
   m.impl("gate_apply_backward", &fused_cbam::gpu::gate_apply_backward);
+  m.impl("channel_gate", &fused_cbam::gpu::channel_gate);
+  m.impl("channel_gate_backward", &fused_cbam::gpu::channel_gate_backward);
   m.impl("cbam_inference", &fused_cbam::gpu::cbam_inference);
 }

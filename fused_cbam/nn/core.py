@@ -4,6 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_cbam import backends
+from fused_cbam.nn.inference_args import is_sigmoid
 from fused_cbam.ops import check_input
 
 
@@ -50,9 +51,20 @@ def _exporting() -> bool:
 
 def fused_channel_gate(ops, x: Tensor, channel) -> Tensor:
     """[N, C] gate of the channel half from the fused average and max pools of x, in the dtype
-    its MLP and gate give."""
+    its MLP and gate give. On an operator backend (``ops.channel_gate``) a sigmoid gate is one
+    operator over the MLP's logits of each pooled vector: their sum and the sigmoid in one
+    kernel; in the one-gradient path (``OneGradBackend``) its backward is one kernel too, the
+    sigmoid's gradient, the sum's and the addition of the gate's two shares, where eager
+    PyTorch launches add, sigmoid_backward and a copy of the sum's expanded gradient. Not under
+    FX tracing, whose graph keeps the layout's own calls (one MLP call per pooled vector)."""
     avg, mx = ops.channel_pool(x)
-    return channel.to_gate(channel.logits(avg, mx, x))
+    if isinstance(x, torch.fx.Proxy) or getattr(ops, "channel_gate", None) is None or not channel.gate_is_sigmoid():
+        return channel.to_gate(channel.logits(avg, mx, x))
+    logits = channel.stacked_logits(avg, mx, x)
+    # Under autocast the MLP's logits have another dtype than x: the plain sigmoid in theirs, as
+    # the reference computes it (a gate rounded otherwise can move a spatial max to another
+    # channel, and with it the max's whole gradient).
+    return ops.channel_gate(logits) if logits.dtype == x.dtype else torch.sigmoid(logits.sum(dim=0))
 
 
 def fused_spatial_gate(ops, x: Tensor, channel_gate: Tensor | None, spatial) -> Tensor:
@@ -169,8 +181,43 @@ class Half(nn.Module):
 
 
 class ChannelHalf(Half):
-    """A channel half: ``channels``, ``logits(avg, max, x) -> [N, C]`` (the layout's MLP over
-    the fused pools; x only for pools computed in plain PyTorch) and ``to_gate``."""
+    """A channel half: ``channels``, ``pooled(avg, max, x)`` (the [N, C] vectors its MLP takes,
+    from the fused pools; x only for pools computed in plain PyTorch), ``shared_mlp`` (the MLP,
+    over vectors stacked along the batch) and ``gate_part`` (the name of the part that makes the
+    gate from the logits; None for torch.sigmoid)."""
+
+    gate_part: str | None = None
+
+    def shared_mlp(self, pooled: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def pooled(self, avg: Tensor, mx: Tensor, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
+        """[N, C]: the MLP summed over the pooled vectors."""
+        return summed(self.shared_mlp, self.pooled(avg, mx, x))
+
+    def stacked_logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
+        """[K, N, C]: the MLP of each of the K pooled vectors, before their sum."""
+        return stacked(self.shared_mlp, self.pooled(avg, mx, x))
+
+    def to_gate(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits) if self.gate_part is None else getattr(self, self.gate_part)(logits)
+
+    def gate_is_sigmoid(self) -> bool:
+        """Whether the gate is the sigmoid of the summed ``stacked_logits`` and nothing more, so
+        that ``channel_gate`` may compute it: a subclass's own ``logits`` or ``to_gate``, or a
+        gate part with hooks (forward or backward), must run as it is."""
+        cls = type(self)
+        if not (cls.to_gate is ChannelHalf.to_gate and cls.logits is ChannelHalf.logits):
+            return False
+        if self.gate_part is None:
+            return True
+        part = getattr(self, self.gate_part)
+        if not isinstance(part, nn.Module):
+            return is_sigmoid(part)
+        return is_sigmoid(part) and not (_runs_more_than_its_forward(part) or _has_backward_hooks(part))
 
     def forward(self, x: Tensor) -> Tensor:
         check_block_input(x, self.channels)
@@ -273,28 +320,53 @@ class FusedBlock(GateInspection, nn.Module):
 
 def _parts_run_more_than_their_forward(module: nn.Module) -> bool:
     """Whether calling a submodule of ``module``, at any depth, runs more than its class's
-    forward: forward hooks (global ones too), a forward set on the instance (accelerate's
-    offloading wraps it so), a class with its own ``__call__``. A walk without the names that
-    ``modules()`` builds: this runs at every eval-mode call."""
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+    forward (``_runs_more_than_its_forward``). A walk without the names that ``modules()``
+    builds: this runs at every eval-mode call."""
+    if _global_hooks():
         return True
-    call, call_impl = nn.Module.__call__, nn.Module._call_impl
     parts = list(module._modules.values())
     while parts:
         part = parts.pop()
         if part is None:
             continue
-        cls = type(part)
-        if (
-            part._forward_pre_hooks
-            or part._forward_hooks
-            or "forward" in part.__dict__
-            or cls.__call__ is not call
-            or cls._call_impl is not call_impl
-        ):
+        if _has_own_call(part):
             return True
         parts.extend(part._modules.values())
     return False
+
+
+def _runs_more_than_its_forward(part: nn.Module) -> bool:
+    """Whether calling ``part`` runs more than its class's forward: forward hooks (global ones
+    too), a forward set on the instance (accelerate's offloading wraps it so), a class with its
+    own ``__call__``."""
+    return _global_hooks() or _has_own_call(part)
+
+
+def _global_hooks() -> bool:
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _has_backward_hooks(part: nn.Module) -> bool:
+    """Backward hooks on ``part`` or on every module: calling it would run them."""
+    hooks = torch.nn.modules.module
+    return bool(
+        part._backward_hooks or part._backward_pre_hooks or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )  # fmt: skip
+
+
+_MODULE_CALL, _MODULE_CALL_IMPL = nn.Module.__call__, nn.Module._call_impl
+
+
+def _has_own_call(part: nn.Module) -> bool:
+    cls = type(part)
+    return bool(
+        part._forward_pre_hooks
+        or part._forward_hooks
+        or "forward" in part.__dict__
+        or cls.__call__ is not _MODULE_CALL
+        or cls._call_impl is not _MODULE_CALL_IMPL
+    )
 
 
 def summed(mlp, rows: list[Tensor]) -> Tensor:
@@ -302,13 +374,21 @@ def summed(mlp, rows: list[Tensor]) -> Tensor:
     Under FX tracing, one call per row, as the original layouts make them: graph-mode
     quantization then observes each pool's values apart (one observer over both stacked pools
     gave a converted timm block three times the original's int8 error)."""
+    if len(rows) == 1:
+        return mlp(rows[0])
     if isinstance(rows[0], torch.fx.Proxy):
         total = mlp(rows[0])
         for row in rows[1:]:
             total = total + mlp(row)
         return total
-    out = mlp(torch.cat(rows, dim=0))
-    return out.unflatten(0, (len(rows), rows[0].shape[0])).sum(dim=0)
+    return stacked(mlp, rows).sum(dim=0)
+
+
+def stacked(mlp, rows: list[Tensor]) -> Tensor:
+    """[len(rows), N, C]: ``mlp`` of each row, from one batched call over the stacked rows."""
+    if len(rows) == 1:
+        return mlp(rows[0])[None]
+    return mlp(torch.cat(rows, dim=0)).unflatten(0, (len(rows), rows[0].shape[0]))
 
 
 def pointwise(convs: nn.Module, pooled: Tensor) -> Tensor:

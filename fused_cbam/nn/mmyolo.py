@@ -16,7 +16,6 @@ from fused_cbam.nn.core import (
     odd_kernel,
     operators,
     pointwise,
-    summed,
 )
 from fused_cbam.nn.inference_args import attribute, forward_is, plain_block, plain_conv, plain_mlp
 
@@ -106,11 +105,13 @@ class MMYoloChannelAttention(ChannelHalf):
     def channels(self) -> int:
         return self.fc[0].conv.in_channels
 
-    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
-        return summed(lambda t: pointwise(self.fc, t), [avg, mx])
+    gate_part = "sigmoid"
 
-    def to_gate(self, logits: Tensor) -> Tensor:
-        return self.sigmoid(logits)
+    def shared_mlp(self, pooled: Tensor) -> Tensor:
+        return pointwise(self.fc, pooled)
+
+    def pooled(self, avg: Tensor, mx: Tensor, x: Tensor) -> list[Tensor]:
+        return [avg, mx]
 
     def forward(self, x: Tensor) -> Tensor:
         check_block_input(x, self.channels)

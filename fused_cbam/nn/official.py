@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused_cbam.nn.core import ChannelHalf, FusedBlock, SpatialHalf, odd_kernel, summed
+from fused_cbam.nn.core import ChannelHalf, FusedBlock, SpatialHalf, odd_kernel
 from fused_cbam.nn.inference_args import (
     forward_is,
     plain_block,
@@ -114,12 +114,14 @@ class ChannelGate(ChannelHalf):
     def channels(self) -> int:
         return self.gate_channels
 
-    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
-        """Sum of the shared MLP over the pooled vectors, as one batched GEMM pair; x is pooled
-        in plain PyTorch for the pool types that are not fused ("lp", "lse")."""
+    def shared_mlp(self, pooled: Tensor) -> Tensor:
+        return self.mlp(pooled)
+
+    def pooled(self, avg: Tensor, mx: Tensor, x: Tensor) -> list[Tensor]:
+        """The pool types' vectors; x is pooled in plain PyTorch for those that are not fused
+        ("lp", "lse")."""
         fused = {"avg": avg, "max": mx}
-        rows = [fused[p] if p in fused else _REFERENCE_POOLS[p](x).to(avg.dtype) for p in self.pool_types]
-        return summed(self.mlp, rows)
+        return [fused[p] if p in fused else _REFERENCE_POOLS[p](x).to(avg.dtype) for p in self.pool_types]
 
 
 class SpatialGate(SpatialHalf):

@@ -1,6 +1,5 @@
 """timm's layout (``timm.layers.cbam``): ``CbamModule``, ``LightCbamModule`` and their halves."""
 
-import torch
 from torch import Tensor, nn
 
 from fused_cbam.nn.core import (
@@ -9,7 +8,6 @@ from fused_cbam.nn.core import (
     SpatialHalf,
     odd_kernel,
     pointwise,
-    summed,
 )
 from fused_cbam.nn.inference_args import (
     forward_is,
@@ -50,6 +48,8 @@ class ChannelAttn(ChannelHalf):
     """timm's ``ChannelAttn`` (``fc1``, ``act``, ``fc2``, ``gate``): called alone, x times
     the gate of the MLP's sum over the average and the max pool."""
 
+    gate_part = "gate"
+
     def __init__(
         self,
         channels,
@@ -75,25 +75,21 @@ class ChannelAttn(ChannelHalf):
     def channels(self) -> int:
         return self.fc1.in_channels
 
-    def _mlp(self, pooled: Tensor) -> Tensor:
+    def shared_mlp(self, pooled: Tensor) -> Tensor:
         return pointwise(lambda t: self.fc2(self.act(self.fc1(t))), pooled)
 
-    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
-        return summed(self._mlp, [avg, mx])
-
-    def to_gate(self, logits: Tensor) -> Tensor:
-        return self.gate(logits)
+    def pooled(self, avg: Tensor, mx: Tensor, x: Tensor) -> list[Tensor]:
+        return [avg, mx]
 
 
 class LightChannelAttn(ChannelAttn):
     """timm's ``LightChannelAttn``: one MLP pass over 0.5·avg + 0.5·max, and a sigmoid (timm
     does not use its ``gate`` there)."""
 
-    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
-        return self._mlp(0.5 * avg + 0.5 * mx)
+    gate_part = None
 
-    def to_gate(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits)
+    def pooled(self, avg: Tensor, mx: Tensor, x: Tensor) -> list[Tensor]:
+        return [0.5 * avg + 0.5 * mx]
 
 
 class SpatialAttn(SpatialHalf):

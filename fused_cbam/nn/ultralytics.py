@@ -19,11 +19,13 @@ class UltralyticsChannelAttention(ChannelHalf):
     def channels(self) -> int:
         return self.fc.in_channels
 
-    def logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
-        return pointwise(self.fc, avg)
+    gate_part = "act"
 
-    def to_gate(self, logits: Tensor) -> Tensor:
-        return self.act(logits)
+    def shared_mlp(self, pooled: Tensor) -> Tensor:
+        return pointwise(self.fc, pooled)
+
+    def pooled(self, avg: Tensor, mx: Tensor, x: Tensor) -> list[Tensor]:
+        return [avg]
 
 
 class UltralyticsSpatialAttention(SpatialHalf):

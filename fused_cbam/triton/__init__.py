@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _registrations
+from . import channel_gate as _channel_gate
 from . import channel_pool as _channel_pool
 from . import gate_apply as _gate_apply
 from . import inference as _inference
@@ -90,6 +91,16 @@ def _gate_apply_backward_op(
     grad_out: Tensor, x: Tensor, channel_gate: Optional[Tensor], spatial_gate: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _gate_apply.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::channel_gate", mutates_args=(), **_ANY_LAYOUT)
+def _channel_gate_op(logits: Tensor) -> Tensor:
+    return _channel_gate.channel_gate(logits)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::channel_gate_backward", mutates_args=(), **_ANY_LAYOUT)
+def _channel_gate_backward_op(grad_gate: Tensor, grad_gate_2: Optional[Tensor], gate: Tensor, pools: int) -> Tensor:
+    return _channel_gate.channel_gate_backward(grad_gate, grad_gate_2, gate, pools)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::cbam_inference", mutates_args=(), **_ANY_LAYOUT)

@@ -330,15 +330,18 @@ def first_max_update(acc_val, acc_idx, v, valid, idx, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, M, S, BLOCK: tl.constexpr):
-    """out[m] = sum over s = 0..S-1 of part[s, m] (float32, fixed order), rounded to out's dtype."""
+def sum_rows_kernel(part_ptr, out_ptr, M, S, SIGMOID: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m] = sum over s = 0..S-1 of part[s, m] (in float32, in a fixed order), or with SIGMOID
+    its sigmoid, rounded to out's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     acc = tl.zeros([BLOCK], tl.float32)
     ptrs = part_ptr + offs
     for _ in range(0, S):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         ptrs += M
+    if SIGMOID:
+        acc = tl.sigmoid(acc)
     tl.store(out_ptr + offs, cast_to(acc, out_ptr), mask=mask)
 
 
@@ -355,5 +358,5 @@ def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     (M elements, contiguous); nothing to do when the kernel wrote ``out`` itself."""
     s, m = partials.shape
     if m and s > 1:
-        _sum_partials_kernel[(triton.cdiv(m, FINALIZE_BLOCK),)](partials, out, m, s, BLOCK=FINALIZE_BLOCK)
+        sum_rows_kernel[(triton.cdiv(m, FINALIZE_BLOCK),)](partials, out, m, s, SIGMOID=False, BLOCK=FINALIZE_BLOCK)
     return out

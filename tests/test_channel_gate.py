@@ -1,0 +1,264 @@
+"""The channel_gate operators against the reference, and their use by the modules' training path:
+the sigmoid of the channel MLP's summed logits in one kernel, its gradient (both of the gate's
+shares added) in one more."""
+
+import pytest
+import torch
+from torch import nn
+
+from fused_cbam import nn as fnn
+from fused_cbam import reference
+from helpers import (
+    OPERATOR_BACKENDS,
+    TOLERANCE,
+    OperatorLog,
+    assert_close,
+    fused_and_reference,
+    operator_namespace,
+    skip_unless_available,
+)
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (K pooled vectors, N, C): one, two and four vectors (the official layout's four pool types);
+# a single gate; a row count that is not a multiple of any block.
+SHAPES = [(1, 3, 7), (2, 1, 1), (2, 5, 1030), (4, 2, 33)]
+
+
+def _ops(backend, dtype):
+    skip_unless_available(backend)
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton backend has no float64")
+    return operator_namespace(backend)
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_and_backward_match_reference(backend, device, shape, dtype):
+    ops = _ops(backend, dtype)
+    logits = (3 * torch.randn(shape, device=device)).to(dtype).requires_grad_()
+    gate = ops.channel_gate(logits)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_gate = reference.channel_gate(ref_logits)
+    assert gate.dtype == dtype and gate.shape == shape[1:]
+    assert_close(gate, ref_gate, TOLERANCE[dtype], "gate")
+
+    # Through the operator's autograd: one gradient of the gate.
+    grad = torch.randn_like(gate)
+    (got,) = torch.autograd.grad(gate, logits, grad)
+    (want,) = torch.autograd.grad(ref_gate, ref_logits, grad)
+    assert_close(got, want, 4 * TOLERANCE[dtype], "grad of logits", rounded_once=False)
+
+    # The backward operator with a second gradient (the gate feeding two operators).
+    grad_2 = torch.randn_like(gate)
+    (want_2,) = torch.autograd.grad(reference.channel_gate(ref_logits), ref_logits, grad + grad_2)
+    got_2 = ops.channel_gate_backward(grad, grad_2, gate.detach(), shape[0])
+    assert got_2.shape == shape and got_2.dtype == dtype
+    assert_close(got_2, want_2, 4 * TOLERANCE[dtype], "grad of logits, two gradients", rounded_once=False)
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_every_output_element_is_written(backend, device):
+    ops = _ops(backend, torch.float32)
+    logits = torch.randn(3, 5, 1030, device=device)
+    gate = ops.channel_gate(logits)
+    grads = ops.channel_gate_backward(torch.randn_like(gate), None, gate, 3)
+    assert gate.isfinite().all() and grads.isfinite().all()
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_empty_batch(backend, device):
+    ops = _ops(backend, torch.float32)
+    logits = torch.randn(2, 0, 6, device=device, requires_grad=True)
+    gate = ops.channel_gate(logits)
+    assert gate.shape == (0, 6)
+    (grad,) = torch.autograd.grad(gate, logits, torch.ones_like(gate))
+    assert grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_nan_propagates(backend, device):
+    ops = _ops(backend, torch.float32)
+    logits = torch.randn(2, 3, 4, device=device)
+    logits[1, 2, 3] = float("nan")
+    gate = ops.channel_gate(logits)
+    assert gate[2, 3].isnan() and gate.isnan().sum() == 1
+
+
+@pytest.mark.parametrize("backend,device", [p for p in OPERATOR_BACKENDS if p.id != "triton"])
+def test_gradcheck_float64(backend, device):
+    ops = _ops(backend, torch.float64)
+    logits = torch.randn(3, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.channel_gate, (logits,))
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_opcheck(backend, device):
+    ops = _ops(backend, torch.float32)
+    for requires_grad in (False, True):
+        logits = torch.randn(2, 3, 5, device=device, requires_grad=requires_grad)
+        torch.library.opcheck(ops.channel_gate.default, (logits,))
+    gate = torch.rand(3, 5, device=device)
+    torch.library.opcheck(ops.channel_gate_backward.default, (torch.randn_like(gate), torch.randn_like(gate), gate, 2))
+    torch.library.opcheck(ops.channel_gate_backward.default, (torch.randn_like(gate), None, gate, 1))
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_bad_arguments_are_named(backend, device):
+    ops = _ops(backend, torch.float32)
+    gate = torch.rand(3, 5, device=device)
+    with pytest.raises(ValueError, match="logits.*3-D"):
+        ops.channel_gate(torch.randn(3, 5, device=device))
+    with pytest.raises(TypeError, match="logits"):
+        ops.channel_gate(torch.ones(2, 3, 5, device=device, dtype=torch.int32))
+    with pytest.raises(ValueError, match="logits.*pooled vector"):
+        ops.channel_gate(torch.randn(0, 3, 5, device=device))
+    with pytest.raises(ValueError, match="grad_gate.*shape"):
+        ops.channel_gate_backward(torch.randn(3, 4, device=device), None, gate, 2)
+    with pytest.raises(TypeError, match="grad_gate_2.*dtype"):
+        ops.channel_gate_backward(torch.randn_like(gate), torch.randn_like(gate).half(), gate, 2)
+    with pytest.raises(ValueError, match="pools"):
+        ops.channel_gate_backward(torch.randn_like(gate), None, gate, 0)
+
+
+# The layouts' training path with a sigmoid channel gate: the operator replaces the sum of the
+# MLP's halves and the sigmoid, and in the backward the sigmoid's gradient, the gradient of the
+# sum (a copy of its expanded gradient) and the addition of the gate's two shares.
+SIGMOID_LAYOUTS = {
+    "official": lambda c, backend: fnn.CBAM(c, 4, backend=backend),
+    "official-channel-only": lambda c, backend: fnn.CBAM(c, 4, no_spatial=True, backend=backend),
+    "timm": lambda c, backend: fnn.CbamModule(c, rd_ratio=0.25, backend=backend),
+    "timm-light": lambda c, backend: fnn.LightCbamModule(c, rd_ratio=0.25, backend=backend),
+    "ultralytics": lambda c, backend: fnn.UltralyticsCBAM(c, backend=backend),
+    "mmyolo": lambda c, backend: fnn.MMYoloCBAM(c, 4, backend=backend),
+    "timm-channel-half": lambda c, backend: fnn.ChannelAttn(c, rd_ratio=0.25, backend=backend),
+}
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("layout", list(SIGMOID_LAYOUTS))
+def test_the_training_path_runs_the_gate_operator(backend, device, layout):
+    skip_unless_available(backend)
+    fused, ref = fused_and_reference(SIGMOID_LAYOUTS[layout], backend, device)
+    x = torch.randn(2, 16, 5, 6, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    with OperatorLog() as forward:
+        out = fused(x)
+    grad_out = torch.randn_like(out)
+    with OperatorLog() as backward:
+        grads = torch.autograd.grad(out, [x, *fused.parameters()], grad_out)
+    ref_out = ref(ref_x)
+    ref_grads = torch.autograd.grad(ref_out, [ref_x, *ref.parameters()], grad_out)
+
+    namespace = operator_namespace(backend).name
+    assert forward.names.count(f"{namespace}.channel_gate") == 1
+    assert backward.names.count(f"{namespace}.channel_gate_backward") == 1
+    for unwanted in ("aten.add", "aten.clone"):
+        assert unwanted not in backward.names, f"{unwanted} in {backward.names}"
+    assert_close(out, ref_out, 1e-5, "output")
+    for name, got, want in zip(["x", *dict(fused.named_parameters())], grads, ref_grads):
+        assert_close(got, want, 1e-4, f"grad of {name}")
+
+
+def _channel_half(module):
+    return module._halves()[0] if hasattr(module, "_halves") else module
+
+
+def _hard_sigmoid_timm(c, backend):
+    return fnn.CbamModule(c, rd_ratio=0.25, gate_layer="hard_sigmoid", backend=backend)
+
+
+def _hooked_gate(c, backend):
+    module = fnn.UltralyticsCBAM(c, backend=backend)
+    module.channel_attention.act.register_forward_hook(lambda part, args, out: out * 0.5)
+    return module
+
+
+class _DoubledGate(fnn.MMYoloChannelAttention):
+    def to_gate(self, logits):
+        return torch.sigmoid(2 * logits)
+
+
+def _own_gate(c, backend):
+    module = fnn.MMYoloCBAM(c, 4, backend=backend)
+    module.channel_attention.__class__ = _DoubledGate
+    return module
+
+
+class _DoubledLogits(fnn.ChannelGate):
+    def logits(self, avg, mx, x):
+        return 2 * super().logits(avg, mx, x)
+
+
+def _own_logits(c, backend):
+    module = fnn.CBAM(c, 4, backend=backend)
+    module.ChannelGate.__class__ = _DoubledLogits
+    return module
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("make", [_hard_sigmoid_timm, _hooked_gate, _own_gate, _own_logits], ids=lambda f: f.__name__)
+def test_a_gate_that_is_not_a_plain_sigmoid_runs_as_it_is(backend, device, make):
+    """A gate of another activation, with a hook, or a subclass's own gate or logits: the
+    layout's own calls run."""
+    skip_unless_available(backend)
+    fused, ref = fused_and_reference(make, backend, device)
+    assert not _channel_half(fused).gate_is_sigmoid()
+    x = torch.randn(2, 16, 5, 6, device=device, requires_grad=True)
+    with OperatorLog() as log:
+        out = fused(x)
+    assert f"{operator_namespace(backend).name}.channel_gate" not in log.names
+    assert_close(out, ref(x), 1e-5, "output")
+
+
+@pytest.mark.parametrize("global_hook", [False, True], ids=["on-the-gate", "global"])
+def test_backward_hooks_of_the_gate_module_run(global_hook):
+    """A backward hook on the gate module (or on every module) needs the module called."""
+    module = fnn.UltralyticsCBAM(16, backend="cpu")
+    calls = []
+
+    def hook(part, grad_in, grad_out):
+        calls.append(part)
+
+    if global_hook:
+        handle = torch.nn.modules.module.register_module_full_backward_hook(hook)
+    else:
+        handle = module.channel_attention.act.register_full_backward_hook(hook)
+    try:
+        assert not module.channel_attention.gate_is_sigmoid()
+        module(torch.randn(2, 16, 5, 6, requires_grad=True)).sum().backward()
+    finally:
+        handle.remove()
+    assert module.channel_attention.act in calls and module.channel_attention.gate_is_sigmoid()
+
+
+@pytest.mark.parametrize("backend,device", [p for p in OPERATOR_BACKENDS if p.id == "cpu"])
+def test_under_autocast_the_gate_is_the_references(backend, device):
+    """Under autocast the MLP's logits are bfloat16 for a float32 x: the plain sigmoid then, in
+    their dtype, as the reference computes it, so that the gate is the reference's bit for bit
+    (one rounded otherwise moved spatial maxima to other channels, and the whole max gradient
+    with them)."""
+    skip_unless_available(backend)
+    fused, ref = fused_and_reference(lambda c, backend: fnn.CBAM(c, 4, backend=backend), backend, device)
+    fused.keep_gates = ref.keep_gates = True
+    x = torch.randn(2, 16, 5, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with OperatorLog() as log:
+            out = fused(x)
+        expected = ref(x)
+    assert "fused_cbam.channel_gate" not in log.names and out.dtype == torch.float32
+    assert torch.equal(fused.last_channel_gate, ref.last_channel_gate)
+    grad_out = torch.randn_like(out)
+    grad, ref_grad = (torch.autograd.grad(o, x, grad_out)[0] for o in (out, expected))
+    assert_close(grad, ref_grad, TOLERANCE[torch.float32], "grad of x")
+
+
+def test_an_mlp_of_one_pooled_vector_is_called_once():
+    """The stacking of one pooled vector is a view: no cat, and no sum of one row."""
+    half = fnn.UltralyticsChannelAttention(8, backend="reference")
+    avg = torch.randn(3, 8)
+    with OperatorLog() as log:
+        logits = half.stacked_logits(avg, avg, None)
+    assert logits.shape == (1, 3, 8) and "aten.cat" not in log.names and "aten.sum" not in log.names
+    assert isinstance(half.act, nn.Sigmoid) and half.gate_is_sigmoid()
