@@ -7,8 +7,9 @@ Covers both memory formats, float32 and bfloat16, every operator (forward and ba
 operators, the two that add into a gradient, channel_gate with one and two gradients, and
 cbam_inference with and without BatchNorm, 3x3 and 7x7, one and two maps, each MLP variant, a
 channels_last conv weight, float32 parameters), with and without the optional gates/scale, odd
-sizes (scalar paths), a misaligned view (scalar head of the row kernel) and one N = 1 input
-large in H x W, which takes the split-H x W paths (partials + deterministic second kernel).
+sizes (scalar paths), a misaligned view (scalar head of the row kernel), the maps' gradients as
+channels of one stacked gradient, and one N = 1 input large in H x W, which takes the split-H x
+W paths (partials + deterministic second kernel).
 Exits non-zero when a result is not finite or has the wrong shape; the sanitizer judges memory.
 ``--device cpu`` runs the same calls on the CPU operators (CI does, so that a GPU run does not
 find this script's own mistakes).
@@ -59,12 +60,14 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
     dx = ops.channel_pool_backward(torch.randn(n, c, **small), torch.randn(n, c, **small), am, x)
     _finite("channel_pool", avg, mx, dx)
 
-    for scale in (None, g):
+    # The maps' gradients as the modules pass them: channels of one [N, 2, H, W] gradient, NCHW
+    # and channels_last (read in place, with a sample stride and a step).
+    maps_grad = torch.randn(n, 2, h, w, **small)
+    maps_grads = (maps_grad, maps_grad.contiguous(memory_format=torch.channels_last))
+    for scale, grads in ((None, maps_grads[0]), (g, maps_grads[0]), (g, maps_grads[1])):
         mean, smax, sam = ops.spatial_pool(x, scale)
         assert mean.shape == (n, 1, h, w)
-        dx, gs = ops.spatial_pool_backward(
-            torch.randn(n, 1, h, w, **small), torch.randn(n, 1, h, w, **small), sam, x, scale
-        )
+        dx, gs = ops.spatial_pool_backward(grads[:, :1], grads[:, 1:], sam, x, scale)
         _finite("spatial_pool", mean, smax, dx, gs)
 
     for cg, sg in ((g, hmap), (g, None), (None, hmap), (None, None)):

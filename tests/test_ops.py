@@ -238,6 +238,70 @@ def test_backward_operators_that_add_into_the_gradient(backend, device, memory_f
             torch.library.opcheck(op, args)
 
 
+def _strided_pool_grads(grads: torch.Tensor) -> list:
+    """(name, view) pairs of gradients laid out as the modules' backward hands them over: the
+    channels of a stacked [N, 2, ...] gradient (the spatial conv's input gradient, NCHW or
+    channels_last), an expanded one (zero strides), and a transposed one (copied, not read)."""
+    n, _, h, w = grads.shape
+    return [
+        ("nchw-channel", grads[:, 1:]),
+        ("channels-last-channel", grads.contiguous(memory_format=torch.channels_last)[:, 1:]),
+        ("expanded", grads[:, :1, :1, :1].expand(n, 1, h, w)),
+        ("transposed", grads[:, :1].transpose(2, 3).contiguous().transpose(2, 3)),
+    ]
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+# Rows of 30 and 11 (scalar paths), then of 24 and 8 (the CUDA kernels' vector paths)
+@pytest.mark.parametrize("shape", [(3, 11, 5, 6), (3, 8, 4, 6)], ids=["3x11x5x6", "3x8x4x6"])
+def test_backward_operators_read_strided_gradients(backend, device, memory_format, shape):
+    """The poolings' backward operators take their gradients in any strides, with the results of
+    contiguous copies: the spatial pooling's CUDA and Triton kernels read a channel of a stacked
+    gradient in place (the modules' spatial conv hands the two maps' gradients over so), as the
+    channel pooling's CUDA kernel reads columns; the other kernels copy."""
+    skip_unless_available(backend)
+    ops = operator_namespace(backend)
+    n, c, h, w = shape
+    x = make_input(shape, torch.float32, device, memory_format)
+    g = torch.rand(n, c, device=device) + 0.5
+    _, _, cidx = ops.channel_pool(x)
+    _, _, sidx = ops.spatial_pool(x, g)
+    # The mean's and the max's gradients are different views, so that a swap of their strides shows.
+    means = _strided_pool_grads(torch.randn(n, 2, h, w, device=device))
+    maxes = _strided_pool_grads(torch.randn(n, 2, h, w, device=device))
+    for (name, mean_view), (_, max_view) in zip(means, maxes):
+        mean_dense, max_dense = mean_view.contiguous(), max_view.contiguous()
+        for scale in (g, None):
+            got = ops.spatial_pool_backward(mean_view, max_view, sidx, x, scale)
+            want = ops.spatial_pool_backward(mean_dense, max_dense, sidx, x, scale)
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert torch.equal(a, b), f"{name}, scale {scale is not None}: output {i}"
+            start = torch.randn_like(x)
+            added, expected = start.clone(), start.clone()
+            grad_scale = ops.spatial_pool_backward_add(added, mean_view, max_view, sidx, x, scale)
+            expected_scale = ops.spatial_pool_backward_add(expected, mean_dense, max_dense, sidx, x, scale)
+            assert torch.equal(added, expected) and torch.equal(grad_scale, expected_scale), name
+    pooled = torch.randn(n, 3 * c, device=device)
+    views = [("columns", pooled[:, c:2 * c], pooled[:, 2 * c:]), ("expanded", pooled[:, :1].expand(n, c), pooled[:, 1:2].expand(n, c)),
+             ("transposed", torch.randn(c, n, device=device).t(), torch.randn(c, n, device=device).t())]  # fmt: skip
+    for name, avg_view, max_view in views:
+        avg_dense, max_dense = avg_view.contiguous(), max_view.contiguous()
+        got = ops.channel_pool_backward(avg_view, max_view, cidx, x)
+        assert torch.equal(got, ops.channel_pool_backward(avg_dense, max_dense, cidx, x)), name
+        start = torch.randn_like(x)
+        added, expected = start.clone(), start.clone()
+        ops.channel_pool_backward_add(added, avg_view, max_view, cidx)
+        ops.channel_pool_backward_add(expected, avg_dense, max_dense, cidx)
+        assert torch.equal(added, expected), name
+    # An empty batch with gradients that would be copied
+    empty = make_input((0, c, h, w), torch.float32, device, memory_format)
+    transposed = torch.randn(0, 1, w, h, device=device).transpose(2, 3)
+    no_index = torch.zeros(0, 1, h, w, dtype=torch.int32, device=device)
+    dx, _ = ops.spatial_pool_backward(transposed, transposed, no_index, empty, None)
+    assert dx.shape == empty.shape
+
+
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 def test_arg_max_elements_take_both_gradient_terms_at_once(backend, device, memory_format):

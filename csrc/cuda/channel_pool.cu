@@ -47,17 +47,17 @@ void channel_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_avg,
                                 const char* op) {
   const bool cl = is_channels_last(dx);
   const int64_t N = dx.size(0), C = dx.size(1), P = dx.size(2) * dx.size(3);
-  const at::Tensor ga = check_small(grad_avg, op, "grad_avg", dx, {N, C}, dx.scalar_type());
-  const at::Tensor gm = check_small(grad_max, op, "grad_max", dx, {N, C}, dx.scalar_type());
+  check_like(grad_avg, op, "grad_avg", dx, {N, C}, dx.scalar_type());
+  check_like(grad_max, op, "grad_max", dx, {N, C}, dx.scalar_type());
   const at::Tensor am = check_small(argmax, op, "argmax", dx, {N, C}, at::kInt);
   if (dx.numel() == 0) return;
+  const GradView ga = grad_view(grad_avg), gm = grad_view(grad_max);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dx.scalar_type(), "fused_cbam::channel_pool_backward", [&] {
     // NCHW: kept (n, c) is the outer index, p the inner; channels_last the other way round.
     launch_max_scatter_backward<scalar_t, ACCUMULATE>(
-        ga.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(),
-        am.const_data_ptr<int32_t>(), /*count=*/P, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
-        /*kept_inner=*/cl, dx.mutable_data_ptr<scalar_t>());
+        pool_grads<scalar_t>(ga, gm, am, C), /*count=*/P, N, /*Li=*/cl ? C : P,
+        /*Lo=*/cl ? P : C, /*kept_inner=*/cl, dx.mutable_data_ptr<scalar_t>());
   });
 }
 

@@ -24,19 +24,39 @@ __device__ __forceinline__ int64_t checked_argmax(int32_t id, int extent) {
   return id;
 }
 
-// The VEC consecutive kept positions from k0 of a pooling backward, pooled over `extent`: the
-// share of the mean's gradient (grad_mean / count), the max's gradient and its arg-max.
+// What a pooling's backward reads, per sample n and kept position k (k < kept): the gradients
+// of the mean and of the max, each at n * sample + k * step (they may be views into one
+// stacked tensor, the spatial conv's input gradient: read in place, not copied), and the
+// arg-max its forward wrote, dense [N, kept].
+template <typename scalar_t>
+struct PoolGrads {
+  const scalar_t* __restrict__ mean;
+  int64_t mean_sample, mean_step;
+  const scalar_t* __restrict__ max;
+  int64_t max_sample, max_step;
+  const int32_t* __restrict__ argmax;
+  int64_t kept;
+};
+
+// The share of the mean's gradient (grad_mean / count), the max's gradient and the arg-max
+// (pooled over `extent`) at (n, k).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_pool_grad(const PoolGrads<scalar_t>& g, int64_t n, int64_t k,
+                                               acc_t count, int extent, acc_t& a, acc_t& m,
+                                               int64_t& id) {
+  a = static_cast<acc_t>(g.mean[n * g.mean_sample + k * g.mean_step]) / count;
+  m = static_cast<acc_t>(g.max[n * g.max_sample + k * g.max_step]);
+  id = checked_argmax(g.argmax[n * g.kept + k], extent);
+}
+
+// The same for the VEC consecutive kept positions from k0.
 template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_pool_grads(const scalar_t* ga, const scalar_t* gm,
-                                                const int32_t* am, int64_t k0, acc_t count,
-                                                int extent, acc_t (&a)[VEC], acc_t (&m)[VEC],
+__device__ __forceinline__ void load_pool_grads(const PoolGrads<scalar_t>& g, int64_t n,
+                                                int64_t k0, acc_t count, int extent,
+                                                acc_t (&a)[VEC], acc_t (&m)[VEC],
                                                 int64_t (&id)[VEC]) {
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    a[j] = static_cast<acc_t>(ga[k0 + j]) / count;
-    m[j] = static_cast<acc_t>(gm[k0 + j]);
-    id[j] = checked_argmax(am[k0 + j], extent);
-  }
+  for (int j = 0; j < VEC; ++j) load_pool_grad(g, n, k0 + j, count, extent, a[j], m[j], id[j]);
 }
 
 constexpr int64_t kMinChunk = 2048;  // smallest segment of a split row
@@ -235,13 +255,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dx[n, o, i] = ga[k] / count + (am[k] == q ? gm[k] : 0), with (k, q) = ((n, i), o) when
-// KEPT_INNER, else ((n, o), i): the gradient of a (mean, first-max) pair pooled over q; with
-// ACCUMULATE added to dx instead.
+// dx[n, o, i] = mean grad / count + (arg-max == q ? max grad : 0) at kept position k, with
+// (k, q) = (i, o) when KEPT_INNER, else (o, i): the gradient of a (mean, first-max) pair pooled
+// over q; with ACCUMULATE added to dx instead.
 template <typename scalar_t, typename acc_t, int VEC, bool KEPT_INNER, bool ACCUMULATE>
 __global__ void __launch_bounds__(kThreads)
-    max_scatter_backward_kernel(const scalar_t* __restrict__ ga, const scalar_t* __restrict__ gm,
-                                const int32_t* __restrict__ am, acc_t count, int Li, int Lo,
+    max_scatter_backward_kernel(const PoolGrads<scalar_t> g, acc_t count, int Li, int Lo,
                                 int64_t itiles, int splits, int chunk,
                                 scalar_t* __restrict__ dx) {
   const TileCoord tc = tile_coord<VEC>(Lo, itiles, splits, chunk);
@@ -250,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (KEPT_INNER) {
     acc_t a[VEC], m[VEC];
     int64_t id[VEC];
-    load_pool_grads<VEC>(ga, gm, am, tc.n * Li + tc.i0, count, Lo, a, m, id);
+    load_pool_grads<VEC>(g, tc.n, tc.i0, count, Lo, a, m, id);
 #pragma unroll 4
     for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
       acc_t out[VEC];
@@ -261,10 +280,9 @@ __global__ void __launch_bounds__(kThreads)
   } else {
 #pragma unroll 4
     for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
-      const int64_t k = tc.n * Lo + o;
-      const acc_t a = static_cast<acc_t>(ga[k]) / count;
-      const acc_t m = static_cast<acc_t>(gm[k]);
-      const int64_t id = checked_argmax(am[k], Li);
+      acc_t a, m;
+      int64_t id;
+      load_pool_grad(g, tc.n, o, count, Li, a, m, id);
       acc_t out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = a + (id == tc.i0 + j ? m : acc_t(0));
@@ -364,43 +382,72 @@ void launch_outer_pool(const at::Tensor& like, const scalar_t* x, const scalar_t
 }
 
 template <typename scalar_t, int VEC, bool KEPT_INNER, bool ACCUMULATE>
-void launch_max_scatter_backward_vec(const scalar_t* ga, const scalar_t* gm, const int32_t* am,
-                                     int64_t count, int64_t N, int64_t Li, int64_t Lo,
-                                     scalar_t* dx) {
+void launch_max_scatter_backward_vec(const PoolGrads<scalar_t>& g, int64_t count, int64_t N,
+                                     int64_t Li, int64_t Lo, scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileConfig cfg = make_tile_config(N, Li, Lo, VEC, /*min_rows=*/4, INT_MAX);
   max_scatter_backward_kernel<scalar_t, acc_t, VEC, KEPT_INNER, ACCUMULATE>
-      <<<cfg.grid, cfg.block, 0, current_stream()>>>(ga, gm, am, static_cast<acc_t>(count),
+      <<<cfg.grid, cfg.block, 0, current_stream()>>>(g, static_cast<acc_t>(count),
                                                      static_cast<int>(Li), static_cast<int>(Lo),
                                                      cfg.itiles, cfg.splits, cfg.chunk, dx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// dx of x viewed as [N, Lo, Li] from a (mean, max, arg-max) triple of small [N, kept] tensors,
+// dx of x viewed as [N, Lo, Li] from the gradients of a (mean, max) pair pooled into [N, kept],
 // written (or with ACCUMULATE added into dx).
 template <typename scalar_t, bool ACCUMULATE>
-void launch_max_scatter_backward(const scalar_t* ga, const scalar_t* gm, const int32_t* am,
-                                 int64_t count, int64_t N, int64_t Li, int64_t Lo,
-                                 bool kept_inner, scalar_t* dx) {
+void launch_max_scatter_backward(const PoolGrads<scalar_t>& g, int64_t count, int64_t N,
+                                 int64_t Li, int64_t Lo, bool kept_inner, scalar_t* dx) {
   constexpr int V = vec_width<scalar_t>();
   const bool vec = Li % V == 0 && aligned16(dx);
   if (kept_inner) {
     if (vec) {
-      launch_max_scatter_backward_vec<scalar_t, V, true, ACCUMULATE>(ga, gm, am, count, N, Li,
-                                                                     Lo, dx);
+      launch_max_scatter_backward_vec<scalar_t, V, true, ACCUMULATE>(g, count, N, Li, Lo, dx);
     } else {
-      launch_max_scatter_backward_vec<scalar_t, 1, true, ACCUMULATE>(ga, gm, am, count, N, Li,
-                                                                     Lo, dx);
+      launch_max_scatter_backward_vec<scalar_t, 1, true, ACCUMULATE>(g, count, N, Li, Lo, dx);
     }
   } else {
     if (vec) {
-      launch_max_scatter_backward_vec<scalar_t, V, false, ACCUMULATE>(ga, gm, am, count, N, Li,
-                                                                      Lo, dx);
+      launch_max_scatter_backward_vec<scalar_t, V, false, ACCUMULATE>(g, count, N, Li, Lo, dx);
     } else {
-      launch_max_scatter_backward_vec<scalar_t, 1, false, ACCUMULATE>(ga, gm, am, count, N, Li,
-                                                                      Lo, dx);
+      launch_max_scatter_backward_vec<scalar_t, 1, false, ACCUMULATE>(g, count, N, Li, Lo, dx);
     }
   }
+}
+
+// A pooling's gradient [N, ...kept] as PoolGrads reads it: (n, k) at n * sample + k * step, k
+// over the kept dimensions flattened. A view whose kept positions are evenly spaced (a channel
+// of the spatial conv's input gradient, NCHW or channels_last) is read in place; any other is
+// copied to contiguous. `holder` keeps a copy alive.
+struct GradView {
+  at::Tensor holder;
+  int64_t sample, step;
+};
+
+inline GradView grad_view(const at::Tensor& t) {
+  // The kept dimensions of extent > 1 must step evenly: each stride = the next one's * extent.
+  int64_t step = 1, expected = -1;
+  bool even = true;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) == 1) continue;
+    if (expected < 0) {
+      step = t.stride(d);
+    } else if (t.stride(d) != expected) {
+      even = false;
+    }
+    expected = t.stride(d) * t.size(d);
+  }
+  if (even) return {t, t.stride(0), step};
+  at::Tensor dense = t.contiguous();
+  return {dense, dense.numel() / std::max<int64_t>(1, dense.size(0)), 1};
+}
+
+template <typename scalar_t>
+PoolGrads<scalar_t> pool_grads(const GradView& mean, const GradView& max, const at::Tensor& argmax,
+                               int64_t kept) {
+  return {mean.holder.const_data_ptr<scalar_t>(), mean.sample, mean.step,
+          max.holder.const_data_ptr<scalar_t>(),  max.sample,  max.step,
+          argmax.const_data_ptr<int32_t>(),       kept};
 }
 
 }  // namespace gpu

@@ -21,9 +21,7 @@ namespace gpu {
 // ACCUMULATE: dx is added to, not written.
 template <typename scalar_t, typename acc_t, int VEC, bool CL, bool ACCUMULATE>
 __global__ void __launch_bounds__(kThreads)
-    scaled_spatial_backward_kernel(const scalar_t* __restrict__ gmean,
-                                   const scalar_t* __restrict__ gmax,
-                                   const int32_t* __restrict__ am, const scalar_t* __restrict__ x,
+    scaled_spatial_backward_kernel(const PoolGrads<scalar_t> g, const scalar_t* __restrict__ x,
                                    const scalar_t* __restrict__ scale, acc_t count, int Li,
                                    int Lo, int64_t itiles, int splits, int chunk, int64_t rows,
                                    scalar_t* __restrict__ dx, acc_t* __restrict__ part,
@@ -41,7 +39,7 @@ __global__ void __launch_bounds__(kThreads)
       id[j] = -1;
     }
     if (active) {
-      load_pool_grads<VEC>(gmean, gmax, am, tc.n * Li + tc.i0, count, Lo, a, m, id);
+      load_pool_grads<VEC>(g, tc.n, tc.i0, count, Lo, a, m, id);
     }
     // The trip count is uniform over the block: the lane reduction needs the whole warp.
     for (int ob = tc.o_begin; ob < tc.o_end; ob += blockDim.y) {
@@ -85,10 +83,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < VEC; ++j) sc[j] = static_cast<acc_t>(scale[k0 + j]);
 #pragma unroll 4
       for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
-        const int64_t k = tc.n * Lo + o;
-        const acc_t a = static_cast<acc_t>(gmean[k]) / count;
-        const acc_t m = static_cast<acc_t>(gmax[k]);
-        const int64_t id = checked_argmax(am[k], Li);
+        acc_t a, m;
+        int64_t id;
+        load_pool_grad(g, tc.n, o, count, Li, a, m, id);
         const int64_t off = base + static_cast<int64_t>(o) * Li;
         acc_t xv[VEC], out[VEC];
         load_as<VEC>(x + off, xv);
@@ -112,8 +109,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, int VEC, bool CL, bool ACCUMULATE>
-void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* gmean,
-                                        const scalar_t* gmax, const int32_t* am,
+void launch_scaled_spatial_backward_vec(const at::Tensor& like, const PoolGrads<scalar_t>& g,
                                         const scalar_t* x, const scalar_t* scale, int64_t N,
                                         int64_t C, int64_t P, scalar_t* dx, scalar_t* gscale) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -126,7 +122,7 @@ void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* 
   acc_t* pp = nparts > 1 ? part.mutable_data_ptr<acc_t>() : nullptr;
   scaled_spatial_backward_kernel<scalar_t, acc_t, VEC, CL, ACCUMULATE>
       <<<cfg.grid, cfg.block, 0, current_stream()>>>(
-          gmean, gmax, am, x, scale, static_cast<acc_t>(C), static_cast<int>(Li),
+          g, x, scale, static_cast<acc_t>(C), static_cast<int>(Li),
           static_cast<int>(Lo), cfg.itiles, cfg.splits, cfg.chunk, rows, dx, pp, gscale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (nparts > 1) {
@@ -136,18 +132,17 @@ void launch_scaled_spatial_backward_vec(const at::Tensor& like, const scalar_t* 
 }
 
 template <typename scalar_t, bool CL, bool ACCUMULATE>
-void launch_scaled_spatial_backward(const at::Tensor& like, const scalar_t* gmean,
-                                    const scalar_t* gmax, const int32_t* am, const scalar_t* x,
-                                    const scalar_t* scale, int64_t N, int64_t C, int64_t P,
-                                    scalar_t* dx, scalar_t* gscale) {
+void launch_scaled_spatial_backward(const at::Tensor& like, const PoolGrads<scalar_t>& g,
+                                    const scalar_t* x, const scalar_t* scale, int64_t N,
+                                    int64_t C, int64_t P, scalar_t* dx, scalar_t* gscale) {
   constexpr int V = vec_width<scalar_t>();
   const int64_t Li = CL ? C : P;
   if (Li % V == 0 && aligned16(x) && aligned16(dx)) {
-    launch_scaled_spatial_backward_vec<scalar_t, V, CL, ACCUMULATE>(like, gmean, gmax, am, x,
-                                                                    scale, N, C, P, dx, gscale);
+    launch_scaled_spatial_backward_vec<scalar_t, V, CL, ACCUMULATE>(like, g, x, scale, N, C, P,
+                                                                    dx, gscale);
   } else {
-    launch_scaled_spatial_backward_vec<scalar_t, 1, CL, ACCUMULATE>(like, gmean, gmax, am, x,
-                                                                    scale, N, C, P, dx, gscale);
+    launch_scaled_spatial_backward_vec<scalar_t, 1, CL, ACCUMULATE>(like, g, x, scale, N, C, P,
+                                                                    dx, gscale);
   }
 }
 
@@ -202,22 +197,23 @@ at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mea
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t P = H * W;
   const auto dtype = x_in.scalar_type();
-  const at::Tensor gmean = check_small(grad_mean, op, "grad_mean", x_in, {N, 1, H, W}, dtype);
-  const at::Tensor gmax = check_small(grad_max, op, "grad_max", x_in, {N, 1, H, W}, dtype);
+  check_like(grad_mean, op, "grad_mean", x_in, {N, 1, H, W}, dtype);
+  check_like(grad_max, op, "grad_max", x_in, {N, 1, H, W}, dtype);
   const at::Tensor am = check_small(argmax, op, "argmax", x_in, {N, 1, H, W}, at::kInt);
   const at::Tensor scale = check_optional_small(scale_opt, op, "scale", x_in, {N, C}, dtype);
   const bool has_scale = scale.defined();
   if (dx.numel() == 0) {  // an empty batch
     return has_scale ? at::zeros({N, C}, x_in.options()) : at::empty({0}, x_in.options());
   }
+  // Each map's gradient in place (one channel of the spatial conv's input gradient, usually).
+  const GradView gmean = grad_view(grad_mean), gmax = grad_view(grad_max);
   if (!has_scale) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "fused_cbam::spatial_pool_backward", [&] {
       // Kept (n, p): inner for NCHW, outer for channels_last; c is the pooled coordinate.
       launch_max_scatter_backward<scalar_t, ACCUMULATE>(
-          gmean.const_data_ptr<scalar_t>(), gmax.const_data_ptr<scalar_t>(),
-          am.const_data_ptr<int32_t>(), /*count=*/C, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C,
-          /*kept_inner=*/!cl, dx.mutable_data_ptr<scalar_t>());
+          pool_grads<scalar_t>(gmean, gmax, am, P), /*count=*/C, N, /*Li=*/cl ? C : P,
+          /*Lo=*/cl ? P : C, /*kept_inner=*/!cl, dx.mutable_data_ptr<scalar_t>());
     });
     return at::empty({0}, x_in.options());
   }
@@ -225,19 +221,15 @@ at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mea
   at::Tensor gs = at::empty({N, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "fused_cbam::spatial_pool_backward", [&] {
-    const scalar_t* gmp = gmean.const_data_ptr<scalar_t>();
-    const scalar_t* gxp = gmax.const_data_ptr<scalar_t>();
-    const int32_t* ap = am.const_data_ptr<int32_t>();
+    const PoolGrads<scalar_t> g = pool_grads<scalar_t>(gmean, gmax, am, P);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* sp = scale.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     scalar_t* gsp = gs.mutable_data_ptr<scalar_t>();
     if (cl) {
-      launch_scaled_spatial_backward<scalar_t, true, ACCUMULATE>(x, gmp, gxp, ap, xp, sp, N, C,
-                                                                 P, dxp, gsp);
+      launch_scaled_spatial_backward<scalar_t, true, ACCUMULATE>(x, g, xp, sp, N, C, P, dxp, gsp);
     } else {
-      launch_scaled_spatial_backward<scalar_t, false, ACCUMULATE>(x, gmp, gxp, ap, xp, sp, N, C,
-                                                                  P, dxp, gsp);
+      launch_scaled_spatial_backward<scalar_t, false, ACCUMULATE>(x, g, xp, sp, N, C, P, dxp, gsp);
     }
   });
   return gs;

@@ -221,6 +221,25 @@ def check_small(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str, dty
     return t.contiguous()
 
 
+def grad_view(t: torch.Tensor, x: torch.Tensor, shape, name: str, op: str):
+    """``(t', sample, step)``: a pooling's gradient [N, ...kept] (checked like ``check_like``)
+    with element (n, k) at n * sample + k * step, k over the kept dimensions flattened. A view
+    whose kept positions are evenly spaced (a channel of the spatial conv's input gradient, NCHW
+    or channels_last) is read in place; any other is copied to contiguous."""
+    check_like(t, x, shape, name, op)
+    step, expected = 1, None
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size == 1:
+            continue
+        if expected is None:
+            step = stride
+        elif stride != expected:
+            t = t.contiguous()
+            return t, t.numel() // max(1, t.shape[0]), 1
+        expected = stride * size
+    return t, t.stride(0), step
+
+
 def check_accumulator(grad_x: torch.Tensor, op: str, x: torch.Tensor = None) -> None:
     """A gradient of x that a backward kernel adds into: x's shape, dtype and device, and dense
     in x's memory format (the kernels index it with x's strides); without x, grad_x's own."""

@@ -30,6 +30,7 @@ from ._common import (
     config,
     device_guard,
     first_max_update,
+    grad_view,
     layout,
     num_splits,
     split_range,
@@ -118,7 +119,7 @@ def spatial_pool(x: torch.Tensor, scale):
 @triton.jit
 def _backward_kernel(
     grad_mean_ptr, grad_max_ptr, argmax_ptr, x_ptr, scale_ptr, dx_ptr, pscale_ptr,
-    N, C, P, stride_n, stride_c, stride_p, S,
+    N, C, P, stride_n, stride_c, stride_p, S, mean_sample, mean_step, max_sample, max_step,
     HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     num_cblk = tl.cdiv(C, BLOCK_C)
@@ -136,8 +137,10 @@ def _backward_kernel(
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < end
         mask = mask_c[:, None] & mask_p[None, :]
-        g_mean = tl.load(grad_mean_ptr + n * P + offs_p, mask=mask_p, other=0.0).to(tl.float32) / C
-        g_max = tl.load(grad_max_ptr + n * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        at_p = offs_p.to(tl.int64)
+        g_mean = tl.load(grad_mean_ptr + n * mean_sample + at_p * mean_step, mask=mask_p, other=0.0)
+        g_mean = g_mean.to(tl.float32) / C
+        g_max = tl.load(grad_max_ptr + n * max_sample + at_p * max_step, mask=mask_p, other=0.0).to(tl.float32)
         am = tl.load(argmax_ptr + n * P + offs_p, mask=mask_p, other=-1)
         w = g_mean[None, :] + tl.where(offs_c[:, None] == am[None, :], g_max[None, :], 0.0)
         offs = row_off + offs_p.to(tl.int64)[None, :] * stride_p
@@ -178,8 +181,9 @@ def _backward_into(dx, grad_mean, grad_max, argmax, x, scale, accumulate: bool, 
     returns the gradient of the scale (empty without one)."""
     n, c, h, w = x.shape
     p = h * w
-    grad_mean = check_small(grad_mean, x, (n, 1, h, w), "grad_mean", op)
-    grad_max = check_small(grad_max, x, (n, 1, h, w), "grad_max", op)
+    # Each map's gradient in place (one channel of the spatial conv's input gradient, usually).
+    grad_mean, mean_sample, mean_step = grad_view(grad_mean, x, (n, 1, h, w), "grad_mean", op)
+    grad_max, max_sample, max_step = grad_view(grad_max, x, (n, 1, h, w), "grad_max", op)
     argmax = check_small(argmax, x, (n, 1, h, w), "argmax", op, dtype=torch.int32)
     if scale is not None:
         scale = check_small(scale, x, (n, c), "scale", op)
@@ -199,7 +203,8 @@ def _backward_into(dx, grad_mean, grad_max, argmax, x, scale, accumulate: bool, 
     with device_guard(x):
         kernel[grid](
             grad_mean, grad_max, argmax, x, x if scale is None else scale, dx, pscale,
-            n, c, p, sn, sc, sp, splits, HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
+            n, c, p, sn, sc, sp, splits, mean_sample, mean_step, max_sample, max_step,
+            HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
         )  # fmt: skip
         if scale is not None:
             sum_partials(pscale, grad_scale.view(-1))
