@@ -152,7 +152,7 @@ fi
 # hands tests out in collection order, so a run cut by its limit has run those. Files not
 # named here follow.
 TEST_FILES=()
-for name in ops one_grad triton nn errors properties reliability inference layouts cam; do
+for name in ops one_grad channel_gate triton nn errors properties reliability inference layouts cam; do
   TEST_FILES+=("tests/test_$name.py")
 done
 for file in tests/test_*.py; do
