@@ -53,58 +53,47 @@ class _ChannelPool(torch.autograd.Function):
 
 
 class _SpatialPool(torch.autograd.Function):
+    """The spatial pooling of x times ``scale``; or, given the channel MLP's logits [K, N, C]
+    instead, of x times the sigmoid gate made from them (``channel_gate``), returned as a fourth
+    output: the backward then adds the gate's two gradients (this pooling's and the one the gate
+    gets from gate_apply) in the gate's backward kernel."""
+
     @staticmethod
-    def forward(ctx, x, carrier, scale, ops):
+    def forward(ctx, x, carrier, scale, logits, ops):
+        gate = None if logits is None else ops.channel_gate(logits)
+        scale = scale if gate is None else gate
         mean, mx, argmax = ops.spatial_pool(x, scale)
         ctx.save_for_backward(x, scale, argmax)
+        ctx.pools = None if logits is None else logits.shape[0]
         ctx.ops = ops
         ctx.set_materialize_grads(False)
-        return mean, mx, _carrier(x)
+        return mean, mx, _carrier(x), gate
 
     @staticmethod
-    def backward(ctx, grad_mean, grad_max, grad_x):
+    def backward(ctx, grad_mean, grad_max, grad_x, grad_gate):
         x, scale, argmax = ctx.saved_tensors
-        _refuse_double_backward(grad_mean, grad_max, grad_x, x, scale)
-        if grad_mean is None and grad_max is None:
-            return None, grad_x, None, None
-        grad_mean, grad_max = _zeros_for_none((grad_mean, grad_max), argmax, x.dtype)
-        if grad_x is None:
-            grad_x, grad_scale = ctx.ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
-        else:
-            grad_scale = ctx.ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
-        return None, grad_x, grad_scale if scale is not None else None, None
-
-
-class _ChannelGate(torch.autograd.Function):
-    """The channel gate from the MLP's logits of each pooled vector (``channel_gate``), and a
-    token: a carrier of the gate's shape for gate_apply, whose gradient is gate_apply's share of
-    the gate's. The gate's own gradient is the spatial pooling's share; the backward operator adds
-    the two, where autograd would launch an addition."""
-
-    @staticmethod
-    def forward(ctx, logits, ops):
-        gate = ops.channel_gate(logits)
-        ctx.save_for_backward(gate)
-        ctx.pools = logits.shape[0]
-        ctx.ops = ops
-        ctx.set_materialize_grads(False)
-        return gate, _carrier(gate)
-
-    @staticmethod
-    def backward(ctx, grad_gate, grad_token):
-        (gate,) = ctx.saved_tensors
-        _refuse_double_backward(grad_gate, grad_token, gate)
-        grads = [g for g in (grad_gate, grad_token) if g is not None]
-        if not grads:
-            return None, None
-        return ctx.ops.channel_gate_backward(grads[0], grads[1] if len(grads) > 1 else None, gate, ctx.pools), None
+        _refuse_double_backward(grad_mean, grad_max, grad_x, grad_gate, x, scale)
+        grad_scale = None
+        if grad_mean is not None or grad_max is not None:
+            grad_mean, grad_max = _zeros_for_none((grad_mean, grad_max), argmax, x.dtype)
+            if grad_x is None:
+                grad_x, grad_scale = ctx.ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
+            else:
+                grad_scale = ctx.ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
+            grad_scale = grad_scale if scale is not None else None
+        if ctx.pools is None:
+            return None, grad_x, grad_scale, None, None
+        grads = [g for g in (grad_scale, grad_gate) if g is not None]
+        grad_logits = None
+        if grads:
+            grad_logits = ctx.ops.channel_gate_backward(grads[0], grads[1] if len(grads) > 1 else None, scale, ctx.pools)
+        return None, grad_x, None, grad_logits, None
 
 
 class _GateApply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, carrier, channel_gate, gate_token, spatial_gate, ops):
+    def forward(ctx, x, carrier, channel_gate, spatial_gate, ops):
         ctx.save_for_backward(x, channel_gate, spatial_gate)
-        ctx.has_token = gate_token is not None
         ctx.ops = ops
         return ops.gate_apply(x, channel_gate, spatial_gate)
 
@@ -114,20 +103,16 @@ class _GateApply(torch.autograd.Function):
         _refuse_double_backward(grad_out, x, channel_gate, spatial_gate)
         grad_x, grad_g, grad_h = ctx.ops.gate_apply_backward(grad_out, x, channel_gate, spatial_gate)
         grad_g = grad_g if channel_gate is not None else None
-        # The channel gate's gradient goes to its token when it has one (_ChannelGate).
-        grad_g, grad_token = (None, grad_g) if ctx.has_token else (grad_g, None)
-        return None, grad_x, grad_g, grad_token, grad_h if spatial_gate is not None else None, None
+        return None, grad_x, grad_g, grad_h if spatial_gate is not None else None, None
 
 
 class OneGradBackend:
     """The three calls of one block's forward on a backend (``ops``: its operator namespace,
-    ``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``), made afresh for each forward,
-    and ``channel_gate``, the sigmoid of the channel MLP's summed logits.
+    ``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``), made afresh for each forward.
 
-    They run in the block's order, channel_pool, (channel_gate,) spatial_pool, gate_apply, all on
-    the same x; each after the first also takes the carrier that the one before returned. A
-    channel gate from ``channel_gate`` gets both its gradients (the spatial pooling's and the
-    gate's) in its own backward, added there.
+    They run in the block's order, channel_pool, spatial_pool (or ``gated_spatial_pool``, which
+    also makes the channel gate, with ``fused_gate``), gate_apply, all on the same x; each after
+    the first also takes the carrier that the one before returned.
 
     The gradient buffer is the gate backward's own output, which nothing else holds, so adding
     into it in place is safe. A pooling whose carrier gets no gradient (no loss reaches the gate)
@@ -137,12 +122,11 @@ class OneGradBackend:
     that conversion as a copy of every channels_last gradient.
     """
 
-    def __init__(self, ops):
+    def __init__(self, ops, fused_gate: bool = False):
         self._ops = ops
+        self._fused_gate = fused_gate
         self._x: Tensor | None = None  # the block's x, as channel_pool received it
         self._carrier: Tensor | None = None  # what the last call returned to carry the gradient
-        self._gate: Tensor | None = None  # the channel gate that channel_gate made, and its token
-        self._gate_token: Tensor | None = None
 
     def _carry(self, x: Tensor) -> Tensor:
         if x is not self._x:
@@ -154,15 +138,20 @@ class OneGradBackend:
         avg, mx, self._carrier = _ChannelPool.apply(x, self._ops)
         return avg, mx
 
-    def channel_gate(self, logits: Tensor) -> Tensor:
-        """``sigmoid(logits.sum(0))`` for the MLP's logits [K, N, C] of K pooled vectors."""
-        self._gate, self._gate_token = _ChannelGate.apply(logits, self._ops)
-        return self._gate
-
     def spatial_pool(self, x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
-        mean, mx, self._carrier = _SpatialPool.apply(x, self._carry(x), scale, self._ops)
+        mean, mx, self._carrier, _ = _SpatialPool.apply(x, self._carry(x), scale, None, self._ops)
         return mean, mx
 
+    @property
+    def gated_spatial_pool(self):
+        """``gated_spatial_pool(x, logits) -> (gate, mean, max)``: the sigmoid channel gate from
+        the MLP's logits [K, N, C] of K pooled vectors, and the spatial pooling of x times it;
+        None where the backend leaves the gate to PyTorch."""
+        return self._gated_spatial_pool if self._fused_gate else None
+
+    def _gated_spatial_pool(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean, mx, self._carrier, gate = _SpatialPool.apply(x, self._carry(x), None, logits, self._ops)
+        return gate, mean, mx
+
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
-        token = self._gate_token if channel_gate is not None and channel_gate is self._gate else None
-        return _GateApply.apply(x, self._carry(x), channel_gate, token, spatial_gate, self._ops)
+        return _GateApply.apply(x, self._carry(x), channel_gate, spatial_gate, self._ops)

@@ -3,8 +3,8 @@
 Every backend offers the same three calls, ``channel_pool(x) -> (avg, max)``,
 ``spatial_pool(x, scale) -> (mean, max)`` and ``gate_apply(x, g, h) -> out``; the compiled and
 Triton ones are registered PyTorch operators with autograd, the reference is plain PyTorch.
-The operator backends also have ``channel_gate(logits) -> gate``, a sigmoid gate from the
-MLP's logits of each pooled vector.
+The compiled one also has ``gated_spatial_pool(x, logits) -> (gate, mean, max)``, the spatial
+pooling with a sigmoid channel gate made from the MLP's logits (None on the others).
 """
 
 import importlib.util
@@ -21,10 +21,12 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 
 class OperatorBackend:
-    """The operators of one namespace (``fused_cbam`` or ``fused_cbam_triton``)."""
+    """The operators of one namespace (``fused_cbam`` or ``fused_cbam_triton``). ``fused_gate``:
+    whether the modules take its ``channel_gate`` operator for a sigmoid channel gate."""
 
-    def __init__(self, namespace: str):
+    def __init__(self, namespace: str, fused_gate: bool):
         self._ops = getattr(torch.ops, namespace)
+        self._fused_gate = fused_gate
 
     @property
     def cbam_inference(self):
@@ -34,7 +36,7 @@ class OperatorBackend:
     def one_grad(self) -> OneGradBackend:
         """This backend's calls for one training block's forward, its backward filling one
         gradient of x (a new object for each forward)."""
-        return OneGradBackend(self._ops)
+        return OneGradBackend(self._ops, self._fused_gate)
 
     def channel_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         avg, mx, _ = self._ops.channel_pool(x)
@@ -47,8 +49,16 @@ class OperatorBackend:
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
         return self._ops.gate_apply(x, channel_gate, spatial_gate)
 
-    def channel_gate(self, logits: Tensor) -> Tensor:
-        return self._ops.channel_gate(logits)
+    @property
+    def gated_spatial_pool(self):
+        """``gated_spatial_pool(x, logits) -> (gate, mean, max)``: the sigmoid channel gate from
+        the MLP's logits [K, N, C] (``channel_gate``) and the spatial pooling of x times it; None
+        where the modules compute the gate in PyTorch (see ``_INSTANCES``)."""
+        return self._gated_spatial_pool if self._fused_gate else None
+
+    def _gated_spatial_pool(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        gate = self._ops.channel_gate(logits)
+        return (gate, *self.spatial_pool(x, gate))
 
 
 class ReferenceBackend:
@@ -101,10 +111,15 @@ def available_backends() -> list[str]:
     return [b for b in ("cuda", "triton", "cpu", "reference") if _unavailable_reason(b) is None]
 
 
+# The Triton backend's modules leave the channel gate to PyTorch: a call of a Triton custom
+# operator costs more host time than the ATen calls it would replace (with the launches stubbed
+# out, 16 µs for channel_gate against 3.5 µs for sum and sigmoid; a training step's gate 72
+# against 31 µs, benchmarks/NOTES.md), before Triton's own launcher; the C++ operators cost what
+# an ATen call costs.
 _INSTANCES = {
     "reference": ReferenceBackend(),
-    "cpu": OperatorBackend("fused_cbam"),
-    "cuda": OperatorBackend("fused_cbam"),
+    "cpu": OperatorBackend("fused_cbam", fused_gate=True),
+    "cuda": OperatorBackend("fused_cbam", fused_gate=True),
 }
 
 
@@ -112,7 +127,7 @@ def _backend(name: str):
     if name not in _INSTANCES:  # triton: its operators are registered on first use
         import fused_cbam.triton  # noqa: F401
 
-        _INSTANCES[name] = OperatorBackend("fused_cbam_triton")
+        _INSTANCES[name] = OperatorBackend("fused_cbam_triton", fused_gate=False)
     return _INSTANCES[name]
 
 

@@ -16,11 +16,51 @@ def fused_cbam_forward(x: Tensor, ops, channel, spatial) -> tuple[Tensor, Tensor
     (a ``SpatialHalf``), or None for a channel-only block. x is read three times and written
     once (twice and once with one half); nothing full-size but x is kept for backward. Returns
     the output and the two gates (None for a missing half).
+
+    On the compiled backends a sigmoid channel gate is made by the spatial pooling's call
+    (``ops.gated_spatial_pool``) from the MLP's logits of each pooled vector: their sum and the
+    sigmoid in one kernel (``channel_gate``), and in the backward one kernel for the sigmoid's
+    gradient, the sum's and the addition of the gate's two shares (the spatial pooling's and
+    the gate's), where eager PyTorch launches five (sum, sigmoid; add, sigmoid_backward, a copy
+    of the sum's expanded gradient). Not under FX tracing, whose graph keeps the layout's own
+    calls (one MLP call per pooled vector).
     """
-    # The gates in x's dtype (under autocast, the MLP and the conv give another)
-    channel_gate = None if channel is None else fused_channel_gate(ops, x, channel).to(x.dtype)
-    spatial_gate = None if spatial is None else fused_spatial_gate(ops, x, channel_gate, spatial).to(x.dtype)
+    channel_gate = maps = None
+    if channel is not None:
+        avg, mx = ops.channel_pool(x)
+        if _gate_may_be_fused(ops, x, channel, spatial):
+            channel_gate, maps = _sigmoid_channel_gate(ops, x, channel, channel.pooled(avg, mx, x))
+        else:
+            channel_gate = channel.to_gate(channel.logits(avg, mx, x))
+        channel_gate = channel_gate.to(x.dtype)
+    spatial_gate = None
+    if spatial is not None:
+        maps = ops.spatial_pool(x, channel_gate) if maps is None else maps
+        spatial_gate = spatial_gate_of_maps(spatial, *maps).to(x.dtype)
     return ops.gate_apply(x, channel_gate, spatial_gate), channel_gate, spatial_gate
+
+
+def _gate_may_be_fused(ops, x: Tensor, channel, spatial) -> bool:
+    return (
+        spatial is not None and not isinstance(x, torch.fx.Proxy)
+        and getattr(ops, "gated_spatial_pool", None) is not None and channel.gate_is_sigmoid()
+    )  # fmt: skip
+
+
+def _sigmoid_channel_gate(ops, x: Tensor, channel, rows: list[Tensor]) -> tuple[Tensor, list | None]:
+    """The sigmoid channel gate over the MLP of the pooled ``rows``, and the spatial maps when
+    ``gated_spatial_pool`` made them with it. One pooled vector has no sum to fuse: its gate
+    stays the layout's (the operator would only save the gate's gradient addition, for more
+    Python than that). Under autocast the MLP's logits have another dtype than x: the sigmoid
+    in theirs, as the reference computes it (a gate rounded otherwise can move a spatial max to
+    another channel, and with it the max's whole gradient)."""
+    if len(rows) == 1:
+        return channel.to_gate(channel.shared_mlp(rows[0])), None
+    logits = stacked(channel.shared_mlp, rows)
+    if logits.dtype != x.dtype:
+        return channel.to_gate(logits.sum(dim=0)), None
+    gate, *maps = ops.gated_spatial_pool(x, logits)
+    return gate, maps
 
 
 def operators(module: nn.Module, x: Tensor, one_grad: bool = False):
@@ -51,27 +91,20 @@ def _exporting() -> bool:
 
 def fused_channel_gate(ops, x: Tensor, channel) -> Tensor:
     """[N, C] gate of the channel half from the fused average and max pools of x, in the dtype
-    its MLP and gate give. On an operator backend (``ops.channel_gate``) a sigmoid gate is one
-    operator over the MLP's logits of each pooled vector: their sum and the sigmoid in one
-    kernel; in the one-gradient path (``OneGradBackend``) its backward is one kernel too, the
-    sigmoid's gradient, the sum's and the addition of the gate's two shares, where eager
-    PyTorch launches add, sigmoid_backward and a copy of the sum's expanded gradient. Not under
-    FX tracing, whose graph keeps the layout's own calls (one MLP call per pooled vector)."""
+    its MLP and gate give."""
     avg, mx = ops.channel_pool(x)
-    if isinstance(x, torch.fx.Proxy) or getattr(ops, "channel_gate", None) is None or not channel.gate_is_sigmoid():
-        return channel.to_gate(channel.logits(avg, mx, x))
-    logits = channel.stacked_logits(avg, mx, x)
-    # Under autocast the MLP's logits have another dtype than x: the plain sigmoid in theirs, as
-    # the reference computes it (a gate rounded otherwise can move a spatial max to another
-    # channel, and with it the max's whole gradient).
-    return ops.channel_gate(logits) if logits.dtype == x.dtype else torch.sigmoid(logits.sum(dim=0))
+    return channel.to_gate(channel.logits(avg, mx, x))
 
 
 def fused_spatial_gate(ops, x: Tensor, channel_gate: Tensor | None, spatial) -> Tensor:
     """[N, 1, H, W] gate of the spatial half from the fused mean and max over the channels of
-    ``x * channel_gate``, stacked in ``spatial.pool_order`` ("mix": 0.5·mean + 0.5·max), in the
-    dtype its conv and gate give."""
-    s_mean, s_max = ops.spatial_pool(x, channel_gate)
+    ``x * channel_gate``, in the dtype its conv and gate give."""
+    return spatial_gate_of_maps(spatial, *ops.spatial_pool(x, channel_gate))
+
+
+def spatial_gate_of_maps(spatial, s_mean: Tensor, s_max: Tensor) -> Tensor:
+    """The spatial half's gate from the mean and max maps, stacked in ``spatial.pool_order``
+    ("mix": 0.5·mean + 0.5·max)."""
     maps = {"mean": s_mean, "max": s_max}
     if "mix" in spatial.pool_order:
         maps["mix"] = 0.5 * s_mean + 0.5 * s_max
@@ -198,17 +231,13 @@ class ChannelHalf(Half):
         """[N, C]: the MLP summed over the pooled vectors."""
         return summed(self.shared_mlp, self.pooled(avg, mx, x))
 
-    def stacked_logits(self, avg: Tensor, mx: Tensor, x: Tensor) -> Tensor:
-        """[K, N, C]: the MLP of each of the K pooled vectors, before their sum."""
-        return stacked(self.shared_mlp, self.pooled(avg, mx, x))
-
     def to_gate(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits) if self.gate_part is None else getattr(self, self.gate_part)(logits)
 
     def gate_is_sigmoid(self) -> bool:
-        """Whether the gate is the sigmoid of the summed ``stacked_logits`` and nothing more, so
-        that ``channel_gate`` may compute it: a subclass's own ``logits`` or ``to_gate``, or a
-        gate part with hooks (forward or backward), must run as it is."""
+        """Whether the gate is the sigmoid of the MLP's logits summed over the pooled vectors and
+        nothing more, so that the ``channel_gate`` operator may compute it: a subclass's own ``logits`` or
+        ``to_gate``, or a gate part with hooks (forward or backward), must run as it is."""
         cls = type(self)
         if not (cls.to_gate is ChannelHalf.to_gate and cls.logits is ChannelHalf.logits):
             return False
@@ -386,8 +415,6 @@ def summed(mlp, rows: list[Tensor]) -> Tensor:
 
 def stacked(mlp, rows: list[Tensor]) -> Tensor:
     """[len(rows), N, C]: ``mlp`` of each row, from one batched call over the stacked rows."""
-    if len(rows) == 1:
-        return mlp(rows[0])[None]
     return mlp(torch.cat(rows, dim=0)).unflatten(0, (len(rows), rows[0].shape[0]))
 
 
