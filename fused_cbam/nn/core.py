@@ -244,9 +244,8 @@ class ChannelHalf(Half):
         if self.gate_part is None:
             return True
         part = getattr(self, self.gate_part)
-        if not isinstance(part, nn.Module):
-            return is_sigmoid(part)
-        return is_sigmoid(part) and not (_runs_more_than_its_forward(part) or _has_backward_hooks(part))
+        hooked = isinstance(part, nn.Module) and (_runs_more_than_its_forward(part) or _has_backward_hooks(part))
+        return is_sigmoid(part) and not hooked
 
     def forward(self, x: Tensor) -> Tensor:
         check_block_input(x, self.channels)

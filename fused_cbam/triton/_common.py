@@ -186,20 +186,29 @@ def check_x(x: torch.Tensor, op: str, name: str = "x") -> None:
     where = f"fused_cbam_triton::{op}: {name}"
     if x.dim() != 4:
         raise ValueError(f"{where} must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{where}: the Triton backend supports float16, bfloat16 and float32, "
-            f"got {x.dtype}; use the fused_cbam C++/CUDA operators or fused_cbam.reference for it"
-        )
+    check_dtype(x, where)
     if x.shape[1] == 0 or x.shape[2] * x.shape[3] == 0:
         raise ValueError(
             f"{where} must have at least one channel and a non-empty spatial size, got shape {tuple(x.shape)}"
         )
     if max(x.shape[1], x.shape[2] * x.shape[3]) > MAX_EXTENT:
         raise ValueError(f"{where} must have C and H * W of at most 2^31 - 1024, got shape {tuple(x.shape)}")
-    if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+    check_device(x, where)
+
+
+def check_dtype(t: torch.Tensor, where: str) -> None:
+    """``where``: "fused_cbam_triton::<op>: <argument>"."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{where}: the Triton backend supports float16, bfloat16 and float32, "
+            f"got {t.dtype}; use the fused_cbam C++/CUDA operators or fused_cbam.reference for it"
+        )
+
+
+def check_device(t: torch.Tensor, where: str) -> None:
+    if not (t.is_cuda or (INTERPRET and t.device.type == "cpu")):
         raise RuntimeError(
-            f"{where} is on {x.device}; the Triton kernels need CUDA tensors "
+            f"{where} is on {t.device}; the Triton kernels need CUDA tensors "
             "(or CPU tensors with TRITON_INTERPRET=1 set before import)"
         )
 

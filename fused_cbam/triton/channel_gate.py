@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FINALIZE_BLOCK, INTERPRET, SUPPORTED_DTYPES, cast_to, check_like, device_guard, sum_rows_kernel
+from ._common import FINALIZE_BLOCK, cast_to, check_device, check_dtype, check_like, device_guard, sum_rows_kernel
 
 
 @triton.jit
@@ -29,16 +29,9 @@ def _gate_backward_kernel(
 
 
 def _check_floating(t: torch.Tensor, name: str, op: str) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"fused_cbam_triton::{op}: {name}: the Triton backend supports float16, bfloat16 and float32, "
-            f"got {t.dtype}; use the fused_cbam C++/CUDA operators or fused_cbam.reference for it"
-        )
-    if not (t.is_cuda or (INTERPRET and t.device.type == "cpu")):
-        raise RuntimeError(
-            f"fused_cbam_triton::{op}: {name} is on {t.device}; the Triton kernels need CUDA tensors "
-            "(or CPU tensors with TRITON_INTERPRET=1 set before import)"
-        )
+    where = f"fused_cbam_triton::{op}: {name}"
+    check_dtype(t, where)
+    check_device(t, where)
 
 
 def _grid(m: int):
