@@ -30,6 +30,9 @@
 #                    shortens the last steps instead of losing the summary and the logs)
 #   GPU_CHECK_REST=1 also run the tests that use no GPU (CI runs them), after the others
 #                    (the same as naming rest in GPU_CHECK_STEPS)
+#   GPU_CHECK_PREBUILT  a folder written by benchmarks/prebuild.sh on a CPU machine against the
+#                    device's torch, carried to this one: the build step takes its library when
+#                    it was built from these sources and loads, instead of building (60-90 s)
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -40,6 +43,9 @@ mkdir -p "$1"
 LOG=$(cd "$1" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# The package is this checkout's, whether pip installed it (editable) or the build step took a
+# prebuilt library, which leaves it uninstalled.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 START=$(date +%s)
 STEPS=",${GPU_CHECK_STEPS:-build,tests,sanitizers,bench,inductor},"
@@ -132,9 +138,19 @@ from fused_cbam import _library
 sys.exit(_library.LOAD_ERROR is not None or not _library.build_info().get("cuda") or _library.built_from_other_sources(Path("csrc")))
 EOF
 }
+take_prebuilt() {
+  local dir=${GPU_CHECK_PREBUILT:-} suffix
+  [[ -n "$dir" && -f "$dir/_C.so" ]] || return 1
+  suffix=$("$PY" -c "import importlib.machinery as m; print(m.EXTENSION_SUFFIXES[0])") || return 1
+  cp "$dir/_C.so" "fused_cbam/_C$suffix" && cp "$dir/_build_info.json" fused_cbam/ && built_from_these_sources
+}
 if wanted build && built_from_these_sources; then
   echo "== build: the library is built from these sources (skipped)"
   echo "up to date: built from these sources" >"$LOG/build.log"
+  echo 0 >"$LOG/build.rc"
+elif wanted build && take_prebuilt; then
+  echo "== build: took the prebuilt library of $GPU_CHECK_PREBUILT (built from these sources, loads)"
+  echo "prebuilt: $GPU_CHECK_PREBUILT, built from these sources for $VERSIONS" >"$LOG/build.log"
   echo 0 >"$LOG/build.rc"
 elif wanted build; then
   step build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
@@ -228,7 +244,7 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   echo "versions: $VERSIONS"
   echo "commit: $COMMIT"
   echo "steps: ${STEPS:1:-1}"
-  wanted build && echo "build: $(verdict build 'Successfully installed|up to date|error|Error')"
+  wanted build && echo "build: $(verdict build 'Successfully installed|up to date|prebuilt|error|Error')"
   wanted tests && echo "pytest (cuda, triton): $(verdict pytest "$PYTEST_SUMMARY")"
   wanted rest && echo "pytest (the rest): $(verdict pytest_rest "$PYTEST_SUMMARY")"
   wanted sanitizers && echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"

@@ -1,12 +1,16 @@
 """The GPU check's scripts run here, on the CPU: a GPU is lent for minutes, rarely, and should not
 be the first to find their own mistakes (benchmarks/gpu_check.sh runs them on the GPU)."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import skip_unless_available
+
+from fused_cbam import _library
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +52,39 @@ def test_spatial_conv_layouts_times_both_layouts(tmp_path):
     text = _script_output(tmp_path, "spatial_conv_layouts.py", "--dtype", "float32", "--batch", "2", "--sizes", "9")
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1:3] for row in rows] == [[" 2 ", " 9 "], [" 1 ", " 9 "]]
+
+
+def _checkout_copy(tmp_path) -> Path:
+    """The working tree as git sees it (no build outputs), as a device run receives it."""
+    tree = tmp_path / "tree"
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes((ROOT / name).read_bytes())
+    return tree
+
+
+@pytest.mark.parametrize("torch_version", ["current", "other"])
+def test_gpu_check_takes_a_prebuilt_library_built_for_its_torch(tmp_path, torch_version):
+    """The build step takes the library of GPU_CHECK_PREBUILT (benchmarks/prebuild.sh's folder)
+    when it loads and was built from these sources; one built for another torch is refused (the
+    build then runs; here the deadline skips it)."""
+    if _library.LOAD_ERROR is not None or not _library.build_info().get("cuda"):
+        pytest.skip("needs the library built with its CUDA kernels (FORCE_CUDA=1)")
+    tree, prebuilt = _checkout_copy(tmp_path), tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    (prebuilt / "_C.so").write_bytes(Path(_library.library_path()).read_bytes())
+    info = _library.build_info() | ({} if torch_version == "current" else {"torch": "0.0.1"})
+    (prebuilt / "_build_info.json").write_text(json.dumps(info))
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_STEPS": "build", "GPU_CHECK_DEADLINE": "25",
+           "GPU_CHECK_PREBUILT": str(prebuilt)}  # fmt: skip
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(tmp_path / "logs")],
+        cwd=tree, capture_output=True, text=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+    taken = "== build: took the prebuilt library" in result.stdout
+    assert taken == (torch_version == "current"), result.stdout + result.stderr
+    assert taken or "== build skipped" in result.stdout, result.stdout
