@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fused_cbam
-from fused_cbam import _library, reference
+from fused_cbam import _library, _registrations, reference
 from helpers import (
     COMPILED_BACKENDS,
     FORMATS,
@@ -513,9 +513,11 @@ def test_the_library_alone_has_the_forward_operators_gradients(tmp_path):
 
 
 def test_every_operator_has_a_kernel_for_each_built_device():
-
+    """Every operator of the library, as its schemas declare them, is one that the package knows
+    (``_library.OPERATORS``) and gives a fake kernel, with a kernel for each device it was built for."""
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_cbam::")]
     assert sorted(names) == sorted(f"fused_cbam::{name}" for name in _library.OPERATORS)
+    assert sorted(_registrations._FAKES) == sorted(_library.OPERATORS)
     keys = ["CPU"] + (["CUDA"] if _library.build_info().get("cuda") else [])
     for name in names:
         for key in keys:
