@@ -64,9 +64,10 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
     # and channels_last (read in place, with a sample stride and a step).
     maps_grad = torch.randn(n, 2, h, w, **small)
     maps_grads = (maps_grad, maps_grad.contiguous(memory_format=torch.channels_last))
-    for scale, grads in ((None, maps_grads[0]), (g, maps_grads[0]), (g, maps_grads[1])):
-        mean, smax, sam = ops.spatial_pool(x, scale)
-        assert mean.shape == (n, 1, h, w)
+    for scale, grads, max_first in ((None, maps_grads[0], False), (g, maps_grads[0], True), (g, maps_grads[1], False)):
+        pooled, sam = ops.spatial_pool(x, scale, max_first)
+        smax, mean = (pooled[:, :1], pooled[:, 1:]) if max_first else (pooled[:, 1:], pooled[:, :1])
+        assert pooled.shape == (n, 2, h, w)
         dx, gs = ops.spatial_pool_backward(grads[:, :1], grads[:, 1:], sam, x, scale)
         _finite("spatial_pool", mean, smax, dx, gs)
 
@@ -78,7 +79,8 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
     grad_x = torch.randn_like(x)
     ops.channel_pool_backward_add(grad_x, torch.randn(n, c, **small), torch.randn(n, c, **small), am)
     for scale in (None, g):
-        mean, _, sam = ops.spatial_pool(x, scale)
+        pooled, sam = ops.spatial_pool(x, scale)
+        mean = pooled[:, :1]
         gs = ops.spatial_pool_backward_add(grad_x, torch.randn_like(mean), torch.randn_like(mean), sam, x, scale)
         _finite("*_backward_add", grad_x, gs)
 

@@ -71,27 +71,33 @@ class ChannelPool : public torch::autograd::Function<ChannelPool> {
 class SpatialPool : public torch::autograd::Function<SpatialPool> {
  public:
   static variable_list forward(
-      AutogradContext* ctx, const at::Tensor& x, const OptionalTensor& scale) {
+      AutogradContext* ctx, const at::Tensor& x, const OptionalTensor& scale, bool max_first) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto spatial_pool =
-        op<Pooled(const at::Tensor&, const OptionalTensor&)>("fused_cbam::spatial_pool");
-    auto [mean, max, argmax] = spatial_pool.call(x, scale);
+        op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptionalTensor&, bool)>(
+            "fused_cbam::spatial_pool");
+    auto [maps, argmax] = spatial_pool.call(x, scale, max_first);
     ctx->save_for_backward({x, or_empty(scale), argmax});
+    ctx->saved_data["max_first"] = max_first;
     ctx->mark_non_differentiable({argmax});
-    return {mean, max, argmax};
+    return {maps, argmax};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &scale = saved[1];
-    refuse_double_backward({grads[0], grads[1], x, scale});
+    refuse_double_backward({grads[0], x, scale});
     static const auto spatial_pool_backward =
         op<std::tuple<at::Tensor, at::Tensor>(
             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
             const OptionalTensor&)>("fused_cbam::spatial_pool_backward");
+    // The maps' two channels, read in place (with their sample stride) by the backward kernels.
+    const bool max_first = ctx->saved_data["max_first"].toBool();
+    const at::Tensor grad_mean = grads[0].narrow(1, max_first ? 1 : 0, 1);
+    const at::Tensor grad_max = grads[0].narrow(1, max_first ? 0 : 1, 1);
     auto [grad_x, grad_scale] =
-        spatial_pool_backward.call(grads[0], grads[1], saved[2], x, present(scale));
-    return {grad_x, scale.defined() ? grad_scale : at::Tensor()};
+        spatial_pool_backward.call(grad_mean, grad_max, saved[2], x, present(scale));
+    return {grad_x, scale.defined() ? grad_scale : at::Tensor(), at::Tensor()};
   }
 };
 
@@ -291,9 +297,10 @@ Pooled channel_pool(const at::Tensor& x) {
   return {out[0], out[1], out[2]};
 }
 
-Pooled spatial_pool(const at::Tensor& x, const OptionalTensor& scale) {
-  auto out = SpatialPool::apply(x, scale);
-  return {out[0], out[1], out[2]};
+std::tuple<at::Tensor, at::Tensor> spatial_pool(
+    const at::Tensor& x, const OptionalTensor& scale, bool max_first) {
+  auto out = SpatialPool::apply(x, scale, max_first);
+  return {out[0], out[1]};
 }
 
 at::Tensor gate_apply(

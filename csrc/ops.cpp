@@ -4,8 +4,11 @@
 //
 // x is [N, C, H, W] (NCHW or channels_last), P = H * W. Gates and scales have x's dtype.
 //   channel_pool(x)            -> avg [N, C], max [N, C] (x's dtype), argmax [N, C] int32 (index p)
-//   spatial_pool(x, scale?)    -> mean [N, 1, H, W], max [N, 1, H, W] (x's dtype), argmax int32
-//                                 (channel c) of y = x * scale[n, c]; y is never stored
+//   spatial_pool(x, scale?, max_first=False)
+//                              -> maps [N, 2, H, W] (x's dtype, NCHW-contiguous: the spatial
+//                                 conv's input as it is), channel 0 the mean over c and channel 1
+//                                 the max ([max, mean] if max_first), and argmax [N, 1, H, W]
+//                                 int32 (channel c) of y = x * scale[n, c]; y is never stored
 //   gate_apply(x, g?, h?)      -> x * g[n, c] * h[n, 0, h, w], in x's memory format
 //   channel_gate(logits)       -> sigmoid(sum over k of logits[k]) [N, C] in logits' dtype, from
 //                                 the channel MLP's logits of each of K pooled vectors [K, N, C]:
@@ -51,7 +54,7 @@ TORCH_LIBRARY(fused_cbam, m) {
       "channel_pool_backward_add(Tensor(a!) grad_x, Tensor grad_avg, Tensor grad_max, "
       "Tensor argmax) -> ()",
       any_layout);
-  m.def("spatial_pool(Tensor x, Tensor? scale) -> (Tensor mean, Tensor max, Tensor argmax)",
+  m.def("spatial_pool(Tensor x, Tensor? scale, bool max_first=False) -> (Tensor maps, Tensor argmax)",
         any_layout);
   m.def(
       "spatial_pool_backward(Tensor grad_mean, Tensor grad_max, Tensor argmax, Tensor x, "

@@ -18,7 +18,7 @@ change of x.
 import torch
 from torch import Tensor
 
-from fused_cbam._registrations import _refuse_double_backward
+from fused_cbam._registrations import _refuse_double_backward, map_grads
 
 
 def _carrier(x: Tensor) -> Tensor:
@@ -53,41 +53,43 @@ class _ChannelPool(torch.autograd.Function):
 
 
 class _SpatialPool(torch.autograd.Function):
-    """The spatial pooling of x times ``scale``; or, given the channel MLP's logits [K, N, C]
-    instead, of x times the sigmoid gate made from them (``channel_gate``), returned as a fourth
-    output: the backward then adds the gate's two gradients (this pooling's and the one the gate
-    gets from gate_apply) in the gate's backward kernel."""
+    """The spatial pooling of x times ``scale`` (its maps stacked, max first with ``max_first``);
+    or, given the channel MLP's logits [K, N, C] instead, of x times the sigmoid gate made from
+    them (``channel_gate``), returned as a third output: the backward then adds the gate's two
+    gradients (this pooling's and the one the gate gets from gate_apply) in the gate's backward
+    kernel."""
 
     @staticmethod
-    def forward(ctx, x, carrier, scale, logits, ops):
+    def forward(ctx, x, carrier, scale, logits, max_first, ops):
         gate = None if logits is None else ops.channel_gate(logits)
         scale = scale if gate is None else gate
-        mean, mx, argmax = ops.spatial_pool(x, scale)
+        maps, argmax = ops.spatial_pool(x, scale, max_first)
         ctx.save_for_backward(x, scale, argmax)
         ctx.pools = None if logits is None else logits.shape[0]
+        ctx.max_first = max_first
         ctx.ops = ops
         ctx.set_materialize_grads(False)
-        return mean, mx, _carrier(x), gate
+        return maps, _carrier(x), gate
 
     @staticmethod
-    def backward(ctx, grad_mean, grad_max, grad_x, grad_gate):
+    def backward(ctx, grad_maps, grad_x, grad_gate):
         x, scale, argmax = ctx.saved_tensors
-        _refuse_double_backward(grad_mean, grad_max, grad_x, grad_gate, x, scale)
+        _refuse_double_backward(grad_maps, grad_x, grad_gate, x, scale)
         grad_scale = None
-        if grad_mean is not None or grad_max is not None:
-            grad_mean, grad_max = _zeros_for_none((grad_mean, grad_max), argmax, x.dtype)
+        if grad_maps is not None:
+            grad_mean, grad_max = map_grads(grad_maps, ctx.max_first)
             if grad_x is None:
                 grad_x, grad_scale = ctx.ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
             else:
                 grad_scale = ctx.ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
             grad_scale = grad_scale if scale is not None else None
         if ctx.pools is None:
-            return None, grad_x, grad_scale, None, None
+            return None, grad_x, grad_scale, None, None, None
         grads = [g for g in (grad_scale, grad_gate) if g is not None]
         grad_logits = None
         if grads:
             grad_logits = ctx.ops.channel_gate_backward(grads[0], grads[1] if len(grads) > 1 else None, scale, ctx.pools)
-        return None, grad_x, None, grad_logits, None
+        return None, grad_x, None, grad_logits, None, None
 
 
 class _GateApply(torch.autograd.Function):
@@ -110,7 +112,7 @@ class OneGradBackend:
     """The three calls of one block's forward on a backend (``ops``: its operator namespace,
     ``torch.ops.fused_cbam`` or ``torch.ops.fused_cbam_triton``), made afresh for each forward.
 
-    They run in the block's order, channel_pool, spatial_pool (or ``gated_spatial_pool``, which
+    They run in the block's order, channel_pool, spatial_maps (or ``gated_spatial_maps``, which
     also makes the channel gate, with ``fused_gate``), gate_apply, all on the same x; each after
     the first also takes the carrier that the one before returned.
 
@@ -138,20 +140,20 @@ class OneGradBackend:
         avg, mx, self._carrier = _ChannelPool.apply(x, self._ops)
         return avg, mx
 
-    def spatial_pool(self, x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
-        mean, mx, self._carrier, _ = _SpatialPool.apply(x, self._carry(x), scale, None, self._ops)
-        return mean, mx
+    def spatial_maps(self, x: Tensor, scale: Tensor | None, max_first: bool = False) -> Tensor:
+        maps, self._carrier, _ = _SpatialPool.apply(x, self._carry(x), scale, None, max_first, self._ops)
+        return maps
 
     @property
-    def gated_spatial_pool(self):
-        """``gated_spatial_pool(x, logits) -> (gate, mean, max)``: the sigmoid channel gate from
-        the MLP's logits [K, N, C] of K pooled vectors, and the spatial pooling of x times it;
+    def gated_spatial_maps(self):
+        """``gated_spatial_maps(x, logits, max_first) -> (gate, maps)``: the sigmoid channel gate
+        from the MLP's logits [K, N, C] of K pooled vectors, and the spatial maps of x times it;
         None where the backend leaves the gate to PyTorch."""
-        return self._gated_spatial_pool if self._fused_gate else None
+        return self._gated_spatial_maps if self._fused_gate else None
 
-    def _gated_spatial_pool(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mean, mx, self._carrier, gate = _SpatialPool.apply(x, self._carry(x), None, logits, self._ops)
-        return gate, mean, mx
+    def _gated_spatial_maps(self, x: Tensor, logits: Tensor, max_first: bool) -> tuple[Tensor, Tensor]:
+        maps, self._carrier, gate = _SpatialPool.apply(x, self._carry(x), None, logits, max_first, self._ops)
+        return gate, maps
 
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
         return _GateApply.apply(x, self._carry(x), channel_gate, spatial_gate, self._ops)

@@ -27,9 +27,9 @@ def _fake_channel_pool_backward(grad_avg, grad_max, argmax, x):
     return empty_like_x(x)
 
 
-def _fake_spatial_pool(x, scale):
+def _fake_spatial_pool(x, scale, max_first=False):
     n, _, h, w = x.shape
-    return x.new_empty(n, 1, h, w), x.new_empty(n, 1, h, w), x.new_empty(n, 1, h, w, dtype=torch.int32)
+    return x.new_empty(n, 2, h, w), x.new_empty(n, 1, h, w, dtype=torch.int32)
 
 
 def _fake_spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
@@ -62,9 +62,17 @@ def _setup_channel_pool(ctx, inputs, output):
 
 
 def _setup_spatial_pool(ctx, inputs, output):
-    x, scale = inputs
+    x, scale, max_first = inputs
     ctx.has_scale = scale is not None
-    ctx.save_for_backward(x, scale, output[2])
+    ctx.max_first = max_first
+    ctx.save_for_backward(x, scale, output[1])
+
+
+def map_grads(grad_maps: Tensor, max_first: bool) -> tuple[Tensor, Tensor]:
+    """The gradients of the mean and max maps: the two channels of the maps' gradient, read in
+    place by the backward operators."""
+    first, second = grad_maps[:, :1], grad_maps[:, 1:]
+    return (second, first) if max_first else (first, second)
 
 
 def _setup_gate_apply(ctx, inputs, output):
@@ -95,11 +103,12 @@ def _autograd(ops):
         _refuse_double_backward(grad_avg, grad_max, x)
         return ops.channel_pool_backward(grad_avg, grad_max, argmax, x)
 
-    def spatial_pool_backward(ctx, grad_mean, grad_max, _grad_argmax):
+    def spatial_pool_backward(ctx, grad_maps, _grad_argmax):
         x, scale, argmax = ctx.saved_tensors
-        _refuse_double_backward(grad_mean, grad_max, x, scale)
+        _refuse_double_backward(grad_maps, x, scale)
+        grad_mean, grad_max = map_grads(grad_maps, ctx.max_first)
         grad_x, grad_scale = ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
-        return grad_x, grad_scale if ctx.has_scale else None
+        return grad_x, grad_scale if ctx.has_scale else None, None
 
     def gate_apply_backward(ctx, grad_out):
         x, channel_gate, spatial_gate = ctx.saved_tensors

@@ -1,10 +1,12 @@
 """Backend choice: which implementation of the three fused operators serves a tensor.
 
 Every backend offers the same three calls, ``channel_pool(x) -> (avg, max)``,
-``spatial_pool(x, scale) -> (mean, max)`` and ``gate_apply(x, g, h) -> out``; the compiled and
-Triton ones are registered PyTorch operators with autograd, the reference is plain PyTorch.
-The compiled one also has ``gated_spatial_pool(x, logits) -> (gate, mean, max)``, the spatial
-pooling with a sigmoid channel gate made from the MLP's logits (None on the others).
+``spatial_maps(x, scale, max_first) -> maps`` (the mean and max over C, stacked [N, 2, H, W] as
+the spatial conv takes them, the max first with ``max_first``) and ``gate_apply(x, g, h) -> out``;
+the compiled and Triton ones are registered PyTorch operators with autograd, the reference is
+plain PyTorch. The compiled one also has ``gated_spatial_maps(x, logits, max_first) -> (gate,
+maps)``, the spatial pooling with a sigmoid channel gate made from the MLP's logits (None on the
+others).
 """
 
 import importlib.util
@@ -42,28 +44,27 @@ class OperatorBackend:
         avg, mx, _ = self._ops.channel_pool(x)
         return avg, mx
 
-    def spatial_pool(self, x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
-        mean, mx, _ = self._ops.spatial_pool(x, scale)
-        return mean, mx
+    def spatial_maps(self, x: Tensor, scale: Tensor | None, max_first: bool = False) -> Tensor:
+        return self._ops.spatial_pool(x, scale, max_first)[0]
 
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
         return self._ops.gate_apply(x, channel_gate, spatial_gate)
 
     @property
-    def gated_spatial_pool(self):
-        """``gated_spatial_pool(x, logits) -> (gate, mean, max)``: the sigmoid channel gate from
-        the MLP's logits [K, N, C] (``channel_gate``) and the spatial pooling of x times it; None
+    def gated_spatial_maps(self):
+        """``gated_spatial_maps(x, logits, max_first) -> (gate, maps)``: the sigmoid channel gate
+        from the MLP's logits [K, N, C] (``channel_gate``) and the spatial maps of x times it; None
         where the modules compute the gate in PyTorch (see ``_INSTANCES``)."""
-        return self._gated_spatial_pool if self._fused_gate else None
+        return self._gated_spatial_maps if self._fused_gate else None
 
-    def _gated_spatial_pool(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _gated_spatial_maps(self, x: Tensor, logits: Tensor, max_first: bool) -> tuple[Tensor, Tensor]:
         gate = self._ops.channel_gate(logits)
-        return (gate, *self.spatial_pool(x, gate))
+        return gate, self.spatial_maps(x, gate, max_first)
 
 
 class ReferenceBackend:
     channel_pool = staticmethod(reference.channel_pool)
-    spatial_pool = staticmethod(reference.spatial_pool)
+    spatial_maps = staticmethod(reference.spatial_maps)
     gate_apply = staticmethod(reference.gate_apply)
     cbam_inference = None
 

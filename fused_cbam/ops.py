@@ -44,10 +44,12 @@ def spatial_pool(
     x: Tensor, channel_scale: Tensor | None = None, *, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """Mean and max over C of ``x * channel_scale[:, :, None, None]`` (x when no scale), from
-    one read of x and without storing the product: two [N, 1, H, W] tensors."""
+    one read of x and without storing the product: two [N, 1, H, W] tensors (the two channels of
+    one [N, 2, H, W] tensor)."""
     check_input(x)
     channel_scale = checked_small_as_x(channel_scale, x, tuple(x.shape[:2]), "channel_scale")
-    return backends.resolve(backend, x).spatial_pool(x, channel_scale)
+    maps = backends.resolve(backend, x).spatial_maps(x, channel_scale)
+    return maps[:, :1], maps[:, 1:]
 
 
 def gate_apply(

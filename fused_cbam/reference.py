@@ -40,6 +40,12 @@ def spatial_pool(x: Tensor, channel_scale: Tensor | None = None) -> tuple[Tensor
     return y.mean(dim=1, keepdim=True).to(x.dtype), _first_max(y, dim=1, keepdim=True).to(x.dtype)
 
 
+def spatial_maps(x: Tensor, channel_scale: Tensor | None = None, max_first: bool = False) -> Tensor:
+    """``spatial_pool``'s mean and max stacked [N, 2, H, W], the max first with ``max_first``."""
+    mean, mx = spatial_pool(x, channel_scale)
+    return torch.cat([mx, mean] if max_first else [mean, mx], dim=1)
+
+
 def gate_apply(x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:
     """``x * channel_gate[n, c] * spatial_gate[n, 0, h, w]``, either gate optional."""
     out = _opmath(x)
@@ -80,11 +86,9 @@ def cbam_inference(
     avg, mx = channel_pool(y)
     logits = {"avg": lambda: mlp(avg), "sum": lambda: mlp(avg) + mlp(mx), "mix": lambda: mlp(0.5 * avg + 0.5 * mx)}
     channel_gate = torch.sigmoid(logits[pooling]())
-    mean, mx = spatial_pool(y, channel_gate)
+    maps = spatial_maps(y, channel_gate, max_first)
     if conv_weight.shape[1] == 1:
-        maps = 0.5 * mean + 0.5 * mx
-    else:
-        maps = torch.cat([mx, mean] if max_first else [mean, mx], dim=1)
+        maps = 0.5 * maps[:, :1] + 0.5 * maps[:, 1:]
     u = F.conv2d(maps, conv_weight, conv_bias, padding=conv_weight.shape[-1] // 2)
     if bn_mean is not None:
         u = (u - bn_mean) * torch.rsqrt(bn_var + bn_eps)

@@ -118,6 +118,13 @@ def operator_namespace(backend):
     return torch.ops.fused_cbam
 
 
+def mean_max_argmax(pooled):
+    """A ``spatial_pool`` operator's output, (maps [N, 2, H, W] = [mean, max], argmax), as the
+    three tensors (mean, max, argmax), the maps' channels as views."""
+    maps, argmax = pooled
+    return maps[:, :1], maps[:, 1:], argmax
+
+
 class OperatorLog(TorchDispatchMode):
     """Names of the operators dispatched while it is active (``fused_cbam.channel_pool``, ...)."""
 

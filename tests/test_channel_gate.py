@@ -5,6 +5,7 @@ shares added) in one more."""
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_cbam import nn as fnn
 from fused_cbam import reference
@@ -167,6 +168,38 @@ def test_the_training_path_runs_the_gate_operator(backend, device, layout):
     assert_close(out, ref_out, 1e-5, "output")
     for name, got, want in zip(["x", *dict(fused.named_parameters())], grads, ref_grads):
         assert_close(got, want, 1e-4, f"grad of {name}")
+
+
+class _CatShapes(TorchDispatchMode):
+    """The shapes of the tensors that ``aten.cat`` returns while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.cat:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("layout", list(SIGMOID_LAYOUTS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "no_grad"])
+def test_the_spatial_maps_reach_the_conv_as_the_pooling_wrote_them(backend, device, layout, training):
+    """The spatial pooling writes its two maps stacked in the order the layout's conv takes them
+    (or the mix of them): no copy of them before the conv, in training and in a forward without
+    gradients that keeps the gates (which takes the three operators)."""
+    skip_unless_available(backend)
+    fused, _ = fused_and_reference(SIGMOID_LAYOUTS[layout][0], backend, device)
+    if hasattr(fused, "keep_gates"):
+        fused.keep_gates = True
+    x = torch.randn(2, 16, 5, 6, device=device).requires_grad_(training)
+    with _CatShapes() as cats, torch.set_grad_enabled(training):
+        fused(x)
+    maps_shapes = [(2, k, 5, 6) for k in (1, 2)]
+    assert not [shape for shape in cats.shapes if shape in maps_shapes], cats.shapes
 
 
 def _channel_half(module):

@@ -130,18 +130,18 @@ def test_a_step_whose_carrier_gets_no_gradient_writes_its_share(memory_format, b
     assert_close(grad_x, ref_grad_x, 1e-6, "grad of x, channel pooling only")
     scale = torch.rand(2, 5, device=device)
     block = OneGradBackend(ops)
-    outs = [*block.channel_pool(x), *block.spatial_pool(x, scale)]
-    ref_outs = [*reference.channel_pool(x), *reference.spatial_pool(x, scale)]
+    outs = [*block.channel_pool(x), block.spatial_maps(x, scale, True)]
+    ref_outs = [*reference.channel_pool(x), reference.spatial_maps(x, scale, True)]
     upstream = [torch.randn_like(t) for t in outs]
     (grad_x,) = torch.autograd.grad(outs, x, upstream)
     (ref_grad_x,) = torch.autograd.grad(ref_outs, x, upstream)
     assert_close(grad_x, ref_grad_x, 1e-5, "grad of x, both poolings")
     block = OneGradBackend(ops)
     avg, _ = block.channel_pool(x)
-    mean, _ = block.spatial_pool(x, scale)
-    (grad_x,) = torch.autograd.grad([avg, mean], x, [upstream[0], upstream[2]])
+    mean = block.spatial_maps(x, scale)[:, :1]
+    (grad_x,) = torch.autograd.grad([avg, mean], x, [upstream[0], upstream[2][:, :1]])
     ref_avg, ref_mean = reference.channel_pool(x)[0], reference.spatial_pool(x, scale)[0]
-    (ref_grad_x,) = torch.autograd.grad([ref_avg, ref_mean], x, [upstream[0], upstream[2]])
+    (ref_grad_x,) = torch.autograd.grad([ref_avg, ref_mean], x, [upstream[0], upstream[2][:, :1]])
     assert_close(grad_x, ref_grad_x, 1e-5, "grad of x, the two means only")
 
 
@@ -149,7 +149,7 @@ def test_each_call_takes_the_blocks_x(backend, device):
     block = OneGradBackend(operator_namespace(backend))
     x = make_input((2, 5, 4, 3), torch.float32, device, requires_grad=True)
     with pytest.raises(RuntimeError, match="each call after channel_pool takes the block's x"):
-        block.spatial_pool(x, None)
+        block.spatial_maps(x, None)
     block.channel_pool(x)
     with pytest.raises(RuntimeError, match="each call after channel_pool takes the block's x"):
         block.gate_apply(x.clone(), None, None)

@@ -20,6 +20,7 @@ from helpers import (
     assert_close,
     backend_available,
     make_input,
+    mean_max_argmax,
     needs_cuda,
     operator_namespace,
     runs_fused,
@@ -85,6 +86,26 @@ def test_forward_and_backward_match_reference(backend, device, op, shape, memory
         assert_close(g, rg, atol * 4, f"{op} grad of input {i}")
 
 
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("max_first", [False, True], ids=["mean_first", "max_first"])
+def test_spatial_pool_stacks_its_maps_as_the_conv_takes_them(backend, device, memory_format, max_first):
+    """The operator's maps: [N, 2, H, W], NCHW-contiguous in x's either layout, the mean and the max
+    in the order asked for; each map's gradient taken from its own channel of the maps'."""
+    skip_unless_available(backend)
+    ops = operator_namespace(backend)
+    x = make_input((3, 13, 5, 7), torch.float32, device, memory_format, requires_grad=True)
+    scale = (torch.rand(3, 13, device=device) + 0.5).requires_grad_()
+    maps, argmax = ops.spatial_pool(x, scale, max_first)
+    assert maps.shape == (3, 2, 5, 7) and maps.is_contiguous() and argmax.shape == (3, 1, 5, 7)
+    expected = reference.spatial_maps(x, scale, max_first)
+    assert_close(maps, expected, TOLERANCE[torch.float32], "maps")
+    up = torch.randn_like(maps)
+    got, want = (torch.autograd.grad(m, (x, scale), up) for m in (maps, expected))
+    for g, w, name in zip(got, want, ("x", "scale")):
+        assert_close(g, w, TOLERANCE[torch.float32], f"grad of {name}")
+
+
 @pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -98,7 +119,7 @@ def test_ties_and_nan_follow_the_max_rule(backend, device, memory_format, dtype)
     scale = torch.ones(2, 19, dtype=dtype, device=device)
     ops = torch.ops.fused_cbam
     _, cmax, cidx = ops.channel_pool(x)
-    _, smax, sidx = ops.spatial_pool(x, scale)
+    _, smax, sidx = mean_max_argmax(ops.spatial_pool(x, scale))
     ref_c = reference._opmath(x).flatten(2).max(dim=2)
     ref_s = reference._opmath(x).max(dim=1, keepdim=True)
     torch.testing.assert_close(cmax, ref_c.values.to(dtype), equal_nan=True, rtol=0, atol=0)
@@ -160,7 +181,7 @@ def test_every_output_element_is_written(backend, device, memory_format):
     x = make_input((4, 32, 9, 9), torch.float32, device, memory_format)
     g, h = (t.detach() for t in _args("gate_apply", x))
     avg, cmax, cidx = ops.channel_pool(x)
-    mean, smax, sidx = ops.spatial_pool(x, g)
+    mean, smax, sidx = mean_max_argmax(ops.spatial_pool(x, g))
     outs = [avg, cmax, mean, smax, ops.gate_apply(x, g, h)]
     outs += ops.gate_apply_backward(torch.randn_like(x), x, g, h)
     outs.append(ops.channel_pool_backward(torch.randn_like(avg), torch.randn_like(avg), cidx, x))
@@ -181,11 +202,12 @@ def _opcheck_cases(device):
             x = make_input((2, 6, 3, 5), torch.float32, device, memory_format, requires_grad)
             g, h = _args("gate_apply", x)
             _, _, cidx = ops.channel_pool(x.detach())
-            mean, _, sidx = ops.spatial_pool(x.detach(), g.detach())
+            mean, _, sidx = mean_max_argmax(ops.spatial_pool(x.detach(), g.detach()))
             avg = torch.randn(2, 6, device=device)
             yield ops.channel_pool.default, (x,)
             yield ops.spatial_pool.default, (x, g)
             yield ops.spatial_pool.default, (x, None)
+            yield ops.spatial_pool.default, (x, g, True)
             yield ops.gate_apply.default, (x, g, h)
             yield ops.gate_apply.default, (x, None, h)
             if not requires_grad:
@@ -209,7 +231,7 @@ def test_backward_operators_that_add_into_the_gradient(backend, device, memory_f
     x = make_input(shape, dtype, device, memory_format)
     g = (torch.rand(shape[:2], device=device) + 0.5).to(dtype)
     _, _, cidx = ops.channel_pool(x)
-    mean, _, sidx = ops.spatial_pool(x, g)
+    mean, _, sidx = mean_max_argmax(ops.spatial_pool(x, g))
     grad_avg, grad_cmax = torch.randn_like(g), torch.randn_like(g)
     grad_mean, grad_smax = torch.randn_like(mean), torch.randn_like(mean)
     start = torch.randn_like(x)
@@ -266,7 +288,7 @@ def test_backward_operators_read_strided_gradients(backend, device, memory_forma
     x = make_input(shape, torch.float32, device, memory_format)
     g = torch.rand(n, c, device=device) + 0.5
     _, _, cidx = ops.channel_pool(x)
-    _, _, sidx = ops.spatial_pool(x, g)
+    _, _, sidx = mean_max_argmax(ops.spatial_pool(x, g))
     # The mean's and the max's gradients are different views, so that a swap of their strides shows.
     means = _strided_pool_grads(torch.randn(n, 2, h, w, device=device))
     maxes = _strided_pool_grads(torch.randn(n, 2, h, w, device=device))
@@ -332,7 +354,7 @@ def test_arg_max_elements_take_both_gradient_terms_at_once(backend, device, memo
         mean, mx = reference.spatial_pool(x_ref, scale_ref)
         expected = torch.autograd.grad((mean * grad_mean + mx * grad_max).sum(), (x_ref, scale_ref))
         assert any(e.isinf().any() for e in expected) and not any(e.isnan().any() for e in expected)
-        _, _, argmax = ops.spatial_pool(x, scale)
+        _, _, argmax = mean_max_argmax(ops.spatial_pool(x, scale))
         written = ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
         added = torch.zeros_like(x)
         added_scale = ops.spatial_pool_backward_add(added, grad_mean, grad_max, argmax, x, scale)
@@ -348,7 +370,8 @@ ops = torch.ops.fused_cbam_triton
 x = torch.randn(3, 37, 29, 31, device="cuda").to(memory_format=torch.channels_last)
 g = torch.rand(3, 37, device="cuda") + 0.5
 _, _, cidx = ops.channel_pool(x)
-mean, _, sidx = ops.spatial_pool(x, g)
+maps, sidx = ops.spatial_pool(x, g)
+mean = maps[:, :1]
 """
 _TUNED_ADD_SCRIPT = _TUNED_SETUP + """
 start = torch.randn_like(x)
@@ -415,7 +438,7 @@ def test_backward_operators_that_add_refuse_a_gradient_of_another_layout(backend
     skip_unless_available(backend)
     ops = operator_namespace(backend)
     x = make_input((2, 4, 3, 5), torch.float32, device, "channels_last")
-    mean, _, sidx = ops.spatial_pool(x, None)
+    mean, _, sidx = mean_max_argmax(ops.spatial_pool(x, None))
     with pytest.raises(ValueError, match="grad_x.*dense in x's memory format"):
         ops.spatial_pool_backward_add(torch.zeros(2, 4, 3, 5, device=device), mean, mean, sidx, x, None)
     with pytest.raises(ValueError, match="grad_x.*shape"):
@@ -447,7 +470,8 @@ leaves = {name: t.double().requires_grad_() for name, t in leaves.items()}
 x, g = leaves["x"], leaves["g"]
 ops = torch.ops.fused_cbam
 avg, mx, _ = ops.channel_pool(x)
-mean, smx, _ = ops.spatial_pool(x, g)
+maps, _ = ops.spatial_pool(x, g)
+mean, smx = maps[:, :1], maps[:, 1:]
 out = ops.gate_apply(x, g, mean.sigmoid())
 block = ops.cbam_inference(
     x, leaves["fc1"], leaves["fc1_bias"], leaves["fc2"], None, "sum", leaves["conv"], None,
@@ -596,7 +620,7 @@ def test_sums_over_2_25_terms_are_exact_for_ones(backend, device, memory_format)
     avg, _, _ = ops.channel_pool(x)
     assert torch.equal(avg, torch.ones_like(avg)), avg
     scale = torch.ones(1, 2, dtype=x.dtype, device=device)
-    mean, _, argmax = ops.spatial_pool(x, scale)
+    mean, _, argmax = mean_max_argmax(ops.spatial_pool(x, scale))
     ones = torch.ones_like(mean)
     _, grad_scale = ops.spatial_pool_backward(ones, torch.zeros_like(mean), argmax, x, scale)
     assert torch.equal(grad_scale, torch.full_like(grad_scale, 2.0**24)), grad_scale  # sum_p 1/C
@@ -628,7 +652,7 @@ def test_long_float32_sums_are_as_accurate_as_torch(backend, device, memory_form
 
     assert error(ops.channel_pool(x)[0], exact) < 1e-6
     scale = torch.rand(2, 8, device=device) + 0.5
-    mean, _, argmax = ops.spatial_pool(x, scale)
+    mean, _, argmax = mean_max_argmax(ops.spatial_pool(x, scale))
     grad_mean = torch.rand_like(mean) + 1
     _, grad_scale = ops.spatial_pool_backward(grad_mean, torch.zeros_like(mean), argmax, x, scale)
     assert error(grad_scale, (x.double() * grad_mean.double()).sum((2, 3)) / 8) < 1e-6

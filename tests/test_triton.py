@@ -24,7 +24,7 @@ import fused_cbam.triton  # noqa: E402,F401  (registers torch.ops.fused_cbam_tri
 from fused_cbam import reference  # noqa: E402
 from fused_cbam.triton import _common  # noqa: E402
 from fused_cbam._layout import empty_like_x  # noqa: E402
-from helpers import fused_and_reference  # noqa: E402
+from helpers import fused_and_reference, mean_max_argmax  # noqa: E402
 
 OPS = torch.ops.fused_cbam_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,7 +113,7 @@ def check_channel_pool(x):
 
 
 def check_spatial_pool(x, scale):
-    mean, mx, argmax = OPS.spatial_pool(x, scale)
+    mean, mx, argmax = mean_max_argmax(OPS.spatial_pool(x, scale))
     ref_mean, ref_max = reference.spatial_pool(x, scale)
     assert_close(mean, ref_mean, x.dtype)
     assert_close(mx, ref_max, x.dtype, exact=True)
@@ -191,7 +191,7 @@ def test_nan(shape, dtype, fmt):
     (ref_grad,) = torch.autograd.grad(reference.channel_pool(x)[1], x, up)
     assert_close(grad, ref_grad, dtype)
     up = randn(n, 1, h, w, dtype=dtype)
-    (grad,) = torch.autograd.grad(OPS.spatial_pool(x, None)[1], x, up)
+    (grad,) = torch.autograd.grad(OPS.spatial_pool(x, None)[0][:, 1:], x, up)
     (ref_grad,) = torch.autograd.grad(reference.spatial_pool(x, None)[1], x, up)
     assert_close(grad, ref_grad, dtype)
 
@@ -228,7 +228,7 @@ def check_backward(shape, dtype, fmt):
 
     up = (randn(n, 1, h, w, dtype=dtype), randn(n, 1, h, w, dtype=dtype))
     for scale in (g.clone().requires_grad_(True), None):
-        got = grads(OPS.spatial_pool(x, scale)[:2], [x, scale], up)
+        got = grads(mean_max_argmax(OPS.spatial_pool(x, scale))[:2], [x, scale], up)
         want = grads(reference.spatial_pool(x, scale), [x, scale], up)
         assert_format_like_x(got[0], x)
         for a, b in zip(got, want):
@@ -293,7 +293,7 @@ def test_backward_ops_direct():
     """The *_backward ops called directly: shapes, empty gradients of absent inputs, formats."""
     x = make_x((2, 3, 5, 7), torch.float32, "channels_last")
     g, s = gates(x.shape, x.dtype)
-    _, _, am = OPS.spatial_pool(x, None)
+    _, _, am = mean_max_argmax(OPS.spatial_pool(x, None))
     up = (randn(2, 1, 5, 7, dtype=x.dtype), randn(2, 1, 5, 7, dtype=x.dtype))
     dx, dscale = OPS.spatial_pool_backward(*up, am, x, None)
     assert dscale.shape == (0,) and dx.is_contiguous(memory_format=torch.channels_last)
@@ -321,11 +321,11 @@ def test_every_output_written():
             ga, gm = randn(n, c, dtype=x.dtype), randn(n, c, dtype=x.dtype)
             outs.append(OPS.channel_pool_backward(ga, gm, outs[2], x))
             gmean, gmax = randn(n, 1, h, w, dtype=x.dtype), randn(n, 1, h, w, dtype=x.dtype)
-            outs += list(OPS.spatial_pool_backward(gmean, gmax, outs[5], x, g))
+            outs += list(OPS.spatial_pool_backward(gmean, gmax, outs[4], x, g))
             outs += list(OPS.gate_apply_backward(torch.randn_like(x), x, g, s))
             for o in outs:
                 assert o.isfinite().all()
-            assert int(outs[2].max()) < h * w and int(outs[5].max()) < c
+            assert int(outs[2].max()) < h * w and int(outs[4].max()) < c
 
 
 def test_no_kernel_adds_atomically():
@@ -346,7 +346,7 @@ def test_backward_deterministic():
     x = make_x(shape, torch.bfloat16, "channels_last")
     g, s = gates(shape, x.dtype)
     dout = torch.randn_like(x)
-    _, _, am = OPS.spatial_pool(x, g)
+    _, _, am = mean_max_argmax(OPS.spatial_pool(x, g))
     up = (randn(shape[0], 1, *shape[2:], dtype=x.dtype), randn(shape[0], 1, *shape[2:], dtype=x.dtype))
     first = OPS.gate_apply_backward(dout, x, g, s) + OPS.spatial_pool_backward(*up, am, x, g)
     again = OPS.gate_apply_backward(dout, x, g, s) + OPS.spatial_pool_backward(*up, am, x, g)
@@ -426,6 +426,7 @@ def test_opcheck(fmt, requires_grad):
     torch.library.opcheck(OPS.channel_pool, (x,))
     torch.library.opcheck(OPS.spatial_pool, (x, g))
     torch.library.opcheck(OPS.spatial_pool, (x, None))
+    torch.library.opcheck(OPS.spatial_pool, (x, g, True))
     torch.library.opcheck(OPS.gate_apply, (x, g, s))
     torch.library.opcheck(OPS.gate_apply, (x, None, s))
 
@@ -435,7 +436,7 @@ def test_opcheck_backward_ops():
     x = make_x(shape, torch.float32, "channels_last")
     g, s = gates(shape, x.dtype)
     _, _, am_c = OPS.channel_pool(x)
-    _, _, am_s = OPS.spatial_pool(x, g)
+    _, _, am_s = mean_max_argmax(OPS.spatial_pool(x, g))
     utils = ("test_schema", "test_faketensor")
     up = (randn(2, 3, dtype=x.dtype), randn(2, 3, dtype=x.dtype))
     torch.library.opcheck(OPS.channel_pool_backward, (*up, am_c, x), test_utils=utils)
@@ -447,7 +448,7 @@ def test_opcheck_backward_ops():
 def _cbam_like(x, w_mlp, w_conv):
     avg, mx, _ = OPS.channel_pool(x)
     g = torch.sigmoid(avg @ w_mlp + mx @ w_mlp)
-    s_mean, s_max, _ = OPS.spatial_pool(x, g)
+    s_mean, s_max, _ = mean_max_argmax(OPS.spatial_pool(x, g))
     h = torch.sigmoid(torch.nn.functional.conv2d(torch.cat([s_max, s_mean], dim=1), w_conv, padding=1))
     return OPS.gate_apply(x, g, h)
 

@@ -135,7 +135,8 @@ def _run_every_operator() -> None:
             avg, mx, c_arg = ops.channel_pool(x)
             ops.channel_pool_backward(avg, mx, c_arg, x)
             ops.channel_pool_backward_add(torch.zeros_like(x), avg, mx, c_arg)
-            mean, smx, s_arg = ops.spatial_pool(x, g)
+            maps, s_arg = ops.spatial_pool(x, g)
+            mean, smx = maps[:, :1], maps[:, 1:]
             ops.spatial_pool_backward(mean, smx, s_arg, x, g)
             ops.spatial_pool_backward_add(torch.zeros_like(x), mean, smx, s_arg, x, g)
             out = ops.gate_apply(x, g, h)

@@ -388,10 +388,12 @@ void channel_pool_backward_into(
 // ---------------------------------------------------------------------------------------------
 // spatial_pool: mean, max and arg-max over c of y = x * scale[n, c], for every (n, p).
 
+// mean and max hold each sample's P values contiguously, samples out_stride apart (two channels
+// of the maps); argmax is [N, P].
 template <typename T>
 void spatial_pool_nhwc(
-    const T* x, const T* scale, T* mean, T* max, int32_t* argmax, int64_t N, int64_t C,
-    int64_t P) {
+    const T* x, const T* scale, T* mean, T* max, int64_t out_stride, int32_t* argmax, int64_t N,
+    int64_t C, int64_t P) {
   using acc_t = opmath_t<T>;
   at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -402,8 +404,9 @@ void spatial_pool_nhwc(
         return static_cast<acc_t>(row[c]) * static_cast<acc_t>(s[c]);
       };
       const auto stats = row_stats<OpVec<T>, acc_t>(C, y_vec, y_scalar);
-      mean[r] = static_cast<T>(stats.sum / C);
-      max[r] = static_cast<T>(stats.max);
+      const int64_t out = (r / P) * out_stride + r % P;
+      mean[out] = static_cast<T>(stats.sum / C);
+      max[out] = static_cast<T>(stats.max);
       argmax[r] = static_cast<int32_t>(stats.argmax);
     }
   });
@@ -411,8 +414,8 @@ void spatial_pool_nhwc(
 
 template <typename T>
 void spatial_pool_nchw(
-    const T* x, const T* scale, T* mean, T* max, int32_t* argmax, int64_t N, int64_t C,
-    int64_t P) {
+    const T* x, const T* scale, T* mean, T* max, int64_t out_stride, int32_t* argmax, int64_t N,
+    int64_t C, int64_t P) {
   using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
   constexpr int64_t V = Vec::size();
@@ -456,11 +459,11 @@ void spatial_pool_nchw(
           }
         }
       }
-      const int64_t out = n * P + p0;
+      const int64_t out = n * out_stride + p0, arg = n * P + p0;
       for (int64_t p = 0; p < pn; ++p) {
         mean[out + p] = static_cast<T>((total[p] + sum[p]) / C);
         max[out + p] = static_cast<T>(best[p]);
-        argmax[out + p] = static_cast<int32_t>(best_c[p]);
+        argmax[arg + p] = static_cast<int32_t>(best_c[p]);
       }
     }
   });
@@ -474,7 +477,7 @@ void spatial_pool(
     auto impl = is_channels_last(x) ? spatial_pool_nhwc<scalar_t> : spatial_pool_nchw<scalar_t>;
     impl(
         x.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-        max.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), N, C, P);
+        max.data_ptr<scalar_t>(), mean.stride(0), argmax.data_ptr<int32_t>(), N, C, P);
   });
 }
 

@@ -159,16 +159,19 @@ void channel_pool_backward_add(
   if (grad_x.numel() > 0) kernels().channel_pool_backward_add(ga, gm, am, grad_x);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
-    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in) {
+std::tuple<at::Tensor, at::Tensor> spatial_pool(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in, bool max_first) {
   check_input(x_in);
   const at::Tensor x = dense(x_in);
   const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
-  at::Tensor mean = at::empty(per_pixel(x), x.options());
-  at::Tensor max = at::empty_like(mean);
+  at::Tensor maps = at::empty({x.size(0), 2, x.size(2), x.size(3)}, x.options());
   at::Tensor argmax = at::empty(per_pixel(x), x.options().dtype(at::kInt));
-  if (x.numel() > 0) kernels().spatial_pool(x, scale, mean, max, argmax);
-  return {mean, max, argmax};
+  if (x.numel() > 0) {
+    at::Tensor mean = maps.narrow(1, max_first ? 1 : 0, 1);
+    at::Tensor max = maps.narrow(1, max_first ? 0 : 1, 1);
+    kernels().spatial_pool(x, scale, mean, max, argmax);
+  }
+  return {maps, argmax};
 }
 
 // spatial_pool_backward, writing the gradient of x into grad_x (accumulate: adding it), and

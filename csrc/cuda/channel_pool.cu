@@ -24,15 +24,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool(const at::Tensor& x_
   if (N * C == 0) return {avg, mx, idx};  // H * W > 0 is checked
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* ap = avg.mutable_data_ptr<scalar_t>();
-    scalar_t* mp = mx.mutable_data_ptr<scalar_t>();
-    int32_t* ip = idx.mutable_data_ptr<int32_t>();
+    const PoolOut<scalar_t> out =
+        dense_pool_out(avg.mutable_data_ptr<scalar_t>(), mx.mutable_data_ptr<scalar_t>(),
+                       idx.mutable_data_ptr<int32_t>(), N * C);
     if (cl) {
       launch_outer_pool<scalar_t, false>(x, xp, nullptr, N, /*Li=*/C, /*Lo=*/P, /*count=*/P,
-                                         ap, mp, ip);
+                                         out);
     } else {
       launch_row_pool<scalar_t, false>(x, xp, nullptr, /*rows=*/N * C, /*rows_per_sample=*/C,
-                                       /*L=*/P, /*count=*/P, ap, mp, ip);
+                                       /*L=*/P, /*count=*/P, out);
     }
   });
   return {avg, mx, idx};

@@ -208,13 +208,39 @@ __global__ void __launch_bounds__(kThreads)
   if (r < rows && lane == 0) out[r] = static_cast<scalar_t>(s);
 }
 
+// Where a pooling writes the mean and max of its pooled row r = n * per_sample + k: at
+// n * sample_stride + k, so that they may be two channels of one tensor (the spatial conv's
+// [N, 2, H, W] input; dense when sample_stride == per_sample); the arg-max dense, at r.
+template <typename scalar_t>
+struct PoolOut {
+  scalar_t* __restrict__ avg;
+  scalar_t* __restrict__ mx;
+  int32_t* __restrict__ idx;
+  int64_t per_sample, sample_stride;
+
+  __device__ __forceinline__ int64_t at(int64_t r) const {
+    return sample_stride == per_sample ? r : r / per_sample * sample_stride + r % per_sample;
+  }
+  __device__ __forceinline__ void write(int64_t r, scalar_t mean, scalar_t max, int arg) const {
+    const int64_t o = at(r);
+    avg[o] = mean;
+    mx[o] = max;
+    idx[r] = arg;
+  }
+};
+
+// PoolOut of dense [rows] outputs.
+template <typename scalar_t>
+PoolOut<scalar_t> dense_pool_out(scalar_t* avg, scalar_t* mx, int32_t* idx, int64_t rows) {
+  return {avg, mx, idx, rows, rows};
+}
+
 // Combines pooling partials [splits, rows] (sum, max, arg-max) in split order.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     pool_finalize_kernel(const acc_t* __restrict__ psum, const acc_t* __restrict__ pmax,
                          const int* __restrict__ pidx, int64_t rows, int splits, acc_t count,
-                         scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
-                         int32_t* __restrict__ idx) {
+                         PoolOut<scalar_t> out) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   acc_t s = psum[r];
@@ -225,9 +251,7 @@ __global__ void __launch_bounds__(kThreads)
     s += psum[q];
     arg_update(pmax[q], pidx[q], bv, bi);
   }
-  avg[r] = static_cast<scalar_t>(s / count);
-  mx[r] = static_cast<scalar_t>(bv);
-  idx[r] = bi;
+  out.write(r, static_cast<scalar_t>(s / count), static_cast<scalar_t>(bv), bi);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,12 +346,12 @@ void launch_sum_finalize(const acc_t* part, int64_t rows, int splits, scalar_t* 
 
 template <typename scalar_t, typename acc_t>
 void launch_pool_finalize(const acc_t* psum, const acc_t* pmax, const int* pidx, int64_t rows,
-                          int splits, acc_t count, scalar_t* avg, scalar_t* mx, int32_t* idx) {
+                          int splits, acc_t count, const PoolOut<scalar_t>& out) {
   if (rows == 0) return;
   TORCH_CHECK(ceil_div(rows, kThreads) <= INT_MAX, "fused_cbam: tensor too large");
   pool_finalize_kernel<scalar_t, acc_t>
       <<<static_cast<unsigned>(ceil_div(rows, kThreads)), kThreads, 0, current_stream()>>>(
-          psum, pmax, pidx, rows, splits, count, avg, mx, idx);
+          psum, pmax, pidx, rows, splits, count, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -49,13 +49,13 @@ void with_read_type(const at::Tensor& parameter, const F& f) {
 }
 
 // gate[n, 0, y, x] = sigmoid(bn(conv_KxK(maps)[n, y, x])) over the zero-padded [mean, max]
-// maps (each [rows, H, W]), one output pixel per thread. The eval-mode BatchNorm is applied as
+// maps ([rows, 2, H, W]), one output pixel per thread. The eval-mode BatchNorm is applied as
 // the affine map it is, after the conv's sum (scale * sum + bias); a one-map kernel acts on
 // 0.5 * mean + 0.5 * max, i.e. half of it on each map.
 template <typename scalar_t, typename param_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    spatial_gate_kernel(const scalar_t* __restrict__ mean, const scalar_t* __restrict__ mx,
-                        SpatialGateParams<param_t, acc_t> p, int H, int W, int64_t total,
+    spatial_gate_kernel(const scalar_t* __restrict__ maps, SpatialGateParams<param_t, acc_t> p,
+                        int H, int W, int64_t total,
                         scalar_t* __restrict__ gate) {
   const auto read = [](const param_t* v) { return static_cast<acc_t>(*v); };
   acc_t scale = 1, shift = 0;
@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(kThreads)
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / plane;
     const int y = static_cast<int>(i % plane / W), x = static_cast<int>(i % W);
-    const scalar_t* mean_n = mean + n * plane;
-    const scalar_t* max_n = mx + n * plane;
+    const scalar_t* mean_n = maps + 2 * n * plane;
+    const scalar_t* max_n = mean_n + plane;
     acc_t sum = 0;
     for (int ky = 0; ky < p.K; ++ky) {
       const int yy = y + ky - r;
@@ -98,9 +98,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void launch_spatial_gate(const at::Tensor& mean, const at::Tensor& mx,
-                         const inference::SpatialConv& conv, double bn_eps, bool max_first,
-                         at::Tensor& gate) {
+void launch_spatial_gate(const at::Tensor& maps, const inference::SpatialConv& conv,
+                         double bn_eps, bool max_first, at::Tensor& gate) {
   const int64_t total = gate.numel();
   const int H = static_cast<int>(gate.size(2)), W = static_cast<int>(gate.size(3));
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 65536);
@@ -120,8 +119,7 @@ void launch_spatial_gate(const at::Tensor& mean, const at::Tensor& mx,
           max_first};
       spatial_gate_kernel<scalar_t, param_t, acc_t>
           <<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
-              mean.const_data_ptr<scalar_t>(), mx.const_data_ptr<scalar_t>(), p, H, W, total,
-              gate.mutable_data_ptr<scalar_t>());
+              maps.const_data_ptr<scalar_t>(), p, H, W, total, gate.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     with_read_type<scalar_t>(conv.weight, launch);
@@ -327,9 +325,9 @@ at::Tensor cbam_inference(
     const at::Tensor xs = x.narrow(0, n0, k);  // dense in x's memory format
     const auto [avg, mx, c_argmax] = channel_pool(xs);
     const at::Tensor g = channel_gate(avg, mx, mlp, pooling);
-    const auto [s_mean, s_max, s_argmax] = spatial_pool(xs, g);
-    at::Tensor h = at::empty_like(s_mean);
-    launch_spatial_gate(s_mean, s_max, conv, bn_eps, max_first, h);
+    const auto [maps, s_argmax] = spatial_pool(xs, g, /*max_first=*/false);
+    at::Tensor h = at::empty({k, 1, x.size(2), x.size(3)}, x.options());
+    launch_spatial_gate(maps, conv, bn_eps, max_first, h);
     at::Tensor out_rows = out.narrow(0, n0, k);
     gate_apply_into(xs, g, h, out_rows);
   }

@@ -19,8 +19,9 @@ at::Tensor channel_pool_backward(const at::Tensor& grad_avg, const at::Tensor& g
 void channel_pool_backward_add(at::Tensor& grad_x, const at::Tensor& grad_avg,
                                const at::Tensor& grad_max, const at::Tensor& argmax);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
-    const at::Tensor& x, const std::optional<at::Tensor>& scale);
+std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x,
+                                                const std::optional<at::Tensor>& scale,
+                                                bool max_first);
 
 std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(const at::Tensor& grad_mean,
                                                          const at::Tensor& grad_max,

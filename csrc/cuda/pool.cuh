@@ -64,14 +64,13 @@ constexpr int64_t kMinChunk = 2048;  // smallest segment of a split row
 // Row r is x[r * L, (r + 1) * L). Segment (r, s) covers [s * chunk, min(L, (s + 1) * chunk))
 // and belongs to `group` consecutive threads (a power of two, 4..kThreads). With SCALE, element
 // i of row r is multiplied by scale[(r / rows_per_sample) * L + i] (math type) before pooling.
-// splits == 1: writes avg = sum / count, max, arg-max of each row; otherwise partials
+// splits == 1: writes avg = sum / count, max, arg-max of each row to `out`; otherwise partials
 // [splits, rows] for pool_finalize_kernel.
 template <typename scalar_t, typename acc_t, bool SCALE>
 __global__ void __launch_bounds__(kThreads)
     row_pool_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale,
                     int64_t rows, int64_t rows_per_sample, int L, int chunk, int splits,
-                    int group, acc_t count, scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
-                    int32_t* __restrict__ idx, acc_t* __restrict__ psum,
+                    int group, acc_t count, PoolOut<scalar_t> out, acc_t* __restrict__ psum,
                     acc_t* __restrict__ pmax, int* __restrict__ pidx) {
   constexpr int VEC = vec_width<scalar_t>();
   __shared__ acc_t s_sum[kThreads / 32];
@@ -157,9 +156,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (live && t == 0) {
     if (splits == 1) {
-      avg[row] = static_cast<scalar_t>(sum / count);
-      mx[row] = static_cast<scalar_t>(bv);
-      idx[row] = bi;
+      out.write(row, static_cast<scalar_t>(sum / count), static_cast<scalar_t>(bv), bi);
     } else {
       const int64_t q = s * rows + row;
       psum[q] = sum;
@@ -170,14 +167,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // x viewed as [N, Lo, Li]; pools over o for every (n, i). With SCALE, x[n, o, i] is multiplied
-// by scale[n * Lo + o] first. splits == 1: final outputs at n * Li + i; otherwise partials
-// [splits, N * Li].
+// by scale[n * Lo + o] first. splits == 1: final outputs of row n * Li + i to `out`; otherwise
+// partials [splits, N * Li].
 template <typename scalar_t, typename acc_t, int VEC, bool SCALE>
 __global__ void __launch_bounds__(kThreads)
     outer_pool_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale, int Li,
                       int Lo, int64_t itiles, int splits, int chunk, int64_t rows, acc_t count,
-                      scalar_t* __restrict__ avg, scalar_t* __restrict__ mx,
-                      int32_t* __restrict__ idx, acc_t* __restrict__ psum,
+                      PoolOut<scalar_t> out, acc_t* __restrict__ psum,
                       acc_t* __restrict__ pmax, int* __restrict__ pidx) {
   __shared__ acc_t s_sum[VEC * kThreads];
   __shared__ acc_t s_max[VEC * kThreads];
@@ -242,9 +238,8 @@ __global__ void __launch_bounds__(kThreads)
       const int a = j * kThreads + tid;
       const int64_t r = tc.n * Li + tc.i0 + j;
       if (splits == 1) {
-        avg[r] = static_cast<scalar_t>(s_sum[a] / count);
-        mx[r] = static_cast<scalar_t>(s_max[a]);
-        idx[r] = s_idx[a];
+        out.write(r, static_cast<scalar_t>(s_sum[a] / count), static_cast<scalar_t>(s_max[a]),
+                  s_idx[a]);
       } else {
         const int64_t q = tc.split * rows + r;
         psum[q] = s_sum[a];
@@ -298,7 +293,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, bool SCALE>
 void launch_row_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
                      int64_t rows, int64_t rows_per_sample, int64_t L, int64_t count,
-                     scalar_t* avg, scalar_t* mx, int32_t* idx) {
+                     const PoolOut<scalar_t>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = vec_width<scalar_t>();
   // About two vectors per thread, 4..kThreads threads per segment.
@@ -335,18 +330,18 @@ void launch_row_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* 
   row_pool_kernel<scalar_t, acc_t, SCALE>
       <<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
           x, scale, rows, rows_per_sample, static_cast<int>(L), static_cast<int>(chunk),
-          static_cast<int>(splits), group, static_cast<acc_t>(count), avg, mx, idx, ps, pm, pi);
+          static_cast<int>(splits), group, static_cast<acc_t>(count), out, ps, pm, pi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     launch_pool_finalize<scalar_t, acc_t>(ps, pm, pi, rows, static_cast<int>(splits),
-                                          static_cast<acc_t>(count), avg, mx, idx);
+                                          static_cast<acc_t>(count), out);
   }
 }
 
 template <typename scalar_t, int VEC, bool SCALE>
 void launch_outer_pool_vec(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
-                           int64_t N, int64_t Li, int64_t Lo, int64_t count, scalar_t* avg,
-                           scalar_t* mx, int32_t* idx) {
+                           int64_t N, int64_t Li, int64_t Lo, int64_t count,
+                           const PoolOut<scalar_t>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileConfig cfg = make_tile_config(N, Li, Lo, VEC, /*min_rows=*/4, kMaxSplits);
   const int64_t rows = N * Li;
@@ -361,23 +356,23 @@ void launch_outer_pool_vec(const at::Tensor& like, const scalar_t* x, const scal
   int* pi = cfg.splits > 1 ? pidx.mutable_data_ptr<int>() : nullptr;
   outer_pool_kernel<scalar_t, acc_t, VEC, SCALE><<<cfg.grid, cfg.block, 0, current_stream()>>>(
       x, scale, static_cast<int>(Li), static_cast<int>(Lo), cfg.itiles, cfg.splits, cfg.chunk,
-      rows, static_cast<acc_t>(count), avg, mx, idx, ps, pm, pi);
+      rows, static_cast<acc_t>(count), out, ps, pm, pi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (cfg.splits > 1) {
     launch_pool_finalize<scalar_t, acc_t>(ps, pm, pi, rows, cfg.splits,
-                                          static_cast<acc_t>(count), avg, mx, idx);
+                                          static_cast<acc_t>(count), out);
   }
 }
 
 template <typename scalar_t, bool SCALE>
 void launch_outer_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* scale,
-                       int64_t N, int64_t Li, int64_t Lo, int64_t count, scalar_t* avg,
-                       scalar_t* mx, int32_t* idx) {
+                       int64_t N, int64_t Li, int64_t Lo, int64_t count,
+                       const PoolOut<scalar_t>& out) {
   constexpr int V = vec_width<scalar_t>();
   if (Li % V == 0 && aligned16(x)) {
-    launch_outer_pool_vec<scalar_t, V, SCALE>(like, x, scale, N, Li, Lo, count, avg, mx, idx);
+    launch_outer_pool_vec<scalar_t, V, SCALE>(like, x, scale, N, Li, Lo, count, out);
   } else {
-    launch_outer_pool_vec<scalar_t, 1, SCALE>(like, x, scale, N, Li, Lo, count, avg, mx, idx);
+    launch_outer_pool_vec<scalar_t, 1, SCALE>(like, x, scale, N, Li, Lo, count, out);
   }
 }
 

@@ -146,8 +146,9 @@ void launch_scaled_spatial_backward(const at::Tensor& like, const PoolGrads<scal
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
-    const at::Tensor& x_in, const std::optional<at::Tensor>& scale_opt) {
+std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x_in,
+                                                const std::optional<at::Tensor>& scale_opt,
+                                                bool max_first) {
   constexpr const char* op = "fused_cbam::spatial_pool";
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -156,31 +157,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
   const at::Tensor scale = check_optional_small(scale_opt, op, "scale", x, {N, C}, x.scalar_type());
   const bool has_scale = scale.defined();
-  at::Tensor mean = at::empty({N, 1, H, W}, x.options());
-  at::Tensor mx = at::empty({N, 1, H, W}, x.options());
+  at::Tensor maps = at::empty({N, 2, H, W}, x.options());
   at::Tensor idx = at::empty({N, 1, H, W}, x.options().dtype(at::kInt));
-  if (N == 0) return {mean, mx, idx};
+  if (N == 0) return {maps, idx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* sp = has_scale ? scale.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ap = mean.mutable_data_ptr<scalar_t>();
-    scalar_t* mp = mx.mutable_data_ptr<scalar_t>();
-    int32_t* ip = idx.mutable_data_ptr<int32_t>();
+    scalar_t* mp = maps.mutable_data_ptr<scalar_t>();
+    // the mean and max maps: channels of `maps`, each sample's P values 2 * P apart
+    const PoolOut<scalar_t> out{mp + (max_first ? P : 0), mp + (max_first ? 0 : P),
+                                idx.mutable_data_ptr<int32_t>(), P, 2 * P};
     if (cl) {  // rows are pixels (n, p), of length C; scale row n = pixel row / P
       if (has_scale) {
-        launch_row_pool<scalar_t, true>(x, xp, sp, N * P, P, C, C, ap, mp, ip);
+        launch_row_pool<scalar_t, true>(x, xp, sp, N * P, P, C, C, out);
       } else {
-        launch_row_pool<scalar_t, false>(x, xp, nullptr, N * P, P, C, C, ap, mp, ip);
+        launch_row_pool<scalar_t, false>(x, xp, nullptr, N * P, P, C, C, out);
       }
     } else {  // [N, Lo = C, Li = P], scale indexed by the outer row
       if (has_scale) {
-        launch_outer_pool<scalar_t, true>(x, xp, sp, N, P, C, C, ap, mp, ip);
+        launch_outer_pool<scalar_t, true>(x, xp, sp, N, P, C, C, out);
       } else {
-        launch_outer_pool<scalar_t, false>(x, xp, nullptr, N, P, C, C, ap, mp, ip);
+        launch_outer_pool<scalar_t, false>(x, xp, nullptr, N, P, C, C, out);
       }
     }
   });
-  return {mean, mx, idx};
+  return {maps, idx};
 }
 
 namespace {

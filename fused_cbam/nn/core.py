@@ -17,8 +17,9 @@ def fused_cbam_forward(x: Tensor, ops, channel, spatial) -> tuple[Tensor, Tensor
     once (twice and once with one half); nothing full-size but x is kept for backward. Returns
     the output and the two gates (None for a missing half).
 
-    On the compiled backends a sigmoid channel gate is made by the spatial pooling's call
-    (``ops.gated_spatial_pool``) from the MLP's logits of each pooled vector: their sum and the
+    The spatial pooling writes its maps stacked as the spatial conv takes them (no ``cat``). On
+    the compiled backends a sigmoid channel gate is made by the spatial pooling's call
+    (``ops.gated_spatial_maps``) from the MLP's logits of each pooled vector: their sum and the
     sigmoid in one kernel (``channel_gate``), and in the backward one kernel for the sigmoid's
     gradient, the sum's and the addition of the gate's two shares (the spatial pooling's and
     the gate's), where eager PyTorch launches five (sum, sigmoid; add, sigmoid_backward, a copy
@@ -29,27 +30,28 @@ def fused_cbam_forward(x: Tensor, ops, channel, spatial) -> tuple[Tensor, Tensor
     if channel is not None:
         avg, mx = ops.channel_pool(x)
         if _gate_may_be_fused(ops, x, channel, spatial):
-            channel_gate, maps = _sigmoid_channel_gate(ops, x, channel, channel.pooled(avg, mx, x))
+            rows = channel.pooled(avg, mx, x)
+            channel_gate, maps = _sigmoid_channel_gate(ops, x, channel, rows, _max_first(spatial))
         else:
             channel_gate = channel.to_gate(channel.logits(avg, mx, x))
         channel_gate = channel_gate.to(x.dtype)
     spatial_gate = None
     if spatial is not None:
-        maps = ops.spatial_pool(x, channel_gate) if maps is None else maps
-        spatial_gate = spatial_gate_of_maps(spatial, *maps).to(x.dtype)
+        maps = ops.spatial_maps(x, channel_gate, _max_first(spatial)) if maps is None else maps
+        spatial_gate = spatial_gate_of_maps(spatial, maps).to(x.dtype)
     return ops.gate_apply(x, channel_gate, spatial_gate), channel_gate, spatial_gate
 
 
 def _gate_may_be_fused(ops, x: Tensor, channel, spatial) -> bool:
     return (
         spatial is not None and not isinstance(x, torch.fx.Proxy)
-        and getattr(ops, "gated_spatial_pool", None) is not None and channel.gate_is_sigmoid()
+        and getattr(ops, "gated_spatial_maps", None) is not None and channel.gate_is_sigmoid()
     )  # fmt: skip
 
 
-def _sigmoid_channel_gate(ops, x: Tensor, channel, rows: list[Tensor]) -> tuple[Tensor, list | None]:
+def _sigmoid_channel_gate(ops, x: Tensor, channel, rows: list[Tensor], max_first: bool) -> tuple[Tensor, Tensor | None]:
     """The sigmoid channel gate over the MLP of the pooled ``rows``, and the spatial maps when
-    ``gated_spatial_pool`` made them with it. One pooled vector has no sum to fuse: its gate
+    ``gated_spatial_maps`` made them with it. One pooled vector has no sum to fuse: its gate
     stays the layout's (the operator would only save the gate's gradient addition, for more
     Python than that). Under autocast the MLP's logits have another dtype than x: the sigmoid
     in theirs, as the reference computes it (a gate rounded otherwise can move a spatial max to
@@ -59,8 +61,12 @@ def _sigmoid_channel_gate(ops, x: Tensor, channel, rows: list[Tensor]) -> tuple[
     logits = stacked(channel.shared_mlp, rows)
     if logits.dtype != x.dtype:
         return channel.to_gate(logits.sum(dim=0)), None
-    gate, *maps = ops.gated_spatial_pool(x, logits)
-    return gate, maps
+    return ops.gated_spatial_maps(x, logits, max_first)
+
+
+def _max_first(spatial) -> bool:
+    """Whether the spatial half's conv takes the max map first (the official layout's order)."""
+    return tuple(spatial.pool_order) == ("max", "mean")
 
 
 def operators(module: nn.Module, x: Tensor, one_grad: bool = False):
@@ -99,17 +105,15 @@ def fused_channel_gate(ops, x: Tensor, channel) -> Tensor:
 def fused_spatial_gate(ops, x: Tensor, channel_gate: Tensor | None, spatial) -> Tensor:
     """[N, 1, H, W] gate of the spatial half from the fused mean and max over the channels of
     ``x * channel_gate``, in the dtype its conv and gate give."""
-    return spatial_gate_of_maps(spatial, *ops.spatial_pool(x, channel_gate))
+    return spatial_gate_of_maps(spatial, ops.spatial_maps(x, channel_gate, _max_first(spatial)))
 
 
-def spatial_gate_of_maps(spatial, s_mean: Tensor, s_max: Tensor) -> Tensor:
-    """The spatial half's gate from the mean and max maps, stacked in ``spatial.pool_order``
-    ("mix": 0.5·mean + 0.5·max)."""
-    maps = {"mean": s_mean, "max": s_max}
-    if "mix" in spatial.pool_order:
-        maps["mix"] = 0.5 * s_mean + 0.5 * s_max
-    stacked = _spatial_conv_layout(torch.cat([maps[k] for k in spatial.pool_order], dim=1))
-    return spatial.to_gate(spatial.logits(stacked))
+def spatial_gate_of_maps(spatial, maps: Tensor) -> Tensor:
+    """The spatial half's gate from the mean and max maps [N, 2, H, W], stacked in
+    ``spatial.pool_order`` (``_max_first``); "mix" takes 0.5·mean + 0.5·max instead."""
+    if tuple(spatial.pool_order) == ("mix",):
+        maps = 0.5 * maps[:, :1] + 0.5 * maps[:, 1:]
+    return spatial.to_gate(spatial.logits(_spatial_conv_layout(maps)))
 
 
 @torch.fx.wrap  # FX tracing records the call; the layout is decided when the graph runs

@@ -63,8 +63,8 @@ def _channel_pool_backward_add_op(grad_x: Tensor, grad_avg: Tensor, grad_max: Te
 
 
 @torch.library.custom_op(f"{NAMESPACE}::spatial_pool", mutates_args=(), **_ANY_LAYOUT)
-def _spatial_pool_op(x: Tensor, scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return _spatial_pool.spatial_pool(x, scale)
+def _spatial_pool_op(x: Tensor, scale: Optional[Tensor], max_first: bool = False) -> tuple[Tensor, Tensor]:
+    return _spatial_pool.spatial_pool(x, scale, max_first)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::spatial_pool_backward", mutates_args=(), **_ANY_LAYOUT)

@@ -30,12 +30,13 @@ _INTERPRETER_CHUNK = 2
 
 @triton.jit
 def _spatial_gate_kernel(
-    mean_ptr, max_ptr, w_ptr, conv_bias_ptr, bn_mean_ptr, bn_var_ptr, bn_weight_ptr, bn_bias_ptr, gate_ptr,
+    maps_ptr, w_ptr, conv_bias_ptr, bn_mean_ptr, bn_var_ptr, bn_weight_ptr, bn_bias_ptr, gate_ptr,
     H, W, w_mean_offset, w_max_offset, w_stride_y, w_stride_x, half, bn_eps,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr,
     HAS_BN_BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """gate[n, 0, y, x] = sigmoid(bn(conv_KxK([mean, max])[n, y, x])) over zero-padded maps; the
+    """gate[n, 0, y, x] = sigmoid(bn(conv_KxK([mean, max])[n, y, x])) over the zero-padded maps
+    [N, 2, H, W]; the
     BatchNorm as the affine map it is, after the conv's sum; ``half`` = 0.5 for a one-map kernel
     over 0.5 * mean + 0.5 * max (its weights then serve both maps), else 1."""
     P = H * W
@@ -50,9 +51,9 @@ def _spatial_gate_kernel(
             yy = y + (ky - K // 2)
             xx = x + (kx - K // 2)
             valid = mask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            q = n * P + tl.where(valid, yy * W + xx, 0)
-            m = tl.load(mean_ptr + q, mask=valid, other=0.0).to(tl.float32)
-            mx = tl.load(max_ptr + q, mask=valid, other=0.0).to(tl.float32)
+            q = 2 * n * P + tl.where(valid, yy * W + xx, 0)
+            m = tl.load(maps_ptr + q, mask=valid, other=0.0).to(tl.float32)
+            mx = tl.load(maps_ptr + P + q, mask=valid, other=0.0).to(tl.float32)
             w_offset = ky * w_stride_y + kx * w_stride_x
             w_mean = tl.load(w_ptr + w_mean_offset + w_offset).to(tl.float32)
             acc += w_mean * m + tl.load(w_ptr + w_max_offset + w_offset).to(tl.float32) * mx
@@ -267,22 +268,22 @@ def cbam_inference(
             xs = x[n0 : n0 + chunk]
             avg, mx, _ = channel_pool(xs)
             g = _channel_gate(avg, mx, w1, b1, w2, b2, pooling)
-            s_mean, s_max, _ = spatial_pool(xs, g)
-            h = _spatial_gate(s_mean, s_max, conv, maps, k, bn_eps, max_first)
+            h = _spatial_gate(spatial_pool(xs, g)[0], conv, maps, k, bn_eps, max_first)
             gate_apply_into(xs, g, h, out[n0 : n0 + chunk])
     return out
 
 
-def _spatial_gate(mean, mx, conv, maps, k, bn_eps, max_first):
+def _spatial_gate(pooled, conv, maps, k, bn_eps, max_first):
+    """The spatial gate [rows, 1, H, W] from the [mean, max] maps ``pooled``, over ``maps`` of them."""
     weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias = conv
-    gate = torch.empty_like(mean)
-    rows, _, h, w = mean.shape
+    rows, _, h, w = pooled.shape
+    gate = pooled.new_empty(rows, 1, h, w)
     w_mean_offset = weight.stride(1) if maps == 2 and max_first else 0
     w_max_offset = weight.stride(1) if maps == 2 and not max_first else 0
     block = 64 if INTERPRET else min(256, triton.next_power_of_2(h * w))
     # An absent optional's pointer is never read: any tensor stands in for it.
     _spatial_gate_kernel[(triton.cdiv(h * w, block), rows)](
-        mean, mx, weight, *(weight if t is None else t for t in (conv_bias, bn_mean, bn_var, bn_weight, bn_bias)),
+        pooled, weight, *(weight if t is None else t for t in (conv_bias, bn_mean, bn_var, bn_weight, bn_bias)),
         gate, h, w, w_mean_offset, w_max_offset, weight.stride(2), weight.stride(3), 0.5 if maps == 1 else 1.0,
         float(bn_eps),
         K=k, HAS_BIAS=conv_bias is not None, HAS_BN=bn_var is not None, HAS_BN_WEIGHT=bn_weight is not None,

@@ -1,4 +1,5 @@
 """Spatial pooling: mean, max and arg-max over C of y = x * scale[n, c], and its backward.
+The mean and max are the two channels of one [N, 2, H, W] tensor, the spatial conv's input.
 
 Forward, one launch: program (n, block of BLOCK_P positions) walks C in BLOCK_C chunks, forms
 y in float32 (never stored) and keeps the float32 sum and the first max (NaN wins, lowest c on
@@ -59,7 +60,7 @@ _FORWARD_CL = [
 @triton.jit
 def _forward_kernel(
     x_ptr, scale_ptr, mean_ptr, max_ptr, argmax_ptr,
-    N, C, P, stride_n, stride_c, stride_p,
+    N, C, P, stride_n, stride_c, stride_p, maps_stride_n,
     HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     num_pblk = tl.cdiv(P, BLOCK_P)
@@ -82,27 +83,27 @@ def _forward_kernel(
         acc_sum += tl.where(mask, y, 0.0)
         acc_max, acc_idx = first_max_update(acc_max, acc_idx, y, mask, offs_c[:, None], 0)
 
-    out = n * P + offs_p
+    out = n * maps_stride_n + offs_p
     tl.store(mean_ptr + out, cast_to(tl.sum(acc_sum, axis=0) / C, mean_ptr), mask=mask_p)
     tl.store(max_ptr + out, cast_to(acc_max, max_ptr), mask=mask_p)
-    tl.store(argmax_ptr + out, acc_idx, mask=mask_p)
+    tl.store(argmax_ptr + n * P + offs_p, acc_idx, mask=mask_p)
 
 
 _forward_nchw = autotune(_FORWARD_NCHW, INTERPRET_CONFIG, SHAPE_KEY)(_forward_kernel)
 _forward_cl = autotune(_FORWARD_CL, INTERPRET_CONFIG, SHAPE_KEY)(_forward_kernel)
 
 
-def spatial_pool(x: torch.Tensor, scale):
+def spatial_pool(x: torch.Tensor, scale, max_first: bool = False):
     check_x(x, "spatial_pool")
     n, c, h, w = x.shape
     p = h * w
     if scale is not None:
         scale = check_small(scale, x, (n, c), "scale", "spatial_pool")
-    mean = x.new_empty(n, 1, h, w)
-    mx = x.new_empty(n, 1, h, w)
+    maps = x.new_empty(n, 2, h, w)
     argmax = x.new_empty(n, 1, h, w, dtype=torch.int32)
     if n == 0:
-        return mean, mx, argmax
+        return maps, argmax
+    mean, mx = (maps[:, 1], maps[:, 0]) if max_first else (maps[:, 0], maps[:, 1])
     x, cl, (sn, sc, sp) = layout(x)
     kernel = _forward_cl if cl else _forward_nchw
 
@@ -111,9 +112,10 @@ def spatial_pool(x: torch.Tensor, scale):
 
     with device_guard(x):
         kernel[grid](
-            x, x if scale is None else scale, mean, mx, argmax, n, c, p, sn, sc, sp, HAS_SCALE=scale is not None
-        )
-    return mean, mx, argmax
+            x, x if scale is None else scale, mean, mx, argmax, n, c, p, sn, sc, sp, 2 * p,
+            HAS_SCALE=scale is not None,
+        )  # fmt: skip
+    return maps, argmax
 
 
 @triton.jit
