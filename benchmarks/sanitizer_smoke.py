@@ -64,7 +64,8 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
     # and channels_last (read in place, with a sample stride and a step).
     maps_grad = torch.randn(n, 2, h, w, **small)
     maps_grads = (maps_grad, maps_grad.contiguous(memory_format=torch.channels_last))
-    for scale, grads, max_first in ((None, maps_grads[0], False), (g, maps_grads[0], True), (g, maps_grads[1], False)):
+    cases = ((None, maps_grads[0], False), (g, maps_grads[0], True), (g, maps_grads[1], False))
+    for scale, grads, max_first in cases:
         pooled, sam = ops.spatial_pool(x, scale, max_first)
         smax, mean = (pooled[:, :1], pooled[:, 1:]) if max_first else (pooled[:, 1:], pooled[:, :1])
         assert pooled.shape == (n, 2, h, w)

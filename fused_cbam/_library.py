@@ -7,17 +7,15 @@ from pathlib import Path
 
 import torch
 
-from fused_cbam import _sources
+from fused_cbam import _registrations, _sources
 
 _BUILD_INFO = Path(__file__).with_name("_build_info.json")
 REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -e .  (from the fused_cbam checkout)"
-# Every operator of csrc/ops.cpp, which the Python package calls: a library built before one of
-# them existed (a checkout pulled, not rebuilt) is refused, with the rebuild hint.
-OPERATORS = (
-    "channel_pool", "channel_pool_backward", "channel_pool_backward_add", "spatial_pool",
-    "spatial_pool_backward", "spatial_pool_backward_add", "gate_apply", "gate_apply_backward",
-    "channel_gate", "channel_gate_backward", "cbam_inference",
-)  # fmt: skip
+# Every operator of csrc/ops.cpp, which the Python package calls, is one that has a fake kernel,
+# whose parameters are the operator's arguments as the package passes them: a library built
+# before an operator existed, or before it took those arguments (a checkout pulled, not rebuilt),
+# is refused, with the rebuild hint, instead of failing at the first call.
+OPERATORS = tuple(_registrations.FAKES)
 
 
 def build_info() -> dict:
@@ -53,7 +51,14 @@ def _load() -> str | None:
     missing = [name for name in OPERATORS if not hasattr(torch.ops.fused_cbam, name)]
     if missing:
         return f"fused_cbam._C lacks the operators {', '.join(missing)} (built from older sources)"
+    changed = [name for name in OPERATORS if _arguments(name) != _registrations.arguments(name)]
+    if changed:
+        return f"fused_cbam._C has other arguments for the operators {', '.join(changed)} (built from older sources)"
     return None
+
+
+def _arguments(name: str) -> list[str]:
+    return [argument.name for argument in getattr(torch.ops.fused_cbam, name).default._schema.arguments]
 
 
 def built_from_other_sources(csrc: Path) -> bool:

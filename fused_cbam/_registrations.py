@@ -8,6 +8,7 @@ so that gradients are right without Python too.
 """
 
 import functools
+import inspect
 
 import torch
 from torch import Tensor
@@ -142,11 +143,15 @@ def _fake_spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scal
     return x.new_empty(x.shape[:2]) if scale is not None else x.new_empty(_EMPTY)
 
 
-def _fake_cbam_inference(x, *parameters):
+def _fake_cbam_inference(
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight, conv_bias, bn_mean, bn_var, bn_weight,
+    bn_bias, bn_eps, max_first,
+):  # fmt: skip
     return empty_like_x(x)
 
 
-_FAKES = {
+# Every operator's fake kernel; their parameters are the operators' arguments (``arguments``).
+FAKES = {
     "channel_pool": _fake_channel_pool,
     "channel_pool_backward": _fake_channel_pool_backward,
     "channel_pool_backward_add": _fake_channel_pool_backward_add,
@@ -159,6 +164,11 @@ _FAKES = {
     "channel_gate_backward": _fake_channel_gate_backward,
     "cbam_inference": _fake_cbam_inference,
 }
+
+
+def arguments(name: str) -> list[str]:
+    """The argument names of operator ``name`` as the package calls it: its fake kernel's."""
+    return list(inspect.signature(FAKES[name]).parameters)
 
 
 def _setup_cbam_inference(ctx, inputs, output):
@@ -210,7 +220,7 @@ def register(namespace: str, library_autograd: bool = False) -> None:
     ``library_autograd`` (the C++ library, which registers its own: csrc/autograd.cpp) only for
     the operators that have none: a library built before it had them all (a checkout pulled, not
     rebuilt) gets the Python autograd for those, rather than silently no gradients."""
-    for name, fake in _FAKES.items():
+    for name, fake in FAKES.items():
         operator = getattr(getattr(torch.ops, namespace), name)
         torch.library.register_fake(f"{namespace}::{name}", _on_one_device(fake, operator))
     for name, (backward, setup_context) in _autograd(getattr(torch.ops, namespace)).items():

@@ -77,24 +77,44 @@ def test_a_checkout_whose_sources_changed_since_the_build_says_so(tmp_path):
     assert "pip install --no-build-isolation" in result.stderr
 
 
+def _run_with_registrations(tmp_path, old: str, new: str) -> subprocess.CompletedProcess:
+    """``_CODE`` run with a copy of the package whose ``_registrations.py`` has ``new`` for ``old``."""
+    copy = tmp_path / "fused_cbam"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    source = (copy / "_registrations.py").read_text()
+    assert old in source
+    (copy / "_registrations.py").write_text(source.replace(old, new))
+    return subprocess.run(
+        [sys.executable, "-c", _CODE], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
 def test_a_library_that_lacks_an_operator_is_refused(tmp_path):
     """A library built before an operator existed (a checkout pulled, not rebuilt, here one whose
-    list of operators names one more than it has): refused as a whole, with the rebuild hint,
+    package has a fake kernel for one operator more): refused as a whole, with the rebuild hint,
     rather than failing at import or at the operator's first call."""
     from fused_cbam import _library
 
     if _library.LOAD_ERROR is not None:
         pytest.skip("needs the compiled library")
-    copy = tmp_path / "fused_cbam"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    source = (copy / "_library.py").read_text()
-    assert '"cbam_inference",\n)' in source
-    (copy / "_library.py").write_text(source.replace('"cbam_inference",\n)', '"cbam_inference", "added_later",\n)'))
-    result = subprocess.run(
-        [sys.executable, "-c", _CODE], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    old = '    "cbam_inference": _fake_cbam_inference,\n}'
+    result = _run_with_registrations(tmp_path, old, old[:-1] + '    "added_later": _fake_gate_apply,\n}')
     _assert_falls_back_to_the_reference(result, "fused_cbam._C lacks the operators added_later (built from older sources)")
+
+
+def test_a_library_whose_operator_takes_other_arguments_is_refused(tmp_path):
+    """A library built before an operator took an argument the package passes (as spatial_pool's
+    max_first): refused at import, not at the first call with a schema error."""
+    from fused_cbam import _library
+
+    if _library.LOAD_ERROR is not None:
+        pytest.skip("needs the compiled library")
+    old = "def _fake_spatial_pool(x, scale, max_first=False):"
+    result = _run_with_registrations(tmp_path, old, old.replace("):", ", added_later=None):"))
+    _assert_falls_back_to_the_reference(
+        result, "fused_cbam._C has other arguments for the operators spatial_pool (built from older sources)"
+    )
 
 
 def test_a_library_that_fails_to_load_says_why(tmp_path):

@@ -89,15 +89,18 @@ def test_forward_and_backward_match_reference(backend, device, op, shape, memory
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("max_first", [False, True], ids=["mean_first", "max_first"])
-def test_spatial_pool_stacks_its_maps_as_the_conv_takes_them(backend, device, memory_format, max_first):
+@pytest.mark.parametrize("shape", [(3, 13, 5, 7), (1, 4100, 2, 3)], ids=["3x13x5x7", "split_channels"])
+def test_spatial_pool_stacks_its_maps_as_the_conv_takes_them(backend, device, memory_format, max_first, shape):
     """The operator's maps: [N, 2, H, W], NCHW-contiguous in x's either layout, the mean and the max
-    in the order asked for; each map's gradient taken from its own channel of the maps'."""
+    in the order asked for; each map's gradient taken from its own channel of the maps'. Also
+    with more channels than a few pixels' rows hold (CUDA splits them, then combines the parts)."""
     skip_unless_available(backend)
     ops = operator_namespace(backend)
-    x = make_input((3, 13, 5, 7), torch.float32, device, memory_format, requires_grad=True)
-    scale = (torch.rand(3, 13, device=device) + 0.5).requires_grad_()
+    n, c, h, w = shape
+    x = make_input(shape, torch.float32, device, memory_format, requires_grad=True)
+    scale = (torch.rand(n, c, device=device) + 0.5).requires_grad_()
     maps, argmax = ops.spatial_pool(x, scale, max_first)
-    assert maps.shape == (3, 2, 5, 7) and maps.is_contiguous() and argmax.shape == (3, 1, 5, 7)
+    assert maps.shape == (n, 2, h, w) and maps.is_contiguous() and argmax.shape == (n, 1, h, w)
     expected = reference.spatial_maps(x, scale, max_first)
     assert_close(maps, expected, TOLERANCE[torch.float32], "maps")
     up = torch.randn_like(maps)
@@ -538,14 +541,23 @@ def test_the_library_alone_has_the_forward_operators_gradients(tmp_path):
 
 def test_every_operator_has_a_kernel_for_each_built_device():
     """Every operator of the library, as its schemas declare them, is one that the package knows
-    (``_library.OPERATORS``) and gives a fake kernel, with a kernel for each device it was built for."""
+    (``_library.OPERATORS``, those with a fake kernel), with a kernel for each device it was built for."""
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_cbam::")]
     assert sorted(names) == sorted(f"fused_cbam::{name}" for name in _library.OPERATORS)
-    assert sorted(_registrations._FAKES) == sorted(_library.OPERATORS)
     keys = ["CPU"] + (["CUDA"] if _library.build_info().get("cuda") else [])
     for name in names:
         for key in keys:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"
+
+
+def test_every_namespace_takes_the_arguments_of_the_fake_kernels():
+    """The C++ library's operators (refused at load otherwise) and the Triton ones take the
+    arguments that their shared fake kernels name."""
+    namespaces = [operator_namespace(b) for b in ("cpu", "triton") if backend_available(b)]
+    for namespace in namespaces:
+        for name in _library.OPERATORS:
+            schema = getattr(namespace, name).default._schema
+            assert [a.name for a in schema.arguments] == _registrations.arguments(name), schema
 
 
 def test_every_operator_takes_any_layout_under_torch_compile():

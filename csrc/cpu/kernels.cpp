@@ -473,6 +473,7 @@ void spatial_pool(
     const at::Tensor& x, const at::Tensor& scale, at::Tensor& mean, at::Tensor& max,
     at::Tensor& argmax) {
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  TORCH_INTERNAL_ASSERT(mean.stride(0) == max.stride(0) && mean.stride(0) >= P);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_pool", [&] {
     auto impl = is_channels_last(x) ? spatial_pool_nhwc<scalar_t> : spatial_pool_nchw<scalar_t>;
     impl(

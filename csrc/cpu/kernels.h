@@ -17,7 +17,8 @@ struct KernelTable {
   void (*channel_pool_backward_add)(
       const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
       at::Tensor& grad_x);
-  // mean and max [N, 1, H, W] may be two channels of one tensor (a sample stride of their own).
+  // mean and max [N, 1, H, W] may be two channels of one tensor: each sample's H * W values
+  // contiguous, samples mean.stride(0) apart in both.
   void (*spatial_pool)(
       const at::Tensor& x, const at::Tensor& scale, at::Tensor& mean, at::Tensor& max,
       at::Tensor& argmax);

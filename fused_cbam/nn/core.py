@@ -110,9 +110,11 @@ def fused_spatial_gate(ops, x: Tensor, channel_gate: Tensor | None, spatial) -> 
 
 def spatial_gate_of_maps(spatial, maps: Tensor) -> Tensor:
     """The spatial half's gate from the mean and max maps [N, 2, H, W], stacked in
-    ``spatial.pool_order`` (``_max_first``); "mix" takes 0.5·mean + 0.5·max instead."""
+    ``spatial.pool_order`` (``_max_first``); "mix" takes 0.5·mean + 0.5·max instead, as the sum of
+    the halved maps: bit for bit the original's (in every dtype), and one kernel in the backward,
+    where slices of the maps would each have their gradient zero-filled to the maps' size."""
     if tuple(spatial.pool_order) == ("mix",):
-        maps = 0.5 * maps[:, :1] + 0.5 * maps[:, 1:]
+        maps = (maps * 0.5).sum(dim=1, keepdim=True)
     return spatial.to_gate(spatial.logits(_spatial_conv_layout(maps)))
 
 
@@ -257,8 +259,9 @@ class ChannelHalf(Half):
 
 
 class SpatialHalf(Half):
-    """A spatial half: ``pool_order`` (the maps its conv takes: "mean", "max", or "mix" for
-    0.5·mean + 0.5·max), ``logits(maps) -> [N, 1, H, W]`` (the conv) and ``to_gate``."""
+    """A spatial half: ``pool_order`` (the maps its conv takes: ("mean", "max"), ("max", "mean"),
+    or ("mix",) for 0.5·mean + 0.5·max), ``logits(maps) -> [N, 1, H, W]`` (the conv) and
+    ``to_gate``."""
 
     pool_order = ("mean", "max")
 

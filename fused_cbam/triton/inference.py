@@ -36,9 +36,8 @@ def _spatial_gate_kernel(
     HAS_BN_BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """gate[n, 0, y, x] = sigmoid(bn(conv_KxK([mean, max])[n, y, x])) over the zero-padded maps
-    [N, 2, H, W]; the
-    BatchNorm as the affine map it is, after the conv's sum; ``half`` = 0.5 for a one-map kernel
-    over 0.5 * mean + 0.5 * max (its weights then serve both maps), else 1."""
+    [N, 2, H, W]; the BatchNorm as the affine map it is, after the conv's sum; ``half`` = 0.5 for a
+    one-map kernel over 0.5 * mean + 0.5 * max (its weights then serve both maps), else 1."""
     P = H * W
     n = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
