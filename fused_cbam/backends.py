@@ -112,11 +112,11 @@ def available_backends() -> list[str]:
     return [b for b in ("cuda", "triton", "cpu", "reference") if _unavailable_reason(b) is None]
 
 
-# The Triton backend's modules leave the channel gate to PyTorch: a call of a Triton custom
-# operator costs more host time than the ATen calls it would replace (with the launches stubbed
-# out, 16 µs for channel_gate against 3.5 µs for sum and sigmoid; a training step's gate 72
-# against 31 µs, benchmarks/NOTES.md), before Triton's own launcher; the C++ operators cost what
-# an ATen call costs.
+# The Triton backend's modules leave the channel gate to PyTorch: a call of a Triton operator
+# costs more host time than the ATen calls it would replace (with the launches stubbed out, 11 µs
+# for channel_gate, 16 µs when it was a torch.library.custom_op, against 3.5 µs for sum and
+# sigmoid; benchmarks/NOTES.md), before Triton's own launcher; the C++ operators cost what an
+# ATen call costs.
 _INSTANCES = {
     "reference": ReferenceBackend(),
     "cpu": OperatorBackend("fused_cbam", fused_gate=True),

@@ -563,17 +563,11 @@ def test_every_namespace_takes_the_arguments_of_the_fake_kernels():
 def test_every_operator_takes_any_layout_under_torch_compile():
     """flexible_layout lets Inductor hand the operators its own tensors: with its default for custom
     operators it copied x back to eager's stride order for every call of a compiled training step."""
-    names = _library.OPERATORS
-    namespaces = ["fused_cbam"]
-    if backend_available("triton"):
-        import fused_cbam.triton as triton_ops
-
-        if triton_ops._ANY_LAYOUT:  # custom_op takes tags in this torch
-            namespaces.append(triton_ops.NAMESPACE)
+    namespaces = [operator_namespace(b) for b in ("cpu", "triton") if backend_available(b)]
     for namespace in namespaces:
-        for name in names:
-            op = getattr(getattr(torch.ops, namespace), name).default
-            assert torch.Tag.flexible_layout in op.tags, f"{namespace}::{name} tags {op.tags}"
+        for name in _library.OPERATORS:
+            op = getattr(namespace, name).default
+            assert torch.Tag.flexible_layout in op.tags, f"{namespace.name}::{name} tags {op.tags}"
 
 
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
