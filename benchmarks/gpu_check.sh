@@ -63,6 +63,8 @@ elapsed() { echo $(($(date +%s) - START)); }
 
 # step NAME LIMIT_S COMMAND...: runs COMMAND with a time limit, output to $LOG/NAME.log, exit
 # status to $LOG/NAME.rc (safe to run in the background: nothing is kept in shell variables).
+# At the limit COMMAND gets STEP_SIGNAL (default TERM; pytest gets INT, on which it still prints
+# its durations and the counts of what ran), then KILL 10 s later.
 # With GPU_CHECK_DEADLINE, the limit is clipped to the time left before it, less 20 s for the
 # kill grace and the summary; a step with under 10 s left is skipped (rc "skipped").
 step() {
@@ -80,7 +82,7 @@ step() {
   fi
   echo "== ${name} (t=$(elapsed)s, limit ${limit}s)"
   local rc=0
-  timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1 || rc=$?
+  timeout --signal="${STEP_SIGNAL:-TERM}" --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1 || rc=$?
   echo "$rc" >"$LOG/$name.rc"
   if [[ $rc -ne 0 ]]; then
     echo "   ${name} failed (rc=$rc, t=$(elapsed)s); last lines of $LOG/$name.log:"
@@ -163,7 +165,8 @@ fi
 # the GPU (ids naming cuda or triton: 1305 of 2650 at 2026-11-26) run by default; the rest run
 # in CI, and here too after them with GPU_CHECK_REST=1. Failures'
 # tracebacks go to failures.log as they happen, so a run cut off by its limit still says what
-# failed; a run that finishes lists its 30 slowest tests, to size the next one.
+# failed; the run lists its 30 slowest tests, to size the next one (a cut one too: pytest gets
+# SIGINT at the limit).
 # The files in order of what a GPU run must not miss, the operators' own tests first: xdist
 # hands tests out in collection order, so a run cut by its limit has run those. Files not
 # named here follow.
@@ -183,11 +186,11 @@ GPU_TESTS="cuda or triton"
   # instead of compiling and timing all of them for every new test shape in every worker.
   export OMP_NUM_THREADS=1 FUSED_CBAM_FAILURE_LOG="$LOG/failures.log" FUSED_CBAM_TRITON_AUTOTUNE=0
   if wanted tests; then
-    step pytest "${PYTEST_LIMIT:-230}" "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "$GPU_TESTS"
+    STEP_SIGNAL=INT step pytest "${PYTEST_LIMIT:-230}" "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "$GPU_TESTS"
   fi
   # the CPU's >2^31-element test is left to CI: about 50 s on two threads, longer on one
   if wanted rest; then
-    step pytest_rest 70 "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($GPU_TESTS) and not test_more_than_2_31_elements"
+    STEP_SIGNAL=INT step pytest_rest 70 "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($GPU_TESTS) and not test_more_than_2_31_elements"
   fi
 ) &
 
@@ -230,7 +233,8 @@ verdict() {  # verdict NAME PATTERN: the step's rc and its matching summary line
   echo "rc=$rc ${line:-(no summary line)}"
 }
 # pytest's last line ("3 failed, 1200 passed, ... in 280.00s", "no tests ran"), not a test's
-# output or a short-summary line that names an error: a run cut by its limit has none.
+# output or a short-summary line that names an error; a run cut by its limit (rc 124) prints it
+# too, for the tests that ran.
 PYTEST_SUMMARY='^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran'
 FAILED=()
 for rc_file in "$LOG"/*.rc; do

@@ -95,6 +95,8 @@ def test_spatial_pool_stacks_its_maps_as_the_conv_takes_them(backend, device, me
     in the order asked for; each map's gradient taken from its own channel of the maps'. Also
     with more channels than a few pixels' rows hold (CUDA splits them, then combines the parts)."""
     skip_unless_available(backend)
+    if backend == "triton" and device == "cpu" and shape[1] > 2048:
+        pytest.skip("Triton's interpreter: 4.5 s a case, and its kernels do not split channels")
     ops = operator_namespace(backend)
     n, c, h, w = shape
     x = make_input(shape, torch.float32, device, memory_format, requires_grad=True)
