@@ -18,7 +18,8 @@ change of x.
 import torch
 from torch import Tensor
 
-from fused_cbam._registrations import _refuse_double_backward, map_grads
+from fused_cbam._layout import mean_and_max
+from fused_cbam._registrations import _refuse_double_backward
 
 
 def _carrier(x: Tensor) -> Tensor:
@@ -77,7 +78,7 @@ class _SpatialPool(torch.autograd.Function):
         _refuse_double_backward(grad_maps, grad_x, grad_gate, x, scale)
         grad_scale = None
         if grad_maps is not None:
-            grad_mean, grad_max = map_grads(grad_maps, ctx.max_first)
+            grad_mean, grad_max = mean_and_max(grad_maps, ctx.max_first)
             if grad_x is None:
                 grad_x, grad_scale = ctx.ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
             else:

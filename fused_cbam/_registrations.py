@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fused_cbam import reference
-from fused_cbam._layout import empty_like_x
+from fused_cbam._layout import empty_like_x, mean_and_max
 
 _EMPTY = (0,)
 
@@ -69,13 +69,6 @@ def _setup_spatial_pool(ctx, inputs, output):
     ctx.save_for_backward(x, scale, output[1])
 
 
-def map_grads(grad_maps: Tensor, max_first: bool) -> tuple[Tensor, Tensor]:
-    """The gradients of the mean and max maps: the two channels of the maps' gradient, read in
-    place by the backward operators."""
-    first, second = grad_maps[:, :1], grad_maps[:, 1:]
-    return (second, first) if max_first else (first, second)
-
-
 def _setup_gate_apply(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -107,7 +100,7 @@ def _autograd(ops):
     def spatial_pool_backward(ctx, grad_maps, _grad_argmax):
         x, scale, argmax = ctx.saved_tensors
         _refuse_double_backward(grad_maps, x, scale)
-        grad_mean, grad_max = map_grads(grad_maps, ctx.max_first)
+        grad_mean, grad_max = mean_and_max(grad_maps, ctx.max_first)  # read in place
         grad_x, grad_scale = ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
         return grad_x, grad_scale if ctx.has_scale else None, None
 

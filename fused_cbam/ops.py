@@ -3,6 +3,7 @@
 from torch import Tensor
 
 from fused_cbam import backends
+from fused_cbam._layout import mean_and_max
 
 
 def check_input(x, name: str = "x") -> None:
@@ -48,8 +49,7 @@ def spatial_pool(
     one [N, 2, H, W] tensor)."""
     check_input(x)
     channel_scale = checked_small_as_x(channel_scale, x, tuple(x.shape[:2]), "channel_scale")
-    maps = backends.resolve(backend, x).spatial_maps(x, channel_scale)
-    return maps[:, :1], maps[:, 1:]
+    return mean_and_max(backends.resolve(backend, x).spatial_maps(x, channel_scale))
 
 
 def gate_apply(

@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_cbam
+from fused_cbam._layout import mean_and_max
 
 needs_cuda = pytest.mark.needs_cuda
 
@@ -122,7 +123,7 @@ def mean_max_argmax(pooled):
     """A ``spatial_pool`` operator's output, (maps [N, 2, H, W] = [mean, max], argmax), as the
     three tensors (mean, max, argmax), the maps' channels as views."""
     maps, argmax = pooled
-    return maps[:, :1], maps[:, 1:], argmax
+    return (*mean_and_max(maps), argmax)
 
 
 class OperatorLog(TorchDispatchMode):

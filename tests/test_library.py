@@ -20,6 +20,11 @@ def _run_with_build_info(tmp_path, torch_version: str, code: str, library: bool 
     copy = tmp_path / "fused_cbam"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", *([] if library else ["_C.*"])))
     (copy / "_build_info.json").write_text(json.dumps({"torch": torch_version}))
+    return _run_beside_copy(tmp_path, code)
+
+
+def _run_beside_copy(tmp_path, code: str) -> subprocess.CompletedProcess:
+    """``code`` run in a fresh Python that imports the package copied to ``tmp_path``."""
     return subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
@@ -63,10 +68,7 @@ def test_a_checkout_whose_sources_changed_since_the_build_says_so(tmp_path):
         pytest.skip("needs the compiled library of a source checkout")
     shutil.copytree(PACKAGE, tmp_path / "fused_cbam", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(PACKAGE.parent / "csrc", tmp_path / "csrc")
-    run = functools.partial(
-        subprocess.run, [sys.executable, "-c", "import fused_cbam"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=120, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    run = functools.partial(_run_beside_copy, tmp_path, "import fused_cbam")
     result = run()
     assert result.returncode == 0 and "other sources" not in result.stderr, result.stderr
     with open(tmp_path / "csrc" / "ops.cpp", "a") as f:
@@ -84,10 +86,7 @@ def _run_with_registrations(tmp_path, old: str, new: str) -> subprocess.Complete
     source = (copy / "_registrations.py").read_text()
     assert old in source
     (copy / "_registrations.py").write_text(source.replace(old, new))
-    return subprocess.run(
-        [sys.executable, "-c", _CODE], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    return _run_beside_copy(tmp_path, _CODE)
 
 
 def test_a_library_that_lacks_an_operator_is_refused(tmp_path):

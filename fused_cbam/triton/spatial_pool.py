@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import empty_like_x
+from .._layout import empty_like_x, mean_and_max
 from ._common import (
     INTERPRET_CONFIG,
     REDUCE_CL,
@@ -103,7 +103,7 @@ def spatial_pool(x: torch.Tensor, scale, max_first: bool = False):
     argmax = x.new_empty(n, 1, h, w, dtype=torch.int32)
     if n == 0:
         return maps, argmax
-    mean, mx = (maps[:, 1], maps[:, 0]) if max_first else (maps[:, 0], maps[:, 1])
+    mean, mx = mean_and_max(maps, max_first)
     x, cl, (sn, sc, sp) = layout(x)
     kernel = _forward_cl if cl else _forward_nchw
 
