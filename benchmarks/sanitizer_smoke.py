@@ -84,6 +84,13 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
         mean = pooled[:, :1]
         gs = ops.spatial_pool_backward_add(grad_x, torch.randn_like(mean), torch.randn_like(mean), sam, x, scale)
         _finite("*_backward_add", grad_x, gs)
+    # The modules' backward: the spatial pooling leaves its mean's share (a channel of the maps'
+    # gradient, read in place) to the channel pooling's pass.
+    for grads in maps_grads:
+        pooled, sam = ops.spatial_pool(x, g)
+        gs = ops.spatial_pool_backward_add(grad_x, grads[:, :1], grads[:, 1:], sam, x, g, add_mean=False)
+        ops.channel_pool_backward_add(grad_x, torch.randn(n, c, **small), torch.randn(n, c, **small), am, grads[:, :1], g)
+        _finite("*_backward_add, the mean's share moved", grad_x, gs)
 
     for pools, grad_2 in ((2, torch.randn(n, c, **small)), (1, None)):
         gate = ops.channel_gate(torch.randn(pools, n, c, **small))

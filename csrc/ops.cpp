@@ -36,7 +36,12 @@
 // The backward operators return the gradient of x in x's memory format, and an empty tensor
 // for the gradient of an absent optional input. channel_pool_backward_add and
 // spatial_pool_backward_add add their gradient of x into grad_x (dense in x's memory format)
-// instead: the fused modules' backward fills one gradient of x.
+// instead: the fused modules' backward fills one gradient of x. There the spatial pooling's
+// backward (add_mean=False) adds only its max's share, grad_max * scale[n, c] at each pixel's
+// arg-max element, and the channel pooling's adds the rest of it, the mean's share
+// spatial_scale[n, c] * spatial_grad_mean[n, p] / C, with its own in the same pass: the
+// spatial step then only reads x (for the scale's gradient) instead of also reading and writing
+// the gradient of x.
 // A plain shared library, without Python: the package loads it with torch.ops.load_library
 // (fused_cbam/_library.py), and a C++ program can dlopen it as it is.
 #include <torch/library.h>
@@ -52,7 +57,7 @@ TORCH_LIBRARY(fused_cbam, m) {
       any_layout);
   m.def(
       "channel_pool_backward_add(Tensor(a!) grad_x, Tensor grad_avg, Tensor grad_max, "
-      "Tensor argmax) -> ()",
+      "Tensor argmax, Tensor? spatial_grad_mean=None, Tensor? spatial_scale=None) -> ()",
       any_layout);
   m.def("spatial_pool(Tensor x, Tensor? scale, bool max_first=False) -> (Tensor maps, Tensor argmax)",
         any_layout);
@@ -62,7 +67,7 @@ TORCH_LIBRARY(fused_cbam, m) {
       any_layout);
   m.def(
       "spatial_pool_backward_add(Tensor(a!) grad_x, Tensor grad_mean, Tensor grad_max, "
-      "Tensor argmax, Tensor x, Tensor? scale) -> Tensor grad_scale",
+      "Tensor argmax, Tensor x, Tensor? scale, bool add_mean=True) -> Tensor grad_scale",
       any_layout);
   m.def("gate_apply(Tensor x, Tensor? channel_gate, Tensor? spatial_gate) -> Tensor", any_layout);
   m.def(

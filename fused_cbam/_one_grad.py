@@ -13,6 +13,14 @@ torch.compile, where Inductor runs the two additions in place (no copy, no add k
 carrier is not a view of x: Dynamo traces an autograd.Function's backward with its forward
 outputs standing in for the gradients, and an addition into a view of x would then count as a
 change of x.
+
+The spatial pooling's share of the gradient, scale[n, c] * (grad_mean[n, p] / C + the max's
+gradient at each pixel's arg-max channel), would take a pass that reads and writes the gradient
+of x. Its backward adds only the max's share (an element per pixel) and reads x for the scale's
+gradient; the mean's share is added by the channel pooling's backward in its own pass over the
+gradient (8 -> 6 x-sized reads and writes for the block's backward). The two tensors that share
+needs, the scale and grad_mean, travel the same way: as the gradients of two more carriers
+([N, C] and [N, 1, H, W]) that the channel pooling returns and the spatial pooling takes.
 """
 
 import torch
@@ -22,8 +30,10 @@ from fused_cbam._layout import mean_and_max
 from fused_cbam._registrations import _refuse_double_backward
 
 
-def _carrier(x: Tensor) -> Tensor:
-    return torch.empty_strided(x.shape, (0,) * x.dim(), dtype=x.dtype, device=x.device)
+def _carrier(x: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+    """A tensor of x's shape (or ``shape``) and dtype that is never read: one element, zero strides."""
+    shape = x.shape if shape is None else shape
+    return torch.empty_strided(shape, (0,) * len(shape), dtype=x.dtype, device=x.device)
 
 
 def _zeros_for_none(grads, like: Tensor, dtype: torch.dtype) -> list[Tensor]:
@@ -32,24 +42,28 @@ def _zeros_for_none(grads, like: Tensor, dtype: torch.dtype) -> list[Tensor]:
 
 
 class _ChannelPool(torch.autograd.Function):
+    """The channel pooling of x; also returns the carrier of the gradient of x and those of the
+    spatial pooling's two messages, the scale and grad_mean of the mean's share it leaves here."""
+
     @staticmethod
     def forward(ctx, x, ops):
         avg, mx, argmax = ops.channel_pool(x)
         ctx.save_for_backward(x, argmax)
         ctx.ops = ops
         ctx.set_materialize_grads(False)  # no |x|-sized zeros for a carrier without gradient
-        return avg, mx, _carrier(x)
+        n, c, h, w = x.shape
+        return avg, mx, _carrier(x), _carrier(x, (n, c)), _carrier(x, (n, 1, h, w))
 
     @staticmethod
-    def backward(ctx, grad_avg, grad_max, grad_x):
+    def backward(ctx, grad_avg, grad_max, grad_x, spatial_scale, spatial_grad_mean):
         x, argmax = ctx.saved_tensors
-        _refuse_double_backward(grad_avg, grad_max, grad_x, x)
-        if grad_avg is None and grad_max is None:
+        _refuse_double_backward(grad_avg, grad_max, grad_x, spatial_scale, spatial_grad_mean, x)
+        if grad_avg is None and grad_max is None and spatial_grad_mean is None:
             return grad_x, None
         grad_avg, grad_max = _zeros_for_none((grad_avg, grad_max), argmax, x.dtype)
-        if grad_x is None:
+        if grad_x is None:  # (the spatial pooling leaves its mean's share only in a given gradient)
             return ctx.ops.channel_pool_backward(grad_avg, grad_max, argmax, x), None
-        ctx.ops.channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax)
+        ctx.ops.channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax, spatial_grad_mean, spatial_scale)
         return grad_x, None
 
 
@@ -61,7 +75,7 @@ class _SpatialPool(torch.autograd.Function):
     kernel."""
 
     @staticmethod
-    def forward(ctx, x, carrier, scale, logits, max_first, ops):
+    def forward(ctx, x, carrier, scale_carrier, grad_mean_carrier, scale, logits, max_first, ops):
         gate = None if logits is None else ops.channel_gate(logits)
         scale = scale if gate is None else gate
         maps, argmax = ops.spatial_pool(x, scale, max_first)
@@ -77,20 +91,26 @@ class _SpatialPool(torch.autograd.Function):
         x, scale, argmax = ctx.saved_tensors
         _refuse_double_backward(grad_maps, grad_x, grad_gate, x, scale)
         grad_scale = None
+        messages = (None, None)  # the scale and grad_mean of the mean's share left to the channel pooling
         if grad_maps is not None:
             grad_mean, grad_max = mean_and_max(grad_maps, ctx.max_first)
             if grad_x is None:
                 grad_x, grad_scale = ctx.ops.spatial_pool_backward(grad_mean, grad_max, argmax, x, scale)
-            else:
+            elif scale is None:
                 grad_scale = ctx.ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
+            else:
+                grad_scale = ctx.ops.spatial_pool_backward_add(
+                    grad_x, grad_mean, grad_max, argmax, x, scale, add_mean=False
+                )
+                messages = (scale, grad_mean)
             grad_scale = grad_scale if scale is not None else None
         if ctx.pools is None:
-            return None, grad_x, grad_scale, None, None, None
+            return None, grad_x, *messages, grad_scale, None, None, None
         grads = [g for g in (grad_scale, grad_gate) if g is not None]
         grad_logits = None
         if grads:
             grad_logits = ctx.ops.channel_gate_backward(grads[0], grads[1] if len(grads) > 1 else None, scale, ctx.pools)
-        return None, grad_x, None, grad_logits, None, None
+        return None, grad_x, *messages, None, grad_logits, None, None
 
 
 class _GateApply(torch.autograd.Function):
@@ -130,6 +150,7 @@ class OneGradBackend:
         self._fused_gate = fused_gate
         self._x: Tensor | None = None  # the block's x, as channel_pool received it
         self._carrier: Tensor | None = None  # what the last call returned to carry the gradient
+        self._messages: tuple[Tensor, Tensor] | None = None  # channel_pool's carriers for spatial_maps
 
     def _carry(self, x: Tensor) -> Tensor:
         if x is not self._x:
@@ -138,11 +159,12 @@ class OneGradBackend:
 
     def channel_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._x = x
-        avg, mx, self._carrier = _ChannelPool.apply(x, self._ops)
+        avg, mx, self._carrier, *messages = _ChannelPool.apply(x, self._ops)
+        self._messages = tuple(messages)
         return avg, mx
 
     def spatial_maps(self, x: Tensor, scale: Tensor | None, max_first: bool = False) -> Tensor:
-        maps, self._carrier, _ = _SpatialPool.apply(x, self._carry(x), scale, None, max_first, self._ops)
+        maps, self._carrier, _ = _SpatialPool.apply(x, self._carry(x), *self._messages, scale, None, max_first, self._ops)
         return maps
 
     @property
@@ -153,7 +175,7 @@ class OneGradBackend:
         return self._gated_spatial_maps if self._fused_gate else None
 
     def _gated_spatial_maps(self, x: Tensor, logits: Tensor, max_first: bool) -> tuple[Tensor, Tensor]:
-        maps, self._carrier, gate = _SpatialPool.apply(x, self._carry(x), None, logits, max_first, self._ops)
+        maps, self._carrier, gate = _SpatialPool.apply(x, self._carry(x), *self._messages, None, logits, max_first, self._ops)
         return gate, maps
 
     def gate_apply(self, x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:

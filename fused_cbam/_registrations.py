@@ -128,11 +128,11 @@ def _autograd(ops):
     }
 
 
-def _fake_channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax):
+def _fake_channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax, spatial_grad_mean=None, spatial_scale=None):
     return None
 
 
-def _fake_spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale):
+def _fake_spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale, add_mean=True):
     return x.new_empty(x.shape[:2]) if scale is not None else x.new_empty(_EMPTY)
 
 

@@ -127,15 +127,29 @@ def mean_max_argmax(pooled):
 
 
 class OperatorLog(TorchDispatchMode):
-    """Names of the operators dispatched while it is active (``fused_cbam.channel_pool``, ...)."""
+    """Names of the operators dispatched while it is active (``fused_cbam.channel_pool``, ...),
+    and their arguments (``arguments``)."""
 
     def __init__(self):
         super().__init__()
         self.names = []
+        self._calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
+        self._calls.append((func, args, kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+    def arguments(self, name: str) -> list[dict]:
+        """Each call of operator ``name``'s arguments by name, defaults filled in."""
+        found = []
+        for func, args, kwargs in self._calls:
+            if str(func.overloadpacket) == name:
+                schema = func._schema.arguments
+                named = {a.name: a.default_value for a in schema if a.has_default_value()}
+                named.update(zip((a.name for a in schema), args))
+                found.append({**named, **kwargs})
+        return found
 
 
 @contextlib.contextmanager

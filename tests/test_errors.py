@@ -93,6 +93,28 @@ def test_operators_refuse_an_argument_on_the_meta_device(backend, device):
             call()
 
 
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+def test_the_spatial_mean_share_takes_its_scale(backend, device):
+    """The mean's share that spatial_pool_backward_add leaves out (add_mean=False) is
+    scale[n, c] * grad_mean[n, p] / C: without a scale it is not left out, and
+    channel_pool_backward_add takes the two tensors together, each of its shape."""
+    skip_unless_available(backend)
+    ops = operator_namespace(backend)
+    x = torch.randn(2, 3, 4, 5, device=device)
+    _, _, cidx = ops.channel_pool(x)
+    _, _, sidx = mean_max_argmax(ops.spatial_pool(x, None))
+    grad, grad_map = torch.rand(2, 3, device=device), torch.rand(2, 1, 4, 5, device=device)
+    with pytest.raises(ValueError, match="add_mean: expected True without a scale"):
+        ops.spatial_pool_backward_add(torch.zeros_like(x), grad_map, grad_map, sidx, x, None, add_mean=False)
+    for name, given in [("spatial_grad_mean", {"spatial_grad_mean": grad_map}), ("spatial_scale", {"spatial_scale": grad})]:
+        with pytest.raises(ValueError, match=f"spatial_grad_mean, spatial_scale: expected both .* got only {name}"):
+            ops.channel_pool_backward_add(torch.zeros_like(x), grad, grad, cidx, **given)
+    with pytest.raises(ValueError, match=r"spatial_grad_mean.* shape .2, 1, 4, 5."):
+        ops.channel_pool_backward_add(torch.zeros_like(x), grad, grad, cidx, grad_map[:, :, :2], grad)
+    with pytest.raises(ValueError, match=r"spatial_scale.* shape .2, 3."):
+        ops.channel_pool_backward_add(torch.zeros_like(x), grad, grad, cidx, grad_map, grad[:, :2])
+
+
 def test_unknown_or_unavailable_backend():
     x = torch.randn(2, 3, 4, 5)
     with pytest.raises(ValueError, match="backend: expected one of"):

@@ -73,6 +73,11 @@ def test_gradients_match_the_reference(layout, memory_format, dtype, backend, de
     assert f"{namespace}.channel_pool_backward_add" in log.names
     assert f"{namespace}.channel_pool_backward" not in log.names
     assert f"{namespace}.spatial_pool_backward" not in log.names
+    # The spatial pooling leaves its mean's share to the channel pooling's pass over the gradient.
+    spatial_adds = log.arguments(f"{namespace}.spatial_pool_backward_add")
+    (channel_add,) = log.arguments(f"{namespace}.channel_pool_backward_add")
+    assert [call["add_mean"] for call in spatial_adds] == [False] * len(spatial_adds)
+    assert (channel_add["spatial_grad_mean"] is not None) == bool(spatial_adds)
     _assert_matches(got, _grads(reference, x, grad_out), TOLERANCE[dtype] * 4)
 
 

@@ -265,6 +265,52 @@ def test_backward_operators_that_add_into_the_gradient(backend, device, memory_f
             torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 11, 5, 6), (2, 32, 8, 8)], ids=["3x11x5x6", "2x32x8x8"])
+def test_the_spatial_mean_share_moves_to_the_channel_backward(backend, device, memory_format, dtype, shape):
+    """spatial_pool_backward_add(add_mean=False) adds only the max's share, grad_max * scale at each
+    pixel's arg-max element, and returns the same grad_scale; channel_pool_backward_add, given the
+    scale and grad_mean (a channel of the stacked maps' gradient, read in place), adds the mean's
+    share with its own: together what the two operators add otherwise."""
+    skip_unless_available(backend)
+    ops = operator_namespace(backend)
+    n, c, h, w = shape
+    x = make_input(shape, dtype, device, memory_format)
+    g = (torch.rand(n, c, device=device) + 0.5).to(dtype)
+    _, _, cidx = ops.channel_pool(x)
+    _, _, sidx = mean_max_argmax(ops.spatial_pool(x, g))
+    grad_avg, grad_cmax = torch.randn_like(g), torch.randn_like(g)
+    grad_maps = torch.randn(n, 2, h, w, device=device, dtype=dtype)
+    grad_mean, grad_smax = grad_maps[:, :1], grad_maps[:, 1:]
+    start = torch.randn_like(x)
+
+    both = start.clone()
+    expected_scale = ops.spatial_pool_backward_add(both, grad_mean, grad_smax, sidx, x, g)
+    ops.channel_pool_backward_add(both, grad_avg, grad_cmax, cidx)
+
+    moved = start.clone()
+    grad_scale = ops.spatial_pool_backward_add(moved, grad_mean, grad_smax, sidx, x, g, add_mean=False)
+    at_max = torch.zeros(shape, dtype=torch.bool, device=device).scatter_(1, sidx.long(), True)
+    assert torch.equal(moved[~at_max], start[~at_max]), "add_mean=False changed elements off the arg-max"
+    max_share = start.double() + grad_smax.double() * g.double()[:, :, None, None]
+    assert_close(moved[at_max], max_share[at_max].to(dtype), TOLERANCE[dtype], "the max's share")
+    if backend == "triton" and _triton_tunes():  # (two tuners: each may pick its own blocks)
+        assert_close(grad_scale, expected_scale, TOLERANCE[dtype], "grad_scale")
+    else:
+        assert torch.equal(grad_scale, expected_scale)
+    ops.channel_pool_backward_add(moved, grad_avg, grad_cmax, cidx, grad_mean, g)
+    assert_close(moved, both, TOLERANCE[dtype] * 2, "both shares", rounded_once=False)
+    if dtype == torch.float32:
+        torch.library.opcheck(
+            ops.spatial_pool_backward_add.default, (start.clone(), grad_mean, grad_smax, sidx, x, g), {"add_mean": False}
+        )
+        torch.library.opcheck(
+            ops.channel_pool_backward_add.default, (start.clone(), grad_avg, grad_cmax, cidx, grad_mean, g)
+        )
+
+
 def _strided_pool_grads(grads: torch.Tensor) -> list:
     """(name, view) pairs of gradients laid out as the modules' backward hands them over: the
     channels of a stacked [N, 2, ...] gradient (the spatial conv's input gradient, NCHW or

@@ -313,17 +313,37 @@ void channel_pool(const at::Tensor& x, at::Tensor& avg, at::Tensor& max, at::Ten
 // the share of the mean, the arg-max positions both terms. kAccumulate adds them to dx instead
 // of writing them; an arg-max element's earlier value is read before the share is added, so that
 // it takes both terms in one rounding (adding the max term to a rounded sum could overflow
-// float16 where the reference's sum of the two gradients does not).
+// float16 where the reference's sum of the two gradients does not). With `spatial` (adding
+// only), every element also gets the mean's share of a spatial pooling,
+// spatial.scale[n, c] * spatial.grad_mean[n, p] / C, in the same rounding.
+template <typename T>
+struct SpatialShare {
+  const T* grad_mean;  // [N, P], nullptr for none
+  const T* scale;      // [N, C]
+};
+
 template <bool kAccumulate, typename T>
 void channel_pool_backward_impl(
-    const T* grad_avg, const T* grad_max, const int32_t* argmax, T* dx, int64_t N, int64_t C,
-    int64_t P, bool channels_last) {
+    const T* grad_avg, const T* grad_max, const int32_t* argmax, SpatialShare<T> spatial, T* dx,
+    int64_t N, int64_t C, int64_t P, bool channels_last) {
   using Vec = OpVec<T>;
   using acc_t = opmath_t<T>;
+  constexpr int64_t V = Vec::size();
   const int64_t rows = N * C;
+  const bool with_spatial = spatial.grad_mean != nullptr;
+  TORCH_INTERNAL_ASSERT(kAccumulate || !with_spatial);
   auto mean_share = [&](int64_t r) { return static_cast<acc_t>(grad_avg[r]) / P; };
-  auto both_terms = [&](int64_t r, acc_t held) {
-    return static_cast<T>(held + mean_share(r) + static_cast<acc_t>(grad_max[r]));
+  // The spatial pooling's share at (n, c, p) is scale[n, c] / C times grad_mean[n, p].
+  auto spatial_scale = [&](int64_t r) {
+    return with_spatial ? static_cast<acc_t>(spatial.scale[r]) / C : acc_t(0);
+  };
+  auto spatial_share = [&](int64_t r, int64_t p) {
+    return with_spatial ? spatial_scale(r) * static_cast<acc_t>(spatial.grad_mean[(r / C) * P + p])
+                        : acc_t(0);
+  };
+  auto both_terms = [&](int64_t r, int64_t p, acc_t held) {
+    return static_cast<T>(
+        held + mean_share(r) + static_cast<acc_t>(grad_max[r]) + spatial_share(r, p));
   };
   if (!channels_last) {  // each (n, c) row, its arg-max element with it
     at::parallel_for(0, rows, grain_for_row(P), [&](int64_t begin, int64_t end) {
@@ -331,13 +351,25 @@ void channel_pool_backward_impl(
         T* row = dx + r * P;
         const int64_t p = argmax[r];
         const acc_t held = kAccumulate ? static_cast<acc_t>(row[p]) : acc_t(0);
-        if constexpr (kAccumulate) {
+        if (with_spatial) {
+          const T* gm = spatial.grad_mean + (r / C) * P;
+          const acc_t share = mean_share(r), ss = spatial_scale(r);
+          const Vec vshare(share), vss(ss);
+          int64_t q = 0;
+          for (; q + V <= P; q += V) {
+            store_opmath(load_opmath(row + q) + vshare + vss * load_opmath(gm + q), row + q);
+          }
+          for (; q < P; ++q) {
+            row[q] = static_cast<T>(
+                static_cast<acc_t>(row[q]) + share + ss * static_cast<acc_t>(gm[q]));
+          }
+        } else if constexpr (kAccumulate) {
           const Vec share(mean_share(r));
           at::vec::map<T>([&](Vec d) { return d + share; }, row, row, P);
         } else {
           std::fill(row, row + P, static_cast<T>(mean_share(r)));
         }
-        row[p] = both_terms(r, held);
+        row[p] = both_terms(r, p, held);
       }
     });
     return;
@@ -356,17 +388,29 @@ void channel_pool_backward_impl(
   at::parallel_for(0, N * P, grain_for_row(C), [&](int64_t begin, int64_t end) {
     for (int64_t np = begin; np < end; ++np) {
       const T* src = shares.data() + (np / P) * C;
-      if constexpr (kAccumulate) {
-        at::vec::map2<T>(
-            [](Vec d, Vec share) { return d + share; }, dx + np * C, dx + np * C, src, C);
+      T* d = dx + np * C;
+      if (with_spatial) {
+        const T* s = spatial.scale + (np / P) * C;
+        const acc_t w = static_cast<acc_t>(spatial.grad_mean[np]) / C;
+        const Vec vw(w);
+        int64_t c = 0;
+        for (; c + V <= C; c += V) {
+          store_opmath(load_opmath(d + c) + load_opmath(src + c) + vw * load_opmath(s + c), d + c);
+        }
+        for (; c < C; ++c) {
+          d[c] = static_cast<T>(static_cast<acc_t>(d[c]) + static_cast<acc_t>(src[c]) +
+                                w * static_cast<acc_t>(s[c]));
+        }
+      } else if constexpr (kAccumulate) {
+        at::vec::map2<T>([](Vec a, Vec share) { return a + share; }, d, d, src, C);
       } else {
-        std::copy(src, src + C, dx + np * C);
+        std::copy(src, src + C, d);
       }
     }
   });
   at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      dx[argmax_offset(r)] = both_terms(r, kAccumulate ? held[r] : acc_t(0));
+      dx[argmax_offset(r)] = both_terms(r, argmax[r], kAccumulate ? held[r] : acc_t(0));
     }
   });
 }
@@ -374,15 +418,24 @@ void channel_pool_backward_impl(
 template <bool kAccumulate>
 void channel_pool_backward_into(
     const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
-    at::Tensor& grad_x) {
+    const at::Tensor& spatial_grad_mean, const at::Tensor& spatial_scale, at::Tensor& grad_x) {
   const int64_t N = grad_x.size(0), C = grad_x.size(1), P = grad_x.size(2) * grad_x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_x.scalar_type(), "channel_pool_backward", [&] {
+        const SpatialShare<scalar_t> spatial{
+            spatial_grad_mean.defined() ? spatial_grad_mean.const_data_ptr<scalar_t>() : nullptr,
+            spatial_scale.defined() ? spatial_scale.const_data_ptr<scalar_t>() : nullptr};
         channel_pool_backward_impl<kAccumulate>(
             grad_avg.const_data_ptr<scalar_t>(), grad_max.const_data_ptr<scalar_t>(),
-            argmax.const_data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), N, C, P,
+            argmax.const_data_ptr<int32_t>(), spatial, grad_x.data_ptr<scalar_t>(), N, C, P,
             is_channels_last(grad_x));
       });
+}
+
+void channel_pool_backward(
+    const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
+    at::Tensor& grad_x) {
+  channel_pool_backward_into<false>(grad_avg, grad_max, argmax, {}, {}, grad_x);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,8 +538,11 @@ void spatial_pool(
 // w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
 // dx = w * scale[n, c]; grad_scale[n, c] = sum_p w * x. The arg-max element's w is formed before
 // it multiplies, as in the reference: (a + b) * s, not a * s + b * s, which can overflow float16
-// where the reference does not, or give inf - inf = NaN for an infinite x or scale.
-template <bool kAccumulate, typename T>
+// where the reference does not, or give inf - inf = NaN for an infinite x or scale. Without
+// kAddMean (adding only) dx gets the max's share alone, grad_max * scale at each pixel's arg-max
+// element, and the mean's is left to channel_pool_backward_add (the fused modules' gates lie in
+// [0, 1], where the two products cannot overflow).
+template <bool kAccumulate, bool kAddMean, typename T>
 void spatial_pool_backward_nhwc(
     const T* grad_mean, const T* grad_max, const int32_t* argmax, const T* x, const T* scale,
     T* dx, T* grad_scale, int64_t N, int64_t C, int64_t P) {
@@ -519,18 +575,23 @@ void spatial_pool_backward_nhwc(
         const acc_t ds_j = has_max ? ds[j] : acc_t(0);
         int64_t c = 0;
         for (; c + V <= cn; c += V) {
-          const Vec d = vw * load_opmath(s + c);
-          store_opmath(kAccumulate ? load_opmath(dxr + c) + d : d, dxr + c);
+          if constexpr (kAddMean) {
+            const Vec d = vw * load_opmath(s + c);
+            store_opmath(kAccumulate ? load_opmath(dxr + c) + d : d, dxr + c);
+          }
           (Vec::loadu(&ds[c]) + vw * load_opmath(xr + c)).store(&ds[c]);
         }
         for (; c < cn; ++c) {
-          const acc_t d = w * static_cast<acc_t>(s[c]);
-          dxr[c] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[c]) + d : d);
+          if constexpr (kAddMean) {
+            const acc_t d = w * static_cast<acc_t>(s[c]);
+            dxr[c] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[c]) + d : d);
+          }
           ds[c] += w * static_cast<acc_t>(xr[c]);
         }
         if (has_max) {
-          const acc_t wg = w + static_cast<acc_t>(grad_max[np]);
-          dxr[j] = static_cast<T>(held_j + wg * static_cast<acc_t>(s[j]));
+          const acc_t g = static_cast<acc_t>(grad_max[np]);
+          const acc_t wg = w + g;
+          dxr[j] = static_cast<T>(held_j + (kAddMean ? wg : g) * static_cast<acc_t>(s[j]));
           ds[j] = ds_j + wg * static_cast<acc_t>(xr[j]);
         }
       }
@@ -558,7 +619,7 @@ double arg_max_row_sum(
   return sum;
 }
 
-template <bool kAccumulate, typename T>
+template <bool kAccumulate, bool kAddMean, typename T>
 void spatial_pool_backward_nchw(
     const T* grad_mean, const T* grad_max, const int32_t* argmax, const T* x, const T* scale,
     T* dx, T* grad_scale, int64_t N, int64_t C, int64_t P) {
@@ -600,21 +661,25 @@ void spatial_pool_backward_nchw(
         Vec vds(0);
         for (; p + V <= p1; p += V) {
           const Vec w = load_opmath(gm + p) * vinv;
-          store_opmath(kAccumulate ? load_opmath(dxr + p) + w * vs : w * vs, dxr + p);
+          if constexpr (kAddMean) {
+            store_opmath(kAccumulate ? load_opmath(dxr + p) + w * vs : w * vs, dxr + p);
+          }
           vds = vds + w * load_opmath(xr + p);
         }
         ds += reduce_sum(vds);
       }
       for (; p < P; ++p) {
         const acc_t w = static_cast<acc_t>(gm[p]) * inv_c;
-        dxr[p] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[p]) + w * s : w * s);
+        if constexpr (kAddMean) {
+          dxr[p] = static_cast<T>(kAccumulate ? static_cast<acc_t>(dxr[p]) + w * s : w * s);
+        }
         ds += w * static_cast<acc_t>(xr[p]);
       }
       for (int64_t k = start[c]; k < start[c + 1]; ++k) {
         const int64_t q = bucket[k];
         const acc_t g = grad_max[n * P + q];
         const acc_t wg = static_cast<acc_t>(gm[q]) * inv_c + g;
-        dxr[q] = static_cast<T>((kAccumulate ? held[k - start[c]] : acc_t(0)) + wg * s);
+        dxr[q] = static_cast<T>((kAccumulate ? held[k - start[c]] : acc_t(0)) + (kAddMean ? wg : g) * s);
         ds += g * static_cast<acc_t>(xr[q]);
       }
       // An infinite term: ds took w·x and g·x apart at the arg-max pixels (inf - inf = NaN where
@@ -628,15 +693,17 @@ void spatial_pool_backward_nchw(
   });
 }
 
-template <bool kAccumulate>
+template <bool kAccumulate, bool kAddMean = true>
 void spatial_pool_backward_into(
     const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
     const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale) {
+  static_assert(kAccumulate || kAddMean, "a gradient written, not added, takes both shares");
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_pool_backward", [&] {
-        auto impl = is_channels_last(x) ? spatial_pool_backward_nhwc<kAccumulate, scalar_t>
-                                        : spatial_pool_backward_nchw<kAccumulate, scalar_t>;
+        auto impl = is_channels_last(x)
+                        ? spatial_pool_backward_nhwc<kAccumulate, kAddMean, scalar_t>
+                        : spatial_pool_backward_nchw<kAccumulate, kAddMean, scalar_t>;
         impl(
             grad_mean.const_data_ptr<scalar_t>(), grad_max.const_data_ptr<scalar_t>(),
             argmax.const_data_ptr<int32_t>(), x.const_data_ptr<scalar_t>(),
@@ -1166,11 +1233,12 @@ void inference_gate(
 
 extern const KernelTable kernels = {
     channel_pool,
-    channel_pool_backward_into<false>,
+    channel_pool_backward,
     channel_pool_backward_into<true>,
     spatial_pool,
     spatial_pool_backward_into<false>,
     spatial_pool_backward_into<true>,
+    spatial_pool_backward_into<true, false>,
     gate_apply,
     gate_apply_backward,
     channel_gate,

@@ -13,10 +13,12 @@ struct KernelTable {
   void (*channel_pool_backward)(
       const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
       at::Tensor& grad_x);
-  // The same, adding into grad_x instead of writing it.
+  // The same, adding into grad_x instead of writing it; with spatial_grad_mean [N, 1, H, W]
+  // defined, also spatial_scale[n, c] * spatial_grad_mean[n, p] / C (the mean's share of a
+  // spatial pooling that spatial_pool_backward_max_add left out).
   void (*channel_pool_backward_add)(
       const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
-      at::Tensor& grad_x);
+      const at::Tensor& spatial_grad_mean, const at::Tensor& spatial_scale, at::Tensor& grad_x);
   // mean and max [N, 1, H, W] may be two channels of one tensor: each sample's H * W values
   // contiguous, samples mean.stride(0) apart in both.
   void (*spatial_pool)(
@@ -27,6 +29,10 @@ struct KernelTable {
       const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale);
   // The same, adding into grad_x instead of writing it.
   void (*spatial_pool_backward_add)(
+      const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
+      const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale);
+  // The same, adding only the max's share into grad_x (grad_scale whole).
+  void (*spatial_pool_backward_max_add)(
       const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& argmax,
       const at::Tensor& x, const at::Tensor& scale, at::Tensor& grad_x, at::Tensor& grad_scale);
   void (*gate_apply)(

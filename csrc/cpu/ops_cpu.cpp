@@ -21,6 +21,7 @@
 
 #include "../channel_gate_args.h"
 #include "../inference_args.h"
+#include "../spatial_share_args.h"
 #include "kernels.h"
 
 namespace fused_cbam::cpu {
@@ -149,14 +150,21 @@ void check_accumulator(const at::Tensor& grad_x, const at::Tensor& like) {
 
 void channel_pool_backward_add(
     at::Tensor& grad_x, const at::Tensor& grad_avg, const at::Tensor& grad_max,
-    const at::Tensor& argmax) {
+    const at::Tensor& argmax, const std::optional<at::Tensor>& spatial_grad_mean,
+    const std::optional<at::Tensor>& spatial_scale) {
   check_accumulator(grad_x, grad_x);
   const auto shape = per_channel(grad_x);
   const at::Tensor ga = small(grad_avg, grad_x, shape, "grad_avg");
   const at::Tensor gm = small(grad_max, grad_x, shape, "grad_max");
   const at::Tensor am =
       argmax_of(argmax, shape, grad_x.size(2) * grad_x.size(3), "positions h * W + w");
-  if (grad_x.numel() > 0) kernels().channel_pool_backward_add(ga, gm, am, grad_x);
+  check_spatial_share(spatial_grad_mean, spatial_scale);
+  at::Tensor sgm, ss;
+  if (spatial_grad_mean.has_value()) {
+    sgm = small(*spatial_grad_mean, grad_x, per_pixel(grad_x), "spatial_grad_mean");
+    ss = small(*spatial_scale, grad_x, shape, "spatial_scale");
+  }
+  if (grad_x.numel() > 0) kernels().channel_pool_backward_add(ga, gm, am, sgm, ss, grad_x);
 }
 
 std::tuple<at::Tensor, at::Tensor> spatial_pool(
@@ -174,20 +182,23 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool(
   return {maps, argmax};
 }
 
-// spatial_pool_backward, writing the gradient of x into grad_x (accumulate: adding it), and
-// returning the gradient of the scale.
+// spatial_pool_backward, writing the gradient of x into grad_x (accumulate: adding it; without
+// add_mean, only the max's share), and returning the gradient of the scale.
 at::Tensor spatial_pool_backward_into(
     at::Tensor& grad_x, bool accumulate, const at::Tensor& grad_mean, const at::Tensor& grad_max,
-    const at::Tensor& argmax, const at::Tensor& x, const std::optional<at::Tensor>& scale_in) {
+    const at::Tensor& argmax, const at::Tensor& x, const std::optional<at::Tensor>& scale_in,
+    bool add_mean = true) {
   const auto shape = per_pixel(x);
   const at::Tensor gmean = small(grad_mean, x, shape, "grad_mean");
   const at::Tensor gmax = small(grad_max, x, shape, "grad_max");
   const at::Tensor am = argmax_of(argmax, shape, x.size(1), "channels");
+  check_add_mean(add_mean, scale_in.has_value());
   const at::Tensor scale = optional_or_ones(scale_in, x, per_channel(x), "scale");
   at::Tensor grad_scale = at::empty(per_channel(x), x.options());
   if (x.numel() > 0) {
-    auto kernel =
-        accumulate ? kernels().spatial_pool_backward_add : kernels().spatial_pool_backward;
+    auto kernel = !accumulate ? kernels().spatial_pool_backward
+                  : add_mean  ? kernels().spatial_pool_backward_add
+                              : kernels().spatial_pool_backward_max_add;
     kernel(gmean, gmax, am, x, scale, grad_x, grad_scale);
   } else {
     grad_scale.zero_();
@@ -208,11 +219,13 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
 
 at::Tensor spatial_pool_backward_add(
     at::Tensor& grad_x, const at::Tensor& grad_mean, const at::Tensor& grad_max,
-    const at::Tensor& argmax, const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in) {
+    const at::Tensor& argmax, const at::Tensor& x_in, const std::optional<at::Tensor>& scale_in,
+    bool add_mean) {
   check_input(x_in);
   const at::Tensor x = dense(x_in);
   check_accumulator(grad_x, x);
-  return spatial_pool_backward_into(grad_x, true, grad_mean, grad_max, argmax, x, scale_in);
+  return spatial_pool_backward_into(
+      grad_x, true, grad_mean, grad_max, argmax, x, scale_in, add_mean);
 }
 
 at::Tensor gate_apply(

@@ -17,7 +17,9 @@ at::Tensor channel_pool_backward(const at::Tensor& grad_avg, const at::Tensor& g
                                  const at::Tensor& argmax, const at::Tensor& x);
 
 void channel_pool_backward_add(at::Tensor& grad_x, const at::Tensor& grad_avg,
-                               const at::Tensor& grad_max, const at::Tensor& argmax);
+                               const at::Tensor& grad_max, const at::Tensor& argmax,
+                               const std::optional<at::Tensor>& spatial_grad_mean,
+                               const std::optional<at::Tensor>& spatial_scale);
 
 std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x,
                                                 const std::optional<at::Tensor>& scale,
@@ -32,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(const at::Tensor& grad_
 at::Tensor spatial_pool_backward_add(at::Tensor& grad_x, const at::Tensor& grad_mean,
                                      const at::Tensor& grad_max, const at::Tensor& argmax,
                                      const at::Tensor& x,
-                                     const std::optional<at::Tensor>& scale);
+                                     const std::optional<at::Tensor>& scale, bool add_mean);
 
 at::Tensor gate_apply(const at::Tensor& x, const std::optional<at::Tensor>& channel_gate,
                       const std::optional<at::Tensor>& spatial_gate);

@@ -11,6 +11,8 @@
 // Every pooled row holds at least one element (the host checks), so no empty arg-max escapes.
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace fused_cbam {
@@ -250,29 +252,60 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The mean's share of a spatial pooling that the channel pooling's backward adds with its own
+// (SPATIAL; channel_pool_backward_add): scale[n, c] * mean[n * mean_sample + p * mean_step] / C.
+template <typename scalar_t>
+struct SpatialShare {
+  const scalar_t* __restrict__ scale;  // [N, C]
+  const scalar_t* __restrict__ mean;
+  int64_t mean_sample, mean_step;
+};
+
 // dx[n, o, i] = mean grad / count + (arg-max == q ? max grad : 0) at kept position k, with
 // (k, q) = (i, o) when KEPT_INNER, else (o, i): the gradient of a (mean, first-max) pair pooled
-// over q; with ACCUMULATE added to dx instead.
-template <typename scalar_t, typename acc_t, int VEC, bool KEPT_INNER, bool ACCUMULATE>
+// over q; with ACCUMULATE added to dx instead. With SPATIAL (a channel pooling's, adding: k is
+// (n, c), q the pixel) each element also gets the spatial share `sp`, in the same rounding.
+template <typename scalar_t, typename acc_t, int VEC, bool KEPT_INNER, bool ACCUMULATE,
+          bool SPATIAL>
 __global__ void __launch_bounds__(kThreads)
     max_scatter_backward_kernel(const PoolGrads<scalar_t> g, acc_t count, int Li, int Lo,
                                 int64_t itiles, int splits, int chunk,
-                                scalar_t* __restrict__ dx) {
+                                const SpatialShare<scalar_t> sp, scalar_t* __restrict__ dx) {
+  static_assert(ACCUMULATE || !SPATIAL, "the spatial share is only added");
   const TileCoord tc = tile_coord<VEC>(Lo, itiles, splits, chunk);
   if (tc.i0 >= Li) return;  // no block-wide synchronisation in this kernel
   scalar_t* __restrict__ dp = dx + tc.n * Lo * Li + tc.i0;
-  if constexpr (KEPT_INNER) {
-    acc_t a[VEC], m[VEC];
+  const auto spatial_mean = [&](int64_t p) {
+    return static_cast<acc_t>(sp.mean[tc.n * sp.mean_sample + p * sp.mean_step]);
+  };
+  if constexpr (KEPT_INNER) {  // channels_last: i = c, o = p
+    acc_t a[VEC], m[VEC], s[VEC];
     int64_t id[VEC];
     load_pool_grads<VEC>(g, tc.n, tc.i0, count, Lo, a, m, id);
+    if constexpr (SPATIAL) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        s[j] = static_cast<acc_t>(sp.scale[tc.n * Li + tc.i0 + j]) / static_cast<acc_t>(Li);
+      }
+    }
 #pragma unroll 4
     for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
       acc_t out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = a[j] + (id[j] == o ? m[j] : acc_t(0));
+      if constexpr (SPATIAL) {
+        const acc_t w = spatial_mean(o);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] += s[j] * w;
+      }
       store_or_add<ACCUMULATE, VEC>(dp + static_cast<int64_t>(o) * Li, out);
     }
-  } else {
+  } else {  // NCHW: o = c, i = p
+    acc_t w[VEC];
+    if constexpr (SPATIAL) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) w[j] = spatial_mean(tc.i0 + j);
+    }
 #pragma unroll 4
     for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
       acc_t a, m;
@@ -281,6 +314,11 @@ __global__ void __launch_bounds__(kThreads)
       acc_t out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = a + (id == tc.i0 + j ? m : acc_t(0));
+      if constexpr (SPATIAL) {
+        const acc_t s = static_cast<acc_t>(sp.scale[tc.n * Lo + o]) / static_cast<acc_t>(Lo);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] += s * w[j];
+      }
       store_or_add<ACCUMULATE, VEC>(dp + static_cast<int64_t>(o) * Li, out);
     }
   }
@@ -376,37 +414,38 @@ void launch_outer_pool(const at::Tensor& like, const scalar_t* x, const scalar_t
   }
 }
 
-template <typename scalar_t, int VEC, bool KEPT_INNER, bool ACCUMULATE>
+template <typename scalar_t, int VEC, bool KEPT_INNER, bool ACCUMULATE, bool SPATIAL>
 void launch_max_scatter_backward_vec(const PoolGrads<scalar_t>& g, int64_t count, int64_t N,
-                                     int64_t Li, int64_t Lo, scalar_t* dx) {
+                                     int64_t Li, int64_t Lo, const SpatialShare<scalar_t>& sp,
+                                     scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileConfig cfg = make_tile_config(N, Li, Lo, VEC, /*min_rows=*/4, INT_MAX);
-  max_scatter_backward_kernel<scalar_t, acc_t, VEC, KEPT_INNER, ACCUMULATE>
+  max_scatter_backward_kernel<scalar_t, acc_t, VEC, KEPT_INNER, ACCUMULATE, SPATIAL>
       <<<cfg.grid, cfg.block, 0, current_stream()>>>(g, static_cast<acc_t>(count),
                                                      static_cast<int>(Li), static_cast<int>(Lo),
-                                                     cfg.itiles, cfg.splits, cfg.chunk, dx);
+                                                     cfg.itiles, cfg.splits, cfg.chunk, sp, dx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // dx of x viewed as [N, Lo, Li] from the gradients of a (mean, max) pair pooled into [N, kept],
-// written (or with ACCUMULATE added into dx).
-template <typename scalar_t, bool ACCUMULATE>
+// written (or with ACCUMULATE added into dx; with SPATIAL also the spatial share `sp`).
+template <typename scalar_t, bool ACCUMULATE, bool SPATIAL = false>
 void launch_max_scatter_backward(const PoolGrads<scalar_t>& g, int64_t count, int64_t N,
-                                 int64_t Li, int64_t Lo, bool kept_inner, scalar_t* dx) {
+                                 int64_t Li, int64_t Lo, bool kept_inner, scalar_t* dx,
+                                 const SpatialShare<scalar_t>& sp = {}) {
   constexpr int V = vec_width<scalar_t>();
   const bool vec = Li % V == 0 && aligned16(dx);
+  const auto launch = [&](auto vec_c, auto kept_inner_c) {
+    launch_max_scatter_backward_vec<scalar_t, decltype(vec_c)::value,
+                                    decltype(kept_inner_c)::value, ACCUMULATE, SPATIAL>(
+        g, count, N, Li, Lo, sp, dx);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Vec = std::integral_constant<int, V>;
   if (kept_inner) {
-    if (vec) {
-      launch_max_scatter_backward_vec<scalar_t, V, true, ACCUMULATE>(g, count, N, Li, Lo, dx);
-    } else {
-      launch_max_scatter_backward_vec<scalar_t, 1, true, ACCUMULATE>(g, count, N, Li, Lo, dx);
-    }
+    vec ? launch(Vec{}, std::true_type{}) : launch(One{}, std::true_type{});
   } else {
-    if (vec) {
-      launch_max_scatter_backward_vec<scalar_t, V, false, ACCUMULATE>(g, count, N, Li, Lo, dx);
-    } else {
-      launch_max_scatter_backward_vec<scalar_t, 1, false, ACCUMULATE>(g, count, N, Li, Lo, dx);
-    }
+    vec ? launch(Vec{}, std::false_type{}) : launch(One{}, std::false_type{});
   }
 }
 

@@ -4,7 +4,9 @@
 //   channels_last x: each pixel's C values are contiguous -> row_pool (a group per pixel).
 //   backward:        w = grad_mean / C + [c == argmax] * grad_max; dx = w * scale[n, c];
 //                    grad_scale[n, c] = sum_p w * x, reduced without atomics. dx is written,
-//                    or in spatial_pool_backward_add added into a given gradient of x.
+//                    or in spatial_pool_backward_add added into a given gradient of x (with
+//                    add_mean=False only the max's share, at each pixel's arg-max element).
+#include "../spatial_share_args.h"
 #include "common.cuh"
 #include "kernels.h"
 #include "pool.cuh"
@@ -18,14 +20,16 @@ namespace gpu {
 //   [itiles, N * C] when the pixels span several tiles.
 // channels_last:  inner c, outer p. Each lane keeps its channels' scale in registers and adds
 //   w * x over its rows; a tree over the block's rows -> final, or partials [splits, N * C].
-// ACCUMULATE: dx is added to, not written.
-template <typename scalar_t, typename acc_t, int VEC, bool CL, bool ACCUMULATE>
+// ACCUMULATE: dx is added to, not written; without ADD_MEAN only the max's share is added, an
+// element per pixel (its arg-max channel's).
+template <typename scalar_t, typename acc_t, int VEC, bool CL, bool ACCUMULATE, bool ADD_MEAN>
 __global__ void __launch_bounds__(kThreads)
     scaled_spatial_backward_kernel(const PoolGrads<scalar_t> g, const scalar_t* __restrict__ x,
                                    const scalar_t* __restrict__ scale, acc_t count, int Li,
                                    int Lo, int64_t itiles, int splits, int chunk, int64_t rows,
                                    scalar_t* __restrict__ dx, acc_t* __restrict__ part,
                                    scalar_t* __restrict__ gscale) {
+  static_assert(ACCUMULATE || ADD_MEAN, "a gradient written, not added, takes both shares");
   const TileCoord tc = tile_coord<VEC>(Lo, itiles, splits, chunk);
   const bool active = tc.i0 < Li;  // inactive lanes still join the reductions
   const int64_t base = tc.n * Lo * Li + tc.i0;
@@ -56,8 +60,12 @@ __global__ void __launch_bounds__(kThreads)
           const acc_t w = a[j] + (id[j] == o ? m[j] : acc_t(0));
           out[j] = w * sc;
           psum += w * xv[j];
+          if (!ADD_MEAN && id[j] == o) {
+            acc_t share[1] = {m[j] * sc};
+            store_or_add<true, 1>(dx + off + j, share);
+          }
         }
-        store_or_add<ACCUMULATE, VEC>(dx + off, out);
+        if constexpr (ADD_MEAN) store_or_add<ACCUMULATE, VEC>(dx + off, out);
       }
       psum = group_sum(psum, blockDim.x);
       if (threadIdx.x == 0 && row) {
@@ -94,8 +102,12 @@ __global__ void __launch_bounds__(kThreads)
           const acc_t w = a + (id == tc.i0 + j ? m : acc_t(0));
           out[j] = w * sc[j];
           acc[j] += w * xv[j];
+          if (!ADD_MEAN && id == tc.i0 + j) {
+            acc_t share[1] = {m * sc[j]};
+            store_or_add<true, 1>(dx + off + j, share);
+          }
         }
-        store_or_add<ACCUMULATE, VEC>(dx + off, out);
+        if constexpr (ADD_MEAN) store_or_add<ACCUMULATE, VEC>(dx + off, out);
       }
     }
     tree_sum_over_y<VEC>(acc, smem);
@@ -108,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, int VEC, bool CL, bool ACCUMULATE>
+template <typename scalar_t, int VEC, bool CL, bool ACCUMULATE, bool ADD_MEAN>
 void launch_scaled_spatial_backward_vec(const at::Tensor& like, const PoolGrads<scalar_t>& g,
                                         const scalar_t* x, const scalar_t* scale, int64_t N,
                                         int64_t C, int64_t P, scalar_t* dx, scalar_t* gscale) {
@@ -120,7 +132,7 @@ void launch_scaled_spatial_backward_vec(const at::Tensor& like, const PoolGrads<
   at::Tensor part;
   if (nparts > 1) part = at::empty({nparts, rows}, acc_options<acc_t>(like));
   acc_t* pp = nparts > 1 ? part.mutable_data_ptr<acc_t>() : nullptr;
-  scaled_spatial_backward_kernel<scalar_t, acc_t, VEC, CL, ACCUMULATE>
+  scaled_spatial_backward_kernel<scalar_t, acc_t, VEC, CL, ACCUMULATE, ADD_MEAN>
       <<<cfg.grid, cfg.block, 0, current_stream()>>>(
           g, x, scale, static_cast<acc_t>(C), static_cast<int>(Li),
           static_cast<int>(Lo), cfg.itiles, cfg.splits, cfg.chunk, rows, dx, pp, gscale);
@@ -131,18 +143,18 @@ void launch_scaled_spatial_backward_vec(const at::Tensor& like, const PoolGrads<
   }
 }
 
-template <typename scalar_t, bool CL, bool ACCUMULATE>
+template <typename scalar_t, bool CL, bool ACCUMULATE, bool ADD_MEAN>
 void launch_scaled_spatial_backward(const at::Tensor& like, const PoolGrads<scalar_t>& g,
                                     const scalar_t* x, const scalar_t* scale, int64_t N,
                                     int64_t C, int64_t P, scalar_t* dx, scalar_t* gscale) {
   constexpr int V = vec_width<scalar_t>();
   const int64_t Li = CL ? C : P;
   if (Li % V == 0 && aligned16(x) && aligned16(dx)) {
-    launch_scaled_spatial_backward_vec<scalar_t, V, CL, ACCUMULATE>(like, g, x, scale, N, C, P,
-                                                                    dx, gscale);
+    launch_scaled_spatial_backward_vec<scalar_t, V, CL, ACCUMULATE, ADD_MEAN>(
+        like, g, x, scale, N, C, P, dx, gscale);
   } else {
-    launch_scaled_spatial_backward_vec<scalar_t, 1, CL, ACCUMULATE>(like, g, x, scale, N, C, P,
-                                                                    dx, gscale);
+    launch_scaled_spatial_backward_vec<scalar_t, 1, CL, ACCUMULATE, ADD_MEAN>(
+        like, g, x, scale, N, C, P, dx, gscale);
   }
 }
 
@@ -186,9 +198,9 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x_in,
 
 namespace {
 
-// Writes (ACCUMULATE: adds) the gradient of x into dx (dense in x's memory format) and returns
-// the gradient of the scale (empty without a scale).
-template <bool ACCUMULATE>
+// Writes (ACCUMULATE: adds) the gradient of x into dx (dense in x's memory format; without
+// ADD_MEAN only the max's share) and returns the gradient of the scale (empty without a scale).
+template <bool ACCUMULATE, bool ADD_MEAN = true>
 at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mean,
                                       const at::Tensor& grad_max, const at::Tensor& argmax,
                                       const at::Tensor& x_in,
@@ -203,6 +215,7 @@ at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mea
   const at::Tensor am = check_small(argmax, op, "argmax", x_in, {N, 1, H, W}, at::kInt);
   const at::Tensor scale = check_optional_small(scale_opt, op, "scale", x_in, {N, C}, dtype);
   const bool has_scale = scale.defined();
+  check_add_mean(ADD_MEAN, has_scale);
   if (dx.numel() == 0) {  // an empty batch
     return has_scale ? at::zeros({N, C}, x_in.options()) : at::empty({0}, x_in.options());
   }
@@ -228,9 +241,11 @@ at::Tensor spatial_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_mea
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     scalar_t* gsp = gs.mutable_data_ptr<scalar_t>();
     if (cl) {
-      launch_scaled_spatial_backward<scalar_t, true, ACCUMULATE>(x, g, xp, sp, N, C, P, dxp, gsp);
+      launch_scaled_spatial_backward<scalar_t, true, ACCUMULATE, ADD_MEAN>(x, g, xp, sp, N, C, P,
+                                                                           dxp, gsp);
     } else {
-      launch_scaled_spatial_backward<scalar_t, false, ACCUMULATE>(x, g, xp, sp, N, C, P, dxp, gsp);
+      launch_scaled_spatial_backward<scalar_t, false, ACCUMULATE, ADD_MEAN>(x, g, xp, sp, N, C, P,
+                                                                            dxp, gsp);
     }
   });
   return gs;
@@ -253,12 +268,14 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_backward(
 at::Tensor spatial_pool_backward_add(at::Tensor& grad_x, const at::Tensor& grad_mean,
                                      const at::Tensor& grad_max, const at::Tensor& argmax,
                                      const at::Tensor& x,
-                                     const std::optional<at::Tensor>& scale) {
+                                     const std::optional<at::Tensor>& scale, bool add_mean) {
   constexpr const char* op = "fused_cbam::spatial_pool_backward_add";
   check_x(x, op);
   check_accumulator(grad_x, x, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  return spatial_pool_backward_into<true>(grad_x, grad_mean, grad_max, argmax, x, scale, op);
+  const auto into = add_mean ? spatial_pool_backward_into<true, true>
+                             : spatial_pool_backward_into<true, false>;
+  return into(grad_x, grad_mean, grad_max, argmax, x, scale, op);
 }
 
 }  // namespace gpu

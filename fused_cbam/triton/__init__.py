@@ -69,8 +69,11 @@ def _channel_pool_backward_op(grad_avg: Tensor, grad_max: Tensor, argmax: Tensor
 
 
 @_operator("channel_pool_backward_add", mutates_args=("grad_x",))
-def _channel_pool_backward_add_op(grad_x: Tensor, grad_avg: Tensor, grad_max: Tensor, argmax: Tensor) -> None:
-    _channel_pool.channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax)
+def _channel_pool_backward_add_op(
+    grad_x: Tensor, grad_avg: Tensor, grad_max: Tensor, argmax: Tensor,
+    spatial_grad_mean: Optional[Tensor] = None, spatial_scale: Optional[Tensor] = None,
+) -> None:  # fmt: skip
+    _channel_pool.channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax, spatial_grad_mean, spatial_scale)
 
 
 @_operator("spatial_pool")
@@ -87,9 +90,10 @@ def _spatial_pool_backward_op(
 
 @_operator("spatial_pool_backward_add", mutates_args=("grad_x",))
 def _spatial_pool_backward_add_op(
-    grad_x: Tensor, grad_mean: Tensor, grad_max: Tensor, argmax: Tensor, x: Tensor, scale: Optional[Tensor]
-) -> Tensor:
-    return _spatial_pool.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale)
+    grad_x: Tensor, grad_mean: Tensor, grad_max: Tensor, argmax: Tensor, x: Tensor, scale: Optional[Tensor],
+    add_mean: bool = True,
+) -> Tensor:  # fmt: skip
+    return _spatial_pool.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale, add_mean)
 
 
 @_operator("gate_apply")

@@ -10,7 +10,8 @@ Forward, one launch, or two when P is split:
 S > 1 only when N * C alone would leave the GPU idle (see ``_common.num_splits``).
 
 Backward, one elementwise launch: dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c],
-written, or added into a given gradient of x (``channel_pool_backward_add``).
+written, or added into a given gradient of x (``channel_pool_backward_add``), there with the mean's
+share of a spatial pooling when given: spatial_scale[n, c] * spatial_grad_mean[n, p] / C.
 """
 
 import torch
@@ -35,6 +36,7 @@ from ._common import (
     device_guard,
     first_max_merge,
     first_max_update,
+    grad_view,
     layout,
     num_splits,
     split_range,
@@ -132,9 +134,9 @@ def channel_pool(x: torch.Tensor):
 
 @triton.jit
 def _backward_kernel(
-    grad_avg_ptr, grad_max_ptr, argmax_ptr, dx_ptr,
-    N, C, P, stride_n, stride_c, stride_p,
-    ACCUMULATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    grad_avg_ptr, grad_max_ptr, argmax_ptr, spatial_mean_ptr, spatial_scale_ptr, dx_ptr,
+    N, C, P, stride_n, stride_c, stride_p, mean_sample, mean_step,
+    ACCUMULATE: tl.constexpr, SPATIAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     num_pblk = tl.cdiv(P, BLOCK_P)
     num_cblk = tl.cdiv(C, BLOCK_C)
@@ -149,6 +151,10 @@ def _backward_kernel(
     gm = tl.load(grad_max_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     am = tl.load(argmax_ptr + n * C + offs_c, mask=mask_c, other=-1)
     d = ga[:, None] + tl.where(offs_p[None, :] == am[:, None], gm[:, None], 0.0)
+    if SPATIAL:  # the mean's share of the spatial pooling, scale[n, c] * grad_mean[n, p] / C
+        ss = tl.load(spatial_scale_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32) / C
+        sm = tl.load(spatial_mean_ptr + n * mean_sample + offs_p.to(tl.int64) * mean_step, mask=offs_p < P, other=0.0)
+        d += ss[:, None] * sm.to(tl.float32)[None, :]
     offs = n * stride_n + offs_c.to(tl.int64)[:, None] * stride_c + offs_p.to(tl.int64)[None, :] * stride_p
     if ACCUMULATE:
         d += tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -158,13 +164,26 @@ def _backward_kernel(
 _BACKWARD = tuned_backward(_backward_kernel, POINTWISE_NCHW, POINTWISE_CL)
 
 
-def _backward_into(dx, grad_avg, grad_max, argmax, accumulate: bool, op: str) -> None:
-    """Writes (``accumulate``: adds) the gradient of x into ``dx``, dense in its memory format."""
+def _backward_into(dx, grad_avg, grad_max, argmax, accumulate: bool, op: str, spatial_grad_mean=None, spatial_scale=None) -> None:
+    """Writes (``accumulate``: adds) the gradient of x into ``dx``, dense in its memory format;
+    adding, also the mean's share of a spatial pooling when ``spatial_grad_mean`` is given."""
     n, c, h, w = dx.shape
     p = h * w
     grad_avg = check_small(grad_avg, dx, (n, c), "grad_avg", op)
     grad_max = check_small(grad_max, dx, (n, c), "grad_max", op)
     argmax = check_small(argmax, dx, (n, c), "argmax", op, dtype=torch.int32)
+    if (spatial_grad_mean is None) != (spatial_scale is None):
+        given = "spatial_grad_mean" if spatial_scale is None else "spatial_scale"
+        raise ValueError(
+            f"fused_cbam_triton::{op}: spatial_grad_mean, spatial_scale: expected both (the mean's share of a "
+            f"spatial pooling, spatial_scale[n, c] * spatial_grad_mean[n, p] / C) or neither, got only {given}"
+        )
+    spatial = spatial_grad_mean is not None
+    mean_sample = mean_step = 0
+    if spatial:
+        # one channel of the spatial conv's input gradient, read in place
+        spatial_grad_mean, mean_sample, mean_step = grad_view(spatial_grad_mean, dx, (n, 1, h, w), "spatial_grad_mean", op)
+        spatial_scale = check_small(spatial_scale, dx, (n, c), "spatial_scale", op)
     if dx.numel() == 0:
         return
     _, cl, (sn, sc, sp) = layout(dx)
@@ -174,7 +193,10 @@ def _backward_into(dx, grad_avg, grad_max, argmax, accumulate: bool, op: str) ->
         return (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),)
 
     with device_guard(dx):
-        kernel[grid](grad_avg, grad_max, argmax, dx, n, c, p, sn, sc, sp, ACCUMULATE=accumulate)
+        kernel[grid](
+            grad_avg, grad_max, argmax, spatial_grad_mean if spatial else dx, spatial_scale if spatial else dx, dx,
+            n, c, p, sn, sc, sp, mean_sample, mean_step, ACCUMULATE=accumulate, SPATIAL=spatial,
+        )  # fmt: skip
 
 
 def channel_pool_backward(grad_avg, grad_max, argmax, x):
@@ -184,6 +206,7 @@ def channel_pool_backward(grad_avg, grad_max, argmax, x):
     return dx
 
 
-def channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax) -> None:
-    check_accumulator(grad_x, "channel_pool_backward_add")
-    _backward_into(grad_x, grad_avg, grad_max, argmax, True, "channel_pool_backward_add")
+def channel_pool_backward_add(grad_x, grad_avg, grad_max, argmax, spatial_grad_mean=None, spatial_scale=None) -> None:
+    op = "channel_pool_backward_add"
+    check_accumulator(grad_x, op)
+    _backward_into(grad_x, grad_avg, grad_max, argmax, True, op, spatial_grad_mean, spatial_scale)

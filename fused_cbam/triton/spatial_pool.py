@@ -7,9 +7,10 @@ ties) in registers.
 
 Backward: w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
 grad_x = w * scale[n, c]; grad_scale[n, c] = sum_p w * x. Program (n, block of BLOCK_C channels,
-split) walks its part of P, writes grad_x (or adds into it: ``spatial_pool_backward_add``) and a
-float32 partial of grad_scale [S, N * C]; a second launch adds the S partials in a fixed order
-(``_common.sum_partials``).
+split) walks its part of P, writes grad_x (or adds into it: ``spatial_pool_backward_add``; with
+add_mean=False only the max's share, at each pixel's arg-max element, the mean's being left to
+``channel_pool_backward_add``) and a float32 partial of grad_scale [S, N * C]; a second launch adds
+the S partials in a fixed order (``_common.sum_partials``).
 """
 
 import torch
@@ -122,7 +123,8 @@ def spatial_pool(x: torch.Tensor, scale, max_first: bool = False):
 def _backward_kernel(
     grad_mean_ptr, grad_max_ptr, argmax_ptr, x_ptr, scale_ptr, dx_ptr, pscale_ptr,
     N, C, P, stride_n, stride_c, stride_p, S, mean_sample, mean_step, max_sample, max_step,
-    HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, ADD_MEAN: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     num_cblk = tl.cdiv(C, BLOCK_C)
     n = (tl.program_id(0) // num_cblk).to(tl.int64)
@@ -144,7 +146,8 @@ def _backward_kernel(
         g_mean = g_mean.to(tl.float32) / C
         g_max = tl.load(grad_max_ptr + n * max_sample + at_p * max_step, mask=mask_p, other=0.0).to(tl.float32)
         am = tl.load(argmax_ptr + n * P + offs_p, mask=mask_p, other=-1)
-        w = g_mean[None, :] + tl.where(offs_c[:, None] == am[None, :], g_max[None, :], 0.0)
+        at_max = offs_c[:, None] == am[None, :]
+        w = g_mean[None, :] + tl.where(at_max, g_max[None, :], 0.0)
         offs = row_off + offs_p.to(tl.int64)[None, :] * stride_p
         if HAS_SCALE:
             xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -152,6 +155,9 @@ def _backward_kernel(
             dx = w * s[:, None]
         else:
             dx = w
+        if not ADD_MEAN:  # only the max's share, into each pixel's arg-max element
+            mask = mask & at_max
+            dx = g_max[None, :] * s[:, None]
         if ACCUMULATE:
             dx += tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, cast_to(dx, dx_ptr), mask=mask)
@@ -171,16 +177,22 @@ def spatial_pool_backward(grad_mean, grad_max, argmax, x, scale):
     return dx, grad_scale
 
 
-def spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale):
+def spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale, add_mean: bool = True):
     op = "spatial_pool_backward_add"
     check_x(x, op)
     check_accumulator(grad_x, op, x)
-    return _backward_into(grad_x, grad_mean, grad_max, argmax, x, scale, True, op)
+    if not add_mean and scale is None:
+        raise ValueError(
+            f"fused_cbam_triton::{op}: add_mean: expected True without a scale (the mean's share left to "
+            "channel_pool_backward_add is scale[n, c] * grad_mean[n, p] / C)"
+        )
+    return _backward_into(grad_x, grad_mean, grad_max, argmax, x, scale, True, op, add_mean)
 
 
-def _backward_into(dx, grad_mean, grad_max, argmax, x, scale, accumulate: bool, op: str):
-    """Writes (``accumulate``: adds) the gradient of x into ``dx`` (dense in x's memory format);
-    returns the gradient of the scale (empty without one)."""
+def _backward_into(dx, grad_mean, grad_max, argmax, x, scale, accumulate: bool, op: str, add_mean: bool = True):
+    """Writes (``accumulate``: adds) the gradient of x into ``dx`` (dense in x's memory format;
+    without ``add_mean`` only the max's share); returns the gradient of the scale (empty without
+    one)."""
     n, c, h, w = x.shape
     p = h * w
     # Each map's gradient in place (one channel of the spatial conv's input gradient, usually).
@@ -206,7 +218,7 @@ def _backward_into(dx, grad_mean, grad_max, argmax, x, scale, accumulate: bool, 
         kernel[grid](
             grad_mean, grad_max, argmax, x, x if scale is None else scale, dx, pscale,
             n, c, p, sn, sc, sp, splits, mean_sample, mean_step, max_sample, max_step,
-            HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
+            HAS_SCALE=scale is not None, ACCUMULATE=accumulate, ADD_MEAN=add_mean,
         )  # fmt: skip
         if scale is not None:
             sum_partials(pscale, grad_scale.view(-1))
