@@ -181,7 +181,27 @@ def test_torch_compile_keeps_one_gradient(backend, device):
     for op in ("channel_pool_backward_add", "spatial_pool_backward_add"):
         call = re.search(rf"{namespace}\.{op}\.default\((\w+),", backward_code)
         assert call.group(1) == gate_grad_x, backward_code
+    # the spatial pooling leaves its mean's share, grad_mean read in place, to the channel pooling
+    spatial = _call_arguments(backward_code, f"{namespace}.spatial_pool_backward_add")
+    channel = _call_arguments(backward_code, f"{namespace}.channel_pool_backward_add")
+    assert spatial[-1] == "False" and channel[4] == spatial[1], backward_code
     _assert_matches(got, _grads(reference_module, x, grad_out), TOLERANCE[torch.float32] * 4)
+
+
+def _call_arguments(code: str, op: str) -> list[str]:
+    """The arguments, as written, of the one call of ``op`` in Inductor's generated code."""
+    start = code.index(f"{op}.default(") + len(op) + len(".default(")
+    arguments, depth, current = [], 0, ""
+    for char in code[start:]:
+        if char == ")" and depth == 0:
+            break
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            arguments.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*arguments, current.strip()]
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
