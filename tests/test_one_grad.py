@@ -224,9 +224,10 @@ def test_activation_checkpointing(use_reentrant, backend, device):
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 def test_the_spatial_backward_reads_the_conv_gradient_in_place(memory_format, backend, device):
     """The two maps' gradients reach spatial_pool_backward_add as channels of the spatial conv's
-    input gradient; the CUDA and Triton kernels read them there, where a copy of each cost two
-    kernels a step. (The CPU operator copies them: on the CPU the maps are channels_last, and a
-    copy of a map is small beside the conv's own work.)"""
+    input gradient, and the mean's reaches channel_pool_backward_add so too; the CUDA and Triton
+    kernels read them there, where a copy of each cost two kernels a step. (The CPU operators copy
+    them: on the CPU the maps are channels_last, and a copy of a map is small beside the conv's
+    own work.)"""
     if backend == "cpu":
         pytest.skip("the CPU operator copies the gradients")
     module = fused_cbam.nn.CBAM(16, 4, backend=backend).to(device)
@@ -234,13 +235,14 @@ def test_the_spatial_backward_reads_the_conv_gradient_in_place(memory_format, ba
     out = module(x)
     with torch.profiler.profile() as profile:
         out.backward(torch.randn_like(out))
-    inside = []
-    for event in profile.events():
-        parent = event.cpu_parent
-        while parent is not None and "spatial_pool_backward_add" not in parent.name:
-            parent = parent.cpu_parent
-        if parent is not None:
-            inside.append(event.name)
-    assert inside, "spatial_pool_backward_add did not run"
-    # (A copy is a clone; Triton's interpreter copies every argument to the host and back.)
-    assert "aten::clone" not in inside, inside
+    for op in ("spatial_pool_backward_add", "channel_pool_backward_add"):
+        inside = []
+        for event in profile.events():
+            parent = event.cpu_parent
+            while parent is not None and op not in parent.name:
+                parent = parent.cpu_parent
+            if parent is not None:
+                inside.append(event.name)
+        assert inside, f"{op} did not run"
+        # (A copy is a clone; Triton's interpreter copies every argument to the host and back.)
+        assert "aten::clone" not in inside, (op, inside)

@@ -272,8 +272,8 @@ def test_backward_operators_that_add_into_the_gradient(backend, device, memory_f
 def test_the_spatial_mean_share_moves_to_the_channel_backward(backend, device, memory_format, dtype, shape):
     """spatial_pool_backward_add(add_mean=False) adds only the max's share, grad_max * scale at each
     pixel's arg-max element, and returns the same grad_scale; channel_pool_backward_add, given the
-    scale and grad_mean (a channel of the stacked maps' gradient, read in place), adds the mean's
-    share with its own: together what the two operators add otherwise."""
+    scale and grad_mean (a channel of the stacked maps' gradient, NCHW or channels_last, read in
+    place), adds the mean's share with its own: together what the two operators add otherwise."""
     skip_unless_available(backend)
     ops = operator_namespace(backend)
     n, c, h, w = shape
@@ -282,7 +282,16 @@ def test_the_spatial_mean_share_moves_to_the_channel_backward(backend, device, m
     _, _, cidx = ops.channel_pool(x)
     _, _, sidx = mean_max_argmax(ops.spatial_pool(x, g))
     grad_avg, grad_cmax = torch.randn_like(g), torch.randn_like(g)
-    grad_maps = torch.randn(n, 2, h, w, device=device, dtype=dtype)
+    # grad_mean C times larger: its share (/ C) as large as the others, so that losing it shows in bfloat16
+    grad_maps = torch.randn(n, 2, h, w, device=device, dtype=dtype) * torch.tensor([c, 1], device=device, dtype=dtype)[:, None, None]
+    for maps_format in ("nchw", "channels_last"):
+        if maps_format == "channels_last":
+            grad_maps = grad_maps.contiguous(memory_format=torch.channels_last)
+        _check_the_mean_share_moved(ops, backend, x, g, cidx, sidx, grad_avg, grad_cmax, grad_maps)
+
+
+def _check_the_mean_share_moved(ops, backend, x, g, cidx, sidx, grad_avg, grad_cmax, grad_maps):
+    dtype = x.dtype
     grad_mean, grad_smax = grad_maps[:, :1], grad_maps[:, 1:]
     start = torch.randn_like(x)
 
@@ -292,7 +301,7 @@ def test_the_spatial_mean_share_moves_to_the_channel_backward(backend, device, m
 
     moved = start.clone()
     grad_scale = ops.spatial_pool_backward_add(moved, grad_mean, grad_smax, sidx, x, g, add_mean=False)
-    at_max = torch.zeros(shape, dtype=torch.bool, device=device).scatter_(1, sidx.long(), True)
+    at_max = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(1, sidx.long(), True)
     assert torch.equal(moved[~at_max], start[~at_max]), "add_mean=False changed elements off the arg-max"
     max_share = start.double() + grad_smax.double() * g.double()[:, :, None, None]
     assert_close(moved[at_max], max_share[at_max].to(dtype), TOLERANCE[dtype], "the max's share")

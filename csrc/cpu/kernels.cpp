@@ -540,8 +540,8 @@ void spatial_pool(
 // it multiplies, as in the reference: (a + b) * s, not a * s + b * s, which can overflow float16
 // where the reference does not, or give inf - inf = NaN for an infinite x or scale. Without
 // kAddMean (adding only) dx gets the max's share alone, grad_max * scale at each pixel's arg-max
-// element, and the mean's is left to channel_pool_backward_add (the fused modules' gates lie in
-// [0, 1], where the two products cannot overflow).
+// element, and the mean's is left to channel_pool_backward_add: that element then takes the two
+// in two roundings (benchmarks/NOTES.md, "Fifteenth session").
 template <bool kAccumulate, bool kAddMean, typename T>
 void spatial_pool_backward_nhwc(
     const T* grad_mean, const T* grad_max, const int32_t* argmax, const T* x, const T* scale,

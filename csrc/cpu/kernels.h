@@ -13,9 +13,9 @@ struct KernelTable {
   void (*channel_pool_backward)(
       const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
       at::Tensor& grad_x);
-  // The same, adding into grad_x instead of writing it; with spatial_grad_mean [N, 1, H, W]
-  // defined, also spatial_scale[n, c] * spatial_grad_mean[n, p] / C (the mean's share of a
-  // spatial pooling that spatial_pool_backward_max_add left out).
+  // The same, adding into grad_x instead of writing it; with spatial_grad_mean (contiguous
+  // [N, 1, H, W], read as [N, P]) defined, also spatial_scale[n, c] * spatial_grad_mean[n, p] / C
+  // (the mean's share of a spatial pooling that spatial_pool_backward_max_add left out).
   void (*channel_pool_backward_add)(
       const at::Tensor& grad_avg, const at::Tensor& grad_max, const at::Tensor& argmax,
       const at::Tensor& spatial_grad_mean, const at::Tensor& spatial_scale, at::Tensor& grad_x);
