@@ -491,9 +491,9 @@ def test_more_than_2_31_elements(backend, device):
     assert_close(avg[1:, TAIL_CHANNELS], ref_avg, atol, "channel_pool mean")
     torch.testing.assert_close(mx[1:, TAIL_CHANNELS], ref_max, rtol=0, atol=0)
     _, _, argmax = ops.channel_pool(x)
-    grad_avg, grad_max = rand(n, c, normal=True), rand(n, c, normal=True)
-    grad_x = ops.channel_pool_backward(grad_avg, grad_max, argmax, x)
-    (ref_grad_x,) = ref_grads(reference.channel_pool, [x_tail], [grad_avg[1:, TAIL_CHANNELS], grad_max[1:, TAIL_CHANNELS]])
+    grad_avg, grad_cmax = rand(n, c, normal=True), rand(n, c, normal=True)
+    grad_x = ops.channel_pool_backward(grad_avg, grad_cmax, argmax, x)
+    (ref_grad_x,) = ref_grads(reference.channel_pool, [x_tail], [grad_avg[1:, TAIL_CHANNELS], grad_cmax[1:, TAIL_CHANNELS]])
     assert_close(grad_x[1:, TAIL_CHANNELS], ref_grad_x, atol, "channel_pool grad of x")
     del grad_x, ref_grad_x
 
@@ -524,6 +524,18 @@ def test_more_than_2_31_elements(backend, device):
     del grad_x, ref_grad_x
     _, _, ref_grad_spatial = ref_grads(reference.gate_apply, [x_rows, scale[1:], spatial_gate[1:, :, ROWS]], [x_rows])
     assert_close(grad_spatial[1:, :, ROWS], ref_grad_spatial, atol, "gate_apply grad of spatial_gate")
+
+    # The modules' training backward, into one gradient of x (x itself standing in for the gate's):
+    # the spatial pooling adds its max's share, the channel pooling its own and the spatial mean's.
+    _, _, channel_argmax = ops.channel_pool(x)
+    grad_x = x.clone()
+    ops.spatial_pool_backward_add(grad_x, grad_mean, grad_max, argmax, x, scale, add_mean=False)
+    ops.channel_pool_backward_add(grad_x, grad_avg, grad_cmax, channel_argmax, grad_mean, scale)
+    (ref_channel,) = ref_grads(reference.channel_pool, [x_tail], [grad_avg[1:, TAIL_CHANNELS], grad_cmax[1:, TAIL_CHANNELS]])
+    ref_spatial, _ = ref_grads(reference.spatial_pool, [x_rows, scale[1:]], [grad_mean[1:, :, ROWS], grad_max[1:, :, ROWS]])
+    corner = (slice(1, None), TAIL_CHANNELS, ROWS)
+    expected = x[corner].double() + ref_channel[:, :, ROWS].double() + ref_spatial[:, TAIL_CHANNELS].double()
+    assert_close(grad_x[corner], expected, atol, "both poolings' shares added", rounded_once=False)
 
 
 # ---------------------------------------------------------------------------------------------
