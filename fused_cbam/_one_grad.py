@@ -135,7 +135,8 @@ class OneGradBackend:
 
     They run in the block's order, channel_pool, spatial_maps (or ``gated_spatial_maps``, which
     also makes the channel gate, with ``fused_gate``), gate_apply, all on the same x; each after
-    the first also takes the carrier that the one before returned.
+    the first also takes the carrier that the one before returned, and the spatial pooling the
+    channel pooling's two carriers of its messages.
 
     The gradient buffer is the gate backward's own output, which nothing else holds, so adding
     into it in place is safe. A pooling whose carrier gets no gradient (no loss reaches the gate)
