@@ -1,6 +1,8 @@
 """Property-based tests: every public operator, on every backend this machine has, against the
 reference backend, forward and backward, over shapes (1s and primes), dtypes, value patterns
-(ties, NaN) and memory layouts (NCHW, channels_last, sliced, transposed and expanded views).
+(ties, NaN) and memory layouts (NCHW, channels_last, sliced, transposed and expanded views); and
+the modules' training backward, whose spatial pooling leaves its mean's share to the channel
+pooling's pass, against the two operators that add their whole shares.
 
 Hypothesis runs derandomized and without an example database, so CI sees the same examples on
 every run; each example carries its own seed for the tensor values. The Triton cases run in
@@ -15,8 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_cbam
-from fused_cbam._layout import empty_like_x
-from helpers import COMPILED_BACKENDS, TOLERANCE, TRITON_DEVICE, assert_close, backend_available
+from fused_cbam._layout import empty_like_x, mean_and_max
+from helpers import (
+    COMPILED_BACKENDS,
+    TOLERANCE,
+    TRITON_DEVICE,
+    assert_close,
+    backend_available,
+    operator_namespace,
+)
 
 OPS = ["channel_pool", "spatial_pool", "gate_apply"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -203,3 +212,82 @@ def test_triton_matches_reference(op, case):
             _run(op, "triton", x, ())
         return
     check_against_reference(op, "triton", TRITON_DEVICE, case)
+
+
+@dataclass(frozen=True)
+class PairCase:
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    channels_last: bool  # x's memory format
+    maps_channels_last: bool  # the stacked maps' gradient's (the spatial conv's input gradient)
+    max_first: bool
+    seed: int
+
+
+@st.composite
+def pair_cases(draw, sizes: Sizes, dtypes):
+    batches = list(range(1, sizes.max_batch + 1))
+    return PairCase(
+        shape=(
+            draw(st.sampled_from(batches * 3 + [0])),
+            draw(st.sampled_from(sizes.channels)),
+            draw(st.sampled_from(sizes.spatial)),
+            draw(st.sampled_from(sizes.spatial)),
+        ),
+        dtype=draw(st.sampled_from(dtypes)),
+        channels_last=draw(st.booleans()),
+        maps_channels_last=draw(st.booleans()),
+        max_first=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def check_the_backward_pair(backend: str, device: str, case: PairCase) -> None:
+    """The modules' training backward adds the spatial pooling's max share
+    (``spatial_pool_backward_add(add_mean=False)``) and then the channel pooling's share with the
+    spatial mean's (``channel_pool_backward_add(..., spatial_grad_mean, spatial_scale)``): the
+    same gradient of x and of the scale as the two operators that add their whole shares."""
+    ops = operator_namespace(backend)
+    gen = torch.Generator().manual_seed(case.seed)
+    n, c, h, w = case.shape
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(case.dtype).to(device)
+
+    x = randn(n, c, h, w)
+    x = x.contiguous(memory_format=torch.channels_last) if case.channels_last else x
+    scale = (torch.rand(n, c, generator=gen, dtype=torch.float64) + 0.5).to(case.dtype).to(device)
+    _, _, channel_argmax = ops.channel_pool(x)
+    _, spatial_argmax = ops.spatial_pool(x, scale, case.max_first)
+    grad_maps = randn(n, 2, h, w)
+    grad_maps = grad_maps.contiguous(memory_format=torch.channels_last) if case.maps_channels_last else grad_maps
+    grad_mean, grad_max = mean_and_max(grad_maps, case.max_first)
+    grad_avg, grad_channel_max = randn(n, c), randn(n, c)
+    start = torch.empty_like(x).copy_(randn(n, c, h, w))  # the gate's gradient, in x's format
+
+    whole = start.clone()
+    expected_scale = ops.spatial_pool_backward_add(whole, grad_mean, grad_max, spatial_argmax, x, scale)
+    ops.channel_pool_backward_add(whole, grad_avg, grad_channel_max, channel_argmax)
+    moved = start.clone()
+    grad_scale = ops.spatial_pool_backward_add(moved, grad_mean, grad_max, spatial_argmax, x, scale, add_mean=False)
+    ops.channel_pool_backward_add(moved, grad_avg, grad_channel_max, channel_argmax, grad_mean, scale)
+    assert moved.stride() == start.stride()
+    assert_close(moved, whole, TOLERANCE[case.dtype] * 2, "gradient of x", rounded_once=False)
+    assert_close(grad_scale, expected_scale, TOLERANCE[case.dtype], "gradient of the scale")
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
+@_profile(max_examples=200)
+@given(case=pair_cases(FULL_SIZES, DTYPES))
+def test_compiled_backend_backward_pair_matches_the_whole_shares(backend, device, case):
+    if not backend_available(backend):
+        pytest.skip(f"the {backend} backend is unavailable")
+    check_the_backward_pair(backend, device, case)
+
+
+@_profile(max_examples=_TRITON_EXAMPLES // 2)
+@given(case=pair_cases(TINY_SIZES, [torch.float32, torch.bfloat16, torch.float16]))
+def test_triton_backward_pair_matches_the_whole_shares(case):
+    if not backend_available("triton"):
+        pytest.skip("the Triton backend is unavailable (Triton missing, or no GPU and no TRITON_INTERPRET=1)")
+    check_the_backward_pair("triton", TRITON_DEVICE, case)
