@@ -139,6 +139,9 @@ def _run_every_operator() -> None:
             mean, smx = maps[:, :1], maps[:, 1:]
             ops.spatial_pool_backward(mean, smx, s_arg, x, g)
             ops.spatial_pool_backward_add(torch.zeros_like(x), mean, smx, s_arg, x, g)
+            # the modules' backward pair: the spatial max's share, then the channel pass with the mean's
+            ops.spatial_pool_backward_add(torch.zeros_like(x), mean, smx, s_arg, x, g, add_mean=False)
+            ops.channel_pool_backward_add(torch.zeros_like(x), avg, mx, c_arg, mean, g)
             out = ops.gate_apply(x, g, h)
             ops.gate_apply_backward(out, x, g, h)
             ops.gate_apply_backward(out, x, None, None)
