@@ -2,6 +2,7 @@
 fill one gradient of x (fused_cbam/_one_grad.py). Every gradient must equal the reference
 backend's, however autograd reaches the block."""
 
+import ast
 import re
 
 import pytest
@@ -189,19 +190,10 @@ def test_torch_compile_keeps_one_gradient(backend, device):
 
 
 def _call_arguments(code: str, op: str) -> list[str]:
-    """The arguments, as written, of the one call of ``op`` in Inductor's generated code."""
-    start = code.index(f"{op}.default(") + len(op) + len(".default(")
-    arguments, depth, current = [], 0, ""
-    for char in code[start:]:
-        if char == ")" and depth == 0:
-            break
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            arguments.append(current.strip())
-            current = ""
-        else:
-            current += char
-    return [*arguments, current.strip()]
+    """The arguments, as written, of the first call of ``op`` in Inductor's generated code."""
+    calls = (node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call))
+    call = next(c for c in calls if ast.unparse(c.func).endswith(f"{op}.default"))
+    return [ast.unparse(argument) for argument in call.args]
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
