@@ -262,6 +262,7 @@ def check_the_backward_pair(backend: str, device: str, case: PairCase) -> None:
     grad_maps = randn(n, 2, h, w)
     grad_maps = grad_maps.contiguous(memory_format=torch.channels_last) if case.maps_channels_last else grad_maps
     grad_mean, grad_max = mean_and_max(grad_maps, case.max_first)
+    grad_mean.mul_(c)  # its share (/ C) as large as the others, so that losing it shows in 16 bits
     grad_avg, grad_channel_max = randn(n, c), randn(n, c)
     start = torch.empty_like(x).copy_(randn(n, c, h, w))  # the gate's gradient, in x's format
 

@@ -71,15 +71,17 @@ void channel_pool_backward_into(at::Tensor& dx, const at::Tensor& grad_avg,
     // NCHW: kept (n, c) is the outer index, p the inner; channels_last the other way round.
     const PoolGrads<scalar_t> g = pool_grads<scalar_t>(ga, gm, am, C);
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    if (spatial) {
-      const SpatialShare<scalar_t> sp{ss.const_data_ptr<scalar_t>(),
-                                      sgm.holder.const_data_ptr<scalar_t>(), sgm.sample, sgm.step};
-      launch_max_scatter_backward<scalar_t, true, /*SPATIAL=*/true>(
+    const SpatialShare<scalar_t> sp =
+        spatial ? SpatialShare<scalar_t>{ss.const_data_ptr<scalar_t>(),
+                                         sgm.holder.const_data_ptr<scalar_t>(), sgm.sample,
+                                         sgm.step}
+                : SpatialShare<scalar_t>{};
+    const auto scatter = [&](auto spatial_c) {
+      constexpr bool kSpatial = decltype(spatial_c)::value;  // only ever given when adding
+      launch_max_scatter_backward<scalar_t, ACCUMULATE || kSpatial, kSpatial>(
           g, /*count=*/P, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C, /*kept_inner=*/cl, dxp, sp);
-    } else {
-      launch_max_scatter_backward<scalar_t, ACCUMULATE>(
-          g, /*count=*/P, N, /*Li=*/cl ? C : P, /*Lo=*/cl ? P : C, /*kept_inner=*/cl, dxp);
-    }
+    };
+    spatial ? scatter(std::true_type{}) : scatter(std::false_type{});
   });
 }
 

@@ -152,12 +152,13 @@ def _backward_kernel(
         if HAS_SCALE:
             xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             acc += tl.where(mask, w * xv, 0.0)
+        if not ADD_MEAN:  # only the max's share (there is a scale), into each pixel's arg-max element
+            mask = mask & at_max
+            dx = g_max[None, :] * s[:, None]
+        elif HAS_SCALE:
             dx = w * s[:, None]
         else:
             dx = w
-        if not ADD_MEAN:  # only the max's share, into each pixel's arg-max element
-            mask = mask & at_max
-            dx = g_max[None, :] * s[:, None]
         if ACCUMULATE:
             dx += tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, cast_to(dx, dx_ptr), mask=mask)
