@@ -136,6 +136,41 @@ def test_ties_and_nan_follow_the_max_rule(backend, device, memory_format, dtype)
     assert sidx[1, 0, 1, 1].item() == 7
 
 
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 2, 4300), (2, 4500, 1, 3)], ids=["P=8600", "C=4500"])
+def test_ties_and_nan_in_the_later_blocks_of_long_rows(backend, device, memory_format, dtype, shape):
+    """Rows longer than the kernels' blocks (the CPU's 4096 values, 256-value spans and 128-value
+    search; Triton's and CUDA's tiles): a NaN only in a later block is still the max, its first
+    copy the arg-max, and a tie goes to the first copy wherever the later ones sit."""
+    skip_unless_available(backend)
+    if backend == "triton":  # (slow in its interpreter; its tiles, at most 1024 long, are crossed too)
+        shape = tuple(min(size, 1100) for size in shape)
+    n, c, h, w = shape
+    x = torch.randint(-2, 3, shape, device=device).to(dtype)  # many ties, the first one early
+    long_planes = h * w > c
+    if long_planes:  # NaN twice in a channel's row over H x W
+        x.view(n, c, h * w)[0, 1, -5] = x.view(n, c, h * w)[0, 1, -2] = float("nan")
+    else:  # in a pixel's row over C
+        x[1, -7, 0, 1] = x[1, -2, 0, 1] = float("nan")
+    if memory_format == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    ops = operator_namespace(backend)
+    _, cmax, cidx = ops.channel_pool(x)
+    _, smax, sidx = mean_max_argmax(ops.spatial_pool(x, torch.ones(n, c, dtype=dtype, device=device)))
+    ref_c = reference._opmath(x).flatten(2).max(dim=2)
+    ref_s = reference._opmath(x).max(dim=1, keepdim=True)
+    torch.testing.assert_close(cmax, ref_c.values.to(dtype), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(cidx, ref_c.indices.int(), rtol=0, atol=0)
+    torch.testing.assert_close(smax, ref_s.values.to(dtype), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(sidx, ref_s.indices.int(), rtol=0, atol=0)
+    if long_planes:
+        assert cmax[0, 1].isnan() and cidx[0, 1].item() == h * w - 5
+    else:
+        assert smax[1, 0, 0, 1].isnan() and sidx[1, 0, 0, 1].item() == c - 7
+
+
 @pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
