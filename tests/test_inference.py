@@ -589,6 +589,46 @@ def test_parts_with_hooks_leave_the_inference_operator(hook):
     assert seen == ([] if hook == "prune" else [(2, 1, 8, 8)] * 2)
 
 
+def _changed_part(block, change: str) -> None:
+    conv = block.spatial.conv.conv
+    if change == "reflect_padding":
+        conv.padding_mode = "reflect"
+    elif change == "stride_2":
+        conv.stride = (2, 2)
+    elif change == "dilation_2":
+        conv.dilation = (2, 2)
+    elif change == "grouped_fc1":
+        block.channel.fc1 = nn.Conv2d(16, 4, 1, groups=2, bias=False)
+    else:
+        block.channel.fc2 = nn.Conv2d(4, 16, 1, padding=1, bias=False)
+
+
+@pytest.mark.parametrize("change", ["reflect_padding", "stride_2", "dilation_2", "grouped_fc1", "padded_fc2"])
+def test_parts_the_operator_does_not_compute_run_as_they_are(change):
+    """A part the inference operator does not compute (a spatial conv with reflect padding, a
+    stride or a dilation; an MLP layer that is a grouped or padded 1x1 conv) leaves the block in
+    eval mode without gradients to its parts: what they give (the kept gates take that path too),
+    or the error they raise, never the operator's output for the plain part."""
+    skip_unless_available("cpu")
+    block = fused_cbam.nn.CbamModule(16, rd_channels=4, backend="cpu").eval()
+    _changed_part(block, change)
+    x = torch.randn(2, 16, 8, 8)
+    results = []
+    for keep_gates in (False, True):
+        block.keep_gates = keep_gates
+        with torch.no_grad(), OperatorLog() as log:
+            try:
+                results.append(block(x))
+            except (RuntimeError, ValueError) as error:
+                results.append(type(error))
+        assert "fused_cbam.cbam_inference" not in log.names, log.names
+    fast, parts = results
+    if isinstance(parts, type):
+        assert fast is parts
+    else:
+        assert torch.equal(fast, parts)
+
+
 class _Scaled:
     """Mixed into a part's class: its forward gives twice what the part's gives."""
 

@@ -146,6 +146,21 @@ def test_converted_matches_original(layout, placement, memory_format, train, bac
     _compare_step(model, original, x)
 
 
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_convert_keeps_each_modules_mode(layout):
+    """A model converted in eval mode stays in eval mode, the fused block and its halves too (a
+    traced graph and the inference path go by the block's flag), and a part the user left in
+    training mode inside it stays so."""
+    original, _ = _original(layout, "shallow", "cpu")
+    original.eval()
+    trained = [name for name, module in original.named_modules() if list(module.parameters(recurse=False))][-1]
+    original.get_submodule(trained).train()
+    model = fused_cbam.convert(copy.deepcopy(original))
+    training = {name for name, module in original.named_modules() if module.training}
+    assert trained in training
+    assert {name for name, module in model.named_modules() if module.training} == training
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUT_IDS)
 def test_converted_inference_matches_original_and_takes_the_native_path(layout, backend, device):
