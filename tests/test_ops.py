@@ -111,6 +111,21 @@ def test_spatial_pool_stacks_its_maps_as_the_conv_takes_them(backend, device, me
         assert_close(g, w, TOLERANCE[torch.float32], f"grad of {name}")
 
 
+def _maxima_as_torch_max_gives(ops, x):
+    """The channel and spatial poolings' maxima and int32 arg-maxima of x (scale 1), checked
+    bit for bit against torch.max's (NaN wins, then the first index)."""
+    _, cmax, cidx = ops.channel_pool(x)
+    _, smax, sidx = mean_max_argmax(ops.spatial_pool(x, torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)))
+    ref_c = reference._opmath(x).flatten(2).max(dim=2)
+    ref_s = reference._opmath(x).max(dim=1, keepdim=True)
+    torch.testing.assert_close(cmax, ref_c.values.to(x.dtype), equal_nan=True, rtol=0, atol=0)
+    assert cidx.dtype == sidx.dtype == torch.int32
+    torch.testing.assert_close(cidx, ref_c.indices.int(), rtol=0, atol=0)
+    torch.testing.assert_close(smax, ref_s.values.to(x.dtype), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(sidx, ref_s.indices.int(), rtol=0, atol=0)
+    return cmax, cidx, smax, sidx
+
+
 @pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -121,17 +136,7 @@ def test_ties_and_nan_follow_the_max_rule(backend, device, memory_format, dtype)
     x[1, 7, 1, 1] = x[1, 9, 1, 1] = float("nan")
     if memory_format == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    scale = torch.ones(2, 19, dtype=dtype, device=device)
-    ops = torch.ops.fused_cbam
-    _, cmax, cidx = ops.channel_pool(x)
-    _, smax, sidx = mean_max_argmax(ops.spatial_pool(x, scale))
-    ref_c = reference._opmath(x).flatten(2).max(dim=2)
-    ref_s = reference._opmath(x).max(dim=1, keepdim=True)
-    torch.testing.assert_close(cmax, ref_c.values.to(dtype), equal_nan=True, rtol=0, atol=0)
-    assert cidx.dtype == sidx.dtype == torch.int32
-    torch.testing.assert_close(cidx, ref_c.indices.int(), rtol=0, atol=0)
-    torch.testing.assert_close(smax, ref_s.values.to(dtype), equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(sidx, ref_s.indices.int(), rtol=0, atol=0)
+    _, cidx, _, sidx = _maxima_as_torch_max_gives(torch.ops.fused_cbam, x)
     assert cidx[0, 3].item() == 2 * 7 + 4 and cidx[1, 5].item() == 0  # the first NaN wins
     assert sidx[1, 0, 1, 1].item() == 7
 
@@ -151,20 +156,13 @@ def test_ties_and_nan_in_the_later_blocks_of_long_rows(backend, device, memory_f
     x = torch.randint(-2, 3, shape, device=device).to(dtype)  # many ties, the first one early
     long_planes = h * w > c
     if long_planes:  # NaN twice in a channel's row over H x W
-        x.view(n, c, h * w)[0, 1, -5] = x.view(n, c, h * w)[0, 1, -2] = float("nan")
+        planes = x.view(n, c, h * w)
+        planes[0, 1, -5] = planes[0, 1, -2] = float("nan")
     else:  # in a pixel's row over C
         x[1, -7, 0, 1] = x[1, -2, 0, 1] = float("nan")
     if memory_format == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    ops = operator_namespace(backend)
-    _, cmax, cidx = ops.channel_pool(x)
-    _, smax, sidx = mean_max_argmax(ops.spatial_pool(x, torch.ones(n, c, dtype=dtype, device=device)))
-    ref_c = reference._opmath(x).flatten(2).max(dim=2)
-    ref_s = reference._opmath(x).max(dim=1, keepdim=True)
-    torch.testing.assert_close(cmax, ref_c.values.to(dtype), equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(cidx, ref_c.indices.int(), rtol=0, atol=0)
-    torch.testing.assert_close(smax, ref_s.values.to(dtype), equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(sidx, ref_s.indices.int(), rtol=0, atol=0)
+    cmax, cidx, smax, sidx = _maxima_as_torch_max_gives(operator_namespace(backend), x)
     if long_planes:
         assert cmax[0, 1].isnan() and cidx[0, 1].item() == h * w - 5
     else:
