@@ -91,7 +91,8 @@ def _cuda_math_includes():
 
 
 def _extension():
-    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "autograd.cpp", os.path.join("cpu", "ops_cpu.cpp"))]
+    names = ("ops.cpp", "autograd.cpp", "training.cpp", os.path.join("cpu", "ops_cpu.cpp"))
+    sources = [os.path.join("csrc", name) for name in names]
     kwargs = dict(name="fused_cbam._C", extra_link_args=["-fopenmp"])
     if not WITH_CUDA:
         return CppExtension(sources=sources, extra_compile_args={"cxx": CXX_FLAGS}, **kwargs)

@@ -4,15 +4,12 @@
 // formula. Registered with the library itself, the gradients are right wherever it is loaded, a
 // TorchScript or AOTInductor graph run from C++ without the Python package included, and a call
 // costs no Python. (Triton's operators get theirs in Python: fused_cbam/_registrations.py.)
-#include <ATen/ATen.h>
+#include "autograd_helpers.h"
+
 #include <ATen/OpMathType.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <initializer_list>
-#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -23,29 +20,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 using Pooled = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using OptionalTensor = std::optional<at::Tensor>;
-
-// The backward operators have no derivatives of their own: say so instead of returning
-// gradients that silently lack their second-order terms.
-void refuse_double_backward(std::initializer_list<at::Tensor> tensors) {
-  if (!at::GradMode::is_enabled()) return;
-  for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(
-        !(t.defined() && t.requires_grad()),
-        "fused_cbam operators do not support double backward (create_graph=True); use "
-        "backend='reference' for higher-order gradients");
-  }
-}
-
-// Saved tensors cannot be optional: an absent gate or scale is saved as an undefined tensor.
-at::Tensor or_empty(const OptionalTensor& t) { return t.value_or(at::Tensor()); }
-OptionalTensor present(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
 class ChannelPool : public torch::autograd::Function<ChannelPool> {
  public:
@@ -262,17 +237,6 @@ class CbamInference : public torch::autograd::Function<CbamInference> {
                                bn_eps, max_first);
   }
 };
-
-// Whether autograd has anything to record: a tensor that requires a gradient (in grad mode), or
-// one with a forward-mode tangent, which autograd::Function refuses with its own error (it has no
-// jvp here) rather than returning an output without a tangent.
-bool autograd_needed(std::initializer_list<OptionalTensor> tensors) {
-  const bool grad_mode = at::GradMode::is_enabled();
-  return std::any_of(tensors.begin(), tensors.end(), [grad_mode](const OptionalTensor& t) {
-    return t.has_value() && t->defined() &&
-           ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined());
-  });
-}
 
 at::Tensor cbam_inference(
     const at::Tensor& x, const at::Tensor& fc1_weight, const OptionalTensor& fc1_bias,

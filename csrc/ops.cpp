@@ -33,6 +33,15 @@
 //                                 layers in x's dtype do, and reads the MLP's (the conv's)
 //                                 parameters in x's dtype if they all have it, else all in
 //                                 x's math type
+//   cbam_training(x, fc1_weight, fc1_bias?, fc2_weight?, fc2_bias?, pooling, conv_weight,
+//                 conv_bias?, bn_mean?, bn_var?, bn_weight?, bn_bias?, bn_eps, max_first,
+//                 bn_training, bn_momentum)
+//                              -> the same block for training, with one autograd node
+//                                 (csrc/training.cpp): the MLP and the conv as the modules'
+//                                 layers compute them, in x's dtype; bn as nn.BatchNorm2d's
+//                                 F.batch_norm with these running statistics, updated in place
+//                                 (momentum bn_momentum) when bn_training. Device-agnostic: its
+//                                 CPU and CUDA kernels call the operators above
 // The backward operators return the gradient of x in x's memory format, and an empty tensor
 // for the gradient of an absent optional input. channel_pool_backward_add and
 // spatial_pool_backward_add add their gradient of x into grad_x (dense in x's memory format)
@@ -83,5 +92,11 @@ TORCH_LIBRARY(fused_cbam, m) {
       "cbam_inference(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, "
       "Tensor? fc2_bias, str pooling, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_mean, "
       "Tensor? bn_var, Tensor? bn_weight, Tensor? bn_bias, float bn_eps, bool max_first) -> Tensor",
+      any_layout);
+  m.def(
+      "cbam_training(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, "
+      "Tensor? fc2_bias, str pooling, Tensor conv_weight, Tensor? conv_bias, Tensor(a!)? bn_mean, "
+      "Tensor(b!)? bn_var, Tensor? bn_weight, Tensor? bn_bias, float bn_eps, bool max_first, "
+      "bool bn_training, float bn_momentum) -> Tensor",
       any_layout);
 }

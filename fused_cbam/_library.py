@@ -15,7 +15,7 @@ REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -e .  (from th
 # whose parameters are the operator's arguments as the package passes them: a library built
 # before an operator existed, or before it took those arguments (a checkout pulled, not rebuilt),
 # is refused, with the rebuild hint, instead of failing at the first call.
-OPERATORS = tuple(_registrations.FAKES)
+OPERATORS = tuple(_registrations.LIBRARY_FAKES)
 
 
 def build_info() -> dict:

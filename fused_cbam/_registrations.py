@@ -143,6 +143,13 @@ def _fake_cbam_inference(
     return empty_like_x(x)
 
 
+def _fake_cbam_training(
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight, conv_bias, bn_mean, bn_var, bn_weight,
+    bn_bias, bn_eps, max_first, bn_training, bn_momentum,
+):  # fmt: skip
+    return empty_like_x(x)
+
+
 # Every operator's fake kernel; their parameters are the operators' arguments (``arguments``).
 FAKES = {
     "channel_pool": _fake_channel_pool,
@@ -157,11 +164,13 @@ FAKES = {
     "channel_gate_backward": _fake_channel_gate_backward,
     "cbam_inference": _fake_cbam_inference,
 }
+# The operators of the C++ library alone (device-agnostic C++ over the others: csrc/training.cpp).
+LIBRARY_FAKES = {**FAKES, "cbam_training": _fake_cbam_training}
 
 
 def arguments(name: str) -> list[str]:
     """The argument names of operator ``name`` as the package calls it: its fake kernel's."""
-    return list(inspect.signature(FAKES[name]).parameters)
+    return list(inspect.signature(LIBRARY_FAKES[name]).parameters)
 
 
 def _setup_cbam_inference(ctx, inputs, output):
@@ -213,7 +222,7 @@ def register(namespace: str, library_autograd: bool = False) -> None:
     ``library_autograd`` (the C++ library, which registers its own: csrc/autograd.cpp) only for
     the operators that have none: a library built before it had them all (a checkout pulled, not
     rebuilt) gets the Python autograd for those, rather than silently no gradients."""
-    for name, fake in FAKES.items():
+    for name, fake in (LIBRARY_FAKES if library_autograd else FAKES).items():
         operator = getattr(getattr(torch.ops, namespace), name)
         torch.library.register_fake(f"{namespace}::{name}", _on_one_device(fake, operator))
     for name, (backward, setup_context) in _autograd(getattr(torch.ops, namespace)).items():

@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from helpers import skip_unless_available  # noqa: E402
 
 # The reference is the ground truth in float32: TF32 convolutions (cuDNN's default on Ampere and
 # later) would round the inputs of the spatial gate's conv to 10 bits, so two float32 inputs
@@ -54,3 +55,10 @@ def poison():
     yield
     torch.use_deterministic_algorithms(old)
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+@pytest.fixture
+def available_backend(backend):
+    """Skips a test whose ``backend`` parameter names a backend that cannot run here (for
+    ``pytest.mark.usefixtures`` in modules whose every test runs on each backend)."""
+    skip_unless_available(backend)

@@ -144,9 +144,12 @@ SIGMOID_LAYOUTS = {
 @pytest.mark.parametrize("layout", list(SIGMOID_LAYOUTS))
 def test_the_training_path_runs_the_gate_operator(backend, device, layout):
     """On the compiled backends; the Triton backend keeps PyTorch's sum and sigmoid (its custom
-    operators cost more host time than they do), with the same gradients."""
+    operators cost more host time than they do), with the same gradients. A block that the
+    whole-block training operator computes (``cbam_training``, the compiled backends') takes the
+    gate operator for one pooled vector too."""
     skip_unless_available(backend)
     make, fused_gate = SIGMOID_LAYOUTS[layout]
+    fused_gate = fused_gate or layout in ("timm-light", "ultralytics")
     fused, ref = fused_and_reference(make, backend, device)
     x = torch.randn(2, 16, 5, 6, device=device).to(memory_format=torch.channels_last).requires_grad_()
     ref_x = x.detach().clone().requires_grad_()

@@ -20,16 +20,13 @@ from helpers import (
     fused_and_reference,
     make_input,
     operator_namespace,
-    skip_unless_available,
 )
 
 # Every test runs on each backend with the two operators that add into the gradient of x.
-pytestmark = pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
-
-
-@pytest.fixture(autouse=True)
-def _available(backend):
-    skip_unless_available(backend)
+pytestmark = [
+    pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS),
+    pytest.mark.usefixtures("available_backend"),
+]
 
 
 def _assert_matches(got, want, atol):

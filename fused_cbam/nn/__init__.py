@@ -15,10 +15,12 @@ fused core they all share; each half can also be called alone, as in the code it
 Where nothing needs a gradient (eval mode under ``no_grad`` or ``inference_mode``), the backend
 computes a whole block in one operator instead, ``cbam_inference`` (C++ CPU, CUDA or Triton),
 fed from each module's ``_plain()`` (None when the module, as configured, is not one that
-operator computes). ``fused_cbam.convert`` puts the modules in place of a model's own modules.
+operator computes); in eager training, on the C++ CPU and CUDA backends, in one operator with
+one autograd node, ``cbam_training``, fed from ``_plain(training=True)``. ``fused_cbam.convert``
+puts the modules in place of a model's own modules.
 
 Modules: ``core`` (the shared core and the base classes), one per layout (``official``,
-``timm``, ``ultralytics``, ``mmyolo``), and ``inference_args`` (``cbam_inference``'s arguments).
+``timm``, ``ultralytics``, ``mmyolo``), and ``inference_args`` (the two operators' arguments).
 The classes are all importable from here too, under the names that whole modules pickled before
 the split (c396736 and before, when this was one module) refer to: ``Parts``, ``Flatten``,
 ``BasicConv`` and ``ConvAct`` among them.

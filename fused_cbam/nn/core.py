@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_cbam import backends
-from fused_cbam.nn.inference_args import is_sigmoid
+from fused_cbam.nn.inference_args import batch_norm_step, is_sigmoid
 from fused_cbam.ops import check_input
 
 
@@ -250,7 +250,7 @@ class ChannelHalf(Half):
         if self.gate_part is None:
             return True
         part = getattr(self, self.gate_part)
-        hooked = isinstance(part, nn.Module) and (_runs_more_than_its_forward(part) or _has_backward_hooks(part))
+        hooked = isinstance(part, nn.Module) and _runs_more_than_its_forward(part)
         return is_sigmoid(part) and not hooked
 
     def forward(self, x: Tensor) -> Tensor:
@@ -308,6 +308,8 @@ class FusedBlock(GateInspection, nn.Module):
         check_block_input(x, channel.channels)
         traced = isinstance(x, torch.fx.Proxy)  # FX tracing: the training path, nothing kept
         out = None if traced else self._inference(x)
+        if out is None and not traced:
+            out = self._training(x)
         if out is not None:
             return out
         out, channel_gate, spatial_gate = fused_cbam_forward(x, operators(self, x, one_grad=True), channel, spatial)
@@ -315,10 +317,47 @@ class FusedBlock(GateInspection, nn.Module):
             self._keep(channel_gate, spatial_gate)
         return out
 
-    def _plain(self) -> list | None:
-        """The arguments of ``cbam_inference`` after x when the module is, as configured now, a
-        block that operator computes; None otherwise (the default)."""
+    def _plain(self, training: bool = False) -> list | None:
+        """The arguments of ``cbam_inference`` after x (with ``training``, of ``cbam_training``,
+        the BatchNorm module last: ``plain_conv``) when the module is, as configured now, a block
+        that operator computes; None otherwise (the default)."""
         return None
+
+    def _operator_args(self, x: Tensor, training: bool = False) -> list | None:
+        """``_plain(training)``, where a whole-block operator may stand for the parts: it reads
+        their weights directly, so not where a part runs more than its forward (pruning's or
+        weight_norm's pre-hooks recompute .weight; hooks), nor for a subclass of a half (which may
+        compute its gate otherwise), nor for parameters in another dtype than x (the parts' own
+        forward raises, or mixes dtypes, as the original's does; the operator would cast them
+        silently)."""
+        if _parts_run_more_than_their_forward(self) or any(
+            half is not None and type(half) not in self.half_classes for half in self._halves()
+        ):
+            return None
+        args = self._plain(training)
+        if args is None or any(isinstance(a, Tensor) and a.dtype != x.dtype for a in args):
+            return None
+        return args
+
+    def _training(self, x: Tensor) -> Tensor | None:
+        """The whole block in one operator with one autograd node (``cbam_training``, the C++
+        backends'), in eager mode: a step records one operator and one node instead of some
+        fourteen, with their Python (the module calls, autograd.Function's), and its backward
+        fills one gradient of x as ``OneGradBackend`` does. Not with the kept gates; not under
+        torch.compile, export or torch.jit.trace, whose graphs keep the three operators and the
+        parts; not under autocast (as ``_inference``), nor in a torch.func transform or with a
+        forward-mode tangent (the backend is then the reference). Nothing here needs a gradient:
+        with BatchNorm in training mode and none needed, it runs the forward alone."""
+        if self.keep_gates or x.numel() == 0 or torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing():
+            return None
+        operator = backends.resolve(self.backend, x).cbam_training
+        if operator is None or torch.is_autocast_enabled(x.device.type):
+            return None
+        args = self._operator_args(x, training=True)
+        if args is None:
+            return None
+        *args, bn = args
+        return operator(x, *args, *batch_norm_step(bn))
 
     def _inference(self, x: Tensor) -> Tensor | None:
         """The whole block in one operator, when neither a gradient nor the kept gates are needed,
@@ -339,24 +378,14 @@ class FusedBlock(GateInspection, nn.Module):
         operator = backends.resolve(self.backend, x).cbam_inference
         if operator is None or torch.is_autocast_enabled(x.device.type):  # (only cpu, cuda get here)
             return None
-        # The operator reads the parts' weights directly: a part with hooks (pruning's or
-        # weight_norm's pre-hooks recompute .weight) must run its own forward.
-        if _parts_run_more_than_their_forward(self) or any(
-            half is not None and type(half) not in self.half_classes for half in self._halves()
-        ):  # (a subclass of a half may compute its gate otherwise)
-            return None
-        args = self._plain()
-        # Parameters in another dtype than x: the parts' own forward raises (or mixes dtypes) as
-        # the original's does; the operator would cast them silently.
-        if args is None or any(isinstance(a, Tensor) and a.dtype != x.dtype for a in args):
-            return None
-        return operator(x, *args)
+        args = self._operator_args(x)
+        return None if args is None else operator(x, *args)
 
 
 def _parts_run_more_than_their_forward(module: nn.Module) -> bool:
     """Whether calling a submodule of ``module``, at any depth, runs more than its class's
     forward (``_runs_more_than_its_forward``). A walk without the names that ``modules()``
-    builds: this runs at every eval-mode call."""
+    builds: this runs at every call that a whole-block operator may serve."""
     if _global_hooks():
         return True
     parts = list(module._modules.values())
@@ -371,21 +400,16 @@ def _parts_run_more_than_their_forward(module: nn.Module) -> bool:
 
 
 def _runs_more_than_its_forward(part: nn.Module) -> bool:
-    """Whether calling ``part`` runs more than its class's forward: forward hooks (global ones
-    too), a forward set on the instance (accelerate's offloading wraps it so), a class with its
-    own ``__call__``."""
+    """Whether calling ``part`` runs more than its class's forward: hooks, forward or backward
+    (global ones too), a forward set on the instance (accelerate's offloading wraps it so), a class
+    with its own ``__call__``."""
     return _global_hooks() or _has_own_call(part)
 
 
 def _global_hooks() -> bool:
-    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
-
-
-def _has_backward_hooks(part: nn.Module) -> bool:
-    """Backward hooks on ``part`` or on every module: calling it would run them."""
     hooks = torch.nn.modules.module
     return bool(
-        part._backward_hooks or part._backward_pre_hooks or hooks._global_backward_hooks
+        hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
         or hooks._global_backward_pre_hooks
     )  # fmt: skip
 
@@ -398,6 +422,8 @@ def _has_own_call(part: nn.Module) -> bool:
     return bool(
         part._forward_pre_hooks
         or part._forward_hooks
+        or part._backward_hooks
+        or part._backward_pre_hooks
         or "forward" in part.__dict__
         or cls.__call__ is not _MODULE_CALL
         or cls._call_impl is not _MODULE_CALL_IMPL

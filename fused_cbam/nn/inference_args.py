@@ -1,6 +1,6 @@
-"""The arguments of ``cbam_inference`` after x (its schema, in csrc/ops.cpp, has the formulas):
-each layout's ``_plain()`` gathers them from its parts with these, or says None when its block,
-as configured, is not one that operator computes."""
+"""The arguments of ``cbam_inference`` and ``cbam_training`` after x (their schemas, in
+csrc/ops.cpp, have the formulas): each layout's ``_plain()`` gathers them from its parts with
+these, or says None when its block, as configured, is not one those operators compute."""
 
 import torch
 from torch import nn
@@ -25,11 +25,14 @@ def plain_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module, pooling: str = "su
     return [fc1.weight, fc1.bias, fc2.weight, fc2.bias, pooling]
 
 
-def plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list | None:
+def plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order, training: bool = False) -> list | None:
     """[weight, bias, BN running mean, running var, weight, bias, eps, max_first] of the spatial
     conv (2 -> 1 channels, or 1 -> 1 over 0.5·mean + 0.5·max; odd square kernel, 'same' zero
     padding) and its eval-mode BatchNorm (the operator folds it in); None for any other conv, or
-    a BatchNorm using batch statistics."""
+    a BatchNorm using batch statistics. With ``training`` (``cbam_training``'s), a BatchNorm in
+    either mode (tracking its running statistics in training), and the BatchNorm module (or None)
+    last: its forward's step before the normalisation is the caller's (``batch_norm_step``). A
+    BatchNorm without running statistics gives None in both."""
     k = conv.kernel_size if type(conv) is nn.Conv2d else (0, 0)
     if (
         k[0] != k[1] or k[0] % 2 == 0 or conv.in_channels not in (1, 2) or conv.out_channels != 1
@@ -38,11 +41,25 @@ def plain_conv(conv: nn.Module, bn: nn.Module | None, pool_order) -> list | None
         return None
     if bn is None:
         norm = [None, None, None, None, 0.0]
-    elif is_plain_batch_norm(bn) and not bn.training and bn.running_mean is not None:
+    elif is_plain_batch_norm(bn) and bn.running_mean is not None and (not bn.training or training and bn.track_running_stats):
         norm = [bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps]
     else:
         return None
-    return [conv.weight, conv.bias, *norm, tuple(pool_order) == ("max", "mean")]
+    return [conv.weight, conv.bias, *norm, tuple(pool_order) == ("max", "mean"), *([bn] if training else [])]
+
+
+def batch_norm_step(bn: nn.Module | None) -> tuple[bool, float]:
+    """(training, momentum) for ``cbam_training``, after what nn.BatchNorm2d's forward (and timm's
+    BatchNormAct2d's) does before it normalises: count the batch in training, and take the
+    cumulative average's factor when its momentum is None."""
+    if bn is None:
+        return False, 0.0
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return bn.training, momentum
 
 
 def is_plain_batch_norm(bn: nn.Module) -> bool:
@@ -53,7 +70,7 @@ def is_plain_batch_norm(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and is_timm_class(bn, "BatchNormAct2d") and act_free
 
 
-def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
+def plain_conv_bn(module: nn.Module, pool_order, training: bool = False) -> list | None:
     """``plain_conv`` of a conv-then-BatchNorm module (ours, or the one ``convert`` adopted from
     the user's model, e.g. timm's ConvNormAct): None unless its children are exactly ``conv`` and
     ``bn``, so that a module with an activation (or anything else) after them keeps its forward."""
@@ -62,7 +79,7 @@ def plain_conv_bn(module: nn.Module, pool_order) -> list | None:
     children = {name: child for name, child in module._modules.items() if child is not None}
     if children.keys() != {"conv", "bn"} or not is_plain_batch_norm(children["bn"]):
         return None
-    return plain_conv(children["conv"], children["bn"], pool_order)
+    return plain_conv(children["conv"], children["bn"], pool_order, training)
 
 
 def forward_is(module: nn.Module, known) -> bool:

@@ -186,7 +186,7 @@ class MMYoloCBAM(FusedBlock):
     def _halves(self) -> tuple[MMYoloChannelAttention, MMYoloSpatialAttention]:
         return self.channel_attention, self.spatial_attention
 
-    def _plain(self) -> list | None:
+    def _plain(self, training: bool = False) -> list | None:
         fc = self.channel_attention.fc
         conv = self.spatial_attention.conv
         if type(fc) is not nn.Sequential or len(fc) != 2:
@@ -199,4 +199,4 @@ class MMYoloCBAM(FusedBlock):
             return None
         mlp = plain_mlp(fc1.conv, attribute(fc1, "activate"), fc2.conv)
         activate = attribute(conv, "activate")
-        return plain_block(mlp, plain_conv(conv.conv, None, ("mean", "max")), self.channel_attention.sigmoid, activate)
+        return plain_block(mlp, plain_conv(conv.conv, None, ("mean", "max"), training), self.channel_attention.sigmoid, activate)

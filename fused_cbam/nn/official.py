@@ -161,7 +161,7 @@ class CBAM(FusedBlock):
     def _halves(self) -> tuple[ChannelGate, SpatialGate | None]:
         return self.ChannelGate, None if self.no_spatial else self.SpatialGate
 
-    def _plain(self) -> list | None:
+    def _plain(self, training: bool = False) -> list | None:
         pools = sorted(self.ChannelGate.pool_types)
         if self.no_spatial or pools not in (["avg"], ["avg", "max"]):
             return None
@@ -175,4 +175,4 @@ class CBAM(FusedBlock):
         if not (torch_flatten or forward_is(flatten, Flatten.forward) or forward_is(flatten, _official_flatten)):
             return None
         parts = plain_mlp(fc1, act, fc2, "sum" if "max" in pools else "avg")
-        return plain_block(parts, plain_conv_bn(spatial, SpatialGate.pool_order))
+        return plain_block(parts, plain_conv_bn(spatial, SpatialGate.pool_order, training))

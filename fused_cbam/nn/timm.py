@@ -154,11 +154,11 @@ class _TimmCbam(FusedBlock):
     def _halves(self) -> tuple[ChannelAttn, SpatialAttn]:
         return self.channel, self.spatial
 
-    def _plain(self) -> list | None:
+    def _plain(self, training: bool = False) -> list | None:
         c, s = self.channel, self.spatial
         # The spatial conv module: ours, or timm's ConvNormAct that convert took over (conv, bn).
         known = forward_is(s.conv, BasicConv.forward) or is_timm_class(s.conv, "ConvNormAct")
-        conv = plain_conv_bn(s.conv, s.pool_order) if known else None
+        conv = plain_conv_bn(s.conv, s.pool_order, training) if known else None
         # The light variant: one MLP pass over 0.5·avg + 0.5·max, and timm's fixed sigmoid
         # channel gate (gate_layer is not used there).
         mlp = plain_mlp(c.fc1, c.act, c.fc2, "mix" if self.light else "sum")

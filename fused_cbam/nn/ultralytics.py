@@ -61,7 +61,7 @@ class UltralyticsCBAM(FusedBlock):
     def _halves(self) -> tuple[UltralyticsChannelAttention, UltralyticsSpatialAttention]:
         return self.channel_attention, self.spatial_attention
 
-    def _plain(self) -> list | None:
+    def _plain(self, training: bool = False) -> list | None:
         ca, sa = self.channel_attention, self.spatial_attention
         mlp = [ca.fc.weight, ca.fc.bias, None, None, "avg"] if is_pointwise(ca.fc) else None
-        return plain_block(mlp, plain_conv(sa.cv1, None, ("mean", "max")), ca.act, sa.act)
+        return plain_block(mlp, plain_conv(sa.cv1, None, ("mean", "max"), training), ca.act, sa.act)

@@ -1,0 +1,259 @@
+"""The whole-block training operator ``cbam_training`` (csrc/training.cpp) that the C++ backends'
+blocks take in eager mode: against the reference backend (output, every gradient, the BatchNorm's
+running statistics and batch count), where it is taken and where the block keeps its own path."""
+
+import pytest
+import torch
+from torch import nn
+
+import fused_cbam
+from helpers import (
+    COMPILED_BACKENDS,
+    TOLERANCE,
+    assert_close,
+    fused_and_reference,
+    make_input,
+)
+
+pytestmark = [
+    pytest.mark.parametrize("backend,device", COMPILED_BACKENDS),
+    pytest.mark.usefixtures("available_backend"),
+]
+
+
+# Every layout the operator computes, with a hidden size that is not a power of two.
+LAYOUTS = {
+    "official": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=3, **kw),
+    "official-avg": lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=3, pool_types=("avg",), **kw),
+    "timm": lambda c, **kw: fused_cbam.nn.CbamModule(c, rd_channels=5, mlp_bias=True, **kw),
+    "timm-light": lambda c, **kw: fused_cbam.nn.LightCbamModule(c, rd_channels=5, **kw),
+    "ultralytics": lambda c, **kw: fused_cbam.nn.UltralyticsCBAM(c, **kw),
+    "mmyolo": lambda c, **kw: fused_cbam.nn.MMYoloCBAM(c, reduce_ratio=3, **kw),
+}
+
+
+def _takes_the_operator(out: torch.Tensor) -> bool:
+    return out.grad_fn is not None and "CbamTraining" in out.grad_fn.name()
+
+
+def _step(module, x, grad_out):
+    """Output, gradient of x and of every parameter, and every buffer, after one training step."""
+    x = x.detach().clone().requires_grad_()
+    out = module(x)
+    out.backward(grad_out)
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    return out, x.grad, grads, dict(module.named_buffers())
+
+
+def _assert_steps_match(got, want, dtype):
+    (out, grad_x, grads, buffers), (ref_out, ref_grad_x, ref_grads, ref_buffers) = got, want
+    atol = TOLERANCE[dtype] * 4
+    assert_close(out, ref_out, atol, "out", rounded_once=False)
+    assert_close(grad_x, ref_grad_x, atol, "grad of x", rounded_once=False)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], atol * 4, f"grad of {name}", rounded_once=False)
+    for name, buffer in buffers.items():
+        if buffer.is_floating_point():
+            assert_close(buffer, ref_buffers[name], atol, name, rounded_once=False)
+        else:
+            assert torch.equal(buffer, ref_buffers[name]), name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_training_steps_match_the_reference(layout, memory_format, dtype, backend, device):
+    """Two steps in training mode (the running statistics move), then, in float32, one in eval
+    mode with a gradient (BatchNorm then normalises with them, and its backward differs). Each
+    step starts from the same state on both sides. Not the eval step in 16 bits: there (official
+    layout, bfloat16) one channel's gate is a rounding apart from the reference's (0.5469 against
+    0.5430: the reference rounds the MLP's two logits and their sum, the fused gate once), which
+    moves a pixel's maximum at a near tie to another channel, with its whole gradient (0.235 off
+    in the gradient of x); the module's own three-operator path gives the same, bit for bit."""
+    fused, reference = fused_and_reference(LAYOUTS[layout], backend, device)
+    fused, reference = fused.to(dtype), reference.to(dtype)
+    for train in (True, True, False) if dtype == torch.float32 else (True, True):
+        reference.load_state_dict(fused.state_dict())
+        fused.train(train)
+        reference.train(train)
+        x = make_input((3, 16, 7, 9), dtype, device, memory_format)
+        grad_out = torch.randn(x.shape, dtype=dtype, device=device)
+        got = _step(fused, x, grad_out)
+        assert _takes_the_operator(got[0]), got[0].grad_fn
+        _assert_steps_match(got, _step(reference, x, grad_out), dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 4, 4), (3, 5, 1, 1), (1, 33, 3, 5), (2, 300, 3, 3)], ids=str)
+def test_odd_shapes(shape, backend, device):
+    """One channel, a single pixel per sample (BatchNorm still has N values), a channel count
+    that is no multiple of a vector, more channels than one CPU block."""
+    make = lambda c, **kw: fused_cbam.nn.CBAM(c, reduction_ratio=1, **kw)  # noqa: E731
+    fused, reference = fused_and_reference(make, backend, device, channels=shape[1])
+    x = make_input(shape, torch.float32, device, "channels_last")
+    grad_out = torch.randn_like(x)
+    got = _step(fused, x, grad_out)
+    assert _takes_the_operator(got[0])
+    _assert_steps_match(got, _step(reference, x, grad_out), torch.float32)
+
+
+def test_momentum_none_averages_over_the_batches_seen(backend, device):
+    fused, reference = fused_and_reference(LAYOUTS["timm"], backend, device)
+    for module in (fused, reference):
+        module.spatial.conv.bn.momentum = None
+    for _ in range(3):
+        x = make_input((2, 16, 5, 6), torch.float32, device)
+        grad_out = torch.randn_like(x)
+        _assert_steps_match(_step(fused, x, grad_out), _step(reference, x, grad_out), torch.float32)
+    assert fused.spatial.conv.bn.num_batches_tracked.item() == 3
+
+
+def test_gradients_of_the_parameters_alone_and_of_x_alone(backend, device):
+    """x without a gradient (the first layer, or a frozen stem), then frozen parameters."""
+    fused, reference = fused_and_reference(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 6, 5), torch.float32, device)
+    out = fused(x)
+    assert _takes_the_operator(out)
+    out.square().sum().backward()
+    reference(x).square().sum().backward()
+    for (name, p), rp in zip(fused.named_parameters(), reference.parameters()):
+        assert_close(p.grad, rp.grad, 1e-4, f"grad of {name}")
+    fused.requires_grad_(False)
+    reference.requires_grad_(False)
+    xa, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused(xa).square().sum().backward()
+    reference(xr).square().sum().backward()
+    assert_close(xa.grad, xr.grad, 1e-4, "grad of x")
+
+
+def test_no_gradient_needed_in_training_mode(backend, device):
+    """Training mode under no_grad (a validation loop that forgot eval()): the forward alone,
+    the running statistics updated as BatchNorm updates them."""
+    fused, reference = fused_and_reference(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 6, 5), torch.float32, device)
+    with torch.no_grad():
+        out, ref_out = fused(x), reference(x)
+    assert_close(out, ref_out, 1e-4, "out")
+    for (name, b), rb in zip(fused.named_buffers(), reference.buffers()):
+        assert_close(b, rb, 1e-5, name)
+
+
+def test_batch_norm_refuses_one_value_per_channel_as_batch_norm_does(backend, device):
+    fused, _ = fused_and_reference(LAYOUTS["official"], backend, device)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(make_input((1, 16, 1, 1), torch.float32, device, requires_grad=True))
+
+
+def test_double_backward_is_refused(backend, device):
+    fused, _ = fused_and_reference(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 4, 4), torch.float32, device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+
+
+def test_a_shared_module_twice_and_two_backward_passes(backend, device):
+    fused, reference = fused_and_reference(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 6, 5), torch.float32, device)
+    grad_out = torch.randn_like(x)
+
+    def grads(module):
+        xr = x.clone().requires_grad_()
+        out = xr + module(module(xr))
+        for _ in range(2):
+            out.backward(grad_out, retain_graph=True)
+        return xr.grad, [p.grad for p in module.parameters()]
+
+    (grad_x, param_grads), (ref_grad_x, ref_param_grads) = grads(fused), grads(reference)
+    assert_close(grad_x, ref_grad_x, 1e-4, "grad of x")
+    for i, (g, rg) in enumerate(zip(param_grads, ref_param_grads)):
+        assert_close(g, rg, 4e-4, f"grad of parameter {i}")
+
+
+def _hooked(module):
+    module.spatial.conv.register_full_backward_hook(lambda *args: None)
+
+
+def _pre_hooked(module):
+    module.spatial.conv.conv.register_forward_pre_hook(lambda *args: None)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(lambda m, x: m.__setattr__("keep_gates", True), id="kept-gates"),
+        pytest.param(lambda m, x: _hooked(m), id="backward-hook-on-a-part"),
+        pytest.param(lambda m, x: _pre_hooked(m), id="forward-pre-hook-on-a-part"),
+        pytest.param(lambda m, x: m.spatial.conv.bn.__setattr__("track_running_stats", False), id="bn-no-stats"),
+    ],
+)
+def test_the_block_keeps_its_own_path_where_the_operator_cannot_stand_for_it(case, backend, device):
+    fused, reference = fused_and_reference(LAYOUTS["timm"], backend, device)
+    x = make_input((2, 16, 5, 6), torch.float32, device)
+    case(fused, x)
+    case(reference, x)
+    grad_out = torch.randn_like(x)
+    got = _step(fused, x, grad_out)
+    assert not _takes_the_operator(got[0]), got[0].grad_fn
+    _assert_steps_match(got, _step(reference, x, grad_out), torch.float32)
+
+
+def test_autocast_keeps_the_blocks_own_path(backend, device):
+    fused, _ = fused_and_reference(LAYOUTS["official"], backend, device)
+    x = make_input((2, 16, 5, 6), torch.float32, device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = fused(x)
+    assert not _takes_the_operator(out)
+
+
+def test_opcheck(backend, device):
+    """The operator's schema (running statistics mutated), fake kernel and autograd registration,
+    with and without a gradient, BatchNorm in training and in eval mode, and with no BatchNorm."""
+    module = LAYOUTS["official"](16).to(device)
+    ultralytics = LAYOUTS["ultralytics"](16).to(device)
+    for block, train in ((module, True), (module, False), (ultralytics, True)):
+        block.train(train)
+        *args, bn = block._plain(training=True)
+        step = fused_cbam.nn.inference_args.batch_norm_step(bn)
+        for requires_grad in (False, True):
+            x = make_input((2, 16, 5, 6), torch.float32, device, "channels_last", requires_grad)
+            torch.library.opcheck(torch.ops.fused_cbam.cbam_training, (x, *args, *step))
+
+
+def test_gradcheck_in_float64(backend, device):
+    module = LAYOUTS["timm"](6).to(device).double()
+    *args, bn = module._plain(training=True)
+    step = fused_cbam.nn.inference_args.batch_norm_step(bn)
+    inputs = [make_input((2, 6, 4, 3), torch.float64, device, requires_grad=True)]
+    # The running statistics stay out of gradcheck: every evaluation updates them.
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def block(x, *params):
+        full = list(args)
+        for i, p in zip(positions, params):
+            full[i] = p
+        return torch.ops.fused_cbam.cbam_training(x, *full, *step)
+
+    params = [args[i].detach().clone().requires_grad_() for i in positions]
+    assert torch.autograd.gradcheck(block, (*inputs, *params), atol=1e-6)
+
+
+def test_refuses_a_pooling_it_does_not_know(backend, device):
+    module = LAYOUTS["official"](16).to(device)
+    *args, bn = module._plain(training=True)
+    args[4] = "lse"
+    x = make_input((2, 16, 5, 6), torch.float32, device)
+    with pytest.raises(RuntimeError, match="pooling: expected"):
+        torch.ops.fused_cbam.cbam_training(x, *args, *fused_cbam.nn.inference_args.batch_norm_step(bn))
+
+
+def test_bn_module_subclass_keeps_its_own_path(backend, device):
+    """A BatchNorm subclass may normalise otherwise: the operator never stands for it."""
+
+    class MyNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    fused, reference = fused_and_reference(LAYOUTS["timm"], backend, device)
+    fused.spatial.conv.bn = MyNorm(1).to(device)
+    out = fused(make_input((2, 16, 5, 6), torch.float32, device, requires_grad=True))
+    assert not _takes_the_operator(out)
