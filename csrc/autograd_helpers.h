@@ -22,14 +22,13 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 // The backward operators have no derivatives of their own: say so instead of returning
 // gradients that silently lack their second-order terms.
+constexpr const char* kNoDoubleBackward =
+    "fused_cbam operators do not support double backward (create_graph=True); use "
+    "backend='reference' for higher-order gradients";
+
 inline void refuse_double_backward(std::initializer_list<at::Tensor> tensors) {
   if (!at::GradMode::is_enabled()) return;
-  for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(
-        !(t.defined() && t.requires_grad()),
-        "fused_cbam operators do not support double backward (create_graph=True); use "
-        "backend='reference' for higher-order gradients");
-  }
+  for (const at::Tensor& t : tensors) TORCH_CHECK(!(t.defined() && t.requires_grad()), kNoDoubleBackward);
 }
 
 // Saved tensors cannot be optional: an absent gate or scale is saved as an undefined tensor.

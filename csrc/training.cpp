@@ -75,7 +75,7 @@ Forward block_forward(
     const OptionalTensor& fc2_weight, const OptionalTensor& fc2_bias, c10::string_view pooling,
     const at::Tensor& conv_weight, const OptionalTensor& conv_bias, const OptionalTensor& bn_mean,
     const OptionalTensor& bn_var, const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
-    double bn_eps, bool max_first, bool bn_training, double bn_momentum) {
+    double bn_eps, bool max_first, bool bn_training, double bn_momentum, bool for_backward) {
   static const auto channel_pool =
       op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&)>("fused_cbam::channel_pool");
   static const auto channel_gate = op<at::Tensor(const at::Tensor&)>("fused_cbam::channel_gate");
@@ -89,6 +89,8 @@ Forward block_forward(
   check_spatial_conv(conv_weight);
   TORCH_CHECK(bn_mean.has_value() == bn_var.has_value(),
               "bn_mean, bn_var: expected both running statistics or neither");
+  TORCH_CHECK(bn_mean.has_value() || !(bn_weight.has_value() || bn_bias.has_value()),
+              "bn_weight, bn_bias: a BatchNorm needs its running statistics, bn_mean and bn_var");
 
   auto [avg, max, channel_argmax] = channel_pool.call(x);
   // The MLP's input: the pooled vectors stacked along the batch (one batched MLP call).
@@ -104,10 +106,10 @@ Forward block_forward(
 
   auto [maps, spatial_argmax] = spatial_pool.call(x, gate, max_first);
   // A 1-channel conv takes 0.5·mean + 0.5·max, as the sum of the halved maps (core.py's
-  // spatial_gate_of_maps). On the CPU in channels_last strides: oneDNN's backward over NCHW maps
-  // pads them to 16 channels (core.py's _spatial_conv_layout).
+  // spatial_gate_of_maps). On the CPU, where a gradient will flow, in channels_last strides:
+  // oneDNN's backward over NCHW maps pads them to 16 channels (core.py's _spatial_conv_layout).
   at::Tensor conv_input = conv_weight.size(1) == 1 ? (maps * 0.5).sum(1, /*keepdim=*/true) : maps;
-  if (x.is_cpu()) conv_input = conv_input.clone(at::MemoryFormat::ChannelsLast);
+  if (x.is_cpu() && for_backward) conv_input = conv_input.clone(at::MemoryFormat::ChannelsLast);
   const at::Tensor conv_out = at::convolution(conv_input, conv_weight, conv_bias, kOnes,
                                               same_padding(conv_weight), kOnes, false, kZeros, 1);
 
@@ -126,9 +128,12 @@ Forward block_forward(
     result.saved[sBnSaveMean] = save_mean;
     result.saved[sBnSaveInvstd] = save_invstd;
     result.saved[sBnReserve] = reserve;
-    if (!bn_training) {  // read by the backward only in eval mode; in training updated in place
-      result.saved[sBnMean] = *bn_mean;
-      result.saved[sBnVar] = *bn_var;
+    // Read by the backward in eval mode only. Copies (one value each): the module's next
+    // forward in training mode updates the statistics in place before this backward may run,
+    // without a version bump (ATen's BatchNorm makes none either).
+    if (!bn_training && for_backward) {
+      result.saved[sBnMean] = bn_mean->clone();
+      result.saved[sBnVar] = bn_var->clone();
     }
   }
   const at::Tensor spatial_gate = at::sigmoid(spatial_logits);
@@ -150,6 +155,13 @@ Forward block_forward(
   return result;
 }
 
+// cuDNN's BatchNorm reserve space, as its backward may take it: autograd's own formula hands it
+// a copy where the graph is retained (a second backward reads it again); a node here cannot see
+// retain_graph, so always a copy (empty on the CPU; small on CUDA: one channel).
+at::Tensor reserve_copy(const at::Tensor& reserve) {
+  return reserve.defined() && reserve.numel() > 0 ? reserve.clone() : reserve;
+}
+
 class CbamTraining : public torch::autograd::Function<CbamTraining> {
  public:
   static at::Tensor forward(
@@ -162,11 +174,7 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Forward f = block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight,
                               conv_bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,
-                              bn_training, bn_momentum);
-    if (bn_mean.has_value() && bn_training) {  // changed in place below autograd: say so to autograd
-      torch::autograd::impl::bump_version(*bn_mean);
-      torch::autograd::impl::bump_version(*bn_var);
-    }
+                              bn_training, bn_momentum, /*for_backward=*/true);
     // Autograd's edges are the defined tensor arguments: their positions, for needs_input_grad.
     const std::array<const OptionalTensor*, 8> optional = {
         &fc1_bias, &fc2_weight, &fc2_bias, &conv_bias, &bn_mean, &bn_var, &bn_weight, &bn_bias};
@@ -184,7 +192,6 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
     ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["bn_impl"] = f.bn_impl;
     ctx->saved_data["has_bn"] = bn_mean.has_value();
-    ctx->saved_data["has_fc1_bias"] = fc1_bias.has_value();
     ctx->saved_data["has_conv_bias"] = conv_bias.has_value();
     ctx->save_for_backward(f.saved);
     return f.out;
@@ -208,7 +215,9 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
 
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor& x = s[sX];
-    refuse_double_backward({grads[0], x, s[sFc1Weight], s[sFc2Weight], s[sConvWeight], s[sBnWeight]});
+    // A node is built only where an input requires a gradient: under create_graph its
+    // gradients would lack their second-order terms.
+    TORCH_CHECK(!at::GradMode::is_enabled(), kNoDoubleBackward);
     const auto edges = ctx->saved_data["edges"].toIntVector();
     const auto needs = [&](int64_t argument) {
       const auto it = std::find(edges.begin(), edges.end(), argument);
@@ -230,7 +239,7 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
           present(s[sBnMean]), present(s[sBnVar]), present(s[sBnSaveMean]),
           present(s[sBnSaveInvstd]), ctx->saved_data["bn_training"].toBool(),
           ctx->saved_data["bn_eps"].toDouble(), {true, needs(kBnWeight), needs(kBnBias)},
-          s[sBnReserve]);
+          reserve_copy(s[sBnReserve]));
       grad_conv_out = grad_in;
       result[kBnWeight] = grad_weight;
       result[kBnBias] = grad_bias;
@@ -267,8 +276,9 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
     const at::Tensor& fc1_weight = s[sFc1Weight];
     if (needs(kFc1Weight)) result[kFc1Weight] = grad_hidden.t().mm(s[sRows]).view(fc1_weight.sizes());
     if (needs(kFc1Bias)) result[kFc1Bias] = grad_hidden.sum(0);
-    const at::Tensor grad_rows = grad_hidden.mm(matrix(fc1_weight));
+    if (!needs(kX)) return result;  // what remains is the gradient of x's channel pooling
 
+    const at::Tensor grad_rows = grad_hidden.mm(matrix(fc1_weight));
     const at::Tensor grad_avg = pooling == "sum" ? grad_rows.narrow(0, 0, n)
                                 : pooling == "avg" ? grad_rows
                                                    : grad_rows * 0.5;
@@ -289,7 +299,7 @@ at::Tensor cbam_training_kernel(
     double bn_eps, bool max_first, bool bn_training, double bn_momentum) {
   return block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight,
                        conv_bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,
-                       bn_training, bn_momentum)
+                       bn_training, bn_momentum, /*for_backward=*/false)
       .out;
 }
 

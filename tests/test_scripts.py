@@ -54,6 +54,15 @@ def test_spatial_conv_layouts_times_both_layouts(tmp_path):
     assert [row.split("|")[1:3] for row in rows] == [[" 2 ", " 9 "], [" 1 ", " 9 "]]
 
 
+def test_training_paths_times_the_three_paths():
+    skip_unless_available("cpu")
+    result = _run(sys.executable, "benchmarks/training_paths.py", "--shapes", "2x16x3x3", "--steps", "2", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [line.strip("| ").split(" | ") for line in result.stdout.splitlines() if line.startswith("| 2x16x3x3")]
+    assert [row[1] for row in rows] == ["forward", "forward+backward"], result.stdout
+    assert all(cell.endswith(" µs") and cell[:-3].isdigit() for row in rows for cell in row[2:]), result.stdout
+
+
 def _checkout_copy(tmp_path) -> Path:
     """The working tree as git sees it (no build outputs), as a device run receives it."""
     tree = tmp_path / "tree"

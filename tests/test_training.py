@@ -10,6 +10,7 @@ import fused_cbam
 from helpers import (
     COMPILED_BACKENDS,
     TOLERANCE,
+    OperatorLog,
     assert_close,
     fused_and_reference,
     make_input,
@@ -144,11 +145,33 @@ def test_batch_norm_refuses_one_value_per_channel_as_batch_norm_does(backend, de
         fused(make_input((1, 16, 1, 1), torch.float32, device, requires_grad=True))
 
 
-def test_double_backward_is_refused(backend, device):
-    fused, _ = fused_and_reference(LAYOUTS["official"], backend, device)
-    x = make_input((2, 16, 4, 4), torch.float32, device, requires_grad=True)
+@pytest.mark.parametrize("wanted", ["x", "a-bias-alone"])
+def test_double_backward_is_refused(wanted, backend, device):
+    """Also where only a bias requires a gradient (no tensor the backward saves does)."""
+    fused, _ = fused_and_reference(LAYOUTS["timm"], backend, device)
+    x = make_input((2, 16, 4, 4), torch.float32, device, requires_grad=wanted == "x")
+    if wanted != "x":
+        fused.requires_grad_(False)
+        fused.channel.fc2.bias.requires_grad_()
+    inputs = x if wanted == "x" else fused.channel.fc2.bias
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+        torch.autograd.grad(fused(x).sum(), inputs, create_graph=True)
+
+
+def test_an_eval_mode_graph_keeps_the_statistics_it_normalised_with(backend, device):
+    """An eval-mode forward with a gradient, then a training-mode forward of the same block
+    (which updates the running statistics in place) before the first one's backward."""
+    fused, reference = fused_and_reference(LAYOUTS["official"], backend, device)
+    x, x2 = (make_input((2, 16, 5, 6), torch.float32, device) for _ in range(2))
+    grad_out = torch.randn_like(x)
+    ref_x = x.clone().requires_grad_()
+    reference.eval()(ref_x).backward(grad_out)  # the eval-mode block's gradient, at once
+    fused_x = x.clone().requires_grad_()
+    out = fused.eval()(fused_x)
+    fused.train()(x2)
+    assert not torch.equal(fused.SpatialGate.spatial.bn.running_var, reference.SpatialGate.spatial.bn.running_var)
+    out.backward(grad_out)
+    assert_close(fused_x.grad, ref_x.grad, 1e-4, "grad of x")
 
 
 def test_a_shared_module_twice_and_two_backward_passes(backend, device):
@@ -237,13 +260,29 @@ def test_gradcheck_in_float64(backend, device):
     assert torch.autograd.gradcheck(block, (*inputs, *params), atol=1e-6)
 
 
-def test_refuses_a_pooling_it_does_not_know(backend, device):
+@pytest.mark.parametrize(
+    "position,value,message",
+    [(4, "lse", "pooling: expected"), (7, None, "bn_weight, bn_bias: a BatchNorm needs its running statistics")],
+    ids=["pooling", "bn-without-statistics"],
+)
+def test_refuses_arguments_it_cannot_compute(position, value, message, backend, device):
     module = LAYOUTS["official"](16).to(device)
     *args, bn = module._plain(training=True)
-    args[4] = "lse"
+    args[position] = value
+    if position == 7:
+        args[8] = None  # both running statistics left out, the BatchNorm's weight and bias given
     x = make_input((2, 16, 5, 6), torch.float32, device)
-    with pytest.raises(RuntimeError, match="pooling: expected"):
+    with pytest.raises(RuntimeError, match=message):
         torch.ops.fused_cbam.cbam_training(x, *args, *fused_cbam.nn.inference_args.batch_norm_step(bn))
+
+
+def test_a_backward_hook_on_a_part_keeps_the_inference_operator(backend, device):
+    """Backward hooks keep a block on its parts where a gradient may flow, not under no_grad."""
+    fused, _ = fused_and_reference(LAYOUTS["timm"], backend, device)
+    _hooked(fused)
+    with OperatorLog() as log, torch.no_grad():
+        fused.eval()(make_input((2, 16, 5, 6), torch.float32, device))
+    assert "fused_cbam.cbam_inference" in log.names, log.names
 
 
 def test_bn_module_subclass_keeps_its_own_path(backend, device):

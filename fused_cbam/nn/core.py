@@ -329,8 +329,8 @@ class FusedBlock(GateInspection, nn.Module):
         weight_norm's pre-hooks recompute .weight; hooks), nor for a subclass of a half (which may
         compute its gate otherwise), nor for parameters in another dtype than x (the parts' own
         forward raises, or mixes dtypes, as the original's does; the operator would cast them
-        silently)."""
-        if _parts_run_more_than_their_forward(self) or any(
+        silently). Backward hooks count where a gradient may flow, with ``training``."""
+        if _parts_run_more_than_their_forward(self, backward=training) or any(
             half is not None and type(half) not in self.half_classes for half in self._halves()
         ):
             return None
@@ -382,18 +382,19 @@ class FusedBlock(GateInspection, nn.Module):
         return None if args is None else operator(x, *args)
 
 
-def _parts_run_more_than_their_forward(module: nn.Module) -> bool:
+def _parts_run_more_than_their_forward(module: nn.Module, backward: bool = False) -> bool:
     """Whether calling a submodule of ``module``, at any depth, runs more than its class's
-    forward (``_runs_more_than_its_forward``). A walk without the names that ``modules()``
-    builds: this runs at every call that a whole-block operator may serve."""
-    if _global_hooks():
+    forward (``_runs_more_than_its_forward``; backward hooks count with ``backward``, where a
+    gradient may flow). A walk without the names that ``modules()`` builds: this runs at every
+    call that a whole-block operator may serve."""
+    if _global_hooks(backward):
         return True
     parts = list(module._modules.values())
     while parts:
         part = parts.pop()
         if part is None:
             continue
-        if _has_own_call(part):
+        if _has_own_call(part, backward):
             return True
         parts.extend(part._modules.values())
     return False
@@ -403,27 +404,24 @@ def _runs_more_than_its_forward(part: nn.Module) -> bool:
     """Whether calling ``part`` runs more than its class's forward: hooks, forward or backward
     (global ones too), a forward set on the instance (accelerate's offloading wraps it so), a class
     with its own ``__call__``."""
-    return _global_hooks() or _has_own_call(part)
+    return _global_hooks(backward=True) or _has_own_call(part, backward=True)
 
 
-def _global_hooks() -> bool:
+def _global_hooks(backward: bool = False) -> bool:
     hooks = torch.nn.modules.module
-    return bool(
-        hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-        or hooks._global_backward_pre_hooks
-    )  # fmt: skip
+    forward = hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+    return bool(forward or backward and (hooks._global_backward_hooks or hooks._global_backward_pre_hooks))
 
 
 _MODULE_CALL, _MODULE_CALL_IMPL = nn.Module.__call__, nn.Module._call_impl
 
 
-def _has_own_call(part: nn.Module) -> bool:
+def _has_own_call(part: nn.Module, backward: bool = False) -> bool:
     cls = type(part)
     return bool(
         part._forward_pre_hooks
         or part._forward_hooks
-        or part._backward_hooks
-        or part._backward_pre_hooks
+        or backward and (part._backward_hooks or part._backward_pre_hooks)
         or "forward" in part.__dict__
         or cls.__call__ is not _MODULE_CALL
         or cls._call_impl is not _MODULE_CALL_IMPL
