@@ -127,15 +127,35 @@ def test_odd_shapes(shape, backend, device):
     _assert_steps_match(got, _step(reference, x, grad_out), torch.float32)
 
 
-def test_momentum_none_averages_over_the_batches_seen(backend, device):
+@pytest.mark.parametrize("setting,value", [("momentum", None), ("eps", 0.1)])
+def test_batch_norm_settings_as_the_module_has_them(setting, value, backend, device):
+    """momentum None (the cumulative average over the batches seen), an eps of the module's own."""
     fused, reference = fused_and_reference(LAYOUTS["timm"], backend, device)
     for module in (fused, reference):
-        module.spatial.conv.bn.momentum = None
+        setattr(module.spatial.conv.bn, setting, value)
     for _ in range(3):
         x = make_input((2, 16, 5, 6), torch.float32, device)
         grad_out = torch.randn_like(x)
-        _assert_steps_match(_step(fused, x, grad_out), _step(reference, x, grad_out), torch.float32)
+        got = _step(fused, x, grad_out)
+        assert _takes_the_operator(got[0])
+        _assert_steps_match(got, _step(reference, x, grad_out), torch.float32)
     assert fused.spatial.conv.bn.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("layout", ["timm", "mmyolo"])  # (mmyolo: a conv bias)
+def test_each_parameter_alone_requiring_a_gradient(layout, backend, device):
+    """x without a gradient and one parameter with: the operator builds its node for it and
+    gives it the reference's gradient."""
+    fused, reference = fused_and_reference(LAYOUTS[layout], backend, device)
+    x = make_input((2, 16, 5, 6), torch.float32, device)
+    for name, parameter in fused.named_parameters():
+        fused.requires_grad_(False)
+        parameter.requires_grad_()
+        out = fused(x)
+        assert _takes_the_operator(out), name
+        (grad,) = torch.autograd.grad(out.square().sum(), parameter)
+        (want,) = torch.autograd.grad(reference(x).square().sum(), reference.get_parameter(name))
+        assert_close(grad, want, 1e-4, f"grad of {name}")
 
 
 def test_gradients_of_the_parameters_alone_and_of_x_alone(backend, device):
