@@ -15,6 +15,7 @@
 #include <array>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace fused_cbam {
@@ -175,23 +176,22 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
     Forward f = block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling, conv_weight,
                               conv_bias, bn_mean, bn_var, bn_weight, bn_bias, bn_eps, max_first,
                               bn_training, bn_momentum, /*for_backward=*/true);
-    // Autograd's edges are the defined tensor arguments: their positions, for needs_input_grad.
-    const std::array<const OptionalTensor*, 8> optional = {
-        &fc1_bias, &fc2_weight, &fc2_bias, &conv_bias, &bn_mean, &bn_var, &bn_weight, &bn_bias};
-    const std::array<int64_t, 8> positions = {kFc1Bias, kFc2Weight, kFc2Bias, kConvBias,
-                                              kBnMean, kBnVar, kBnWeight, kBnBias};
-    std::vector<int64_t> edges = {kX, kFc1Weight, kConvWeight};
-    for (size_t i = 0; i < optional.size(); ++i) {
-      if (optional[i]->has_value() && (*optional[i])->defined()) edges.push_back(positions[i]);
+    // Autograd's edges are the defined tensor arguments, in order: their positions, for
+    // needs_input_grad.
+    const std::initializer_list<std::pair<int64_t, OptionalTensor>> tensor_arguments = {
+        {kX, x}, {kFc1Weight, fc1_weight}, {kFc1Bias, fc1_bias}, {kFc2Weight, fc2_weight},
+        {kFc2Bias, fc2_bias}, {kConvWeight, conv_weight}, {kConvBias, conv_bias},
+        {kBnMean, bn_mean}, {kBnVar, bn_var}, {kBnWeight, bn_weight}, {kBnBias, bn_bias}};
+    std::vector<int64_t> edges;
+    for (const auto& [position, t] : tensor_arguments) {
+      if (t.has_value() && t->defined()) edges.push_back(position);
     }
-    std::sort(edges.begin(), edges.end());
     ctx->saved_data["edges"] = edges;
     ctx->saved_data["pooling"] = std::string(pooling);
     ctx->saved_data["max_first"] = max_first;
     ctx->saved_data["bn_training"] = bn_training;
     ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["bn_impl"] = f.bn_impl;
-    ctx->saved_data["has_bn"] = bn_mean.has_value();
     ctx->saved_data["has_conv_bias"] = conv_bias.has_value();
     ctx->save_for_backward(f.saved);
     return f.out;
@@ -233,7 +233,7 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
         gate_apply_backward.call(grads[0], x, s[sGate], s[sSpatialGate]);
 
     at::Tensor grad_conv_out = at::sigmoid_backward(grad_spatial_gate, s[sSpatialGate]);
-    if (ctx->saved_data["has_bn"].toBool()) {
+    if (s[sBnSaveMean].defined()) {  // (a BatchNorm ran)
       auto [grad_in, grad_weight, grad_bias] = at::_batch_norm_impl_index_backward(
           ctx->saved_data["bn_impl"].toInt(), s[sConvOut], grad_conv_out, present(s[sBnWeight]),
           present(s[sBnMean]), present(s[sBnVar]), present(s[sBnSaveMean]),

@@ -29,17 +29,13 @@ class OperatorBackend:
     def __init__(self, namespace: str, fused_gate: bool):
         self._ops = getattr(torch.ops, namespace)
         self._fused_gate = fused_gate
-        self._cbam_training = getattr(self._ops, "cbam_training", None)
+        # The whole-block training operator: the C++ library's alone (None for Triton's).
+        self.cbam_training = getattr(self._ops, "cbam_training", None)
 
     @property
     def cbam_inference(self):
         """The whole-block inference operator (the reference backend has None)."""
         return self._ops.cbam_inference
-
-    @property
-    def cbam_training(self):
-        """The whole-block training operator (the C++ library's alone; None for Triton's)."""
-        return self._cbam_training
 
     def one_grad(self) -> OneGradBackend:
         """This backend's calls for one training block's forward, its backward filling one
