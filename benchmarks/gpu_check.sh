@@ -10,7 +10,7 @@
 # the verdicts.
 # Each step logs to LOG_DIR/<step>.log under its own time limit; the test-suite and the two
 # sanitizer runs share the GPU at once (correctness only), the benchmark runs alone after them.
-# At worst the sum of the limits of the steps run (11.0 minutes for the default steps; a build
+# At worst the sum of the limits of the steps run (11.5 minutes for the default steps; a build
 # step that finds the library current takes seconds), plus a few seconds to start Python for the
 # environment and the summary. A failing step does not
 # stop the later ones, but the script exits non-zero if any failed. On the device tool, whose
@@ -221,6 +221,8 @@ wait
 # operator, on its three operators and in the official code (eager, seconds), then the record
 wanted bench && step training_paths 40 "$PY" benchmarks/training_paths.py --device cuda --dtype bfloat16 \
   --format channels_last --shapes 64x512x28x28,64x2048x7x7 --steps 20 --rounds 3
+wanted bench && step training_paths_amp 30 "$PY" benchmarks/training_paths.py --device cuda --dtype float16 \
+  --autocast --format channels_last --shapes 64x512x28x28 --steps 20 --rounds 3
 read -r -a BENCH <<<"${BENCH_ARGS:---quick}"
 wanted bench && step bench "${BENCH_LIMIT:-150}" "$PY" -m fused_cbam.bench "${BENCH[@]}" --out "$LOG/bench"
 
@@ -258,6 +260,7 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   wanted sanitizers && echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"
   wanted sanitizers && echo "racecheck: $(verdict racecheck 'RACECHECK SUMMARY|ERROR SUMMARY|sanitizer_smoke')"
   wanted bench && echo "training paths: $(verdict training_paths 'forward\+backward')"
+  wanted bench && echo "training paths under autocast: $(verdict training_paths_amp 'forward\+backward')"
   wanted bench && echo "bench: $(verdict bench '.')"
   wanted inductor && echo "inductor: $(verdict inductor 'kernels touching')"
   echo "failed steps: ${FAILED[*]:-none}"

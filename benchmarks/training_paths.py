@@ -6,6 +6,7 @@ forward and forward+backward. See benchmarks/NOTES.md ("Seventeenth session").
 
     python benchmarks/training_paths.py --shapes 2x64x4x4 --threads 1 --steps 500
     python benchmarks/training_paths.py --device cuda --dtype bfloat16 --shapes 64x512x28x28
+    python benchmarks/training_paths.py --device cuda --dtype float16 --autocast --shapes 64x512x28x28
 """
 
 import argparse
@@ -59,6 +60,10 @@ def main() -> None:
     parser.add_argument("--shapes", default="2x64x4x4", help="comma-separated NxCxHxW")
     parser.add_argument("--format", choices=["nchw", "channels_last"], default="nchw")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--autocast", action="store_true",
+        help="mixed precision: the modules in float32, x in --dtype, every step under torch.autocast with it",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--steps", type=int, default=100, help="steps per round")
@@ -69,24 +74,32 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {name}, torch {torch.__version__}, {args.dtype}, {args.format}, threads {torch.get_num_threads()}, "
+    precision = f"x {args.dtype} under autocast, parameters float32" if args.autocast else args.dtype
+    print(f"# {name}, torch {torch.__version__}, {precision}, {args.format}, threads {torch.get_num_threads()}, "
           f"{args.steps} steps x {args.rounds} rounds")  # fmt: skip
     print("| shape | pass | cbam_training | three operators | official code |")
     print("|---|---|---:|---:|---:|")
     for shape in args.shapes.split(","):
         n, c, h, w = (int(v) for v in shape.split("x"))
         torch.manual_seed(0)
-        official = OfficialCBAM(c).to(device, dtype)
-        fused = fused_cbam.nn.CBAM(c).to(device, dtype)
+        module_dtype = torch.float32 if args.autocast else dtype
+        official = OfficialCBAM(c).to(device, module_dtype)
+        fused = fused_cbam.nn.CBAM(c).to(device, module_dtype)
         fused.load_state_dict(official.state_dict())
         memory_format = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
         x = torch.randn(n, c, h, w, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
         grad_out = torch.randn_like(x)
+        precision = torch.autocast(device.type, dtype=dtype, enabled=args.autocast)
+        with precision:
+            node = fused(x).grad_fn.name()
+        if "CbamTraining" not in node:
+            sys.exit(f"the block did not take cbam_training (its node: {node})")
         for backward in (False, True):
-            timed = [step_time(fused, x, grad_out, backward, args.steps, args.rounds)]
-            with three_operators():
-                timed.append(step_time(fused, x, grad_out, backward, args.steps, args.rounds))
-            timed.append(step_time(official, x, grad_out, backward, args.steps, args.rounds))
+            with precision:
+                timed = [step_time(fused, x, grad_out, backward, args.steps, args.rounds)]
+                with three_operators():
+                    timed.append(step_time(fused, x, grad_out, backward, args.steps, args.rounds))
+                timed.append(step_time(official, x, grad_out, backward, args.steps, args.rounds))
             cells = " | ".join(f"{t * 1e6:.0f} µs" for t in timed)
             print(f"| {shape} | {'forward+backward' if backward else 'forward'} | {cells} |", flush=True)
 

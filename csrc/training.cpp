@@ -9,6 +9,7 @@
 // through the dispatcher, to the CPU or CUDA kernels.
 #include "autograd_helpers.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -62,6 +63,25 @@ std::array<int64_t, 2> same_padding(const at::Tensor& conv_weight) {
   return {conv_weight.size(2) / 2, conv_weight.size(3) / 2};
 }
 
+// Under mixed precision the modules hand x in the autocast dtype and the MLP's and the conv's
+// parameters in float32: those are used in x's dtype, as autocast converts them for linear and
+// conv; their gradients, in x's dtype, autograd's engine converts to each parameter's own, as
+// for autocast's conversions. The BatchNorm's stay as they are, as F.batch_norm takes them.
+// (No `to` call where the dtype is x's already: it would hand the argument back as it is, which
+// an operator below autograd must not return from its calls.)
+at::Tensor in_dtype_of(const at::Tensor& x, const at::Tensor& t) {
+  return t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type());
+}
+OptionalTensor in_dtype_of(const at::Tensor& x, const OptionalTensor& t) {
+  return t.has_value() ? OptionalTensor(in_dtype_of(x, *t)) : t;
+}
+
+// The operator computes in x's dtype under autocast too: its linear, conv and mm calls would
+// otherwise be converted to the autocast dtype.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // A Linear layer's or a 1x1 conv's weight as a matrix [out, in] (a new view: flatten would hand
 // a 2-D weight back as it is, which an operator below autograd must not return from its calls).
 at::Tensor matrix(const at::Tensor& weight) { return weight.reshape({weight.size(0), -1}); }
@@ -77,6 +97,7 @@ Forward block_forward(
     const at::Tensor& conv_weight, const OptionalTensor& conv_bias, const OptionalTensor& bn_mean,
     const OptionalTensor& bn_var, const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
     double bn_eps, bool max_first, bool bn_training, double bn_momentum, bool for_backward) {
+  const NoAutocast no_autocast;
   static const auto channel_pool =
       op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&)>("fused_cbam::channel_pool");
   static const auto channel_gate = op<at::Tensor(const at::Tensor&)>("fused_cbam::channel_gate");
@@ -96,10 +117,12 @@ Forward block_forward(
   auto [avg, max, channel_argmax] = channel_pool.call(x);
   // The MLP's input: the pooled vectors stacked along the batch (one batched MLP call).
   const at::Tensor rows = pooling == "sum" ? at::cat({avg, max}) : pooling == "avg" ? avg : avg * 0.5 + max * 0.5;
-  at::Tensor hidden = at::linear(rows, matrix(fc1_weight), fc1_bias), logits = hidden;
-  if (fc2_weight.has_value()) {
+  const at::Tensor fc1 = in_dtype_of(x, fc1_weight);
+  const OptionalTensor fc2 = in_dtype_of(x, fc2_weight);
+  at::Tensor hidden = at::linear(rows, matrix(fc1), in_dtype_of(x, fc1_bias)), logits = hidden;
+  if (fc2.has_value()) {
     hidden = at::relu(hidden);
-    logits = at::linear(hidden, matrix(*fc2_weight), fc2_bias);
+    logits = at::linear(hidden, matrix(*fc2), in_dtype_of(x, fc2_bias));
   } else {
     hidden = at::Tensor();
   }
@@ -111,8 +134,9 @@ Forward block_forward(
   // oneDNN's backward over NCHW maps pads them to 16 channels (core.py's _spatial_conv_layout).
   at::Tensor conv_input = conv_weight.size(1) == 1 ? (maps * 0.5).sum(1, /*keepdim=*/true) : maps;
   if (x.is_cpu() && for_backward) conv_input = conv_input.clone(at::MemoryFormat::ChannelsLast);
-  const at::Tensor conv_out = at::convolution(conv_input, conv_weight, conv_bias, kOnes,
-                                              same_padding(conv_weight), kOnes, false, kZeros, 1);
+  const at::Tensor conv = in_dtype_of(x, conv_weight);
+  const at::Tensor conv_out = at::convolution(conv_input, conv, in_dtype_of(x, conv_bias), kOnes,
+                                              same_padding(conv), kOnes, false, kZeros, 1);
 
   Forward result;
   result.saved.resize(kSaved);
@@ -141,14 +165,14 @@ Forward block_forward(
   result.out = gate_apply.call(x, gate, spatial_gate);
 
   result.saved[sX] = x;
-  result.saved[sFc1Weight] = fc1_weight;
-  result.saved[sFc2Weight] = or_empty(fc2_weight);
+  result.saved[sFc1Weight] = fc1;
+  result.saved[sFc2Weight] = or_empty(fc2);
   result.saved[sChannelArgmax] = channel_argmax;
   result.saved[sRows] = rows;
   result.saved[sHidden] = hidden;
   result.saved[sGate] = gate;
   result.saved[sConvInput] = conv_input;
-  result.saved[sConvWeight] = conv_weight;
+  result.saved[sConvWeight] = conv;
   result.saved[sConvOut] = conv_out;
   result.saved[sBnWeight] = or_empty(bn_weight);
   result.saved[sSpatialGate] = spatial_gate;
@@ -213,6 +237,7 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
         op<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                 const OptionalTensor&, const OptionalTensor&)>("fused_cbam::channel_pool_backward_add");
 
+    const NoAutocast no_autocast;
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor& x = s[sX];
     // A node is built only where an input requires a gradient: under create_graph its

@@ -113,6 +113,24 @@ def test_triton_matches_the_reference_in_one_operator(layout, dtype, memory_form
     _check_one_operator(layout, dtype, memory_format, shape, "triton", TRITON_DEVICE)
 
 
+@on_each_device
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mixed_precision_in_one_operator(layout, dtype, backend, device):
+    """Under autocast with x in its dtype and the parameters in float32 (mixed precision): the
+    operator, which reads the parameters as they are, against the reference under the same
+    autocast (its MLP and conv in the autocast dtype)."""
+    skip_unless_available(backend)
+    fused, reference = _pair(layout, 16, torch.float32, device, backend)
+    x = make_input((3, 16, 5, 7), dtype, device, "channels_last")
+    with torch.autocast(device, dtype=dtype):
+        out, ops = _run_logged(fused, x)
+        expected = _run_logged(reference, x)[0]
+    assert _logged_name(backend) in ops and not any(op.endswith(".channel_pool") for op in ops), ops
+    assert out.dtype == dtype
+    assert_close(out, expected, TOLERANCE[dtype] * 4, "out", rounded_once=False)
+
+
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 def test_batches_larger_than_one_chunk(memory_format):
     """Chunks of samples sized to the L2 cache: a batch of many chunks, odd sizes, 2 threads or 1."""

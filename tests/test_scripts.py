@@ -54,9 +54,11 @@ def test_spatial_conv_layouts_times_both_layouts(tmp_path):
     assert [row.split("|")[1:3] for row in rows] == [[" 2 ", " 9 "], [" 1 ", " 9 "]]
 
 
-def test_training_paths_times_the_three_paths():
+@pytest.mark.parametrize("precision", [[], ["--autocast", "--dtype", "bfloat16"]], ids=["float32", "autocast"])
+def test_training_paths_times_the_three_paths(precision):
     skip_unless_available("cpu")
-    result = _run(sys.executable, "benchmarks/training_paths.py", "--shapes", "2x16x3x3", "--steps", "2", "--rounds", "1")
+    shape = ["--shapes", "2x16x3x3", "--steps", "2", "--rounds", "1"]
+    result = _run(sys.executable, "benchmarks/training_paths.py", *shape, *precision)
     assert result.returncode == 0, result.stderr
     rows = [line.strip("| ").split(" | ") for line in result.stdout.splitlines() if line.startswith("| 2x16x3x3")]
     assert [row[1] for row in rows] == ["forward", "forward+backward"], result.stdout

@@ -269,25 +269,67 @@ def test_the_block_keeps_its_own_path_where_the_operator_cannot_stand_for_it(cas
     _assert_steps_match(got, _step(reference, x, grad_out), torch.float32)
 
 
-def test_autocast_keeps_the_blocks_own_path(backend, device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mixed_precision_steps_match_the_reference(layout, dtype, backend, device):
+    """Under autocast with x in its dtype (a conv's output there) and the parameters in float32:
+    the operator, with the MLP's and the conv's parameters in x's dtype as autocast converts
+    them, the BatchNorm's as they are, and every gradient in its parameter's dtype. Training mode
+    (for eval mode with a gradient in 16 bits, see the first test)."""
+    fused, reference = fused_and_reference(LAYOUTS[layout], backend, device)
+    for _ in range(2):
+        x = make_input((3, 16, 7, 9), dtype, device, "channels_last")
+        grad_out = torch.randn(x.shape, dtype=dtype, device=device)
+        with torch.autocast(device, dtype=dtype):
+            got, want = _step(fused, x, grad_out), _step(reference, x, grad_out)
+        assert _takes_the_operator(got[0]), got[0].grad_fn
+        assert got[0].dtype == dtype and all(g.dtype == torch.float32 for g in got[2].values())
+        _assert_steps_match(got, want, dtype)
+
+
+def test_autocast_with_x_in_float32_keeps_the_blocks_own_path(backend, device):
+    """The parts then give a gate in the autocast dtype, cast to x's, which the operator does not
+    compute."""
     fused, _ = fused_and_reference(LAYOUTS["official"], backend, device)
     x = make_input((2, 16, 5, 6), torch.float32, device, requires_grad=True)
     with torch.autocast(device, dtype=torch.bfloat16):
         out = fused(x)
-    assert not _takes_the_operator(out)
+    assert not _takes_the_operator(out) and out.dtype == torch.float32
+
+
+def test_the_operator_ignores_autocast(backend, device):
+    """Called directly under autocast, it computes in x's dtype as without it (its linear, conv and
+    mm calls are not converted), gradients included."""
+    module = LAYOUTS["timm"](16).to(device)
+    *args, bn = module._plain(training=True)
+    parameters = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    x = make_input((2, 16, 5, 6), torch.float32, device, requires_grad=True)
+
+    def step():
+        out = torch.ops.fused_cbam.cbam_training(x, *args, *fused_cbam.nn.inference_args.batch_norm_step(bn))
+        return out, *torch.autograd.grad(out.square().sum(), [x, *parameters])
+
+    want = step()
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(device, dtype=dtype):
+            got = step()
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.dtype == w.dtype and torch.equal(g, w), (dtype, i)
 
 
 def test_opcheck(backend, device):
     """The operator's schema (running statistics mutated), fake kernel and autograd registration,
-    with and without a gradient, BatchNorm in training and in eval mode, and with no BatchNorm."""
+    with and without a gradient, BatchNorm in training and in eval mode, and with no BatchNorm;
+    and with float32 parameters for a bfloat16 x (mixed precision)."""
     module = LAYOUTS["official"](16).to(device)
     ultralytics = LAYOUTS["ultralytics"](16).to(device)
-    for block, train in ((module, True), (module, False), (ultralytics, True)):
+    cases = [(module, True, torch.float32), (module, False, torch.float32), (ultralytics, True, torch.float32)]
+    for block, train, dtype in [*cases, (module, True, torch.bfloat16)]:
         block.train(train)
         *args, bn = block._plain(training=True)
         step = fused_cbam.nn.inference_args.batch_norm_step(bn)
         for requires_grad in (False, True):
-            x = make_input((2, 16, 5, 6), torch.float32, device, "channels_last", requires_grad)
+            x = make_input((2, 16, 5, 6), dtype, device, "channels_last", requires_grad)
             torch.library.opcheck(torch.ops.fused_cbam.cbam_training, (x, *args, *step))
 
 

@@ -329,15 +329,26 @@ class FusedBlock(GateInspection, nn.Module):
         weight_norm's pre-hooks recompute .weight; hooks), nor for a subclass of a half (which may
         compute its gate otherwise), nor for parameters in another dtype than x (the parts' own
         forward raises, or mixes dtypes, as the original's does; the operator would cast them
-        silently). Backward hooks count where a gradient may flow, with ``training``."""
+        silently). Backward hooks count where a gradient may flow, with ``training``.
+
+        Under autocast (mixed precision), where the parts' linear and conv convert float32
+        parameters to the autocast dtype: with x in that dtype (a conv's output under autocast)
+        and the parameters in x's dtype or float32, which the operators take as autocast and
+        F.batch_norm do. Not with x in another dtype: the parts would then give a gate in the
+        autocast dtype, cast to x's, a rounding the operators do not make."""
         if _parts_run_more_than_their_forward(self, backward=training) or any(
             half is not None and type(half) not in self.half_classes for half in self._halves()
         ):
             return None
         args = self._plain(training)
-        if args is None or any(isinstance(a, Tensor) and a.dtype != x.dtype for a in args):
+        if args is None:
             return None
-        return args
+        allowed = {x.dtype}
+        if torch.is_autocast_enabled(x.device.type):  # (only cpu, cuda get here)
+            if x.dtype != torch.get_autocast_dtype(x.device.type):
+                return None
+            allowed.add(torch.float32)
+        return None if any(isinstance(a, Tensor) and a.dtype not in allowed for a in args) else args
 
     def _training(self, x: Tensor) -> Tensor | None:
         """The whole block in one operator with one autograd node (``cbam_training``, the C++
@@ -345,13 +356,13 @@ class FusedBlock(GateInspection, nn.Module):
         fourteen, with their Python (the module calls, autograd.Function's), and its backward
         fills one gradient of x as ``OneGradBackend`` does. Not with the kept gates; not under
         torch.compile, export or torch.jit.trace, whose graphs keep the three operators and the
-        parts; not under autocast (as ``_inference``), nor in a torch.func transform or with a
+        parts; under autocast as ``_operator_args`` says; not in a torch.func transform or with a
         forward-mode tangent (the backend is then the reference). Nothing here needs a gradient:
         with BatchNorm in training mode and none needed, it runs the forward alone."""
         if self.keep_gates or x.numel() == 0 or torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing():
             return None
         operator = backends.resolve(self.backend, x).cbam_training
-        if operator is None or torch.is_autocast_enabled(x.device.type):
+        if operator is None:
             return None
         args = self._operator_args(x, training=True)
         if args is None:
@@ -361,10 +372,9 @@ class FusedBlock(GateInspection, nn.Module):
 
     def _inference(self, x: Tensor) -> Tensor | None:
         """The whole block in one operator, when neither a gradient nor the kept gates are needed,
-        outside autocast, the parts run nothing but their forward, and the backend has that
-        operator: x is read from memory once instead of three times (its backward recomputes the
-        block in plain PyTorch, for traced graphs). Not under autocast, where the MLP and the conv
-        follow autocast (the operator computes in x's dtype)."""
+        the parts run nothing but their forward (``_operator_args``, which also says when under
+        autocast), and the backend has that operator: x is read from memory once instead of
+        three times (its backward recomputes the block in plain PyTorch, for traced graphs)."""
         if self.keep_gates:
             return None
         # In a torch.jit.trace, the module's configuration alone decides, eval mode (the trace's
@@ -376,7 +386,7 @@ class FusedBlock(GateInspection, nn.Module):
         elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return None
         operator = backends.resolve(self.backend, x).cbam_inference
-        if operator is None or torch.is_autocast_enabled(x.device.type):  # (only cpu, cuda get here)
+        if operator is None:
             return None
         args = self._operator_args(x)
         return None if args is None else operator(x, *args)
