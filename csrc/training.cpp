@@ -8,6 +8,7 @@
 // channel pooling's pass adds its own and the spatial mean's). Device-agnostic: every call goes
 // through the dispatcher, to the CPU or CUDA kernels.
 #include "autograd_helpers.h"
+#include "inference_args.h"
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
@@ -44,19 +45,8 @@ struct Forward {
   int64_t bn_impl = 0;            // which BatchNorm implementation ran (its backward takes the same)
 };
 
-int64_t pools_of(c10::string_view pooling) {
-  TORCH_CHECK(pooling == "sum" || pooling == "avg" || pooling == "mix",
-              "pooling: expected \"sum\", \"avg\" or \"mix\", got \"", pooling, "\"");
-  return pooling == "sum" ? 2 : 1;
-}
-
-void check_spatial_conv(const at::Tensor& conv_weight) {
-  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == 1 &&
-                  (conv_weight.size(1) == 1 || conv_weight.size(1) == 2) &&
-                  conv_weight.size(2) == conv_weight.size(3) && conv_weight.size(2) % 2 == 1,
-              "conv_weight: expected [1, 2, K, K] or [1, 1, K, K] with an odd K, got ",
-              conv_weight.sizes());
-}
+// The pooled vectors the MLP takes (a checked pooling: inference::check_mlp).
+int64_t pools_of(c10::string_view pooling) { return pooling == "sum" ? 2 : 1; }
 
 // The spatial conv's padding keeps H x W.
 std::array<int64_t, 2> same_padding(const at::Tensor& conv_weight) {
@@ -73,7 +63,7 @@ at::Tensor in_dtype_of(const at::Tensor& x, const at::Tensor& t) {
   return t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type());
 }
 OptionalTensor in_dtype_of(const at::Tensor& x, const OptionalTensor& t) {
-  return t.has_value() ? OptionalTensor(in_dtype_of(x, *t)) : t;
+  return inference::present(t) ? OptionalTensor(in_dtype_of(x, *t)) : std::nullopt;
 }
 
 // The operator computes in x's dtype under autocast too: its linear, conv and mm calls would
@@ -107,14 +97,11 @@ Forward block_forward(
   static const auto gate_apply =
       op<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&)>(
           "fused_cbam::gate_apply");
+  auto [avg, max, channel_argmax] = channel_pool.call(x);  // (which checks x)
+  // The parameters, as cbam_inference checks them (any floating dtype: in_dtype_of).
+  inference::check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooling);
+  inference::check_spatial_conv(x, conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias);
   const int64_t pools = pools_of(pooling);
-  check_spatial_conv(conv_weight);
-  TORCH_CHECK(bn_mean.has_value() == bn_var.has_value(),
-              "bn_mean, bn_var: expected both running statistics or neither");
-  TORCH_CHECK(bn_mean.has_value() || !(bn_weight.has_value() || bn_bias.has_value()),
-              "bn_weight, bn_bias: a BatchNorm needs its running statistics, bn_mean and bn_var");
-
-  auto [avg, max, channel_argmax] = channel_pool.call(x);
   // The MLP's input: the pooled vectors stacked along the batch (one batched MLP call).
   const at::Tensor rows = pooling == "sum" ? at::cat({avg, max}) : pooling == "avg" ? avg : avg * 0.5 + max * 0.5;
   const at::Tensor fc1 = in_dtype_of(x, fc1_weight);
@@ -141,9 +128,9 @@ Forward block_forward(
   Forward result;
   result.saved.resize(kSaved);
   at::Tensor spatial_logits = conv_out;
-  if (bn_mean.has_value()) {
+  if (inference::present(bn_mean)) {
     // What nn.BatchNorm2d's F.batch_norm runs (cuDNN where it qualifies), with its check.
-    TORCH_CHECK_VALUE(!bn_training || conv_out.numel() > 1,
+    TORCH_CHECK_VALUE(!bn_training || conv_out.numel() != 1,
                 "Expected more than 1 value per channel when training, got input size ", conv_out.sizes());
     auto [normed, save_mean, save_invstd, reserve, impl] = at::_batch_norm_impl_index(
         conv_out, bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_momentum, bn_eps,

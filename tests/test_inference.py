@@ -433,26 +433,35 @@ def test_parameters_in_another_dtype_than_x(other, backend, device):
     assert_close(out, want, TOLERANCE[torch.bfloat16] * 4, "out", rounded_once=False)
 
 
-@pytest.mark.parametrize(
-    "index,value,match",
-    [
-        (1, torch.randn(3, 5), "fc1_weight: expected shape \\[3, 12\\]"),
-        (2, torch.randn(4), "fc1_bias: expected shape"),
-        (3, torch.randn(3, 12), "fc2_weight: expected shape \\[12, 3\\]"),
-        (4, torch.randn(5), "fc2_bias: expected shape"),
-        (6, torch.randn(1, 2, 4, 4), "conv_weight: expected shape \\[1, 2, K, K\\] \\(or"),
-        (5, "max", "pooling: expected"),
-        (6, torch.randn(1, 3, 7, 7), "conv_weight: expected shape"),
-        (7, torch.randn(2), "conv_bias: expected shape"),
-        (9, None, "bn_mean, bn_var: expected both or neither"),
-        (1, torch.ones(3, 12, dtype=torch.int64), "fc1_weight: expected a floating-point tensor"),
-    ],
-)
+# Parameters the whole-block operators refuse (index in _operator_args), and what they say
+# (cbam_training's too: tests/test_training.py). A meta tensor stays on its device.
+BAD_PARAMETERS = [
+    (1, torch.randn(3, 5), "fc1_weight: expected shape \\[3, 12\\]"),
+    (2, torch.randn(4), "fc1_bias: expected shape"),
+    (3, torch.randn(3, 12), "fc2_weight: expected shape \\[12, 3\\]"),
+    (4, torch.randn(5), "fc2_bias: expected shape"),
+    (6, torch.randn(1, 2, 4, 4), "conv_weight: expected shape \\[1, 2, K, K\\] \\(or"),
+    (5, "max", "pooling: expected"),
+    (6, torch.randn(1, 3, 7, 7), "conv_weight: expected shape"),
+    (7, torch.randn(2), "conv_bias: expected shape"),
+    (9, None, "bn_mean, bn_var: expected both or neither"),
+    (1, torch.ones(3, 12, dtype=torch.int64), "fc1_weight: expected a floating-point tensor"),
+    (1, torch.randn(3, 12, device="meta"), "fc1_weight: expected .*device"),
+    (8, torch.randn(1, device="meta"), "bn_mean: expected .*device"),
+]
+
+
+def with_bad_parameter(args, index, value, device):
+    args = list(args)
+    args[index] = value.to(device) if isinstance(value, torch.Tensor) and not value.is_meta else value
+    return args
+
+
+@pytest.mark.parametrize("index,value,match", BAD_PARAMETERS)
 @on_each_device
 def test_bad_parameters_name_the_argument(index, value, match, backend, device):
     skip_unless_available(backend)
-    args = list(_operator_args(device=device))
-    args[index] = value.to(device) if isinstance(value, torch.Tensor) else value
+    args = with_bad_parameter(_operator_args(device=device), index, value, device)
     with pytest.raises((ValueError, TypeError), match=match):
         _inference_op(backend)(*args)
 

@@ -17,6 +17,8 @@ from helpers import (
     fused_and_reference,
     make_input,
 )
+from test_inference import BAD_PARAMETERS, with_bad_parameter
+from test_inference import _operator_args as inference_operator_args
 from test_properties import FULL_SIZES, _profile
 
 pytestmark = [
@@ -351,20 +353,42 @@ def test_gradcheck_in_float64(backend, device):
     assert torch.autograd.gradcheck(block, (*inputs, *params), atol=1e-6)
 
 
+@pytest.mark.parametrize("index,value,match", BAD_PARAMETERS)
+def test_bad_parameters_name_the_argument(index, value, match, backend, device):
+    """Refused as cbam_inference refuses them (the same checks), before anything is computed
+    with them: an integer weight is not converted to x's dtype."""
+    args = with_bad_parameter(inference_operator_args(device=device), index, value, device)
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.fused_cbam.cbam_training(*args, True, 0.1)
+
+
 @pytest.mark.parametrize(
-    "position,value,message",
-    [(4, "lse", "pooling: expected"), (7, None, "bn_weight, bn_bias: a BatchNorm needs its running statistics")],
-    ids=["pooling", "bn-without-statistics"],
+    "arguments,match",
+    [
+        ({3: None, 4: torch.randn(12)}, "fc2_bias: expected None without fc2_weight"),
+        ({8: None, 9: None}, "bn_weight, bn_bias: expected None without bn_mean and bn_var"),
+    ],
+    ids=["fc2-bias-alone", "bn-without-statistics"],
 )
-def test_refuses_arguments_it_cannot_compute(position, value, message, backend, device):
-    module = LAYOUTS["official"](16).to(device)
-    *args, bn = module._plain(training=True)
-    args[position] = value
-    if position == 7:
-        args[8] = None  # both running statistics left out, the BatchNorm's weight and bias given
-    x = make_input((2, 16, 5, 6), torch.float32, device)
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.fused_cbam.cbam_training(x, *args, *fused_cbam.nn.inference_args.batch_norm_step(bn))
+def test_refuses_arguments_it_cannot_compute(arguments, match, backend, device):
+    args = list(inference_operator_args(device=device))
+    for index, value in arguments.items():
+        args[index] = None if value is None else value.to(device)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fused_cbam.cbam_training(*args, True, 0.1)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_an_empty_batch(train, backend, device):
+    """Called directly (the blocks keep their own path for an empty x): an empty output and
+    gradient, and the running statistics left as they are, as nn.BatchNorm2d leaves them."""
+    args = list(inference_operator_args(device=device))
+    x = torch.randn(0, *args[0].shape[1:], device=device, requires_grad=True)
+    statistics = [t.clone() for t in args[8:10]]
+    out = torch.ops.fused_cbam.cbam_training(x, *args[1:], train, 0.1)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape
+    assert all(torch.equal(t, s) for t, s in zip(args[8:10], statistics))
 
 
 def test_a_backward_hook_on_a_part_keeps_the_inference_operator(backend, device):
