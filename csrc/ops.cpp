@@ -38,9 +38,10 @@
 //                 bn_training, bn_momentum)
 //                              -> the same block for training, with one autograd node
 //                                 (csrc/training.cpp): the MLP and the conv as the modules'
-//                                 layers compute them, in x's dtype (their parameters used
-//                                 in it, as autocast converts them; not converted by an
-//                                 autocast around the call); bn as nn.BatchNorm2d's
+//                                 layers compute them, in x's dtype (their parameters
+//                                 converted to it, as autocast converts float32 ones; not
+//                                 converted by an autocast around the call); bn as
+//                                 nn.BatchNorm2d's
 //                                 F.batch_norm with these running statistics, updated in place
 //                                 (momentum bn_momentum) when bn_training. Device-agnostic: its
 //                                 CPU and CUDA kernels call the operators above

@@ -53,10 +53,11 @@ std::array<int64_t, 2> same_padding(const at::Tensor& conv_weight) {
   return {conv_weight.size(2) / 2, conv_weight.size(3) / 2};
 }
 
-// Under mixed precision the modules hand x in the autocast dtype and the MLP's and the conv's
-// parameters in float32: those are used in x's dtype, as autocast converts them for linear and
-// conv; their gradients, in x's dtype, autograd's engine converts to each parameter's own, as
-// for autocast's conversions. The BatchNorm's stay as they are, as F.batch_norm takes them.
+// The MLP's and the conv's parameters are used in x's dtype, whatever floating dtype they come
+// in: under mixed precision the modules hand x in the autocast dtype and these in float32, which
+// autocast converts so for linear and conv. Their gradients, computed in x's dtype, autograd's
+// engine converts to each parameter's own, as for autocast's conversions. The BatchNorm's stay
+// as they are, as F.batch_norm takes them.
 // (No `to` call where the dtype is x's already: it would hand the argument back as it is, which
 // an operator below autograd must not return from its calls.)
 at::Tensor in_dtype_of(const at::Tensor& x, const at::Tensor& t) {
@@ -252,7 +253,9 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
           present(s[sBnSaveInvstd]), ctx->saved_data["bn_training"].toBool(),
           ctx->saved_data["bn_eps"].toDouble(), {true, needs(kBnWeight), needs(kBnBias)},
           reserve_copy(s[sBnReserve]));
-      grad_conv_out = grad_in;
+      // (ATen leaves it undefined for an empty batch without a BatchNorm weight; the empty
+      // gradient above then stands for it.)
+      if (grad_in.defined()) grad_conv_out = grad_in;
       result[kBnWeight] = grad_weight;
       result[kBnBias] = grad_bias;
     }

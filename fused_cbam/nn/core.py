@@ -331,11 +331,13 @@ class FusedBlock(GateInspection, nn.Module):
         forward raises, or mixes dtypes, as the original's does; the operator would cast them
         silently). Backward hooks count where a gradient may flow, with ``training``.
 
-        Under autocast (mixed precision), where the parts' linear and conv convert float32
-        parameters to the autocast dtype: with x in that dtype (a conv's output under autocast)
-        and the parameters in x's dtype or float32, which the operators take as autocast and
-        F.batch_norm do. Not with x in another dtype: the parts would then give a gate in the
-        autocast dtype, cast to x's, a rounding the operators do not make."""
+        Under autocast (mixed precision), where the parts' linear and conv run in the autocast
+        dtype: with x in that dtype (a conv's output under autocast) and the parameters in it or
+        in float32 (which autocast converts), the operators compute the block in x's dtype as the
+        parts do, to within x's rounding (``cbam_training`` converts the MLP's and the conv's
+        parameters as autocast does, ``cbam_inference`` reads them in x's math type). Not with x
+        in float32: the operators would run the MLP and the conv in float32 where the parts run
+        them in the autocast dtype, a 16-bit rounding apart in a float32 output."""
         if _parts_run_more_than_their_forward(self, backward=training) or any(
             half is not None and type(half) not in self.half_classes for half in self._halves()
         ):
