@@ -3,6 +3,7 @@ blocks take in eager mode: against the reference backend (output, every gradient
 running statistics and batch count), where it is taken and where the block keeps its own path."""
 
 import copy
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -107,30 +108,48 @@ def test_training_steps_match_the_reference(layout, memory_format, dtype, backen
         _assert_steps_match(got, _expected_step(fused, reference, x, grad_out), dtype)
 
 
+class StepCase(NamedTuple):
+    layout: str
+    shape: tuple[int, int, int, int]
+    memory_format: str
+    dtype: torch.dtype
+    train: bool
+    seed: int
+
+
+@st.composite
+def step_cases(draw, dtypes) -> StepCase:
+    """A training step of a block: its layout, x's shape (1s and primes), memory format and dtype,
+    the BatchNorm's mode and the seed of the weights and values."""
+    spatial = st.sampled_from(FULL_SIZES.spatial)
+    shape = draw(st.tuples(st.integers(1, 3), st.sampled_from(FULL_SIZES.channels), spatial, spatial))
+    train = draw(st.booleans())
+    assume(not train or shape[0] * shape[2] * shape[3] > 1)  # (BatchNorm in training refuses one value per channel)
+    return StepCase(
+        draw(st.sampled_from(sorted(LAYOUTS))), shape, draw(st.sampled_from(["nchw", "channels_last", "strided"])),
+        draw(st.sampled_from(dtypes)), train, draw(st.integers(0, 2**31 - 1)),
+    )  # fmt: skip
+
+
+def _case_step_inputs(case: StepCase, backend, device, module_dtype):
+    """The fused block and its reference (in ``module_dtype``, in the case's BatchNorm mode), x and
+    the output's gradient, from the case's seed."""
+    torch.manual_seed(case.seed)
+    fused, reference = fused_and_reference(LAYOUTS[case.layout], backend, device, channels=case.shape[1])
+    fused, reference = fused.to(module_dtype).train(case.train), reference.to(module_dtype).train(case.train)
+    x = make_input(case.shape, case.dtype, device, case.memory_format)
+    return fused, reference, x, torch.randn(x.shape, dtype=case.dtype, device=device)
+
+
 @_profile(max_examples=300)
-@given(
-    layout=st.sampled_from(sorted(LAYOUTS)),
-    shape=st.tuples(
-        st.integers(1, 3), st.sampled_from(FULL_SIZES.channels), *[st.sampled_from(FULL_SIZES.spatial)] * 2
-    ),
-    memory_format=st.sampled_from(["nchw", "channels_last", "strided"]),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-    train=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_property_steps_match_the_reference(layout, shape, memory_format, dtype, train, seed, backend, device):
+@given(case=step_cases([torch.float32, torch.float64]))
+def test_property_steps_match_the_reference(case, backend, device):
     """Shapes with 1s and primes, both BatchNorm modes, three memory formats (16-bit dtypes in the
     test above: at near ties a maximum may move to another channel, see there)."""
-    n, _, h, w = shape
-    assume(not train or n * h * w > 1)  # (BatchNorm in training refuses one value per channel)
-    torch.manual_seed(seed)
-    fused, reference = fused_and_reference(LAYOUTS[layout], backend, device, channels=shape[1])
-    fused, reference = fused.to(dtype).train(train), reference.to(dtype).train(train)
-    x = make_input(shape, dtype, device, memory_format)
-    grad_out = torch.randn(x.shape, dtype=dtype, device=device)
+    fused, reference, x, grad_out = _case_step_inputs(case, backend, device, case.dtype)
     got = _step(fused, x, grad_out)
     assert _takes_the_operator(got[0]), got[0].grad_fn
-    _assert_steps_match(got, _step(reference, x, grad_out), dtype)
+    _assert_steps_match(got, _step(reference, x, grad_out), case.dtype)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 4, 4), (3, 5, 1, 1), (1, 33, 3, 5), (2, 300, 3, 3)], ids=str)
@@ -310,38 +329,21 @@ def test_mixed_precision_steps_match_the_reference(layout, dtype, backend, devic
 
 
 @_profile(max_examples=150)
-@given(
-    layout=st.sampled_from(sorted(LAYOUTS)),
-    shape=st.tuples(
-        st.integers(1, 3), st.sampled_from(FULL_SIZES.channels), *[st.sampled_from(FULL_SIZES.spatial)] * 2
-    ),
-    memory_format=st.sampled_from(["nchw", "channels_last", "strided"]),
-    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
-    train=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_property_mixed_precision_steps_are_the_three_operators(
-    layout, shape, memory_format, dtype, train, seed, backend, device
-):  # fmt: skip
+@given(case=step_cases([torch.bfloat16, torch.float16]))
+def test_property_mixed_precision_steps_are_the_three_operators(case, backend, device):
     """Under autocast the operator computes what the block's three operators compute (the same
     kernels, the MLP and the conv on parameters converted as autocast converts them): shapes with
     1s and primes, both BatchNorm modes, three memory formats. Against the three operators, not
     the reference: their channel gate is the operator's, so their spatial maxima are too (see
     ``_expected_step``). Within 16-bit rounding, not bit for bit: with one pooled vector the
     layouts' own sigmoid's backward rounds the gate's gradient twice, ``channel_gate``'s once."""
-    n, _, h, w = shape
-    assume(not train or n * h * w > 1)  # (BatchNorm in training refuses one value per channel)
-    torch.manual_seed(seed)
-    fused, _ = fused_and_reference(LAYOUTS[layout], backend, device, channels=shape[1])
-    fused.train(train)
+    fused, _, x, grad_out = _case_step_inputs(case, backend, device, torch.float32)
     three_operators = copy.deepcopy(fused)
     three_operators.keep_gates = True  # (which the operator does not serve)
-    x = make_input(shape, dtype, device, memory_format)
-    grad_out = torch.randn(x.shape, dtype=dtype, device=device)
-    with torch.autocast(device, dtype=dtype):
+    with torch.autocast(device, dtype=case.dtype):
         got, want = _step(fused, x, grad_out), _step(three_operators, x, grad_out)
     assert _takes_the_operator(got[0]) and not _takes_the_operator(want[0])
-    _assert_steps_match(got, want, dtype)
+    _assert_steps_match(got, want, case.dtype)
 
 
 def test_autocast_with_x_in_float32_keeps_the_blocks_own_path(backend, device):
