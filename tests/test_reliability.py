@@ -536,6 +536,35 @@ def test_more_than_2_31_elements(backend, device):
     assert_close(grad_x[corner], expected, atol, "both poolings' shares added", rounded_once=False)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend,device",
+    COMPILED_BACKENDS + [pytest.param("triton", "cuda", id="triton", marks=needs_cuda)],
+)
+def test_the_inference_operator_beyond_2_31_elements(backend, device):
+    """The whole block in one operator (its own kernels on the CPU, its chunks of samples) on the
+    same bfloat16 x of 2.15e9 elements, in eval mode: the second sample, whose late channels lie
+    beyond element 2^31, comes out as it does from a call on that sample alone (where every
+    index is below 2^30), bit for bit."""
+    if not backend_available(backend):
+        pytest.skip(f"the {backend} backend is unavailable")
+    if _free_memory(device) < LARGE_NEEDS:
+        pytest.skip(
+            f"needs {LARGE_NEEDS / 2**30:.1f} GiB of free {device} memory, {_free_memory(device) / 2**30:.1f} GiB free"
+        )
+    module = _cbam(LARGE_SHAPE[1], backend, device).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        module.SpatialGate.spatial.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.empty(LARGE_SHAPE, dtype=torch.bfloat16, device=device)
+    _fill_large(x)
+    with torch.no_grad(), OperatorLog() as log:
+        tail = module(x)[1:, TAIL_CHANNELS, ROWS].clone()  # (the whole output is freed here)
+    assert f"{operator_namespace(backend).name}.cbam_inference" in log.names
+    with torch.no_grad():
+        alone = module(x[1:])[:, TAIL_CHANNELS, ROWS]
+    assert torch.equal(tail, alone)
+
+
 # ---------------------------------------------------------------------------------------------
 # Threads
 
