@@ -172,7 +172,7 @@ fi
 # hands tests out in collection order, so a run cut by its limit has run those. Files not
 # named here follow.
 TEST_FILES=()
-for name in ops one_grad channel_gate triton nn errors properties reliability inference layouts cam; do
+for name in ops one_grad training channel_gate triton nn errors properties reliability inference layouts cam; do
   TEST_FILES+=("tests/test_$name.py")
 done
 for file in tests/test_*.py; do
@@ -189,9 +189,9 @@ GPU_TESTS="cuda or triton"
   if wanted tests; then
     STEP_SIGNAL=INT step pytest "${PYTEST_LIMIT:-230}" "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "$GPU_TESTS"
   fi
-  # the CPU's >2^31-element test is left to CI: about 50 s on two threads, longer on one
+  # the CPU's >2^31-element tests are left to CI: about 50 s on two threads, longer on one
   if wanted rest; then
-    STEP_SIGNAL=INT step pytest_rest 70 "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($GPU_TESTS) and not test_more_than_2_31_elements"
+    STEP_SIGNAL=INT step pytest_rest 70 "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($GPU_TESTS) and not 2_31_elements"
   fi
 ) &
 
