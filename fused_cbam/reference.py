@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fused_cbam import _autocast
+
 
 @torch.fx.wrap  # under FX symbolic tracing the dtype is known only when the graph runs
 def _opmath(t: Tensor) -> Tensor:
@@ -43,7 +45,7 @@ def spatial_pool(x: Tensor, channel_scale: Tensor | None = None) -> tuple[Tensor
 def spatial_maps(x: Tensor, channel_scale: Tensor | None = None, max_first: bool = False) -> Tensor:
     """``spatial_pool``'s mean and max stacked [N, 2, H, W], the max first with ``max_first``."""
     mean, mx = spatial_pool(x, channel_scale)
-    return torch.cat([mx, mean] if max_first else [mean, mx], dim=1)
+    return _autocast.cat([mx, mean] if max_first else [mean, mx], dim=1)
 
 
 def gate_apply(x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | None) -> Tensor:

@@ -192,6 +192,36 @@ def test_autocast_inference_follows_the_same_rule(backend, device, autocast_dtyp
     assert_close(out, expected, TOLERANCE[autocast_dtype], "output", rounded_once=False)
 
 
+@pytest.mark.parametrize("backend,device,autocast_dtype", AUTOCAST_CASES)
+@pytest.mark.parametrize(
+    "layout", [fused_cbam.nn.CBAM, fused_cbam.nn.CbamModule, fused_cbam.nn.LightCbamModule, fused_cbam.nn.MMYoloCBAM],
+    ids=lambda cls: cls.__name__,
+)  # fmt: skip
+def test_a_16_bit_x_in_another_dtype_than_autocasts(layout, backend, device, autocast_dtype):
+    """float16 x under a bfloat16 autocast (or the other way round): autocast's promotion for
+    torch.cat refuses a 16-bit dtype other than its own, and the blocks had failed in their cat
+    of the pooled vectors (the reference backend in its cat of the maps too). Same rule as
+    above: the MLP and the conv in the autocast dtype, the block in x's, as the reference backend
+    computes it; training and eval mode."""
+    x_dtype = torch.float16 if autocast_dtype == torch.bfloat16 else torch.bfloat16
+    fused = layout(16, backend=backend).to(device)
+    ref = copy.deepcopy(fused)
+    ref.backend = "reference"
+    x = make_input((2, 16, 5, 6), x_dtype, device)
+    grad_out = torch.randn_like(x)
+    with torch.autocast(device, dtype=autocast_dtype):
+        out, *grads = _forward_backward(fused, x, grad_out)
+        ref_out, *ref_grads = _forward_backward(ref, x, grad_out)
+        with torch.no_grad():
+            eval_out, eval_ref = fused.eval()(x), ref.eval()(x)
+    assert out.dtype == eval_out.dtype == x_dtype
+    atol = TOLERANCE[torch.bfloat16]
+    assert_close(out, ref_out, atol, "output", rounded_once=False)
+    assert_close(eval_out, eval_ref, atol, "eval output", rounded_once=False)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, rg, 4 * atol, f"gradient {i}", rounded_once=False)
+
+
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 def test_inference_operator_ignores_autocast(backend, device):
     """Called directly under autocast, cbam_inference computes in x's dtype as without it: no

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from fused_cbam import backends
+from fused_cbam import _autocast, backends
 from fused_cbam.nn.inference_args import batch_norm_step, is_sigmoid
 from fused_cbam.ops import check_input
 
@@ -457,7 +457,7 @@ def summed(mlp, rows: list[Tensor]) -> Tensor:
 
 def stacked(mlp, rows: list[Tensor]) -> Tensor:
     """[len(rows), N, C]: ``mlp`` of each row, from one batched call over the stacked rows."""
-    return mlp(torch.cat(rows, dim=0)).unflatten(0, (len(rows), rows[0].shape[0]))
+    return mlp(_autocast.cat(rows, dim=0)).unflatten(0, (len(rows), rows[0].shape[0]))
 
 
 def pointwise(convs: nn.Module, pooled: Tensor) -> Tensor:
