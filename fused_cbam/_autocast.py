@@ -9,6 +9,8 @@ def cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
     cat's inputs to their widest type and refuses a 16-bit dtype other than its own (float16
     tensors under a bfloat16 autocast: "Unexpected floating ScalarType"). Tensors of one dtype
     need no promotion."""
+    if isinstance(tensors[0], torch.fx.Proxy):  # FX tracing records the cat as it is
+        return torch.cat(tensors, dim)
     device = tensors[0].device.type
     if device == "meta" or not torch.is_autocast_enabled(device):  # (meta has no autocast)
         return torch.cat(tensors, dim)
