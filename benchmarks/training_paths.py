@@ -79,23 +79,23 @@ def main() -> None:
           f"{args.steps} steps x {args.rounds} rounds")  # fmt: skip
     print("| shape | pass | cbam_training | three operators | official code |")
     print("|---|---|---:|---:|---:|")
+    module_dtype = torch.float32 if args.autocast else dtype
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.autocast)
     for shape in args.shapes.split(","):
         n, c, h, w = (int(v) for v in shape.split("x"))
         torch.manual_seed(0)
-        module_dtype = torch.float32 if args.autocast else dtype
         official = OfficialCBAM(c).to(device, module_dtype)
         fused = fused_cbam.nn.CBAM(c).to(device, module_dtype)
         fused.load_state_dict(official.state_dict())
         memory_format = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
         x = torch.randn(n, c, h, w, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
         grad_out = torch.randn_like(x)
-        precision = torch.autocast(device.type, dtype=dtype, enabled=args.autocast)
-        with precision:
+        with autocast:
             node = fused(x).grad_fn.name()
         if "CbamTraining" not in node:
             sys.exit(f"the block did not take cbam_training (its node: {node})")
         for backward in (False, True):
-            with precision:
+            with autocast:
                 timed = [step_time(fused, x, grad_out, backward, args.steps, args.rounds)]
                 with three_operators():
                     timed.append(step_time(fused, x, grad_out, backward, args.steps, args.rounds))
