@@ -12,7 +12,8 @@
 //   gate_apply(x, g?, h?)      -> x * g[n, c] * h[n, 0, h, w], in x's memory format
 //   channel_gate(logits)       -> sigmoid(sum over k of logits[k]) [N, C] in logits' dtype, from
 //                                 the channel MLP's logits of each of K pooled vectors [K, N, C]:
-//                                 the sum and the sigmoid in x's math type, rounded once
+//                                 the sum in x's math type rounded to the logits' dtype (as the
+//                                 layouts' logits.sum(0)), then the sigmoid, rounded
 //   channel_gate_backward(grad_gate, grad_gate_2?, gate, pools)
 //                              -> the gradient of the logits [pools, N, C]: every k gets
 //                                 (grad_gate + grad_gate_2) * gate * (1 - gate), the two

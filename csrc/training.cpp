@@ -80,6 +80,18 @@ at::Tensor matrix(const at::Tensor& weight) { return weight.reshape({weight.size
 constexpr std::array<int64_t, 2> kOnes = {1, 1};
 constexpr std::array<int64_t, 2> kZeros = {0, 0};
 
+// One layer of the MLP over the pooled rows [M, in], as the layout computes it: a Linear's as
+// linear, a 1x1 conv's as a convolution of [M, in, 1, 1] images (core.py's pointwise). In 16 bits
+// the two round differently on CUDA (cuBLAS adds the bias before rounding, cuDNN after), and a
+// ReLU input near 0 can then change sign, switching that unit's whole gradient on or off: seen on
+// an H200 in bfloat16, 0.45 off in a gradient of x against the module's own step.
+at::Tensor mlp_layer(const at::Tensor& rows, const at::Tensor& weight, const OptionalTensor& bias) {
+  if (weight.dim() == 2) return at::linear(rows, weight, bias);
+  return at::convolution(rows.unsqueeze(-1).unsqueeze(-1), weight, bias, kOnes, kZeros, kOnes, false,
+                         kZeros, 1)
+      .flatten(1);
+}
+
 // The block's forward as the modules compute it (fused_cbam/nn/core.py): every call below
 // autograd. With BatchNorm in training, its running statistics are updated in place.
 Forward block_forward(
@@ -107,10 +119,10 @@ Forward block_forward(
   const at::Tensor rows = pooling == "sum" ? at::cat({avg, max}) : pooling == "avg" ? avg : avg * 0.5 + max * 0.5;
   const at::Tensor fc1 = in_dtype_of(x, fc1_weight);
   const OptionalTensor fc2 = in_dtype_of(x, fc2_weight);
-  at::Tensor hidden = at::linear(rows, matrix(fc1), in_dtype_of(x, fc1_bias)), logits = hidden;
+  at::Tensor hidden = mlp_layer(rows, fc1, in_dtype_of(x, fc1_bias)), logits = hidden;
   if (fc2.has_value()) {
     hidden = at::relu(hidden);
-    logits = at::linear(hidden, matrix(*fc2), in_dtype_of(x, fc2_bias));
+    logits = mlp_layer(hidden, *fc2, in_dtype_of(x, fc2_bias));
   } else {
     hidden = at::Tensor();
   }

@@ -60,8 +60,9 @@ def gate_apply(x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | No
 
 def channel_gate(logits: Tensor) -> Tensor:
     """``sigmoid(logits.sum(0))``: the channel gate [N, C] from the MLP's logits of each pooled
-    vector, stacked [K, N, C], summed and squashed in float32 and rounded once."""
-    return torch.sigmoid(_opmath(logits).sum(dim=0)).to(logits.dtype)
+    vector, stacked [K, N, C], as the layouts compute it: the sum (in float32) rounded to the
+    logits' dtype, then the sigmoid, rounded again."""
+    return torch.sigmoid(logits.sum(dim=0))
 
 
 def cbam_inference(

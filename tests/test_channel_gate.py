@@ -34,6 +34,26 @@ def _ops(backend, dtype):
 
 
 @pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_the_sum_is_rounded_before_the_sigmoid(backend, device, dtype):
+    """As the layouts compute the gate, ``sigmoid(logits.sum(0))`` in the logits' dtype: where
+    rounding the sum first changes the gate, the operator's gate is the rounded sum's sigmoid
+    (a gate an ulp from the layouts' moves spatial maxima at near ties, with their gradient).
+    Checked on those elements only; an element whose float32 sigmoid falls on the other side of
+    a rounding midpoint than the exact one may differ, hence 99%."""
+    ops = _ops(backend, dtype)
+    logits = (3 * torch.randn(2, 64, 257, device=device)).to(dtype)
+    total = logits.double().sum(0)
+    rounded_first = torch.sigmoid(total.to(dtype).double()).to(dtype)
+    rounded_once = torch.sigmoid(total).to(dtype)
+    telling = rounded_first != rounded_once
+    assert telling.sum() > 100, "no elements where the two roundings differ"
+    gate = ops.channel_gate(logits)
+    agree = (gate == rounded_first)[telling].double().mean().item()
+    assert agree > 0.99, f"{agree:.1%} of the gates have the logits' sum rounded first"
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_and_backward_match_reference(backend, device, shape, dtype):

@@ -172,7 +172,7 @@ def test_batches_larger_than_one_chunk_on_the_gpu(memory_format, dtype, backend,
     out, ops = _run_logged(fused, x)
     assert _logged_name(backend) in ops, ops
     with torch.no_grad():
-        assert_close(out, reference(x), TOLERANCE[dtype] * 4, "out")
+        assert_close(out, reference(x), TOLERANCE[dtype] * 4, "out", rounded_once=False)  # the MLP, the conv
 
 
 def test_a_short_last_chunk_joins_the_one_before():

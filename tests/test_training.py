@@ -2,7 +2,6 @@
 blocks take in eager mode: against the reference backend (output, every gradient, the BatchNorm's
 running statistics and batch count), where it is taken and where the block keeps its own path."""
 
-import copy
 from typing import NamedTuple
 
 import pytest
@@ -56,28 +55,6 @@ def _step(module, x, grad_out):
     return out, x.grad, grads, dict(module.named_buffers())
 
 
-def _expected_step(fused, reference, x, grad_out):
-    """The reference's step; in eval mode in 16 bits, that of the block's own three operators (a
-    twin that keeps its gates). There one channel's gate can be a rounding apart from the
-    reference's (official layout, bfloat16: 0.5469 against 0.5430, where the reference rounds the
-    MLP's two logits and their sum, the fused gate once), which moves a pixel's maximum at a near
-    tie to another channel, with its whole gradient (0.235 off in the gradient of x); the three
-    operators compute the same gate as the operator, so the same maxima."""
-    if fused.training or x.dtype not in (torch.float16, torch.bfloat16):
-        return _step(reference, x, grad_out)
-    return _three_operators_step(fused, x, grad_out)
-
-
-def _three_operators_step(fused, x, grad_out):
-    """``_step`` of a copy of ``fused`` (in its present state) that keeps its gates, which the
-    operator does not serve: the block on its three operators."""
-    twin = copy.deepcopy(fused)
-    twin.keep_gates = True
-    step = _step(twin, x, grad_out)
-    assert not _takes_the_operator(step[0]), step[0].grad_fn
-    return step
-
-
 def _assert_steps_match(got, want, dtype):
     (out, grad_x, grads, buffers), (ref_out, ref_grad_x, ref_grads, ref_buffers) = got, want
     atol = TOLERANCE[dtype] * 4
@@ -98,9 +75,11 @@ def _assert_steps_match(got, want, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_training_steps_match_the_reference(layout, memory_format, dtype, backend, device):
     """Two steps in training mode (the running statistics move), then one in eval mode with a
-    gradient (BatchNorm then normalises with them, and its backward differs; in 16 bits against
-    the three operators: ``_expected_step``). Each step starts from the same state on both
-    sides."""
+    gradient (BatchNorm then normalises with them, and its backward differs). Each step starts
+    from the same state on both sides. In 16 bits too against the reference: the operator rounds
+    the channel gate's logit sum as the layouts do, so its spatial maxima are theirs even at near
+    ties (with the sum rounded once less, 7-9% of bfloat16 seeds moved one, with its whole
+    gradient: benchmarks/NOTES.md, nineteenth session)."""
     fused, reference = fused_and_reference(LAYOUTS[layout], backend, device)
     fused, reference = fused.to(dtype), reference.to(dtype)
     for train in (True, True, False):
@@ -111,7 +90,7 @@ def test_training_steps_match_the_reference(layout, memory_format, dtype, backen
         grad_out = torch.randn(x.shape, dtype=dtype, device=device)
         got = _step(fused, x, grad_out)
         assert _takes_the_operator(got[0]), got[0].grad_fn
-        _assert_steps_match(got, _expected_step(fused, reference, x, grad_out), dtype)
+        _assert_steps_match(got, _step(reference, x, grad_out), dtype)
 
 
 class StepCase(NamedTuple):
@@ -148,10 +127,9 @@ def _case_step_inputs(case: StepCase, backend, device, module_dtype):
 
 
 @_profile(max_examples=300)
-@given(case=step_cases([torch.float32, torch.float64]))
+@given(case=step_cases([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
 def test_property_steps_match_the_reference(case, backend, device):
-    """Shapes with 1s and primes, both BatchNorm modes, three memory formats (16-bit dtypes in the
-    test above: at near ties a maximum may move to another channel, see there)."""
+    """Shapes with 1s and primes, both BatchNorm modes, three memory formats, every dtype."""
     fused, reference, x, grad_out = _case_step_inputs(case, backend, device, case.dtype)
     got = _step(fused, x, grad_out)
     assert _takes_the_operator(got[0]), got[0].grad_fn
@@ -319,8 +297,8 @@ def test_mixed_precision_steps_match_the_reference(layout, dtype, backend, devic
     """Under autocast with x in its dtype (a conv's output there) and the parameters in float32:
     the operator, with the MLP's and the conv's parameters in x's dtype as autocast converts
     them, the BatchNorm's as they are, and every gradient in its parameter's dtype. Two steps in
-    training mode, then one in eval mode with a gradient (against the three operators:
-    ``_expected_step``)."""
+    training mode, then one in eval mode with a gradient, against the reference under the same
+    autocast."""
     fused, reference = fused_and_reference(LAYOUTS[layout], backend, device)
     for train in (True, True, False):
         fused.train(train)
@@ -328,7 +306,7 @@ def test_mixed_precision_steps_match_the_reference(layout, dtype, backend, devic
         x = make_input((3, 16, 7, 9), dtype, device, "channels_last")
         grad_out = torch.randn(x.shape, dtype=dtype, device=device)
         with torch.autocast(device, dtype=dtype):
-            got, want = _step(fused, x, grad_out), _expected_step(fused, reference, x, grad_out)
+            got, want = _step(fused, x, grad_out), _step(reference, x, grad_out)
         assert _takes_the_operator(got[0]), got[0].grad_fn
         assert got[0].dtype == dtype and all(g.dtype == torch.float32 for g in got[2].values())
         _assert_steps_match(got, want, dtype)
@@ -336,17 +314,13 @@ def test_mixed_precision_steps_match_the_reference(layout, dtype, backend, devic
 
 @_profile(max_examples=150)
 @given(case=step_cases([torch.bfloat16, torch.float16]))
-def test_property_mixed_precision_steps_are_the_three_operators(case, backend, device):
-    """Under autocast the operator computes what the block's three operators compute (the same
-    kernels, the MLP and the conv on parameters converted as autocast converts them): shapes with
-    1s and primes, both BatchNorm modes, three memory formats. Against the three operators, not
-    the reference: their channel gate is the operator's, so their spatial maxima are too (see
-    ``_expected_step``). Within 16-bit rounding, not bit for bit: with one pooled vector the
-    layouts' own sigmoid's backward rounds the gate's gradient twice, ``channel_gate``'s once."""
-    fused, _, x, grad_out = _case_step_inputs(case, backend, device, torch.float32)
+def test_property_mixed_precision_steps_match_the_reference(case, backend, device):
+    """Under autocast, against the reference under the same autocast (the MLP and the conv on
+    parameters converted as autocast converts them): shapes with 1s and primes, both BatchNorm
+    modes, three memory formats."""
+    fused, reference, x, grad_out = _case_step_inputs(case, backend, device, torch.float32)
     with torch.autocast(device, dtype=case.dtype):
-        want = _three_operators_step(fused, x, grad_out)  # (first: from the same state)
-        got = _step(fused, x, grad_out)
+        got, want = _step(fused, x, grad_out), _step(reference, x, grad_out)
     assert _takes_the_operator(got[0])
     _assert_steps_match(got, want, case.dtype)
 

@@ -847,6 +847,9 @@ void gate_apply_backward(
 
 // ---------------------------------------------------------------------------------------------
 // channel_gate: gate[m] = sigmoid(sum_k logits[k, m]) over the M = N * C gates, and its backward.
+// The sum is rounded to the logits' dtype before the sigmoid, as the layouts' `logits.sum(0)`
+// (or `a + b`) rounds it: a gate an ulp apart moves spatial maxima at near ties to other
+// channels, with their whole gradient (benchmarks/NOTES.md, nineteenth session).
 
 template <typename T>
 void channel_gate_impl(const T* logits, T* gate, int64_t pools, int64_t M) {
@@ -855,7 +858,7 @@ void channel_gate_impl(const T* logits, T* gate, int64_t pools, int64_t M) {
     for (int64_t m = begin; m < end; ++m) {
       acc_t sum = 0;
       for (int64_t k = 0; k < pools; ++k) sum += static_cast<acc_t>(logits[k * M + m]);
-      gate[m] = static_cast<T>(acc_t(1) / (acc_t(1) + std::exp(-sum)));
+      gate[m] = static_cast<T>(acc_t(1) / (acc_t(1) + std::exp(-rounded<T>(sum))));
     }
   });
 }

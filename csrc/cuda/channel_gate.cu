@@ -1,7 +1,9 @@
 // channel_gate: gate[m] = sigmoid(sum_k logits[k, m]) over the M = N * C gates, and its backward,
 // which writes (grad[m] + grad_2[m]) * gate[m] * (1 - gate[m]) into each of the K rows of the
 // logits' gradient. Elementwise, a grid-stride loop of at most one wave; math in x's opmath type
-// (the sigmoid as ATen's: 1 / (1 + exp(-v))), one rounding.
+// (the sigmoid as ATen's: 1 / (1 + exp(-v))). The sum is rounded to the logits' dtype before the
+// sigmoid, as the layouts' `logits.sum(0)` rounds it (a gate an ulp apart moves spatial maxima at
+// near ties, with their whole gradient: benchmarks/NOTES.md, nineteenth session).
 #include "../channel_gate_args.h"
 #include "common.cuh"
 #include "kernels.h"
@@ -17,7 +19,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t m = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; m < M; m += stride) {
     acc_t sum = 0;
     for (int64_t k = 0; k < pools; ++k) sum += static_cast<acc_t>(logits[k * M + m]);
-    gate[m] = static_cast<scalar_t>(acc_t(1) / (acc_t(1) + std::exp(-sum)));
+    const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(sum));
+    gate[m] = static_cast<scalar_t>(acc_t(1) / (acc_t(1) + std::exp(-v)));
   }
 }
 

@@ -360,7 +360,8 @@ def first_max_update(acc_val, acc_idx, v, valid, idx, AXIS: tl.constexpr):
 @triton.jit
 def sum_rows_kernel(part_ptr, out_ptr, M, S, SIGMOID: tl.constexpr, BLOCK: tl.constexpr):
     """out[m] = sum over s = 0..S-1 of part[s, m] (in float32, in a fixed order), or with SIGMOID
-    its sigmoid, rounded to out's dtype."""
+    the sigmoid of that sum rounded to out's dtype (as ``sigmoid(logits.sum(0))`` rounds it),
+    rounded to out's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     acc = tl.zeros([BLOCK], tl.float32)
@@ -369,7 +370,7 @@ def sum_rows_kernel(part_ptr, out_ptr, M, S, SIGMOID: tl.constexpr, BLOCK: tl.co
         acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         ptrs += M
     if SIGMOID:
-        acc = tl.sigmoid(acc)
+        acc = tl.sigmoid(cast_to(acc, out_ptr).to(tl.float32))
     tl.store(out_ptr + offs, cast_to(acc, out_ptr), mask=mask)
 
 

@@ -1,8 +1,8 @@
 """The channel gate from the MLP's logits of K pooled vectors [K, N, C]: gate = sigmoid of their
 sum, and its backward, which writes (grad_gate + grad_gate_2) * gate * (1 - gate) into each of
 the K rows of the logits' gradient. One elementwise launch each over the M = N * C gates (the
-forward is ``sum_rows_kernel``, which also adds split reductions' partials), float32 math, one
-rounding."""
+forward is ``sum_rows_kernel``, which also adds split reductions' partials), float32 math; the
+sum rounded to the logits' dtype before the sigmoid, as the layouts' ``logits.sum(0)`` rounds it."""
 
 import torch
 import triton
