@@ -168,6 +168,11 @@ def bench_block(runner, providers, shape, fmt, env):
         module.train()
 
         def step(i):
+            # From gradients set to None, as an optimizer's zero_grad leaves them (and as PyTorch's
+            # whole-network CUDA-graph capture wants them): nothing accumulated into last step's,
+            # x's gradient handed over as an activation's would be, not added (one |x| kernel).
+            module.zero_grad(set_to_none=True)
+            x_grads[i].grad = None
             module(x_grads[i]).backward(grad)
 
         fwd_bwd = runner.time(step, x_bytes) | runner.device_detail(step, x_bytes)
