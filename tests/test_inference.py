@@ -175,6 +175,21 @@ def test_batches_larger_than_one_chunk_on_the_gpu(memory_format, dtype, backend,
         assert_close(out, reference(x), TOLERANCE[dtype] * 4, "out", rounded_once=False)  # the MLP, the conv
 
 
+@pytest.mark.parametrize("chunk_bytes", ["0", "1", "3000000"])
+@pytest.mark.needs_cuda
+def test_the_cuda_chunk_size_leaves_the_output_as_it_is(chunk_bytes, monkeypatch):
+    """``FUSED_CBAM_CUDA_CHUNK_BYTES`` (for measuring the chunking): the whole batch in one chunk,
+    one sample a chunk (fewer bytes than a sample), or a few samples a chunk; each sample's
+    output is computed alone either way, so the bits do not change."""
+    skip_unless_available("cuda")
+    fused, _ = _pair("official", 64, torch.bfloat16, "cuda", "cuda")
+    x = make_input((37, 64, 29, 31), torch.bfloat16, "cuda", "channels_last")
+    out, ops = _run_logged(fused, x)
+    assert _logged_name("cuda") in ops, ops
+    monkeypatch.setenv("FUSED_CBAM_CUDA_CHUNK_BYTES", chunk_bytes)
+    assert torch.equal(_run_logged(fused, x)[0], out)
+
+
 def test_a_short_last_chunk_joins_the_one_before():
     """Each chunk reads the MLP's weights once: a last chunk whose x costs less than they do is
     merged into the one before (here 1 x 1 samples of 512 channels: a chunk of many hundreds of

@@ -11,6 +11,7 @@
 // synchronises with the device.
 #include <ATen/ops/empty_like.h>
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "../inference_args.h"
@@ -283,12 +284,20 @@ at::Tensor channel_gate(const at::Tensor& avg, const at::Tensor& mx, const infer
 // Samples per chunk: x's chunk takes at most half of the L2 cache, whose other half holds the
 // output rows the gate writes and the small tensors. When one sample is already larger, no chunk
 // stays in L2 between the passes: then the batch is one chunk, rather than about ten launches
-// per sample for nothing.
+// per sample for nothing. FUSED_CBAM_CUDA_CHUNK_BYTES sets the chunk's bytes instead (0: the
+// whole batch), to measure what the chunking gains (benchmarks/NOTES.md, nineteenth session).
 int64_t samples_per_chunk(const at::Tensor& x) {
-  int l2 = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, x.device().index()));
+  int64_t budget = 0;
+  if (const char* bytes = std::getenv("FUSED_CBAM_CUDA_CHUNK_BYTES")) {
+    budget = std::atoll(bytes);
+    if (budget <= 0) return x.size(0);
+  } else {
+    int l2 = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, x.device().index()));
+    budget = static_cast<int64_t>(l2) / 2;
+  }
   const int64_t sample_bytes = std::max<int64_t>(1, x.numel() / x.size(0) * x.element_size());
-  const int64_t samples = static_cast<int64_t>(l2) / 2 / sample_bytes;
+  const int64_t samples = budget / sample_bytes;
   return samples >= 1 ? samples : x.size(0);
 }
 
