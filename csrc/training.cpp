@@ -291,7 +291,8 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
     const at::Tensor grad_logits =
         channel_gate_backward.call(grad_scale, grad_gate, gate, pools).flatten(0, 1);
 
-    // The MLP's backward, as autograd's for linear, relu, linear.
+    // The MLP's backward, as autograd's for linear, relu, linear (a 1x1 conv's too: the same
+    // products, in another rounding than cuDNN's; the ReLU's mask is the forward's).
     at::Tensor grad_hidden = grad_logits;
     const at::Tensor& fc2_weight = s[sFc2Weight];
     if (fc2_weight.defined()) {

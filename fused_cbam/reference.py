@@ -2,7 +2,8 @@
 
 Written to be obviously correct, never to be fast. Float16/bfloat16 inputs are pooled and
 gated in float32 and rounded once at the end, which is also what the fused kernels do, so
-ties and maxima agree exactly across backends.
+ties and maxima agree exactly across backends. The channel gate rounds the sum of its logits
+first, then its sigmoid, as the layouts' ``sigmoid(a + b)`` in x's dtype does.
 
 Gradient of a max: the whole gradient goes to one element, the lowest index among the tied
 maxima (the first position ``h * W + w`` for channel pooling, the lowest channel for spatial
@@ -61,8 +62,9 @@ def gate_apply(x: Tensor, channel_gate: Tensor | None, spatial_gate: Tensor | No
 def channel_gate(logits: Tensor) -> Tensor:
     """``sigmoid(logits.sum(0))``: the channel gate [N, C] from the MLP's logits of each pooled
     vector, stacked [K, N, C], as the layouts compute it: the sum (in float32) rounded to the
-    logits' dtype, then the sigmoid, rounded again."""
-    return torch.sigmoid(logits.sum(dim=0))
+    logits' dtype (also under CUDA autocast, which would sum in float32), then the sigmoid,
+    rounded again."""
+    return torch.sigmoid(logits.sum(dim=0, dtype=logits.dtype))
 
 
 def cbam_inference(

@@ -60,7 +60,7 @@ def _sigmoid_channel_gate(ops, x: Tensor, channel, rows: list[Tensor], max_first
         return channel.to_gate(channel.shared_mlp(rows[0])), None
     logits = stacked(channel.shared_mlp, rows)
     if logits.dtype != x.dtype:
-        return channel.to_gate(logits.sum(dim=0)), None
+        return channel.to_gate(_sum_of_logits(logits)), None
     return ops.gated_spatial_maps(x, logits, max_first)
 
 
@@ -452,7 +452,14 @@ def summed(mlp, rows: list[Tensor]) -> Tensor:
         for row in rows[1:]:
             total = total + mlp(row)
         return total
-    return stacked(mlp, rows).sum(dim=0)
+    return _sum_of_logits(stacked(mlp, rows))
+
+
+def _sum_of_logits(logits: Tensor) -> Tensor:
+    """The sum over the stacked logits [K, N, C] in their dtype, rounded once as the layouts' ``a +
+    b`` rounds it (the dtype given: CUDA autocast would sum in float32, and the gate would then be
+    rounded otherwise than the layouts', moving spatial maxima at near ties)."""
+    return logits.sum(dim=0, dtype=logits.dtype)
 
 
 def stacked(mlp, rows: list[Tensor]) -> Tensor:

@@ -7,8 +7,9 @@ fake kernels and autograd formulas of ``fused_cbam._registrations`` shared by ev
 
 How this path differs from the C++/CUDA one:
 
-- dtypes: float16, bfloat16 and float32 only (all math in float32, rounded once to x's dtype);
-  float64 raises TypeError.
+- dtypes: float16, bfloat16 and float32 only (all math in float32, rounded once to x's dtype;
+  the channel gate's logit sum rounded before its sigmoid, as the layouts round it); float64
+  raises TypeError.
 - devices: CUDA tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set
   before this package is imported), which is how CI tests it without a GPU.
 - block sizes and warps are autotuned per (N, C, P, dtype, memory format) on first use, which
