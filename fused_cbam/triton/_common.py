@@ -336,25 +336,32 @@ def first_max_merge(acc_val, acc_idx, val, idx):
 
 
 @triton.jit
-def first_max_update(acc_val, acc_idx, v, valid, idx, AXIS: tl.constexpr):
-    """Fold a float32 block ``v`` (reduced along AXIS) into the running (max, argmax).
+def first_max_fold(acc_val, acc_idx, v, valid, idx):
+    """Fold a float32 block ``v`` into running (max, argmax) pairs of the block's shape, element
+    by element: no reduction inside the loop (five per block before, each across lanes), one at
+    the end (``first_max_reduce``), as Inductor's argmax reductions do. ``valid`` masks the
+    block; ``idx`` (int32, broadcastable to v) is each element's index along the reduced
+    dimension; blocks arrive in increasing index order."""
+    take = valid & (acc_val == acc_val) & ((v != v) | (v > acc_val))
+    return tl.where(take, v, acc_val), tl.where(take, idx, acc_idx)
 
-    ``valid`` masks the block, ``idx`` (int32, broadcastable to v) is each element's index along
-    the reduced dimension. Blocks must arrive in increasing index order.
-    """
-    is_nan = (v != v) & valid
+
+@triton.jit
+def first_max_reduce(acc_val, acc_idx, AXIS: tl.constexpr):
+    """(max, argmax) along AXIS of ``first_max_fold``'s pairs: the first NaN, else the lowest
+    index of the maximum. Each pair starts at -inf with the index of the first position it
+    covers, so a pair that saw only -inf (or nothing: positions past the end) names a position
+    no later than any -inf it saw, and the lowest of them is the first."""
+    is_nan = acc_val != acc_val
     has_nan = tl.max(is_nan.to(tl.int32), axis=AXIS) > 0
-    nan_idx = tl.min(tl.where(is_nan, idx, 2147483647), axis=AXIS)
+    nan_idx = tl.min(tl.where(is_nan, acc_idx, 2147483647), axis=AXIS)
     # NaN from the data itself (NaN + 0 + ... is NaN): no NaN literal in the kernel.
-    nan_val = tl.sum(tl.where(is_nan, v, 0.0), axis=AXIS)
-    ok = valid & (v == v)
-    vv = tl.where(ok, v, float("-inf"))
+    nan_val = tl.sum(tl.where(is_nan, acc_val, 0.0), axis=AXIS)
+    vv = tl.where(is_nan, float("-inf"), acc_val)
     blk_max = tl.max(vv, axis=AXIS)
-    at_max = ok & (vv == tl.expand_dims(blk_max, AXIS))
-    max_idx = tl.min(tl.where(at_max, idx, 2147483647), axis=AXIS)
-    blk_val = tl.where(has_nan, nan_val, blk_max)
-    blk_idx = tl.where(has_nan, nan_idx, max_idx)
-    return first_max_merge(acc_val, acc_idx, blk_val, blk_idx)
+    at_max = (~is_nan) & (vv == tl.expand_dims(blk_max, AXIS))
+    max_idx = tl.min(tl.where(at_max, acc_idx, 2147483647), axis=AXIS)
+    return tl.where(has_nan, nan_val, blk_max), tl.where(has_nan, nan_idx, max_idx)
 
 
 @triton.jit

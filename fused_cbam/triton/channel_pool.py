@@ -3,7 +3,7 @@
 Forward, one launch, or two when P is split:
 1. ``_partial_kernel``: program (n, block of BLOCK_C channels, split) walks its part of P in
    BLOCK_P chunks, keeping a float32 sum and the first max (NaN wins, lowest p on ties) in
-   registers. With one split (FINAL) it writes avg = sum / P and max in x's dtype and argmax in
+   registers, a pair per element of the block, reduced over P once at the end. With one split (FINAL) it writes avg = sum / P and max in x's dtype and argmax in
    int32 itself; else float32 partials [S, N * C].
 2. ``_finalize_kernel`` (S > 1): folds the S partials in split order (so the lowest p still
    wins) and writes avg, max and argmax.
@@ -34,8 +34,9 @@ from ._common import (
     check_small,
     check_x,
     device_guard,
+    first_max_fold,
     first_max_merge,
-    first_max_update,
+    first_max_reduce,
     grad_view,
     layout,
     num_splits,
@@ -59,16 +60,17 @@ def _partial_kernel(
 
     row_ptr = x_ptr + n * stride_n + offs_c.to(tl.int64)[:, None] * stride_c
     acc_sum = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    acc_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
-    acc_idx = tl.zeros([BLOCK_C], tl.int32) + start
+    acc_max = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
+    acc_idx = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + (start + tl.arange(0, BLOCK_P))[None, :]
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = mask_c[:, None] & (offs_p < end)[None, :]
         v = tl.load(row_ptr + offs_p.to(tl.int64)[None, :] * stride_p, mask=mask, other=0.0).to(tl.float32)
         acc_sum += v
-        acc_max, acc_idx = first_max_update(acc_max, acc_idx, v, mask, offs_p[None, :], 1)
+        acc_max, acc_idx = first_max_fold(acc_max, acc_idx, v, mask, offs_p[None, :])
 
     out = split.to(tl.int64) * N * C + n * C + offs_c
+    acc_max, acc_idx = first_max_reduce(acc_max, acc_idx, 1)
     acc_sum = tl.sum(acc_sum, axis=1)
     if FINAL:  # the pointers are avg, max and argmax themselves
         acc_sum = acc_sum / P

@@ -3,7 +3,7 @@ The mean and max are the two channels of one [N, 2, H, W] tensor, the spatial co
 
 Forward, one launch: program (n, block of BLOCK_P positions) walks C in BLOCK_C chunks, forms
 y in float32 (never stored) and keeps the float32 sum and the first max (NaN wins, lowest c on
-ties) in registers.
+ties) in registers, a pair per element of the block, reduced over C once at the end.
 
 Backward: w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
 grad_x = w * scale[n, c]; grad_scale[n, c] = sum_p w * x. Program (n, block of BLOCK_C channels,
@@ -31,7 +31,8 @@ from ._common import (
     check_x,
     config,
     device_guard,
-    first_max_update,
+    first_max_fold,
+    first_max_reduce,
     grad_view,
     layout,
     num_splits,
@@ -71,8 +72,8 @@ def _forward_kernel(
 
     col_ptr = x_ptr + n * stride_n + offs_p.to(tl.int64)[None, :] * stride_p
     acc_sum = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    acc_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    acc_idx = tl.zeros([BLOCK_P], tl.int32)
+    acc_max = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
+    acc_idx = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + tl.arange(0, BLOCK_C)[:, None]
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -82,8 +83,9 @@ def _forward_kernel(
             s = tl.load(scale_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             y = y * s[:, None]
         acc_sum += tl.where(mask, y, 0.0)
-        acc_max, acc_idx = first_max_update(acc_max, acc_idx, y, mask, offs_c[:, None], 0)
+        acc_max, acc_idx = first_max_fold(acc_max, acc_idx, y, mask, offs_c[:, None])
 
+    acc_max, acc_idx = first_max_reduce(acc_max, acc_idx, 0)
     out = n * maps_stride_n + offs_p
     tl.store(mean_ptr + out, cast_to(tl.sum(acc_sum, axis=0) / C, mean_ptr), mask=mask_p)
     tl.store(max_ptr + out, cast_to(acc_max, max_ptr), mask=mask_p)
