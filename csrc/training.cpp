@@ -82,14 +82,13 @@ constexpr std::array<int64_t, 2> kZeros = {0, 0};
 
 // One layer of the MLP over the pooled rows [M, in], as the layout computes it: a Linear's as
 // linear, a 1x1 conv's as a convolution of [M, in, 1, 1] images (core.py's pointwise). In 16 bits
-// the two round differently on CUDA (cuBLAS adds the bias before rounding, cuDNN after), and a
-// ReLU input near 0 can then change sign, switching that unit's whole gradient on or off: seen on
-// an H200 in bfloat16, 0.45 off in a gradient of x against the module's own step.
+// cuBLAS and cuDNN may round a biased output differently, and a ReLU input near 0 can then change
+// sign, switching that unit's whole gradient on or off: the inferred cause of bfloat16 steps on
+// an H200 0.45 off in a gradient of x against the module's own (benchmarks/NOTES.md).
 at::Tensor mlp_layer(const at::Tensor& rows, const at::Tensor& weight, const OptionalTensor& bias) {
   if (weight.dim() == 2) return at::linear(rows, weight, bias);
-  return at::convolution(rows.unsqueeze(-1).unsqueeze(-1), weight, bias, kOnes, kZeros, kOnes, false,
-                         kZeros, 1)
-      .flatten(1);
+  const at::Tensor images = rows.unsqueeze(-1).unsqueeze(-1);
+  return at::convolution(images, weight, bias, kOnes, kZeros, kOnes, false, kZeros, 1).flatten(1);
 }
 
 // The block's forward as the modules compute it (fused_cbam/nn/core.py): every call below
