@@ -338,12 +338,11 @@ def first_max_merge(acc_val, acc_idx, val, idx):
 @triton.jit
 def first_max_fold(acc_val, acc_idx, v, valid, idx):
     """Fold a float32 block ``v`` into running (max, argmax) pairs of the block's shape, element
-    by element: no reduction inside the loop (five per block before, each across lanes), one at
-    the end (``first_max_reduce``), as Inductor's argmax reductions do. ``valid`` masks the
-    block; ``idx`` (int32, broadcastable to v) is each element's index along the reduced
-    dimension; blocks arrive in increasing index order."""
-    take = valid & (acc_val == acc_val) & ((v != v) | (v > acc_val))
-    return tl.where(take, v, acc_val), tl.where(take, idx, acc_idx)
+    by element (``first_max_merge``; a masked element is -inf, which never takes over): no
+    reduction across lanes inside the loop, one at the end (``first_max_reduce``), as Inductor's
+    argmax reductions do. ``valid`` masks the block; ``idx`` (int32, broadcastable to v) is each
+    element's index along the reduced dimension; blocks arrive in increasing index order."""
+    return first_max_merge(acc_val, acc_idx, tl.where(valid, v, float("-inf")), idx)
 
 
 @triton.jit

@@ -3,8 +3,9 @@
 Forward, one launch, or two when P is split:
 1. ``_partial_kernel``: program (n, block of BLOCK_C channels, split) walks its part of P in
    BLOCK_P chunks, keeping a float32 sum and the first max (NaN wins, lowest p on ties) in
-   registers, a pair per element of the block, reduced over P once at the end. With one split (FINAL) it writes avg = sum / P and max in x's dtype and argmax in
-   int32 itself; else float32 partials [S, N * C].
+   registers, a pair per element of the block, reduced over P once at the end. With one split
+   (FINAL) it writes avg = sum / P and max in x's dtype and argmax in int32 itself; else float32
+   partials [S, N * C].
 2. ``_finalize_kernel`` (S > 1): folds the S partials in split order (so the lowest p still
    wins) and writes avg, max and argmax.
 S > 1 only when N * C alone would leave the GPU idle (see ``_common.num_splits``).
