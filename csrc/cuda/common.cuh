@@ -47,15 +47,26 @@ struct alignas(sizeof(T) * N) AlignedVec {
   T val[N];
 };
 
+// Loads VEC elements, 16-byte aligned when VEC > 1, as they are stored.
+template <int VEC, typename T>
+__device__ __forceinline__ AlignedVec<T, VEC> load_vec(const T* __restrict__ p) {
+  return *reinterpret_cast<const AlignedVec<T, VEC>*>(p);
+}
+
+// Widens loaded elements to the math type.
+template <int VEC, typename T, typename A>
+__device__ __forceinline__ void widen(const AlignedVec<T, VEC>& v, A (&out)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = static_cast<A>(v.val[j]);
+}
+
 // Loads VEC elements (16-byte aligned when VEC > 1) and widens them to the math type.
 template <int VEC, typename T, typename A>
 __device__ __forceinline__ void load_as(const T* __restrict__ p, A (&out)[VEC]) {
   if constexpr (VEC == 1) {
     out[0] = static_cast<A>(p[0]);
   } else {
-    const AlignedVec<T, VEC> v = *reinterpret_cast<const AlignedVec<T, VEC>*>(p);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = static_cast<A>(v.val[j]);
+    widen<VEC>(load_vec<VEC>(p), out);
   }
 }
 

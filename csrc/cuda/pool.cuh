@@ -62,6 +62,55 @@ __device__ __forceinline__ void load_pool_grads(const PoolGrads<scalar_t>& g, in
 }
 
 constexpr int64_t kMinChunk = 2048;  // smallest segment of a split row
+constexpr int kLoadsInFlight = 4;    // loads a pooling thread issues before using the first
+
+// Calls visit(i, load(i)) for i = first, first + step, ... < end, in increasing order, issuing
+// up to UNROLL loads before the first of their visits: a `#pragma unroll` of the plain loop
+// keeps one load in flight, since no load may move above the exit check of the iteration
+// before it. The loads past `end` of the last batch are predicated off, not made.
+template <int UNROLL, typename Load, typename Visit>
+__device__ __forceinline__ void for_each_batched(int first, int end, int step, const Load& load,
+                                                 const Visit& visit) {
+  for (int i = first; i < end; i += UNROLL * step) {
+    decltype(load(i)) batch[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (i + u * step < end) batch[u] = load(i + u * step);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (i + u * step < end) visit(i + u * step, batch[u]);
+    }
+  }
+}
+
+// The sum and first arg-max of the values one thread visits in increasing index order. The
+// order makes the first-index rule a strict comparison (an FSETP and two selects), where
+// arg_update's NaN rule branches. NaN never compares greater and an all -inf run takes no index;
+// either shows after the run (the sum is NaN, or no index was taken), and such a thread visits
+// its values again with arg_update, so the result is arg_update's on any data.
+template <typename A>
+struct RunningPool {
+  A sum, max;
+  int idx;
+
+  __device__ __forceinline__ void start() {
+    sum = 0;
+    restart_max();
+  }
+  __device__ __forceinline__ void restart_max() {
+    max = neg_inf<A>();
+    idx = kNoIndex;
+  }
+  __device__ __forceinline__ void add(A v, int i) {
+    sum += v;
+    const bool greater = v > max;
+    max = greater ? v : max;
+    idx = greater ? i : idx;
+  }
+  __device__ __forceinline__ bool needs_exact() const { return sum != sum || idx == kNoIndex; }
+  __device__ __forceinline__ void add_exact(A v, int i) { arg_update(v, i, max, idx); }
+};
 
 // Row r is x[r * L, (r + 1) * L). Segment (r, s) covers [s * chunk, min(L, (s + 1) * chunk))
 // and belongs to `group` consecutive threads (a power of two, 4..kThreads). With SCALE, element
@@ -84,9 +133,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t seg = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + tid / group;
   const bool live = seg < rows * splits;
 
-  acc_t sum = 0;
-  acc_t bv = neg_inf<acc_t>();
-  int bi = kNoIndex;
+  RunningPool<acc_t> pool;
+  pool.start();
   int64_t row = 0;
   int s = 0;
   if (live) {
@@ -98,46 +146,56 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* __restrict__ sr = nullptr;
     if constexpr (SCALE) sr = scale + (row / rows_per_sample) * L;
 
-    auto visit = [&](int i) {
-      acc_t v = static_cast<acc_t>(xr[i]);
-      if constexpr (SCALE) v *= static_cast<acc_t>(sr[i]);
-      sum += v;
-      arg_update(v, i, bv, bi);
-    };
-    // Scalar head up to the first 16-byte boundary of x, vector body, scalar tail; each thread
-    // visits increasing indices (not required by arg_update, which is order-free).
+    // Scalar head up to the first 16-byte boundary of x, vector body, scalar tail: each thread
+    // visits increasing indices, as RunningPool needs.
     const uintptr_t addr = reinterpret_cast<uintptr_t>(xr + begin);
     const int head =
         min(end - begin, static_cast<int>(((16 - (addr & 15)) & 15) / sizeof(scalar_t)));
     const int body = begin + head;
     const int nvec = (end - body) / VEC;
     const int tail = body + nvec * VEC;
-    for (int i = begin + t; i < body; i += group) visit(i);
     bool scale_vec = false;
     if constexpr (SCALE) scale_vec = (reinterpret_cast<uintptr_t>(sr + body) & 15) == 0;
-    for (int k = t; k < nvec; k += group) {
-      const int i = body + k * VEC;
-      acc_t v[VEC];
-      load_as<VEC>(xr + i, v);
-      if constexpr (SCALE) {
-        acc_t sc[VEC];
-        if (scale_vec) {
-          load_as<VEC>(sr + i, sc);
-        } else {
+    const auto value = [&](int i) {
+      acc_t v = static_cast<acc_t>(xr[i]);
+      if constexpr (SCALE) v *= static_cast<acc_t>(sr[i]);
+      return v;
+    };
+    // A batch holds x's loads only (registers bound the blocks an SM holds): the scale, one
+    // row per sample, comes from L1 when visited.
+    const auto load = [&](int k) { return load_vec<VEC>(xr + body + k * VEC); };
+    // One walk over the thread's elements; visit(v, i) sees them in increasing order.
+    const auto walk = [&](auto unroll_c, const auto& visit) {
+      for (int i = begin + t; i < body; i += group) visit(value(i), i);
+      for_each_batched<decltype(unroll_c)::value>(
+          t, nvec, group, load, [&](int k, const AlignedVec<scalar_t, VEC>& raw) {
+            const int i = body + k * VEC;
+            acc_t v[VEC];
+            widen<VEC>(raw, v);
+            if constexpr (SCALE) {
+              acc_t sc[VEC];
+              if (scale_vec) {
+                load_as<VEC>(sr + i, sc);
+              } else {
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) sc[j] = static_cast<acc_t>(sr[i + j]);
-        }
+                for (int j = 0; j < VEC; ++j) sc[j] = static_cast<acc_t>(sr[i + j]);
+              }
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) v[j] *= sc[j];
-      }
+              for (int j = 0; j < VEC; ++j) v[j] *= sc[j];
+            }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        sum += v[j];
-        arg_update(v[j], i + j, bv, bi);
-      }
+            for (int j = 0; j < VEC; ++j) visit(v[j], i + j);
+          });
+      for (int i = tail + t; i < end; i += group) visit(value(i), i);
+    };
+    walk(std::integral_constant<int, kLoadsInFlight>{}, [&](acc_t v, int i) { pool.add(v, i); });
+    if (pool.needs_exact()) {
+      pool.restart_max();
+      walk(std::integral_constant<int, 1>{}, [&](acc_t v, int i) { pool.add_exact(v, i); });
     }
-    for (int i = tail + t; i < end; i += group) visit(i);
   }
+  acc_t sum = pool.sum, bv = pool.max;
+  int bi = pool.idx;
 
   // Every thread of the block reaches the reductions (no early return above).
   group_pool(sum, bv, bi, min(group, 32));
@@ -183,30 +241,39 @@ __global__ void __launch_bounds__(kThreads)
 
   const TileCoord tc = tile_coord<VEC>(Lo, itiles, splits, chunk);
   const bool active = tc.i0 < Li;  // Li % VEC == 0 when VEC > 1, so the whole vector is in
-  acc_t sum[VEC], bv[VEC];
-  int bi[VEC];
+  RunningPool<acc_t> pool[VEC];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    sum[j] = 0;
-    bv[j] = neg_inf<acc_t>();
-    bi[j] = kNoIndex;
-  }
+  for (int j = 0; j < VEC; ++j) pool[j].start();
   if (active) {
     const scalar_t* __restrict__ xp = x + tc.n * Lo * Li + tc.i0;
-#pragma unroll 4
-    for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
-      acc_t v[VEC];
-      load_as<VEC>(xp + static_cast<int64_t>(o) * Li, v);
-      if constexpr (SCALE) {
-        const acc_t sc = static_cast<acc_t>(scale[tc.n * Lo + o]);
+    // A batch holds x's loads only; the scale of row o comes from L1 when visited.
+    const auto load = [&](int o) { return load_vec<VEC>(xp + static_cast<int64_t>(o) * Li); };
+    // One walk over the thread's rows; visit(j, v, o) sees them in increasing order.
+    const auto walk = [&](auto unroll_c, const auto& visit) {
+      for_each_batched<decltype(unroll_c)::value>(
+          tc.o_begin + static_cast<int>(threadIdx.y), tc.o_end, static_cast<int>(blockDim.y),
+          load, [&](int o, const AlignedVec<scalar_t, VEC>& raw) {
+            acc_t v[VEC];
+            widen<VEC>(raw, v);
+            if constexpr (SCALE) {
+              const acc_t sc = static_cast<acc_t>(scale[tc.n * Lo + o]);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) v[j] *= sc;
-      }
+              for (int j = 0; j < VEC; ++j) v[j] *= sc;
+            }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        sum[j] += v[j];
-        arg_update(v[j], o, bv[j], bi[j]);
-      }
+            for (int j = 0; j < VEC; ++j) visit(j, v[j], o);
+          });
+    };
+    walk(std::integral_constant<int, kLoadsInFlight>{},
+         [&](int j, acc_t v, int o) { pool[j].add(v, o); });
+    bool exact = false;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) exact |= pool[j].needs_exact();
+    if (exact) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) pool[j].restart_max();
+      walk(std::integral_constant<int, 1>{},
+           [&](int j, acc_t v, int o) { pool[j].add_exact(v, o); });
     }
   }
 
@@ -214,9 +281,9 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    s_sum[j * kThreads + tid] = sum[j];
-    s_max[j * kThreads + tid] = bv[j];
-    s_idx[j * kThreads + tid] = bi[j];
+    s_sum[j * kThreads + tid] = pool[j].sum;
+    s_max[j * kThreads + tid] = pool[j].max;
+    s_idx[j * kThreads + tid] = pool[j].idx;
   }
   __syncthreads();
   for (int stride = blockDim.y >> 1; stride > 0; stride >>= 1) {
@@ -334,10 +401,10 @@ void launch_row_pool(const at::Tensor& like, const scalar_t* x, const scalar_t* 
                      const PoolOut<scalar_t>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = vec_width<scalar_t>();
-  // About two vectors per thread, 4..kThreads threads per segment.
+  // About kLoadsInFlight vectors per thread (one batch), 4..kThreads threads per segment.
   auto group_for = [](int64_t len) {
-    return static_cast<int>(
-        std::clamp<int64_t>(pow2_ceil(ceil_div(ceil_div(len, VEC), 2)), 4, kThreads));
+    return static_cast<int>(std::clamp<int64_t>(
+        pow2_ceil(ceil_div(ceil_div(len, VEC), kLoadsInFlight)), 4, kThreads));
   };
   int group = group_for(L);
   int64_t splits = 1;

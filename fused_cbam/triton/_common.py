@@ -159,6 +159,9 @@ POINTWISE_CL = [
     config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
 ]
 INTERPRET_CONFIG = config(BLOCK_C=8, BLOCK_P=16)
+# Stages of the pooling loops (``tl.range(num_stages=...)``: Triton pipelines a loop's loads
+# through shared memory): the plain loop keeps one block's loads in flight, and its folds wait.
+LOOP_STAGES = tl.constexpr(3)
 SHAPE_KEY = ["N", "C", "P"]
 
 
@@ -343,6 +346,23 @@ def first_max_fold(acc_val, acc_idx, v, valid, idx):
     argmax reductions do. ``valid`` masks the block; ``idx`` (int32, broadcastable to v) is each
     element's index along the reduced dimension; blocks arrive in increasing index order."""
     return first_max_merge(acc_val, acc_idx, tl.where(valid, v, float("-inf")), idx)
+
+
+@triton.jit
+def ordered_max_fold(acc_val, acc_idx, v, valid, idx):
+    """``first_max_fold`` without the NaN rule: a strictly larger value takes over, which keeps the
+    lowest index on ties since each pair sees its positions in increasing order. One comparison
+    an element instead of three; but NaN never takes over, so a kernel folds this way only while
+    its data holds no NaN: it checks after its loop (a NaN makes the running sum NaN) and folds
+    again with ``first_max_fold`` where one was seen."""
+    take = valid & (v > acc_val)
+    return tl.where(take, v, acc_val), tl.where(take, idx, acc_idx)
+
+
+@triton.jit
+def any_nan(v):
+    """Whether the block ``v`` holds a NaN, as a scalar for ``if``."""
+    return tl.max((v != v).to(tl.int32)) > 0
 
 
 @triton.jit

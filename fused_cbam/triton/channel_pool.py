@@ -3,9 +3,10 @@
 Forward, one launch, or two when P is split:
 1. ``_partial_kernel``: program (n, block of BLOCK_C channels, split) walks its part of P in
    BLOCK_P chunks, keeping a float32 sum and the first max (NaN wins, lowest p on ties) in
-   registers, a pair per element of the block, reduced over P once at the end. With one split
-   (FINAL) it writes avg = sum / P and max in x's dtype and argmax in int32 itself; else float32
-   partials [S, N * C].
+   registers, a pair per element of the block, reduced over P once at the end. The walk folds
+   the pairs without the NaN rule, and again with it only when the sum shows a NaN. With one
+   split (FINAL) it writes avg = sum / P and max in x's dtype and argmax in int32 itself; else
+   float32 partials [S, N * C].
 2. ``_finalize_kernel`` (S > 1): folds the S partials in split order (so the lowest p still
    wins) and writes avg, max and argmax.
 S > 1 only when N * C alone would leave the GPU idle (see ``_common.num_splits``).
@@ -21,14 +22,16 @@ import triton.language as tl
 
 from .._layout import empty_like_x
 from ._common import (
+    FINALIZE_BLOCK,
     INTERPRET_CONFIG,
+    LOOP_STAGES,
     POINTWISE_CL,
     POINTWISE_NCHW,
     REDUCE_CL,
     REDUCE_NCHW,
     ROWS_PER_PROGRAM,
     SHAPE_KEY,
-    FINALIZE_BLOCK,
+    any_nan,
     autotune,
     cast_to,
     check_accumulator,
@@ -41,9 +44,30 @@ from ._common import (
     grad_view,
     layout,
     num_splits,
+    ordered_max_fold,
     split_range,
     tuned_backward,
 )
+
+
+@triton.jit
+def _walk(row_ptr, mask_c, start, end, stride_p,
+          EXACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    """Sum and running (max, argmax) pairs of the block's rows over [start, end), a pair per
+    element of the block; EXACT folds with the NaN rule, else ``ordered_max_fold``."""
+    acc_sum = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    acc_max = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
+    acc_idx = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + (start + tl.arange(0, BLOCK_P))[None, :]
+    for p0 in tl.range(start, end, BLOCK_P, num_stages=LOOP_STAGES):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = mask_c[:, None] & (offs_p < end)[None, :]
+        v = tl.load(row_ptr + offs_p.to(tl.int64)[None, :] * stride_p, mask=mask, other=0.0).to(tl.float32)
+        acc_sum += v
+        if EXACT:
+            acc_max, acc_idx = first_max_fold(acc_max, acc_idx, v, mask, offs_p[None, :])
+        else:
+            acc_max, acc_idx = ordered_max_fold(acc_max, acc_idx, v, mask, offs_p[None, :])
+    return acc_sum, acc_max, acc_idx
 
 
 @triton.jit
@@ -60,15 +84,9 @@ def _partial_kernel(
     start, end = split_range(split, S, P, BLOCK_P)
 
     row_ptr = x_ptr + n * stride_n + offs_c.to(tl.int64)[:, None] * stride_c
-    acc_sum = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    acc_max = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
-    acc_idx = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + (start + tl.arange(0, BLOCK_P))[None, :]
-    for p0 in range(start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = mask_c[:, None] & (offs_p < end)[None, :]
-        v = tl.load(row_ptr + offs_p.to(tl.int64)[None, :] * stride_p, mask=mask, other=0.0).to(tl.float32)
-        acc_sum += v
-        acc_max, acc_idx = first_max_fold(acc_max, acc_idx, v, mask, offs_p[None, :])
+    acc_sum, acc_max, acc_idx = _walk(row_ptr, mask_c, start, end, stride_p, False, BLOCK_C, BLOCK_P)
+    if any_nan(acc_sum):  # NaN in the data (or inf - inf): the pairs again, with the NaN rule
+        _, acc_max, acc_idx = _walk(row_ptr, mask_c, start, end, stride_p, True, BLOCK_C, BLOCK_P)
 
     out = split.to(tl.int64) * N * C + n * C + offs_c
     acc_max, acc_idx = first_max_reduce(acc_max, acc_idx, 1)

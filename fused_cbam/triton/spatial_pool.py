@@ -3,7 +3,8 @@ The mean and max are the two channels of one [N, 2, H, W] tensor, the spatial co
 
 Forward, one launch: program (n, block of BLOCK_P positions) walks C in BLOCK_C chunks, forms
 y in float32 (never stored) and keeps the float32 sum and the first max (NaN wins, lowest c on
-ties) in registers, a pair per element of the block, reduced over C once at the end.
+ties) in registers, a pair per element of the block, reduced over C once at the end. The walk
+folds the pairs without the NaN rule, and again with it only when the sum shows a NaN.
 
 Backward: w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p];
 grad_x = w * scale[n, c]; grad_scale[n, c] = sum_p w * x. Program (n, block of BLOCK_C channels,
@@ -20,10 +21,12 @@ import triton.language as tl
 from .._layout import empty_like_x, mean_and_max
 from ._common import (
     INTERPRET_CONFIG,
+    LOOP_STAGES,
     REDUCE_CL,
     REDUCE_NCHW,
     ROWS_PER_PROGRAM,
     SHAPE_KEY,
+    any_nan,
     autotune,
     cast_to,
     check_accumulator,
@@ -36,6 +39,7 @@ from ._common import (
     grad_view,
     layout,
     num_splits,
+    ordered_max_fold,
     split_range,
     sum_partials,
     sum_target,
@@ -60,6 +64,30 @@ _FORWARD_CL = [
 
 
 @triton.jit
+def _walk(col_ptr, scale_ptr, mask_p, C, stride_c, EXACT: tl.constexpr, HAS_SCALE: tl.constexpr,
+          BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    """Sum and running (max, argmax) pairs of y over C, a pair per element of the block; EXACT
+    folds with the NaN rule, else ``ordered_max_fold``. scale_ptr is row n of the scale."""
+    acc_sum = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    acc_max = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
+    acc_idx = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + tl.arange(0, BLOCK_C)[:, None]
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=LOOP_STAGES):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask = mask_c[:, None] & mask_p[None, :]
+        y = tl.load(col_ptr + offs_c.to(tl.int64)[:, None] * stride_c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            y = y * s[:, None]
+        acc_sum += tl.where(mask, y, 0.0)
+        if EXACT:
+            acc_max, acc_idx = first_max_fold(acc_max, acc_idx, y, mask, offs_c[:, None])
+        else:
+            acc_max, acc_idx = ordered_max_fold(acc_max, acc_idx, y, mask, offs_c[:, None])
+    return acc_sum, acc_max, acc_idx
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, scale_ptr, mean_ptr, max_ptr, argmax_ptr,
     N, C, P, stride_n, stride_c, stride_p, maps_stride_n,
@@ -71,19 +99,14 @@ def _forward_kernel(
     mask_p = offs_p < P
 
     col_ptr = x_ptr + n * stride_n + offs_p.to(tl.int64)[None, :] * stride_p
-    acc_sum = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    acc_max = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
-    acc_idx = tl.zeros([BLOCK_C, BLOCK_P], tl.int32) + tl.arange(0, BLOCK_C)[:, None]
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        mask = mask_c[:, None] & mask_p[None, :]
-        y = tl.load(col_ptr + offs_c.to(tl.int64)[:, None] * stride_c, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            s = tl.load(scale_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            y = y * s[:, None]
-        acc_sum += tl.where(mask, y, 0.0)
-        acc_max, acc_idx = first_max_fold(acc_max, acc_idx, y, mask, offs_c[:, None])
+    scale_row = scale_ptr + n * C
+    acc_sum, acc_max, acc_idx = _walk(
+        col_ptr, scale_row, mask_p, C, stride_c, False, HAS_SCALE, BLOCK_C, BLOCK_P
+    )  # fmt: skip
+    if any_nan(acc_sum):  # NaN in y (or inf - inf): the pairs again, with the NaN rule
+        _, acc_max, acc_idx = _walk(
+            col_ptr, scale_row, mask_p, C, stride_c, True, HAS_SCALE, BLOCK_C, BLOCK_P
+        )  # fmt: skip
 
     acc_max, acc_idx = first_max_reduce(acc_max, acc_idx, 0)
     out = n * maps_stride_n + offs_p
