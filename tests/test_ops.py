@@ -113,7 +113,7 @@ def test_spatial_pool_stacks_its_maps_as_the_conv_takes_them(backend, device, me
 
 def _maxima_as_torch_max_gives(ops, x):
     """The channel and spatial poolings' maxima and int32 arg-maxima of x (scale 1), checked
-    bit for bit against torch.max's (NaN wins, then the first index)."""
+    bit for bit against torch.max's (NaN wins, then the first index; a zero's sign too)."""
     _, cmax, cidx = ops.channel_pool(x)
     _, smax, sidx = mean_max_argmax(ops.spatial_pool(x, torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)))
     ref_c = reference._opmath(x).flatten(2).max(dim=2)
@@ -123,6 +123,9 @@ def _maxima_as_torch_max_gives(ops, x):
     torch.testing.assert_close(cidx, ref_c.indices.int(), rtol=0, atol=0)
     torch.testing.assert_close(smax, ref_s.values.to(x.dtype), equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(sidx, ref_s.indices.int(), rtol=0, atol=0)
+    for got, want in ((cmax, ref_c.values), (smax, ref_s.values)):  # -0.0 and +0.0 compare equal
+        signed = ~want.isnan()
+        assert torch.equal(got.signbit()[signed], want.signbit()[signed]), "the sign of a zero maximum"
     return cmax, cidx, smax, sidx
 
 
@@ -167,6 +170,59 @@ def test_ties_and_nan_in_the_later_blocks_of_long_rows(backend, device, memory_f
         assert cmax[0, 1].isnan() and cidx[0, 1].item() == h * w - 5
     else:
         assert smax[1, 0, 0, 1].isnan() and sidx[1, 0, 0, 1].item() == c - 7
+
+
+@pytest.mark.parametrize("backend,device", OPERATOR_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 19, 6, 7), (3, 3, 2, 4300), (3, 4500, 1, 3)], ids=["small", "P=8600", "C=4500"])
+@pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset3"])
+def test_infinities_zeros_and_lone_nans_follow_the_max_rule(backend, device, memory_format, dtype, shape, offset):
+    """Rows of -inf only (the arg-max is their first index), +inf ties, +inf beside -inf (their
+    sum is NaN without a NaN), -inf then NaN, -0.0 tied with +0.0 (equal: the first one's sign),
+    and a lone NaN at a row's start, middle or end, with x aligned or 3 elements past a 16-byte
+    boundary (rows start in a vector kernel's scalar head). The kernels fold without the NaN rule
+    while a row holds neither NaN nor such infinities and fold again with it where they show:
+    each case must come out as torch.max's."""
+    skip_unless_available(backend)
+    if backend == "triton":  # (slow in its interpreter; its tiles, at most 1024 long, are crossed too)
+        shape = tuple(min(size, 1100) for size in shape)
+    n, c, h, w = shape
+    p, ninf, inf, nan = h * w, float("-inf"), float("inf"), float("nan")
+    mid = p // 2
+    values = torch.randint(-2, 3, shape, device=device).to(dtype)
+    planes = values.view(n, c, p)  # rows of the channel pooling along p, of the spatial one along c
+    planes[0, 0] = ninf  # a plane of -inf only
+    planes[0, -1] = ninf  # -inf, then +inf last
+    planes[0, -1, -1] = inf
+    planes[1, 0, -3:] = inf  # +inf tied in a later block, after -inf
+    planes[1, 0, 1] = ninf
+    planes[1, -1] = 0.0  # -0.0 first, then +0.0, and -inf
+    planes[1, -1, 0] = -0.0
+    planes[1, -1, 2] = ninf
+    planes[1, 1] = ninf  # -inf, then NaN last
+    planes[1, 1, -1] = nan
+    planes[2, 0, 1], planes[2, 1, mid], planes[2, -1, -1] = nan, nan, nan  # lone NaNs: start, middle, end
+    planes[0, :, mid] = ninf  # a pixel of -inf only
+    planes[0, 1:, 0] = inf  # a pixel of -inf, then +inf tied
+    planes[1, :, mid] = ninf  # a pixel of -inf, then NaN in its last channel
+    planes[1, -1, mid] = nan
+    planes[2, :, 0] = 0.0  # a pixel of -0.0, then +0.0
+    planes[2, 0, 0] = -0.0
+    planes[2, c // 2, -2] = nan  # a lone NaN in the middle of a pixel's channels
+    if memory_format == "channels_last":
+        values = values.permute(0, 2, 3, 1)  # [n, h, w, c] contiguous
+    storage = torch.empty(offset + values.numel(), device=device, dtype=dtype)
+    x = storage[offset:].view(values.shape)
+    x.copy_(values)
+    if memory_format == "channels_last":
+        x = x.permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last if memory_format == "channels_last" else torch.contiguous_format)
+    cmax, cidx, smax, sidx = _maxima_as_torch_max_gives(operator_namespace(backend), x)
+    assert cmax[0, 0].item() == ninf and cidx[0, 0].item() == 0
+    assert smax[0, 0].flatten()[mid].item() == ninf and sidx[0, 0].flatten()[mid].item() == 0
+    assert sidx[0, 0].flatten()[0].item() == 1 and cidx[1, 1].item() == p - 1
+    assert smax[2, 0].flatten()[0].item() == 0 and smax[2, 0].flatten()[0].signbit()
 
 
 @pytest.mark.parametrize("backend,device", COMPILED_BACKENDS)

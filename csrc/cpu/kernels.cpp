@@ -206,7 +206,10 @@ RowStats<S> row_stats(int64_t length, const VecAt& vec_at, const ScalarAt& scala
     if (i0 == 0 || takes_over(block_max, m)) m = block_max;
   }
   if constexpr (kArgmax) {
-    return {static_cast<S>(sum), m, first_index_of<Vec>(length, m, vec_at, scalar_at)};
+    // The maximum read back at its index: among tied zeros the vector maximum may hold either
+    // sign, and torch.max returns the first one's.
+    const int64_t at = first_index_of<Vec>(length, m, vec_at, scalar_at);
+    return {static_cast<S>(sum), scalar_at(at), at};
   } else {
     return {static_cast<S>(sum), m, 0};
   }

@@ -377,9 +377,12 @@ def first_max_reduce(acc_val, acc_idx, AXIS: tl.constexpr):
     # NaN from the data itself (NaN + 0 + ... is NaN): no NaN literal in the kernel.
     nan_val = tl.sum(tl.where(is_nan, acc_val, 0.0), axis=AXIS)
     vv = tl.where(is_nan, float("-inf"), acc_val)
-    blk_max = tl.max(vv, axis=AXIS)
-    at_max = (~is_nan) & (vv == tl.expand_dims(blk_max, AXIS))
+    at_max = (~is_nan) & (vv == tl.expand_dims(tl.max(vv, axis=AXIS), AXIS))
     max_idx = tl.min(tl.where(at_max, acc_idx, 2147483647), axis=AXIS)
+    # The value of the pair that names max_idx (pairs cover disjoint positions): among tied
+    # zeros, tl.max may return either sign, and torch.max returns the first one's.
+    first = at_max & (acc_idx == tl.expand_dims(max_idx, AXIS))
+    blk_max = tl.min(tl.where(first, vv, float("inf")), axis=AXIS)
     return tl.where(has_nan, nan_val, blk_max), tl.where(has_nan, nan_idx, max_idx)
 
 
