@@ -96,6 +96,28 @@ __device__ __forceinline__ void store_or_add(T* __restrict__ p, A (&in)[VEC]) {
   store_as<VEC>(p, in);
 }
 
+constexpr int kLoadsInFlight = 4;  // loads a streaming thread issues before using the first
+
+// Calls visit(i, load(i)) for i = first, first + step, ... < end, in increasing order, issuing
+// up to UNROLL loads before the first of their visits: a `#pragma unroll` of the plain loop
+// keeps one load in flight, since no load may move above the exit check of the iteration
+// before it. The loads past `end` of the last batch are predicated off, not made.
+template <int UNROLL, typename Load, typename Visit>
+__device__ __forceinline__ void for_each_batched(int first, int end, int step, const Load& load,
+                                                 const Visit& visit) {
+  for (int i = first; i < end; i += UNROLL * step) {
+    decltype(load(i)) batch[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (i + u * step < end) batch[u] = load(i + u * step);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (i + u * step < end) visit(i + u * step, batch[u]);
+    }
+  }
+}
+
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
   return static_cast<A>(-INFINITY);

@@ -28,20 +28,30 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int j = 0; j < VEC; ++j) vin[j] = gin ? static_cast<acc_t>(gin[tc.n * Li + tc.i0 + j]) : 1;
   const int64_t base = tc.n * Lo * Li + tc.i0;
-#pragma unroll 4
-  for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
-    const acc_t vout = gout ? static_cast<acc_t>(gout[tc.n * Lo + o]) : acc_t(1);
-    const int64_t off = base + static_cast<int64_t>(o) * Li;
-    acc_t v[VEC];
-    load_as<VEC>(x + off, v);
+  struct Row {  // what a batch holds of row o: x's vector and the outer-indexed gate, as loaded
+    AlignedVec<scalar_t, VEC> x;
+    scalar_t gate;
+  };
+  for_each_batched<kLoadsInFlight>(
+      tc.o_begin + static_cast<int>(threadIdx.y), tc.o_end, static_cast<int>(blockDim.y),
+      [&](int o) {
+        Row r;
+        r.x = load_vec<VEC>(x + base + static_cast<int64_t>(o) * Li);
+        r.gate = gout ? gout[tc.n * Lo + o] : scalar_t(1);
+        return r;
+      },
+      [&](int o, const Row& r) {
+        const acc_t vout = static_cast<acc_t>(r.gate);
+        acc_t v[VEC];
+        widen<VEC>(r.x, v);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const acc_t gv = CL ? vin[j] : vout;
-      const acc_t hv = CL ? vout : vin[j];
-      v[j] = (v[j] * gv) * hv;  // multiplying by an absent gate's 1 is exact
-    }
-    store_as<VEC>(out + off, v);
-  }
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t gv = CL ? vin[j] : vout;
+          const acc_t hv = CL ? vout : vin[j];
+          v[j] = (v[j] * gv) * hv;  // multiplying by an absent gate's 1 is exact
+        }
+        store_as<VEC>(out + base + static_cast<int64_t>(o) * Li, v);
+      });
 }
 
 // inner_* : sums over Li for each (n, o), i.e. grad of the outer-indexed gate, [itiles, N * Lo]

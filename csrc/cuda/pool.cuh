@@ -62,27 +62,6 @@ __device__ __forceinline__ void load_pool_grads(const PoolGrads<scalar_t>& g, in
 }
 
 constexpr int64_t kMinChunk = 2048;  // smallest segment of a split row
-constexpr int kLoadsInFlight = 4;    // loads a pooling thread issues before using the first
-
-// Calls visit(i, load(i)) for i = first, first + step, ... < end, in increasing order, issuing
-// up to UNROLL loads before the first of their visits: a `#pragma unroll` of the plain loop
-// keeps one load in flight, since no load may move above the exit check of the iteration
-// before it. The loads past `end` of the last batch are predicated off, not made.
-template <int UNROLL, typename Load, typename Visit>
-__device__ __forceinline__ void for_each_batched(int first, int end, int step, const Load& load,
-                                                 const Visit& visit) {
-  for (int i = first; i < end; i += UNROLL * step) {
-    decltype(load(i)) batch[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (i + u * step < end) batch[u] = load(i + u * step);
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (i + u * step < end) visit(i + u * step, batch[u]);
-    }
-  }
-}
 
 // The sum and first arg-max of the values one thread visits in increasing index order. The
 // order makes the first-index rule a strict comparison (an FSETP and two selects), where
