@@ -5,12 +5,12 @@
 #
 # Builds the extension (sm_90), records the environment, runs the tests that use the GPU, runs
 # compute-sanitizer (memcheck, racecheck) over benchmarks/sanitizer_smoke.py, runs the
-# benchmark (benchmarks/training_paths.py first), lists the kernels torch.compile generates for
-# the reference (benchmarks/inductor_passes.py), and writes LOG_DIR/gpu-check-<device>.txt with
-# the verdicts.
+# benchmark (benchmarks/training_paths.py first), times the fused block's passes kernel by kernel
+# (benchmarks/kernel_times.py), lists the kernels torch.compile generates for the reference
+# (benchmarks/inductor_passes.py), and writes LOG_DIR/gpu-check-<device>.txt with the verdicts.
 # Each step logs to LOG_DIR/<step>.log under its own time limit; the test-suite and the two
 # sanitizer runs share the GPU at once (correctness only), the benchmark runs alone after them.
-# At worst the sum of the limits of the steps run (11.5 minutes for the default steps; a build
+# At worst the sum of the limits of the steps run (12 minutes for the default steps; a build
 # step that finds the library current takes seconds), plus a few seconds to start Python for the
 # environment and the summary. A failing step does not
 # stop the later ones, but the script exits non-zero if any failed. On the device tool, whose
@@ -20,8 +20,9 @@
 #   BENCH_LIMIT      seconds for the benchmark (default 150; the record keeps each shape that
 #                    finished)
 #   GPU_CHECK_STEPS  the steps to run, comma-separated, of build, tests, sanitizers, bench,
-#                    inductor, rest (default: all but rest). Two calls on one warm machine can
-#                    share the work: "build,tests,sanitizers", then "build,bench,inductor,rest"
+#                    kernels, inductor, rest (default: all but rest). Two calls on one warm
+#                    machine can share the work: "build,tests,sanitizers", then
+#                    "build,bench,kernels,inductor,rest"
 #                    (the second call's build step finds the library built from the same
 #                    sources and skips). Each call writes its own summary.
 #   PYTEST_LIMIT     seconds for the GPU tests (default 230)
@@ -51,13 +52,13 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 START=$(date +%s)
-STEPS=",${GPU_CHECK_STEPS:-build,tests,sanitizers,bench,inductor},"
+STEPS=",${GPU_CHECK_STEPS:-build,tests,sanitizers,bench,kernels,inductor},"
 if [[ "${GPU_CHECK_REST:-0}" == 1 ]]; then STEPS="${STEPS}rest,"; fi
 IFS=, read -r -a NAMED <<<"${STEPS:1:-1}"
 for name in "${NAMED[@]}"; do
   case "$name" in
-    build | tests | sanitizers | bench | inductor | rest) ;;
-    *) echo "GPU_CHECK_STEPS: unknown step '$name' (known: build, tests, sanitizers, bench, inductor, rest)" >&2; exit 2 ;;
+    build | tests | sanitizers | bench | kernels | inductor | rest) ;;
+    *) echo "GPU_CHECK_STEPS: unknown step '$name' (known: build, tests, sanitizers, bench, kernels, inductor, rest)" >&2; exit 2 ;;
   esac
 done
 wanted() { [[ "$STEPS" == *",$1,"* ]]; }
@@ -228,6 +229,10 @@ wanted bench && step training_paths_amp 30 "$PY" benchmarks/training_paths.py --
 read -r -a BENCH <<<"${BENCH_ARGS:---quick}"
 wanted bench && step bench "${BENCH_LIMIT:-150}" "$PY" -m fused_cbam.bench "${BENCH[@]}" --out "$LOG/bench"
 
+# ---- the fused block's passes kernel by kernel, bf16 at a bench shape
+wanted kernels && step kernel_times 40 "$PY" benchmarks/kernel_times.py --device cuda --dtype bfloat16 --batch 64 \
+  --shape 512x28x28 --format channels_last --providers cuda --out "$LOG/kernel_times.txt"
+
 # ---- what torch.compile generates for the reference (its passes over x), bf16 at a bench shape
 wanted inductor && step inductor 60 "$PY" benchmarks/inductor_passes.py --dtype bfloat16 --batch 64 --shape 512x28x28 \
   --out "$LOG/inductor.txt"
@@ -264,6 +269,7 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   wanted bench && echo "training paths: $(verdict training_paths 'forward\+backward')"
   wanted bench && echo "training paths under autocast: $(verdict training_paths_amp 'forward\+backward')"
   wanted bench && echo "bench: $(verdict bench '.')"
+  wanted kernels && echo "kernel times: $(verdict kernel_times '^## ')"
   wanted inductor && echo "inductor: $(verdict inductor 'kernels touching')"
   echo "failed steps: ${FAILED[*]:-none}"
   echo "test failures:"

@@ -48,6 +48,17 @@ def test_inductor_passes_lists_the_kernels_over_x(tmp_path):
     assert len(counts) == 2 and all(n >= 1 for n in counts), text  # the eval forward, the training step
 
 
+def test_kernel_times_lists_each_pass_of_each_provider(tmp_path):
+    skip_unless_available("cpu")
+    text = _script_output(tmp_path, "kernel_times.py", "--dtype", "float32", "--batch", "2", "--shape", "16x5x5",
+                          "--providers", "cpu,reference", "--reps", "2")  # fmt: skip
+    titles = [line.split(":")[0] for line in text.splitlines() if line.startswith("## ")]
+    assert titles == ["## reference, eval forward", "## reference, training step", "## cpu, eval forward",
+                      "## cpu, training step"], text  # fmt: skip
+    fused = text.split("## cpu, eval forward")[1].split("## cpu, training step")
+    assert "fused_cbam::cbam_inference" in fused[0] and "fused_cbam::cbam_training" in fused[1], text
+
+
 def test_spatial_conv_layouts_times_both_layouts(tmp_path):
     text = _script_output(tmp_path, "spatial_conv_layouts.py", "--dtype", "float32", "--batch", "2", "--sizes", "9")
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]

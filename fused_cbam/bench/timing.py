@@ -79,26 +79,38 @@ def cuda_kernels(fn: Callable[[], object], reps: int = 3) -> dict[str, float]:
     host's time in kernel-launch calls, from the profiler: with the eager time and the graph
     time, it tells launch-bound calls from device-bound ones, and of a launch-bound call's host
     time what the driver's launches take (the rest is Python and the dispatcher)."""
+    return activity_summary(profiled_events(fn, reps, cuda=True), reps)
+
+
+def profiled_events(fn: Callable[[], object], reps: int, cuda: bool) -> list:
+    """The profiler's events of ``reps`` calls of ``fn`` after one unprofiled call: the host's,
+    and with ``cuda`` the device's."""
     from torch.profiler import ProfilerActivity, profile
 
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
-    return activity_summary(prof.events(), reps)
+        sync()
+    return prof.events()
 
 
-def activity_summary(events, reps: int) -> dict[str, float]:
-    """Per call: device activities and their summed duration; host launch calls and theirs.
-    User ranges are left out, as PyTorch's own tables do: Inductor wraps each compiled call in
-    one, which the profiler also lists on the device, spanning the call's kernels and its gaps."""
-    device_events = [
+def _device_activities(events) -> list:
+    """The device's activities (kernels, copies, fills). User ranges are left out, as PyTorch's
+    own tables do: Inductor wraps each compiled call in one, which the profiler also lists on the
+    device, spanning the call's kernels and its gaps."""
+    return [
         e
         for e in events
         if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
     ]
+
+
+def activity_summary(events, reps: int) -> dict[str, float]:
+    """Per call: device activities and their summed duration; host launch calls and theirs."""
+    device_events = _device_activities(events)
     launches = [
         e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(_LAUNCH_CALLS)
     ]
@@ -108,6 +120,20 @@ def activity_summary(events, reps: int) -> dict[str, float]:
         "launch_calls": len(launches) / reps,
         "launch_api_ms": sum(e.time_range.elapsed_us() for e in launches) / reps / 1e3,
     }
+
+
+def activity_table(events, reps: int, device: bool) -> list[tuple[str, float, float]]:
+    """(name, calls, µs) per call, the longest first: of each device activity (``device``), else
+    of each host operator's self time (on a CPU the operators are the kernels)."""
+    if device:
+        timed = [(e.name, e.time_range.elapsed_us()) for e in _device_activities(events)]
+    else:
+        timed = [(e.name, e.self_cpu_time_total) for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    rows: dict[str, tuple[int, float]] = {}
+    for name, us in timed:
+        calls, total = rows.get(name, (0, 0.0))
+        rows[name] = (calls + 1, total + us)
+    return sorted(((name, calls / reps, us / reps) for name, (calls, us) in rows.items()), key=lambda r: -r[2])
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], module: torch.nn.Module) -> int:

@@ -1,0 +1,86 @@
+"""Where each pass of the CBAM block spends its device time, kernel by kernel: the eval forward
+(no grad) and the training step (forward + backward, from gradients set to None) of each provider
+named, profiled over a few calls after a warm-up. Per activity (a kernel, copy or fill; on a CPU,
+an operator's self time): calls per pass, µs per pass, share of the pass. The benchmark says how
+long a pass takes; this says which kernels take it.
+
+    python benchmarks/kernel_times.py --device cuda --dtype bfloat16 --batch 64 --shape 512x28x28 \\
+        --format channels_last --providers cuda,compile --out kernels.txt
+"""
+
+import argparse
+
+import torch
+
+from fused_cbam.bench import providers, timing
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def passes(module: torch.nn.Module, x: torch.Tensor) -> dict:
+    """The block's two passes, as calls without arguments."""
+    xg, grad = x.clone().requires_grad_(), torch.randn_like(x)
+
+    def forward():
+        module.eval()
+        with torch.no_grad():
+            module(x)
+
+    def training_step():
+        module.train()
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
+        module(xg).backward(grad)
+
+    return {"eval forward": forward, "training step": training_step}
+
+
+def table(title: str, rows: list[tuple[str, float, float]], top: int) -> list[str]:
+    total = sum(us for _, _, us in rows)
+    lines = [f"## {title}: {total:.1f} µs in {sum(calls for _, calls, _ in rows):.0f} activities", "",
+             "| µs | share | calls | activity |", "|---:|---:|---:|---|"]  # fmt: skip
+    for name, calls, us in rows[:top]:
+        lines.append(f"| {us:.1f} | {us / total:.0%} | {calls:g} | {name[:140]} |")
+    if len(rows) > top:
+        rest = rows[top:]
+        lines.append(f"| {sum(us for *_, us in rest):.1f} | | {sum(c for _, c, _ in rest):g} | ({len(rest)} others) |")
+    return lines + [""]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="512x28x28", help="CxHxW")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--format", choices=["channels_last", "nchw"], default="channels_last")
+    p.add_argument("--providers", default=None, help="comma-separated, as the benchmark's --backends "
+                   "(default: the fused block on this device's backend, and compile)")  # fmt: skip
+    p.add_argument("--reps", type=int, default=5, help="profiled calls of each pass")
+    p.add_argument("--top", type=int, default=15, help="activities listed per pass")
+    p.add_argument("--out", help="also write the tables to this file")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    names = args.providers.split(",") if args.providers else [device.type, "compile"]
+    c, h, w = (int(v) for v in args.shape.split("x"))
+    fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, c, h, w, device=device, dtype=dtype).to(memory_format=fmt)
+    ref = providers.reference_module(c, device, dtype)
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    lines = [f"# {name}, torch {torch.__version__}, x [{args.batch}, {c}, {h}, {w}] {args.dtype} {args.format}, "
+             f"{'device activities' if cuda else 'host operators, self time'} per pass, {args.reps} passes profiled",
+             ""]  # fmt: skip
+    for provider in providers.providers(device, names):
+        for title, fn in passes(provider.make(ref), x).items():
+            rows = timing.activity_table(timing.profiled_events(fn, args.reps, cuda), args.reps, device=cuda)
+            lines += table(f"{provider.name}, {title}", rows, args.top)
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
