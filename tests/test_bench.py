@@ -140,7 +140,7 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
 def test_activity_summary_counts_device_work_and_the_hosts_launch_calls():
     """What the GPU columns are made of, from profiler events (faked here: a CPU has no CUDA
     activities): CUDA activities but not user ranges, and the host's runtime and driver launch
-    calls (Triton launches through the driver), per call."""
+    calls (Triton launches through the driver), per call; and kernel_times.py's table of them."""
     from types import SimpleNamespace
 
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
@@ -157,6 +157,12 @@ def test_activity_summary_counts_device_work_and_the_hosts_launch_calls():
     ]  # fmt: skip
     summary = timing.activity_summary(events, reps=2)
     assert summary == {"kernels": 1.5, "device_busy_ms": 0.016, "launch_calls": 1.5, "launch_api_ms": 0.009}
+    # kernel_times.py's table: the same activities by name, the longest first, per call
+    events.append(event("void add_kernel<float>", cuda, 30))
+    table = timing.activity_table(events, reps=2, device=True)
+    assert table == [("void add_kernel<float>", 1.0, 20.0), ("triton_poi_fused_0", 0.5, 10.0), ("Memset (Device)", 0.5, 1.0)]
+    host = timing.activity_table([SimpleNamespace(name="aten::add", device_type=cpu, self_cpu_time_total=8)], 2, False)
+    assert host == [("aten::add", 0.5, 4.0)]
 
 
 def test_full_mode_times_each_operator_of_each_backend(tmp_path):
