@@ -40,15 +40,37 @@ struct PoolGrads {
   int64_t kept;
 };
 
-// The share of the mean's gradient (grad_mean / count), the max's gradient and the arg-max
-// (pooled over `extent`) at (n, k).
+// The gradients of the mean and the max and the arg-max at (n, k), as loaded: a kernel that
+// keeps several rows' loads in flight holds these, and widens them when it uses them.
+template <typename scalar_t>
+struct PoolGrad {
+  scalar_t mean, max;
+  int32_t argmax;
+
+  // The share of the mean's gradient (grad_mean / count), the max's gradient and the arg-max
+  // (pooled over `extent`).
+  template <typename acc_t>
+  __device__ __forceinline__ void widen(acc_t count, int extent, acc_t& a, acc_t& m,
+                                        int64_t& id) const {
+    a = static_cast<acc_t>(mean) / count;
+    m = static_cast<acc_t>(max);
+    id = checked_argmax(argmax, extent);
+  }
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ PoolGrad<scalar_t> pool_grad_at(const PoolGrads<scalar_t>& g, int64_t n,
+                                                           int64_t k) {
+  return {g.mean[n * g.mean_sample + k * g.mean_step], g.max[n * g.max_sample + k * g.max_step],
+          g.argmax[n * g.kept + k]};
+}
+
+// The share of the mean's gradient, the max's gradient and the arg-max at (n, k).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_pool_grad(const PoolGrads<scalar_t>& g, int64_t n, int64_t k,
                                                acc_t count, int extent, acc_t& a, acc_t& m,
                                                int64_t& id) {
-  a = static_cast<acc_t>(g.mean[n * g.mean_sample + k * g.mean_step]) / count;
-  m = static_cast<acc_t>(g.max[n * g.max_sample + k * g.max_step]);
-  id = checked_argmax(g.argmax[n * g.kept + k], extent);
+  pool_grad_at(g, n, k).widen(count, extent, a, m, id);
 }
 
 // The same for the VEC consecutive kept positions from k0.
@@ -324,6 +346,34 @@ __global__ void __launch_bounds__(kThreads)
   const auto spatial_mean = [&](int64_t p) {
     return static_cast<acc_t>(sp.mean[tc.n * sp.mean_sample + p * sp.mean_step]);
   };
+  // What a batch holds of row o, as loaded (for_each_batched: four rows' loads in flight): the
+  // values dx holds (ACCUMULATE), the spatial mean's gradient at pixel o (channels_last,
+  // SPATIAL), and for NCHW the pooling's gradients of channel o and its scale.
+  struct Row {
+    AlignedVec<scalar_t, VEC> held;
+    scalar_t spatial;
+    PoolGrad<scalar_t> grad;
+  };
+  const auto rows = [&](const auto& load_row, const auto& row_out) {
+    for_each_batched<kLoadsInFlight>(
+        tc.o_begin + static_cast<int>(threadIdx.y), tc.o_end, static_cast<int>(blockDim.y),
+        [&](int o) {
+          Row r = load_row(o);
+          if constexpr (ACCUMULATE) r.held = load_vec<VEC>(dp + static_cast<int64_t>(o) * Li);
+          return r;
+        },
+        [&](int o, const Row& r) {
+          acc_t out[VEC];
+          row_out(o, r, out);
+          if constexpr (ACCUMULATE) {
+            acc_t held[VEC];
+            widen<VEC>(r.held, held);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) out[j] += held[j];  // as store_or_add: rounded once
+          }
+          store_as<VEC>(dp + static_cast<int64_t>(o) * Li, out);
+        });
+  };
   if constexpr (KEPT_INNER) {  // channels_last: i = c, o = p
     acc_t a[VEC], m[VEC], s[VEC];
     int64_t id[VEC];
@@ -334,39 +384,46 @@ __global__ void __launch_bounds__(kThreads)
         s[j] = static_cast<acc_t>(sp.scale[tc.n * Li + tc.i0 + j]) / static_cast<acc_t>(Li);
       }
     }
-#pragma unroll 4
-    for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
-      acc_t out[VEC];
+    rows(
+        [&](int o) {
+          Row r{};
+          if constexpr (SPATIAL) r.spatial = sp.mean[tc.n * sp.mean_sample + o * sp.mean_step];
+          return r;
+        },
+        [&](int o, const Row& r, acc_t (&out)[VEC]) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = a[j] + (id[j] == o ? m[j] : acc_t(0));
-      if constexpr (SPATIAL) {
-        const acc_t w = spatial_mean(o);
+          for (int j = 0; j < VEC; ++j) out[j] = a[j] + (id[j] == o ? m[j] : acc_t(0));
+          if constexpr (SPATIAL) {
+            const acc_t w = static_cast<acc_t>(r.spatial);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) out[j] += s[j] * w;
-      }
-      store_or_add<ACCUMULATE, VEC>(dp + static_cast<int64_t>(o) * Li, out);
-    }
+            for (int j = 0; j < VEC; ++j) out[j] += s[j] * w;
+          }
+        });
   } else {  // NCHW: o = c, i = p
     acc_t w[VEC];
     if constexpr (SPATIAL) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) w[j] = spatial_mean(tc.i0 + j);
     }
-#pragma unroll 4
-    for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
-      acc_t a, m;
-      int64_t id;
-      load_pool_grad(g, tc.n, o, count, Li, a, m, id);
-      acc_t out[VEC];
+    rows(
+        [&](int o) {
+          Row r{};
+          r.grad = pool_grad_at(g, tc.n, o);
+          if constexpr (SPATIAL) r.spatial = sp.scale[tc.n * Lo + o];
+          return r;
+        },
+        [&](int o, const Row& r, acc_t (&out)[VEC]) {
+          acc_t a, m;
+          int64_t id;
+          r.grad.widen(count, Li, a, m, id);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = a + (id == tc.i0 + j ? m : acc_t(0));
-      if constexpr (SPATIAL) {
-        const acc_t s = static_cast<acc_t>(sp.scale[tc.n * Lo + o]) / static_cast<acc_t>(Lo);
+          for (int j = 0; j < VEC; ++j) out[j] = a + (id == tc.i0 + j ? m : acc_t(0));
+          if constexpr (SPATIAL) {
+            const acc_t s = static_cast<acc_t>(r.spatial) / static_cast<acc_t>(Lo);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) out[j] += s * w[j];
-      }
-      store_or_add<ACCUMULATE, VEC>(dp + static_cast<int64_t>(o) * Li, out);
-    }
+            for (int j = 0; j < VEC; ++j) out[j] += s * w[j];
+          }
+        });
   }
 }
 

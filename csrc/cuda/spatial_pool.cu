@@ -89,26 +89,49 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t k0 = tc.n * Li + tc.i0;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) sc[j] = static_cast<acc_t>(scale[k0 + j]);
-#pragma unroll 4
-      for (int o = tc.o_begin + threadIdx.y; o < tc.o_end; o += blockDim.y) {
-        acc_t a, m;
-        int64_t id;
-        load_pool_grad(g, tc.n, o, count, Li, a, m, id);
-        const int64_t off = base + static_cast<int64_t>(o) * Li;
-        acc_t xv[VEC], out[VEC];
-        load_as<VEC>(x + off, xv);
+      // What a batch holds of pixel o, as loaded (four pixels' loads in flight): x's vector,
+      // the values dx holds where the whole gradient is added, and the pooling's gradients.
+      struct Row {
+        AlignedVec<scalar_t, VEC> x, held;
+        PoolGrad<scalar_t> grad;
+      };
+      for_each_batched<kLoadsInFlight>(
+          tc.o_begin + static_cast<int>(threadIdx.y), tc.o_end, static_cast<int>(blockDim.y),
+          [&](int o) {
+            const int64_t off = base + static_cast<int64_t>(o) * Li;
+            Row r{};
+            r.x = load_vec<VEC>(x + off);
+            if constexpr (ADD_MEAN && ACCUMULATE) r.held = load_vec<VEC>(dx + off);
+            r.grad = pool_grad_at(g, tc.n, o);
+            return r;
+          },
+          [&](int o, const Row& r) {
+            acc_t a, m;
+            int64_t id;
+            r.grad.widen(count, Li, a, m, id);
+            const int64_t off = base + static_cast<int64_t>(o) * Li;
+            acc_t xv[VEC], out[VEC];
+            widen<VEC>(r.x, xv);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const acc_t w = a + (id == tc.i0 + j ? m : acc_t(0));
-          out[j] = w * sc[j];
-          acc[j] += w * xv[j];
-          if (!ADD_MEAN && id == tc.i0 + j) {
-            acc_t share[1] = {m * sc[j]};
-            store_or_add<true, 1>(dx + off + j, share);
-          }
-        }
-        if constexpr (ADD_MEAN) store_or_add<ACCUMULATE, VEC>(dx + off, out);
-      }
+            for (int j = 0; j < VEC; ++j) {
+              const acc_t w = a + (id == tc.i0 + j ? m : acc_t(0));
+              out[j] = w * sc[j];
+              acc[j] += w * xv[j];
+              if (!ADD_MEAN && id == tc.i0 + j) {
+                acc_t share[1] = {m * sc[j]};
+                store_or_add<true, 1>(dx + off + j, share);
+              }
+            }
+            if constexpr (ADD_MEAN) {
+              if constexpr (ACCUMULATE) {
+                acc_t held[VEC];
+                widen<VEC>(r.held, held);
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) out[j] += held[j];  // as store_or_add: rounded once
+              }
+              store_as<VEC>(dx + off, out);
+            }
+          });
     }
     tree_sum_over_y<VEC>(acc, smem);
     if (threadIdx.y == 0 && active) {
