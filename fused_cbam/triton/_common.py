@@ -159,8 +159,8 @@ POINTWISE_CL = [
     config(BLOCK_C=256, BLOCK_P=8, num_warps=8),
 ]
 INTERPRET_CONFIG = config(BLOCK_C=8, BLOCK_P=16)
-# Stages of the pooling loops (``tl.range(num_stages=...)``: Triton pipelines a loop's loads
-# through shared memory): the plain loop keeps one block's loads in flight, and its folds wait.
+# Stages of the kernels' loops over x (``tl.range(num_stages=...)``: Triton pipelines a loop's
+# loads through shared memory): the plain loop keeps one block's loads in flight, and waits.
 LOOP_STAGES = tl.constexpr(3)
 SHAPE_KEY = ["N", "C", "P"]
 

@@ -162,7 +162,7 @@ def _backward_kernel(
     if HAS_SCALE:
         s = tl.load(scale_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    for p0 in range(start, end, BLOCK_P):
+    for p0 in tl.range(start, end, BLOCK_P, num_stages=LOOP_STAGES):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < end
         mask = mask_c[:, None] & mask_p[None, :]
