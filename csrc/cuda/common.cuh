@@ -25,6 +25,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace fused_cbam {
 namespace gpu {
@@ -47,15 +49,28 @@ struct alignas(sizeof(T) * N) AlignedVec {
   T val[N];
 };
 
+// VEC elements as loaded, held in 32-bit words where they fill them: a vector of 16-bit
+// elements held across a branch's join is otherwise split there into one register per element
+// (a PRMT, which waits on the load), and a batch of loads issued ahead waits row by row.
+template <typename T, int N>
+struct RawVec {
+  static constexpr bool kWords = sizeof(T) < 4 && (sizeof(T) * N) % 4 == 0;
+  using W = std::conditional_t<kWords, uint32_t, T>;
+  static constexpr int kN = kWords ? static_cast<int>(sizeof(T) * N / 4) : N;
+  alignas(sizeof(T) * N) W w[kN];
+};
+
 // Loads VEC elements, 16-byte aligned when VEC > 1, as they are stored.
 template <int VEC, typename T>
-__device__ __forceinline__ AlignedVec<T, VEC> load_vec(const T* __restrict__ p) {
-  return *reinterpret_cast<const AlignedVec<T, VEC>*>(p);
+__device__ __forceinline__ RawVec<T, VEC> load_vec(const T* __restrict__ p) {
+  return *reinterpret_cast<const RawVec<T, VEC>*>(p);
 }
 
 // Widens loaded elements to the math type.
 template <int VEC, typename T, typename A>
-__device__ __forceinline__ void widen(const AlignedVec<T, VEC>& v, A (&out)[VEC]) {
+__device__ __forceinline__ void widen(const RawVec<T, VEC>& r, A (&out)[VEC]) {
+  AlignedVec<T, VEC> v;
+  memcpy(&v, &r, sizeof(v));
 #pragma unroll
   for (int j = 0; j < VEC; ++j) out[j] = static_cast<A>(v.val[j]);
 }

@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
     const auto walk = [&](auto unroll_c, const auto& visit) {
       for (int i = begin + t; i < body; i += group) visit(value(i), i);
       for_each_batched<decltype(unroll_c)::value>(
-          t, nvec, group, load, [&](int k, const AlignedVec<scalar_t, VEC>& raw) {
+          t, nvec, group, load, [&](int k, const RawVec<scalar_t, VEC>& raw) {
             const int i = body + k * VEC;
             acc_t v[VEC];
             widen<VEC>(raw, v);
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
     const auto walk = [&](auto unroll_c, const auto& visit) {
       for_each_batched<decltype(unroll_c)::value>(
           tc.o_begin + static_cast<int>(threadIdx.y), tc.o_end, static_cast<int>(blockDim.y),
-          load, [&](int o, const AlignedVec<scalar_t, VEC>& raw) {
+          load, [&](int o, const RawVec<scalar_t, VEC>& raw) {
             acc_t v[VEC];
             widen<VEC>(raw, v);
             if constexpr (SCALE) {
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(kThreads)
   // values dx holds (ACCUMULATE), the spatial mean's gradient at pixel o (channels_last,
   // SPATIAL), and for NCHW the pooling's gradients of channel o and its scale.
   struct Row {
-    AlignedVec<scalar_t, VEC> held;
+    RawVec<scalar_t, VEC> held;
     scalar_t spatial;
     PoolGrad<scalar_t> grad;
   };

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
       // What a batch holds of pixel o, as loaded (four pixels' loads in flight): x's vector,
       // the values dx holds where the whole gradient is added, and the pooling's gradients.
       struct Row {
-        AlignedVec<scalar_t, VEC> x, held;
+        RawVec<scalar_t, VEC> x, held;
         PoolGrad<scalar_t> grad;
       };
       for_each_batched<kLoadsInFlight>(
