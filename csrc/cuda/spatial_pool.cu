@@ -89,49 +89,70 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t k0 = tc.n * Li + tc.i0;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) sc[j] = static_cast<acc_t>(scale[k0 + j]);
-      // What a batch holds of pixel o, as loaded (four pixels' loads in flight): x's vector,
-      // the values dx holds where the whole gradient is added, and the pooling's gradients.
+      // A thread's pixels in batches of kLoadsInFlight, as loaded: x's vector, the values dx
+      // holds where the whole gradient is added, the pooling's gradients, and without the mean
+      // the dx element at the pixel's arg-max where it falls in this lane's vector. That
+      // element's load waits on the arg-max's: the batch issues all of them after all of the
+      // arg-maxes, then uses its rows (one pixel at a time waited twice a pixel).
       struct Row {
         RawVec<scalar_t, VEC> x, held;
         PoolGrad<scalar_t> grad;
+        scalar_t at_max;
       };
-      for_each_batched<kLoadsInFlight>(
-          tc.o_begin + static_cast<int>(threadIdx.y), tc.o_end, static_cast<int>(blockDim.y),
-          [&](int o) {
-            const int64_t off = base + static_cast<int64_t>(o) * Li;
-            Row r{};
-            r.x = load_vec<VEC>(x + off);
-            if constexpr (ADD_MEAN && ACCUMULATE) r.held = load_vec<VEC>(dx + off);
-            r.grad = pool_grad_at(g, tc.n, o);
-            return r;
-          },
-          [&](int o, const Row& r) {
-            acc_t a, m;
-            int64_t id;
-            r.grad.widen(count, Li, a, m, id);
-            const int64_t off = base + static_cast<int64_t>(o) * Li;
-            acc_t xv[VEC], out[VEC];
-            widen<VEC>(r.x, xv);
+      const int step = static_cast<int>(blockDim.y);
+      for (int ob = tc.o_begin + static_cast<int>(threadIdx.y); ob < tc.o_end;
+           ob += kLoadsInFlight * step) {
+        Row batch[kLoadsInFlight];
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              const acc_t w = a + (id == tc.i0 + j ? m : acc_t(0));
-              out[j] = w * sc[j];
-              acc[j] += w * xv[j];
-              if (!ADD_MEAN && id == tc.i0 + j) {
-                acc_t share[1] = {m * sc[j]};
-                store_or_add<true, 1>(dx + off + j, share);
-              }
-            }
-            if constexpr (ADD_MEAN) {
-              if constexpr (ACCUMULATE) {
-                acc_t held[VEC];
-                widen<VEC>(r.held, held);
+        for (int u = 0; u < kLoadsInFlight; ++u) {
+          const int o = ob + u * step;
+          if (o >= tc.o_end) continue;
+          const int64_t off = base + static_cast<int64_t>(o) * Li;
+          batch[u].x = load_vec<VEC>(x + off);
+          if constexpr (ADD_MEAN && ACCUMULATE) batch[u].held = load_vec<VEC>(dx + off);
+          batch[u].grad = pool_grad_at(g, tc.n, o);
+        }
+        if constexpr (!ADD_MEAN) {
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) out[j] += held[j];  // as store_or_add: rounded once
-              }
-              store_as<VEC>(dx + off, out);
+          for (int u = 0; u < kLoadsInFlight; ++u) {
+            const int o = ob + u * step;
+            const int j = batch[u].grad.argmax - tc.i0;  // checked when widened, below
+            if (o < tc.o_end && j >= 0 && j < VEC) {
+              batch[u].at_max = dx[base + static_cast<int64_t>(o) * Li + j];
             }
-          });
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kLoadsInFlight; ++u) {
+          const int o = ob + u * step;
+          if (o >= tc.o_end) continue;
+          const Row& r = batch[u];
+          acc_t a, m;
+          int64_t id;
+          r.grad.widen(count, Li, a, m, id);
+          const int64_t off = base + static_cast<int64_t>(o) * Li;
+          acc_t xv[VEC], out[VEC];
+          widen<VEC>(r.x, xv);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t w = a + (id == tc.i0 + j ? m : acc_t(0));
+            out[j] = w * sc[j];
+            acc[j] += w * xv[j];
+            if (!ADD_MEAN && id == tc.i0 + j) {  // the max's share added, rounded once
+              dx[off + j] = static_cast<scalar_t>(m * sc[j] + static_cast<acc_t>(r.at_max));
+            }
+          }
+          if constexpr (ADD_MEAN) {
+            if constexpr (ACCUMULATE) {
+              acc_t held[VEC];
+              widen<VEC>(r.held, held);
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) out[j] += held[j];  // as store_or_add: rounded once
+            }
+            store_as<VEC>(dx + off, out);
+          }
+        }
+      }
     }
     tree_sum_over_y<VEC>(acc, smem);
     if (threadIdx.y == 0 && active) {
