@@ -116,10 +116,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int u = 0; u < kLoadsInFlight; ++u) {
             const int o = ob + u * step;
+            if (o >= tc.o_end) continue;
             const int j = batch[u].grad.argmax - tc.i0;  // checked when widened, below
-            if (o < tc.o_end && j >= 0 && j < VEC) {
-              batch[u].at_max = dx[base + static_cast<int64_t>(o) * Li + j];
-            }
+            if (j >= 0 && j < VEC) batch[u].at_max = dx[base + static_cast<int64_t>(o) * Li + j];
           }
         }
 #pragma unroll
