@@ -86,7 +86,9 @@ __global__ void __launch_bounds__(kThreads)
           for (int j = 0; j < VEC; ++j) {
             const acc_t w = a[j] + (id[j] == o ? m[j] : acc_t(0));
             out[j] = w * sc;
-            psum += w * xv[j];
+            // One rounding, as before: left to contraction, the last term's multiply was moved
+            // past the branches below and added apart in 16-bit types (a review's SASS).
+            psum = fma(w, xv[j], psum);
           }
           if constexpr (!ADD_MEAN) {
 #pragma unroll
