@@ -20,7 +20,6 @@ from torch._inductor.utils import run_and_get_code
 
 from fused_cbam.bench import providers
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DECLARED = re.compile(r"(?:assert_size_stride\((\w+), \(([\d, ]*)\)|(\w+) = empty_strided_\w+\(\(([\d, ]*)\))")
 _GROUPED = re.compile(r"assert_size_stride_grouped\(\(([\w, ]*)\), \(((?:\([\d, ]*\),? ?)*)\)")
 _CALL = re.compile(r"^\s*(?:\w+ = )?((?:extern_kernels\.)?\w+?)(?:\.run)?\((.*)\)\s*$")
@@ -74,11 +73,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", default="512x28x28", help="CxHxW")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(providers.DTYPES), default="float32")
     p.add_argument("--format", choices=["channels_last", "nchw"], default="channels_last")
     p.add_argument("--out", help="also write the summary and the generated code to this file")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), providers.DTYPES[args.dtype]
     c, h, w = (int(v) for v in args.shape.split("x"))
     fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
     x = torch.randn(args.batch, c, h, w, device=device, dtype=dtype).to(memory_format=fmt)

@@ -14,8 +14,6 @@ import torch
 
 from fused_cbam.bench import providers, timing
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def passes(module: torch.nn.Module, x: torch.Tensor) -> dict:
     """The block's two passes, as calls without arguments."""
@@ -52,7 +50,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", default="512x28x28", help="CxHxW")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=list(providers.DTYPES), default="bfloat16")
     p.add_argument("--format", choices=["channels_last", "nchw"], default="channels_last")
     p.add_argument("--providers", default=None, help="comma-separated, as the benchmark's --backends "
                    "(default: the fused block on this device's backend, and compile)")  # fmt: skip
@@ -60,7 +58,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=15, help="activities listed per pass")
     p.add_argument("--out", help="also write the tables to this file")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), providers.DTYPES[args.dtype]
     names = args.providers.split(",") if args.providers else [device.type, "compile"]
     c, h, w = (int(v) for v in args.shape.split("x"))
     fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format

@@ -12,9 +12,8 @@ import argparse
 
 import torch
 
-from fused_cbam.bench import timing
+from fused_cbam.bench import providers, timing
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -45,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--dtype", choices=providers.DTYPES, default="bfloat16")
     parser.add_argument("--sizes", default="56,28,14,7", help="H = W of the maps, comma-separated")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
@@ -57,9 +56,10 @@ def main() -> None:
         "| maps | H = W | NCHW ms | channels_last ms |",
         "|---|---:|---:|---:|",
     ]
+    dtype = providers.DTYPES[args.dtype]
     for channels in (2, 1):
         for size in (int(s) for s in args.sizes.split(",")):
-            ms = [measure(device, args.batch, DTYPES[args.dtype], size, channels, layout) for layout in LAYOUTS]
+            ms = [measure(device, args.batch, dtype, size, channels, layout) for layout in LAYOUTS]
             lines.append(f"| {channels} | {size} | {ms[0]:.3f} | {ms[1]:.3f} |")
     print("\n".join(lines))
     if args.out:

@@ -15,7 +15,6 @@ from fused_cbam.bench import record, report, timing
 
 RESNET50_SHAPES = ["256x56x56", "512x28x28", "1024x14x14", "2048x7x7"]
 YOLO_NECK_SHAPES = ["128x80x80"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GATE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 L2_BYTES = 60 * 2**20  # enough rotating inputs to leave the largest Hopper L2 cold
 
@@ -24,7 +23,7 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m fused_cbam.bench", description=__doc__)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", choices=list(prov.DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--shapes", help="comma-separated CxHxW (default: ResNet-50's CBAM blocks and a YOLO neck)")
     p.add_argument("--batch", type=int, help="default: 64 on GPU, 8 on CPU")
     p.add_argument("--backends", help="comma-separated providers to run (default: all available)")
@@ -34,7 +33,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.device = _device(p, args.device)
     gpu = args.device.type == "cuda"
-    args.dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
+    args.dtype = prov.DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
     default_shapes = RESNET50_SHAPES[1:3] if args.quick else RESNET50_SHAPES + YOLO_NECK_SHAPES
     args.shapes = [_shape(p, s) for s in (args.shapes.split(",") if args.shapes else default_shapes)]
     args.batch = (64 if gpu else 8) if args.batch is None else args.batch

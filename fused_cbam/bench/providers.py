@@ -11,6 +11,10 @@ import fused_cbam
 from fused_cbam import reference
 
 
+# The dtypes the benchmark and its scripts take by name.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class Provider:
     name: str
