@@ -133,6 +133,32 @@ __device__ __forceinline__ void for_each_batched(int first, int end, int step, c
   }
 }
 
+// for_each_batched for a block whose rows all take part in warp-wide work at every step (a
+// lane reduction): thread row ty of the block has the rows o = ob + ty for ob = first, first +
+// step, ... < end. Each thread loads the rows it has (load(o), where `active` and o < end), then
+// visit(o, row, entry) runs at every step of the block with a row left, `row` saying whether
+// this thread has one there (its entry is loaded only then, if active): the trip counts depend
+// on block-uniform values alone.
+template <int UNROLL, typename Load, typename Visit>
+__device__ __forceinline__ void for_each_batched_uniform(int first, int end, int step, int ty,
+                                                         bool active, const Load& load,
+                                                         const Visit& visit) {
+  for (int ob = first; ob < end; ob += UNROLL * step) {
+    decltype(load(first)) batch[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int o = ob + u * step + ty;
+      if (active && o < end) batch[u] = load(o);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (ob + u * step >= end) break;  // no row of the block left: uniform over it
+      const int o = ob + u * step + ty;
+      visit(o, o < end, batch[u]);
+    }
+  }
+}
+
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
   return static_cast<A>(-INFINITY);

@@ -85,59 +85,51 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int64_t base = tc.n * Lo * Li + tc.i0;
   const int64_t inner_rows = N * Lo;
   // A thread's rows in batches of kLoadsInFlight, each batch's loads issued before its first
-  // row is used (one row at a time kept one load of dout and x in flight). The trip counts are
-  // uniform over the block: the lane reduction needs the whole warp.
+  // row is used (one row at a time kept one load of dout and x in flight), at block-uniform
+  // trip counts: the lane reduction needs the whole warp.
   struct Row {  // what a batch holds of row o, as loaded
     RawVec<scalar_t, VEC> d, x;
     scalar_t gate;
   };
-  const int step = static_cast<int>(blockDim.y);
-  for (int ob = tc.o_begin; ob < tc.o_end; ob += kLoadsInFlight * step) {
-    Row batch[kLoadsInFlight];
-#pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      const int o = ob + u * step + static_cast<int>(threadIdx.y);
-      if (active && o < tc.o_end) {
+  for_each_batched_uniform<kLoadsInFlight>(
+      tc.o_begin, tc.o_end, static_cast<int>(blockDim.y), static_cast<int>(threadIdx.y), active,
+      [&](int o) {
         const int64_t off = base + static_cast<int64_t>(o) * Li;
-        batch[u].d = load_vec<VEC>(dout + off);
-        batch[u].x = load_vec<VEC>(x + off);
-        batch[u].gate = gout ? gout[tc.n * Lo + o] : scalar_t(1);
-      }
-    }
+        Row r;
+        r.d = load_vec<VEC>(dout + off);
+        r.x = load_vec<VEC>(x + off);
+        r.gate = gout ? gout[tc.n * Lo + o] : scalar_t(1);
+        return r;
+      },
+      [&](int o, bool row, const Row& r) {
+        acc_t isum = 0;
+        if (active && row) {
+          const acc_t vout = static_cast<acc_t>(r.gate);
+          acc_t d[VEC], xv[VEC], out[VEC];
+          widen<VEC>(r.d, d);
+          widen<VEC>(r.x, xv);
 #pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      if (ob + u * step >= tc.o_end) break;  // no row of the block left: uniform over it
-      const int o = ob + u * step + static_cast<int>(threadIdx.y);
-      const bool row = o < tc.o_end;
-      acc_t isum = 0;
-      if (active && row) {
-        const acc_t vout = static_cast<acc_t>(batch[u].gate);
-        acc_t d[VEC], xv[VEC], out[VEC];
-        widen<VEC>(batch[u].d, d);
-        widen<VEC>(batch[u].x, xv);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const acc_t gv = CL ? vin[j] : vout;
-          const acc_t hv = CL ? vout : vin[j];
-          const acc_t t = d[j] * hv;          // grad of x * g
-          out[j] = t * gv;                    // grad_x
-          const acc_t eg = t * xv[j];         // term of grad_g
-          const acc_t eh = d[j] * (xv[j] * gv);  // term of grad_h
-          // CL: inner is c -> the inner sum is grad_h, the outer sum grad_g; NCHW the reverse.
-          isum += CL ? eh : eg;
-          oacc[j] += CL ? eg : eh;
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t gv = CL ? vin[j] : vout;
+            const acc_t hv = CL ? vout : vin[j];
+            const acc_t t = d[j] * hv;          // grad of x * g
+            out[j] = t * gv;                    // grad_x
+            const acc_t eg = t * xv[j];         // term of grad_g
+            const acc_t eh = d[j] * (xv[j] * gv);  // term of grad_h
+            // CL: inner is c -> the inner sum is grad_h, the outer sum grad_g; NCHW the reverse.
+            isum += CL ? eh : eg;
+            oacc[j] += CL ? eg : eh;
+          }
+          store_as<VEC>(dx + base + static_cast<int64_t>(o) * Li, out);
         }
-        store_as<VEC>(dx + base + static_cast<int64_t>(o) * Li, out);
-      }
-      if (do_inner) {
-        isum = group_sum(isum, blockDim.x);
-        if (threadIdx.x == 0 && row) {
-          store_row_sum(isum, tc.n * Lo + o, tc.itile, itiles, inner_rows, inner_final,
-                        inner_part);
+        if (do_inner) {
+          isum = group_sum(isum, blockDim.x);
+          if (threadIdx.x == 0 && row) {
+            store_row_sum(isum, tc.n * Lo + o, tc.itile, itiles, inner_rows, inner_final,
+                          inner_part);
+          }
         }
-      }
-    }
-  }
+      });
   if (do_outer) {
     tree_sum_over_y<VEC>(oacc, smem);
     if (threadIdx.y == 0 && active) {

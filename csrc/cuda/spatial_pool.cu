@@ -47,76 +47,69 @@ __global__ void __launch_bounds__(kThreads)
     }
     // A thread's channels in batches of kLoadsInFlight, as loaded: x's vector, the channel's
     // scale, and the values dx holds where they are added to (all of them, or without the mean
-    // the row's vector when one of the lane's pixels has its arg-max in this channel). The trip
-    // counts are uniform over the block: the lane reduction needs the whole warp.
+    // the row's vector when one of the lane's pixels has its arg-max in this channel), at
+    // block-uniform trip counts: the lane reduction needs the whole warp.
     struct Row {
       RawVec<scalar_t, VEC> x, held;
       scalar_t scale;
     };
-    const int step = static_cast<int>(blockDim.y);
-    for (int ob = tc.o_begin; ob < tc.o_end; ob += kLoadsInFlight * step) {
-      Row batch[kLoadsInFlight];
-#pragma unroll
-      for (int u = 0; u < kLoadsInFlight; ++u) {
-        const int o = ob + u * step + static_cast<int>(threadIdx.y);
-        if (!active || o >= tc.o_end) continue;
-        const int64_t off = base + static_cast<int64_t>(o) * Li;
-        batch[u].x = load_vec<VEC>(x + off);
-        batch[u].scale = scale[tc.n * Lo + o];
-        bool adds = ADD_MEAN && ACCUMULATE;
-        if constexpr (!ADD_MEAN) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) adds |= id[j] == o;
-        }
-        if (adds) batch[u].held = load_vec<VEC>(dx + off);
-      }
-#pragma unroll
-      for (int u = 0; u < kLoadsInFlight; ++u) {
-        if (ob + u * step >= tc.o_end) break;  // no row of the block left: uniform over it
-        const int o = ob + u * step + static_cast<int>(threadIdx.y);
-        const bool row = o < tc.o_end;
-        acc_t psum = 0;
-        if (active && row) {
-          const Row& r = batch[u];
+    for_each_batched_uniform<kLoadsInFlight>(
+        tc.o_begin, tc.o_end, static_cast<int>(blockDim.y), static_cast<int>(threadIdx.y), active,
+        [&](int o) {
           const int64_t off = base + static_cast<int64_t>(o) * Li;
-          const acc_t sc = static_cast<acc_t>(r.scale);
-          acc_t xv[VEC], out[VEC], held[VEC];
-          widen<VEC>(r.x, xv);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const acc_t w = a[j] + (id[j] == o ? m[j] : acc_t(0));
-            out[j] = w * sc;
-            // One rounding, as before: left to contraction, the last term's multiply was moved
-            // past the branches below and added apart in 16-bit types (a review's SASS).
-            psum = fma(w, xv[j], psum);
-          }
+          Row r;
+          r.x = load_vec<VEC>(x + off);
+          r.scale = scale[tc.n * Lo + o];
+          bool adds = ADD_MEAN && ACCUMULATE;
           if constexpr (!ADD_MEAN) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              if (id[j] != o) continue;
-              widen<VEC>(r.held, held);  // loaded: a pixel of the lane has its arg-max here
-              dx[off + j] = static_cast<scalar_t>(m[j] * sc + held[j]);  // the max's share, rounded once
-            }
-          } else {
-            if constexpr (ACCUMULATE) {
-              widen<VEC>(r.held, held);
+            for (int j = 0; j < VEC; ++j) adds |= id[j] == o;
+          }
+          if (adds) r.held = load_vec<VEC>(dx + off);
+          return r;
+        },
+        [&](int o, bool row, const Row& r) {
+          acc_t psum = 0;
+          if (active && row) {
+            const int64_t off = base + static_cast<int64_t>(o) * Li;
+            const acc_t sc = static_cast<acc_t>(r.scale);
+            acc_t xv[VEC], out[VEC], held[VEC];
+            widen<VEC>(r.x, xv);
 #pragma unroll
-              for (int j = 0; j < VEC; ++j) out[j] += held[j];  // as store_or_add: rounded once
+            for (int j = 0; j < VEC; ++j) {
+              const acc_t w = a[j] + (id[j] == o ? m[j] : acc_t(0));
+              out[j] = w * sc;
+              // One rounding, as before: left to contraction, the last term's multiply was
+              // moved past the branches below and added apart in 16-bit types (a review's SASS).
+              psum = fma(w, xv[j], psum);
             }
-            store_as<VEC>(dx + off, out);
+            if constexpr (!ADD_MEAN) {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) {
+                if (id[j] != o) continue;
+                widen<VEC>(r.held, held);  // loaded: a pixel of the lane has its arg-max here
+                // the max's share, rounded once
+                dx[off + j] = static_cast<scalar_t>(m[j] * sc + held[j]);
+              }
+            } else {
+              if constexpr (ACCUMULATE) {
+                widen<VEC>(r.held, held);
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) out[j] += held[j];  // as store_or_add: rounded once
+              }
+              store_as<VEC>(dx + off, out);
+            }
           }
-        }
-        psum = group_sum(psum, blockDim.x);
-        if (threadIdx.x == 0 && row) {
-          const int64_t r = tc.n * Lo + o;
-          if (itiles == 1) {
-            gscale[r] = static_cast<scalar_t>(psum);
-          } else {
-            part[tc.itile * rows + r] = psum;
+          psum = group_sum(psum, blockDim.x);
+          if (threadIdx.x == 0 && row) {
+            const int64_t r_out = tc.n * Lo + o;
+            if (itiles == 1) {
+              gscale[r_out] = static_cast<scalar_t>(psum);
+            } else {
+              part[tc.itile * rows + r_out] = psum;
+            }
           }
-        }
-      }
-    }
+        });
   } else {
     __shared__ acc_t smem[VEC * kThreads];
     acc_t sc[VEC], acc[VEC];
