@@ -6,7 +6,7 @@
 Covers both memory formats, float32 and bfloat16, every operator (forward and backward
 operators, the two that add into a gradient, channel_gate with one and two gradients, and
 cbam_inference with and without BatchNorm, 3x3 and 7x7, one and two maps, each MLP variant, a
-channels_last conv weight, float32 parameters), with and without the optional gates/scale, odd
+channels_last conv weight, float32 parameters, chunked and in one kernel of clusters), with and without the optional gates/scale, odd
 sizes (scalar paths), a misaligned view (scalar head of the row kernel), the maps' gradients as
 channels of one stacked gradient, and one N = 1 input large in H x W, which takes the split-H x
 W paths (partials + deterministic second kernel).
@@ -16,6 +16,7 @@ find this script's own mistakes).
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -98,24 +99,28 @@ def run_case(ops, shape, dtype, fmt, device, misaligned=False):
         assert grad_logits.shape == (pools, n, c)
         _finite("channel_gate", gate, grad_logits)
 
-    hidden = max(1, c // 4)
-    for k, maps, bn in ((7, 2, True), (3, 1, False)):
-        norm = [torch.randn(1, **small), torch.rand(1, **small) + 0.5, torch.randn(1, **small), None] if bn else [None] * 4
-        out = ops.cbam_inference(
-            x, torch.randn(hidden, c, **small), torch.randn(hidden, **small), torch.randn(c, hidden, **small), None,
-            "sum" if maps == 2 else "mix", torch.randn(1, maps, k, k, **small), None, *norm, 1e-5, maps == 2,
-        )  # fmt: skip
-        _finite("cbam_inference", out)
-    # One layer over the mean (ultralytics'), a channels_last conv weight read through its strides,
-    # in x's dtype and in float32 (with a bfloat16 x: the kernels' float32 reads)
-    for param_dtype in (dtype, torch.float32):
-        conv_weight = torch.randn(1, 2, 7, 7, device=device, dtype=param_dtype)
-        out = ops.cbam_inference(
-            x, torch.randn(c, c, device=device, dtype=param_dtype), torch.randn(c, device=device, dtype=param_dtype),
-            None, None, "avg", conv_weight.contiguous(memory_format=torch.channels_last), None, None, None, None,
-            None, 0.0, False,
-        )  # fmt: skip
-        _finite("cbam_inference", out)
+    # cbam_inference in both of its CUDA forms: chunked, and one kernel of clusters (sm_90 on).
+    for form in ("chunks", "cluster"):
+        os.environ["FUSED_CBAM_CUDA_INFERENCE"] = form
+        hidden = max(1, c // 4)
+        for k, maps, bn in ((7, 2, True), (3, 1, False)):
+            norm = [torch.randn(1, **small), torch.rand(1, **small) + 0.5, torch.randn(1, **small), None] if bn else [None] * 4
+            out = ops.cbam_inference(
+                x, torch.randn(hidden, c, **small), torch.randn(hidden, **small), torch.randn(c, hidden, **small), None,
+                "sum" if maps == 2 else "mix", torch.randn(1, maps, k, k, **small), None, *norm, 1e-5, maps == 2,
+            )  # fmt: skip
+            _finite("cbam_inference", out)
+        # One layer over the mean (ultralytics'), a channels_last conv weight read through its strides,
+        # in x's dtype and in float32 (with a bfloat16 x: the kernels' float32 reads)
+        for param_dtype in (dtype, torch.float32):
+            conv_weight = torch.randn(1, 2, 7, 7, device=device, dtype=param_dtype)
+            out = ops.cbam_inference(
+                x, torch.randn(c, c, device=device, dtype=param_dtype), torch.randn(c, device=device, dtype=param_dtype),
+                None, None, "avg", conv_weight.contiguous(memory_format=torch.channels_last), None, None, None, None,
+                None, 0.0, False,
+            )  # fmt: skip
+            _finite("cbam_inference", out)
+    del os.environ["FUSED_CBAM_CUDA_INFERENCE"]
 
 
 def main() -> int:

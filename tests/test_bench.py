@@ -1,6 +1,7 @@
 """The main job runs end to end on a tiny problem: gate, timing, record, table, plot, README."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -193,3 +194,28 @@ def test_bad_arguments_are_refused_naming_the_option(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_a_provider_sets_its_environment_for_its_calls_only(monkeypatch):
+    """``cuda-cluster``'s module: FUSED_CBAM_CUDA_INFERENCE is set while it runs (the CUDA
+    operator reads it at each call) and is as before afterwards, also after an error."""
+    from fused_cbam.bench.providers import WithEnvironment
+
+    monkeypatch.delenv("FUSED_CBAM_CUDA_INFERENCE", raising=False)
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(os.environ.get("FUSED_CBAM_CUDA_INFERENCE"))
+            if x is None:
+                raise ValueError("no input")
+            return x
+
+    module = WithEnvironment(Probe(), FUSED_CBAM_CUDA_INFERENCE="cluster")
+    assert module(torch.ones(1)).item() == 1
+    assert "FUSED_CBAM_CUDA_INFERENCE" not in os.environ
+    monkeypatch.setenv("FUSED_CBAM_CUDA_INFERENCE", "chunks")
+    with pytest.raises(ValueError, match="no input"):
+        module(None)
+    assert os.environ["FUSED_CBAM_CUDA_INFERENCE"] == "chunks"
+    assert seen == ["cluster", "cluster"]

@@ -14,88 +14,27 @@
 #include <cstdlib>
 #include <type_traits>
 
-#include "../inference_args.h"
-#include "common.cuh"
+#include "inference.cuh"
 #include "kernels.h"
 
 namespace fused_cbam {
 namespace gpu {
 namespace {
 
-// The spatial conv's parameters in their read dtype: weight [maps, K, K] in its strides
-// (elements) and scalars (nullptr where absent).
-template <typename param_t, typename acc_t>
-struct SpatialGateParams {
-  const param_t* weight;
-  int64_t w_map, w_y, w_x;
-  const param_t* bias;
-  const param_t* bn_mean;
-  const param_t* bn_var;
-  const param_t* bn_weight;
-  const param_t* bn_bias;
-  acc_t bn_eps;
-  int maps, K;
-  bool max_first;
-};
-
-// Calls f with a value of the C++ type a group of parameters is read in (the group converted by
-// inference::read_dtype, `parameter` one of it): x's scalar_t, or its math type.
-template <typename scalar_t, typename F>
-void with_read_type(const at::Tensor& parameter, const F& f) {
-  if (parameter.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
-    f(scalar_t{});
-  } else {
-    f(at::opmath_type<scalar_t>{});
-  }
-}
-
-// gate[n, 0, y, x] = sigmoid(bn(conv_KxK(maps)[n, y, x])) over the zero-padded [mean, max]
-// maps ([rows, 2, H, W]), one output pixel per thread. The eval-mode BatchNorm is applied as
-// the affine map it is, after the conv's sum (scale * sum + bias); a one-map kernel acts on
-// 0.5 * mean + 0.5 * max, i.e. half of it on each map.
+// gate[n, 0, y, x] of the [mean, max] maps ([rows, 2, H, W]), one output pixel per thread.
 template <typename scalar_t, typename param_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     spatial_gate_kernel(const scalar_t* __restrict__ maps, SpatialGateParams<param_t, acc_t> p,
                         int H, int W, int64_t total,
                         scalar_t* __restrict__ gate) {
-  const auto read = [](const param_t* v) { return static_cast<acc_t>(*v); };
-  acc_t scale = 1, shift = 0;
-  if (p.bn_var != nullptr) {
-    scale = acc_t(1) / sqrt(read(p.bn_var) + p.bn_eps);
-    shift = -read(p.bn_mean) * scale;
-    if (p.bn_weight != nullptr) {
-      scale *= read(p.bn_weight);
-      shift *= read(p.bn_weight);
-    }
-    if (p.bn_bias != nullptr) shift += read(p.bn_bias);
-  }
-  const acc_t bias = (p.bias != nullptr ? read(p.bias) : acc_t(0)) * scale + shift;
-  if (p.maps == 1) scale *= acc_t(0.5);
-  const int r = p.K / 2;
-  const param_t* w_mean = p.weight + (p.maps == 2 && p.max_first ? p.w_map : 0);
-  const param_t* w_max = p.weight + (p.maps == 2 && !p.max_first ? p.w_map : 0);
+  const SpatialGate<param_t, acc_t> at_pixel(p);
   const int64_t plane = static_cast<int64_t>(H) * W;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / plane;
     const int y = static_cast<int>(i % plane / W), x = static_cast<int>(i % W);
     const scalar_t* mean_n = maps + 2 * n * plane;
-    const scalar_t* max_n = mean_n + plane;
-    acc_t sum = 0;
-    for (int ky = 0; ky < p.K; ++ky) {
-      const int yy = y + ky - r;
-      if (yy < 0 || yy >= H) continue;
-      for (int kx = 0; kx < p.K; ++kx) {
-        const int xx = x + kx - r;
-        if (xx < 0 || xx >= W) continue;
-        const int64_t q = static_cast<int64_t>(yy) * W + xx;
-        const int64_t t = ky * p.w_y + kx * p.w_x;
-        sum += read(w_mean + t) * static_cast<acc_t>(mean_n[q]) +
-               read(w_max + t) * static_cast<acc_t>(max_n[q]);
-      }
-    }
-    const acc_t logit = sum * scale + bias;
-    gate[i] = static_cast<scalar_t>(acc_t(1) / (acc_t(1) + exp(-logit)));
+    gate[i] = at_pixel(mean_n, mean_n + plane, H, W, y, x);
   }
 }
 
@@ -109,15 +48,7 @@ void launch_spatial_gate(const at::Tensor& maps, const inference::SpatialConv& c
     using acc_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto param_type) {
       using param_t = decltype(param_type);
-      const auto ptr = [](const at::Tensor& t) {
-        return t.defined() ? t.const_data_ptr<param_t>() : nullptr;
-      };
-      const SpatialGateParams<param_t, acc_t> p{
-          ptr(conv.weight),    conv.weight.stride(1),      conv.weight.stride(2),
-          conv.weight.stride(3), ptr(conv.bias),           ptr(conv.bn_mean),
-          ptr(conv.bn_var),    ptr(conv.bn_weight),        ptr(conv.bn_bias),
-          static_cast<acc_t>(bn_eps), static_cast<int>(conv.maps), static_cast<int>(conv.K),
-          max_first};
+      const auto p = spatial_gate_params<param_t, acc_t>(conv, bn_eps, max_first);
       spatial_gate_kernel<scalar_t, param_t, acc_t>
           <<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
               maps.const_data_ptr<scalar_t>(), p, H, W, total, gate.mutable_data_ptr<scalar_t>());
@@ -127,103 +58,24 @@ void launch_spatial_gate(const at::Tensor& maps, const inference::SpatialConv& c
   });
 }
 
-// One layer of the channel MLP, z = W v + b with W [R, L] (and b [R]), for the S samples of a
-// chunk, rounded once to x's dtype as a Linear in x's dtype rounds it. Its input vectors, in x's
-// dtype, [S, L] each: in0 and, for POOLS == 2, in1 (the pooled avg and max, or the first layer's
-// two halves), or with MIX one vector 0.5 * in0 + 0.5 * in1 rounded to x's dtype. out: with
-// `last`, the gate sigmoid(z summed over the pools) [S, R]; else relu(z) [POOLS, S, R], the next
-// layer's input (x's dtype loses nothing: z is rounded to it already).
-template <typename scalar_t, typename param_t>
-struct MlpLayer {
-  const scalar_t* in0;
-  const scalar_t* in1;
-  const param_t* w;
-  const param_t* b;  // nullptr where absent
-  scalar_t* out;
-  int64_t S;
-  int L, R;
-  bool last;
-};
-
-constexpr int kMlpWarpRows = 2;  // rows a warp takes at once: each input load serves both
-constexpr int kMlpSamples = 4;   // samples a block takes: each row load serves all of them
+// One layer for the S samples of a chunk into out ([pools, S, R] hidden, or the gate [S, R]).
+// A block takes kMlpRows rows; blocks stride over the samples (gridDim.y is at most 65535). Two
+// blocks an SM leave ptxas registers enough (60-80) to issue all of a step's loads before its
+// first multiply-add; at 64, half of them waited.
 constexpr int kMlpRows = kThreads / 32 * kMlpWarpRows;  // rows a block takes
-static_assert(kMlpWarpRows * kMlpSamples <= 32, "a lane writes each (row, sample) result");
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t rounded(acc_t v) {
-  return static_cast<acc_t>(static_cast<scalar_t>(v));
-}
-
-// Lanes stride along L, so that rows and inputs are read coalesced. A warp's rows past R and a
-// block's samples past S read the last ones' data and are never written, so that a step's loads
-// issue together, with no branch between them. A butterfly then gives every lane the sums, and
-// lane j * kMlpSamples + i writes row j's result of sample i. Blocks stride over the samples
-// (gridDim.y is at most 65535). Two blocks an SM leave ptxas registers enough (60-80) to issue
-// all of a step's loads before its first multiply-add; at 64, half of them waited.
 template <typename scalar_t, typename param_t, int POOLS, bool MIX>
-__global__ void __launch_bounds__(kThreads, 2) mlp_layer_kernel(MlpLayer<scalar_t, param_t> a) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int lane = static_cast<int>(threadIdx.x % 32);
+__global__ void __launch_bounds__(kThreads, 2)
+    mlp_layer_kernel(MlpLayer<scalar_t, param_t> a, scalar_t* __restrict__ out) {
   const int r0 = static_cast<int>(blockIdx.x) * kMlpRows +
                  static_cast<int>(threadIdx.x / 32) * kMlpWarpRows;
   if (r0 >= a.R) return;  // warp-uniform, and the kernel has no block-wide barrier
-  int64_t w_row[kMlpWarpRows];
-#pragma unroll
-  for (int j = 0; j < kMlpWarpRows; ++j) w_row[j] = static_cast<int64_t>(min(r0 + j, a.R - 1)) * a.L;
+  const auto write = [&](int pool, int64_t s, int r, scalar_t v) {
+    out[pool * a.S * a.R + s * a.R + r] = v;
+  };
   for (int64_t s0 = static_cast<int64_t>(blockIdx.y) * kMlpSamples; s0 < a.S;
        s0 += static_cast<int64_t>(gridDim.y) * kMlpSamples) {
-    int64_t v_row[kMlpSamples];
-#pragma unroll
-    for (int i = 0; i < kMlpSamples; ++i) v_row[i] = (s0 + i < a.S ? s0 + i : a.S - 1) * a.L;
-    acc_t acc[kMlpWarpRows][POOLS][kMlpSamples] = {};
-#pragma unroll 2
-    for (int l = lane; l < a.L; l += 32) {
-      acc_t w[kMlpWarpRows];
-#pragma unroll
-      for (int j = 0; j < kMlpWarpRows; ++j) w[j] = static_cast<acc_t>(a.w[w_row[j] + l]);
-#pragma unroll
-      for (int i = 0; i < kMlpSamples; ++i) {
-        acc_t v[POOLS];
-        v[0] = static_cast<acc_t>(a.in0[v_row[i] + l]);
-        if constexpr (MIX) {
-          v[0] = rounded<scalar_t>(acc_t(0.5) * v[0] +
-                                   acc_t(0.5) * static_cast<acc_t>(a.in1[v_row[i] + l]));
-        } else if constexpr (POOLS == 2) {
-          v[1] = static_cast<acc_t>(a.in1[v_row[i] + l]);
-        }
-#pragma unroll
-        for (int j = 0; j < kMlpWarpRows; ++j) {
-#pragma unroll
-          for (int p = 0; p < POOLS; ++p) acc[j][p][i] += w[j] * v[p];
-        }
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kMlpWarpRows; ++j) {
-      const int r = r0 + j;
-      const acc_t bias = a.b != nullptr ? static_cast<acc_t>(a.b[min(r, a.R - 1)]) : acc_t(0);
-#pragma unroll
-      for (int i = 0; i < kMlpSamples; ++i) {
-        acc_t z[POOLS];
-#pragma unroll
-        for (int p = 0; p < POOLS; ++p) {  // every lane takes part in the butterflies
-          z[p] = rounded<scalar_t>(group_sum(acc[j][p][i], 32) + bias);
-        }
-        if (lane != j * kMlpSamples + i || r >= a.R || s0 + i >= a.S) continue;
-        const int64_t o = (s0 + i) * a.R + r;
-        if (a.last) {
-          acc_t logit = z[0];
-          if constexpr (POOLS == 2) logit = rounded<scalar_t>(z[0] + z[1]);
-          a.out[o] = static_cast<scalar_t>(acc_t(1) / (acc_t(1) + exp(-logit)));
-        } else {
-#pragma unroll
-          for (int p = 0; p < POOLS; ++p) {  // a ReLU that keeps NaN, as torch.relu does
-            a.out[p * a.S * a.R + o] = static_cast<scalar_t>(z[p] < 0 ? acc_t(0) : z[p]);
-          }
-        }
-      }
-    }
+    mlp_warp_rows<scalar_t, param_t, POOLS, MIX>(a, r0, a.R, s0, write);
   }
 }
 
@@ -242,10 +94,9 @@ void launch_mlp_layer(const at::Tensor& in0, const at::Tensor& in1, const at::Te
                                           in1.const_data_ptr<scalar_t>(),
                                           w.const_data_ptr<param_t>(),
                                           b.defined() ? b.const_data_ptr<param_t>() : nullptr,
-                                          out.mutable_data_ptr<scalar_t>(),
                                           S, L, R, last};
       mlp_layer_kernel<scalar_t, param_t, decltype(pools_c)::value, decltype(mix_c)::value>
-          <<<grid, kThreads, 0, current_stream()>>>(a);
+          <<<grid, kThreads, 0, current_stream()>>>(a, out.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const auto variant = [&](auto param_type) {
@@ -328,6 +179,7 @@ at::Tensor cbam_inference(
   at::Tensor out = empty_like_x(x);
   const int64_t N = x.size(0);
   if (out.numel() == 0) return out;
+  if (cbam_inference_cluster(x, mlp, pooling, conv, bn_eps, max_first, out)) return out;
   const int64_t chunk = samples_per_chunk(x);
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t k = std::min(chunk, N - n0);

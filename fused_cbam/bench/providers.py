@@ -1,6 +1,7 @@
 """What gets timed: the CBAM block as each provider runs it, and each operator alone."""
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +33,31 @@ def _fused(backend: str, three_operators: bool = False) -> Callable[[nn.Module],
         return module.to(next(ref.parameters()))
 
     return make
+
+
+class WithEnvironment(nn.Module):
+    """A module whose calls run with environment variables set: the CUDA operators read their
+    choices (FUSED_CBAM_CUDA_INFERENCE) at each call, so one process times both choices."""
+
+    def __init__(self, module: nn.Module, **env: str):
+        super().__init__()
+        self.module, self.env = module, env
+
+    def forward(self, x: Tensor) -> Tensor:
+        old = {name: os.environ.get(name) for name in self.env}
+        os.environ.update(self.env)
+        try:
+            return self.module(x)
+        finally:
+            for name, value in old.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
+
+
+def _cluster(ref: nn.Module) -> nn.Module:
+    return WithEnvironment(_fused("cuda")(ref), FUSED_CBAM_CUDA_INFERENCE="cluster")
 
 
 def _timm(ref: nn.Module) -> nn.Module:
@@ -66,6 +92,8 @@ def providers(device: torch.device, names: list[str] | None, quick: bool = False
             found.append(Provider(backend, "fused", _fused(backend)))
             # The forward as three operators, beside the one-operator inference path above.
             found.append(Provider(f"{backend}-3ops", "fused", _fused(backend, three_operators=True), forward_only=True))
+            if backend == "cuda":  # the inference forward in one kernel of clusters (sm_90 on; else chunked)
+                found.append(Provider("cuda-cluster", "fused", _cluster, forward_only=True))
     if device.type in fused_cbam.available_backends():
         # What users get from torch.compile of a model holding the fused block.
         found.append(Provider(f"compile+{device.type}", "fused", _compiled("default", _fused(device.type))))
