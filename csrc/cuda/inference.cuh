@@ -137,7 +137,8 @@ __device__ __forceinline__ acc_t rounded(acc_t v) {
 // step's loads issue together, with no branch between them. A butterfly then gives every lane
 // the sums, and lane j * kMlpSamples + i writes row j's result of sample i. Every lane of the
 // warp must call it.
-template <typename scalar_t, typename param_t, int POOLS, bool MIX, typename Write>
+template <typename scalar_t, typename param_t, int POOLS, bool MIX, int UNROLL = 2,
+          typename Write>
 __device__ __forceinline__ void mlp_warp_rows(const MlpLayer<scalar_t, param_t>& a, int r0,
                                               int r_end, int64_t s0, const Write& write) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -149,7 +150,7 @@ __device__ __forceinline__ void mlp_warp_rows(const MlpLayer<scalar_t, param_t>&
 #pragma unroll
   for (int i = 0; i < kMlpSamples; ++i) v_row[i] = (s0 + i < a.S ? s0 + i : a.S - 1) * a.L;
   acc_t acc[kMlpWarpRows][POOLS][kMlpSamples] = {};
-#pragma unroll 2
+#pragma unroll UNROLL
   for (int l = lane; l < a.L; l += 32) {
     acc_t w[kMlpWarpRows];
 #pragma unroll

@@ -38,6 +38,10 @@ namespace cg = cooperative_groups;
 constexpr int kClusterThreads = 256;
 constexpr int kMaxClusterBlocks = 16;  // a non-portable cluster size, allowed on Hopper
 constexpr int kMaxClusterSamples = 8;
+// Steps of an MLP row a lane unrolls: a block computes few rows (M/K of the first layer) while
+// its other warps wait at the next barrier, so each lane keeps 2 x 8 weight loads from L2 in
+// flight instead of the chunked kernel's 2 x 2.
+constexpr int kClusterMlpUnroll = 8;
 
 __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -241,17 +245,20 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
       for (int q = 0; q < K; ++q) cluster.map_shared_rank(hidden, q)[(pool * S + s) * a.M + r] = v;
     };
     rows_of(m0, min(a.M, m0 + per_block_hidden), [&](int r0, int r_end, int s0) {
-      mlp_warp_rows<scalar_t, scalar_t, POOLS, MIX>(first, r0, r_end, s0, to_every_block);
+      mlp_warp_rows<scalar_t, scalar_t, POOLS, MIX, kClusterMlpUnroll>(first, r0, r_end, s0,
+                                                                       to_every_block);
     });
     cluster.sync();
     const MlpLayer<scalar_t, scalar_t> second{hidden, hidden + (POOLS - 1) * S * a.M, a.w2, a.b2,
                                               S, a.M, C, true};
     rows_of(c0, c0 + cn, [&](int r0, int r_end, int s0) {
-      mlp_warp_rows<scalar_t, scalar_t, POOLS, false>(second, r0, r_end, s0, to_gate);
+      mlp_warp_rows<scalar_t, scalar_t, POOLS, false, kClusterMlpUnroll>(second, r0, r_end, s0,
+                                                                         to_gate);
     });
   } else {
     rows_of(c0, c0 + cn, [&](int r0, int r_end, int s0) {
-      mlp_warp_rows<scalar_t, scalar_t, POOLS, MIX>(first, r0, r_end, s0, to_gate);
+      mlp_warp_rows<scalar_t, scalar_t, POOLS, MIX, kClusterMlpUnroll>(first, r0, r_end, s0,
+                                                                       to_gate);
     });
   }
   __syncthreads();
