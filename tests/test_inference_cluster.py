@@ -38,6 +38,8 @@ def cluster(monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90 or later")
     monkeypatch.setenv("FUSED_CBAM_CUDA_INFERENCE", "cluster")
+    # The poison fixture turns deterministic algorithms on: the reference's MLP (cuBLAS) then needs this.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def _kernels(run):
@@ -63,8 +65,8 @@ def _check(layout, dtype, memory_format, shape):
         expected = reference(x)
     assert _ran_the_cluster_kernel(kernels), kernels
     assert_close(out, expected, TOLERANCE[dtype] * 4, "out", rounded_once=False)  # the MLP, the conv
-    if memory_format == "channels_last":
-        assert out.stride() == x.stride()
+    if memory_format == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.usefixtures("cluster", "poison")
