@@ -175,7 +175,7 @@ fi
 # hands tests out in collection order, so a run cut by its limit has run those. Files not
 # named here follow.
 TEST_FILES=()
-for name in ops one_grad training channel_gate triton nn errors properties reliability inference layouts cam; do
+for name in ops inference_cluster one_grad training channel_gate triton nn errors properties reliability inference layouts cam; do
   TEST_FILES+=("tests/test_$name.py")
 done
 for file in tests/test_*.py; do
@@ -185,6 +185,15 @@ PYTEST_ARGS=("${TEST_FILES[@]}" -q -p no:cacheprovider -rfEs --durations=30)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$(($(nproc) > 4 ? $(nproc) - 2 : 2))"); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout 150); fi
 GPU_TESTS="cuda or triton"
+# ---- every kernel once, plainly, before the parallel steps (seconds): a kernel that hangs (the
+# cluster kernel's barriers, never run before 2026-11-28) is killed here, at 60 s, rather than
+# holding every test worker and sanitizer for their whole limits; its tests are then left out.
+if wanted tests || wanted sanitizers; then
+  step smoke 60 "$PY" benchmarks/sanitizer_smoke.py
+  if [[ "$(cat "$LOG/smoke.rc")" == 124 || "$(cat "$LOG/smoke.rc")" == 137 ]]; then
+    GPU_TESTS="($GPU_TESTS) and not test_inference_cluster"
+  fi
+fi
 (
   # FUSED_CBAM_TRITON_AUTOTUNE=0: each Triton kernel compiles its first configuration only,
   # instead of compiling and timing all of them for every new test shape in every worker.
@@ -262,7 +271,8 @@ SUMMARY="$LOG/gpu-check-${DEVICE_TAG}.txt"
   echo "commit: $COMMIT"
   echo "steps: ${STEPS:1:-1}"
   wanted build && echo "build: $(verdict build 'Successfully installed|up to date|prebuilt|error|Error')"
-  wanted tests && echo "pytest (cuda, triton): $(verdict pytest "$PYTEST_SUMMARY")"
+  (wanted tests || wanted sanitizers) && echo "smoke: $(verdict smoke 'sanitizer_smoke')"
+  wanted tests && echo "pytest ($GPU_TESTS): $(verdict pytest "$PYTEST_SUMMARY")"
   wanted rest && echo "pytest (the rest): $(verdict pytest_rest "$PYTEST_SUMMARY")"
   wanted sanitizers && echo "memcheck: $(verdict memcheck 'ERROR SUMMARY|sanitizer_smoke')"
   wanted sanitizers && echo "racecheck: $(verdict racecheck 'RACECHECK SUMMARY|ERROR SUMMARY|sanitizer_smoke')"

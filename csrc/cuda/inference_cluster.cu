@@ -383,9 +383,21 @@ bool launch_cluster(const at::Tensor& x, const inference::Mlp& mlp, c10::string_
     };
     // Code for sm_90 or later in the library (a build whose only code for this device is
     // older PTX has the trapping body).
-    cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.ptxVersion < 90) {
+    // A device that refuses a query or a setting gets the chunked form rather than an error.
+    const auto ok = [](cudaError_t e) {
+      if (e == cudaSuccess) return true;
       (void)cudaGetLastError();
+      return false;
+    };
+    cudaFuncAttributes attributes{};
+    if (!ok(cudaFuncGetAttributes(&attributes, kernel)) || attributes.ptxVersion < 90) return;
+    // The kernel-wide limits, set once to the most this device allows (never lowered by a later
+    // call with less: a CUDA graph captured with more must still replay).
+    const int64_t dynamic = optin - static_cast<int64_t>(attributes.sharedSizeBytes);
+    const int64_t two_an_sm = per_sm / 2 - 1024 - static_cast<int64_t>(attributes.sharedSizeBytes);
+    if (!ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(dynamic))) ||
+        !ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1))) {
       return;
     }
     // The most blocks a cluster (each then holds the fewest channels), first among those that
@@ -398,28 +410,15 @@ bool launch_cluster(const at::Tensor& x, const inference::Mlp& mlp, c10::string_
       if (even && (C % K != 0 || (C / K) % (16 / static_cast<int64_t>(sizeof(scalar_t))) != 0)) {
         continue;
       }
-      if (layout(1, K).total > optin) continue;
+      if (layout(1, K).total > dynamic) continue;
       int64_t S = 1;
-      while (S < kMaxClusterSamples && layout(2 * S, K).total <= per_sm / 2 - 1024 &&
+      while (S < kMaxClusterSamples && layout(2 * S, K).total <= two_an_sm &&
              ceil_div(N, 2 * S) * K >= sms) {
         S *= 2;
       }
       const ClusterSmem smem = layout(S, K);
       const int64_t blocks = ceil_div(N, S) * K;
       if (blocks > INT_MAX) continue;
-      // A device that refuses a setting or a cluster size gets the next candidate, and in the
-      // end the chunked form, rather than an error.
-      const auto ok = [](cudaError_t e) {
-        if (e == cudaSuccess) return true;
-        (void)cudaGetLastError();
-        return false;
-      };
-      if (!ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(smem.total))) ||
-          (K > 8 &&
-           !ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)))) {
-        continue;
-      }
       cudaLaunchAttribute cluster_dim{};
       cluster_dim.id = cudaLaunchAttributeClusterDimension;
       cluster_dim.val.clusterDim.x = static_cast<unsigned>(K);
@@ -432,8 +431,12 @@ bool launch_cluster(const at::Tensor& x, const inference::Mlp& mlp, c10::string_
       config.stream = current_stream();
       config.attrs = &cluster_dim;
       config.numAttrs = 1;
-      int clusters = 0;  // how many such clusters the device can hold at once: 0, none
-      if (!ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config)) || clusters == 0) {
+      // The largest cluster this block size and shared memory allow, asked first so that a size
+      // the device cannot place is skipped without an error (compute-sanitizer counts even a
+      // handled one); then how many such clusters the device holds at once: 0, none.
+      int largest = 0, clusters = 0;
+      if (!ok(cudaOccupancyMaxPotentialClusterSize(&largest, kernel, &config)) || largest < K ||
+          !ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config)) || clusters == 0) {
         continue;
       }
       const ClusterArgs<scalar_t> args{
