@@ -23,7 +23,11 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "inference.cuh"
@@ -41,8 +45,8 @@ constexpr int kMaxClusterBlocks = 16;  // a non-portable cluster size, allowed o
 constexpr int kMaxClusterSamples = 8;
 // Steps of an MLP row a lane unrolls: a block computes few rows (M/K of the first layer) while
 // its other warps wait at the next barrier, so each lane keeps 2 x 8 weight loads from L2 in
-// flight instead of the chunked kernel's 2 x 2.
-constexpr int kClusterMlpUnroll = 8;
+// flight instead of the chunked kernel's 2 x 2. (Unused by the sm_80 pass: no kernel body there.)
+[[maybe_unused]] constexpr int kClusterMlpUnroll = 8;
 
 __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -352,19 +356,49 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
 #endif
 }
 
+// A cluster launch's shape: K blocks a cluster, S samples a cluster; K == 0 where none fits.
+struct ClusterShape {
+  int64_t K, S;
+};
+
+cudaLaunchConfig_t cluster_config(const ClusterShape& shape, int64_t N, int64_t smem_bytes,
+                                  cudaLaunchAttribute& cluster_dim) {
+  cluster_dim = {};
+  cluster_dim.id = cudaLaunchAttributeClusterDimension;
+  cluster_dim.val.clusterDim.x = static_cast<unsigned>(shape.K);
+  cluster_dim.val.clusterDim.y = 1;
+  cluster_dim.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ceil_div(N, shape.S) * shape.K));
+  config.blockDim = dim3(kClusterThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = current_stream();
+  config.attrs = &cluster_dim;
+  config.numAttrs = 1;
+  return config;
+}
+
+// The cluster shape for a kernel, a device and a problem, chosen once and remembered: the
+// choice asks the device a dozen questions (attributes, occupancy), which a call in eager mode
+// would otherwise pay each time. `choose` runs under the lock, once per key.
+ClusterShape remembered(const void* kernel, int dev, int64_t N, int64_t C, int64_t P, int64_t M,
+                        const std::function<ClusterShape()>& choose) {
+  using Key = std::tuple<const void*, int, int64_t, int64_t, int64_t, int64_t>;
+  static std::mutex mutex;
+  static std::map<Key, ClusterShape> chosen;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const Key key{kernel, dev, N, C, P, M};
+  auto it = chosen.find(key);
+  if (it == chosen.end()) it = chosen.emplace(key, choose()).first;
+  return it->second;
+}
+
 template <typename scalar_t>
 bool launch_cluster(const at::Tensor& x, const inference::Mlp& mlp, c10::string_view pooling,
                     const inference::SpatialConv& conv, double bn_eps, bool max_first,
                     at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int dev = x.device().index();
-  int major = 0, sms = 0, optin = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  if (major < 9) return false;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   const bool two_layers = mlp.w2.defined();
   const int64_t M = two_layers ? mlp.w1.size(0) : 0;
@@ -381,84 +415,92 @@ bool launch_cluster(const at::Tensor& x, const inference::Mlp& mlp, c10::string_
     const auto layout = [&](int64_t S, int64_t K) {
       return ClusterSmem(S, K, C, P, M, POOLS, cl, sizeof(scalar_t), sizeof(acc_t));
     };
-    // Code for sm_90 or later in the library (a build whose only code for this device is
-    // older PTX has the trapping body).
-    // A device that refuses a query or a setting gets the chunked form rather than an error.
-    const auto ok = [](cudaError_t e) {
-      if (e == cudaSuccess) return true;
-      (void)cudaGetLastError();
-      return false;
+    const auto choose = [&]() -> ClusterShape {
+      // A device that refuses a query or a setting gets the chunked form rather than an error.
+      const auto ok = [](cudaError_t e) {
+        if (e == cudaSuccess) return true;
+        (void)cudaGetLastError();
+        return false;
+      };
+      int major = 0, sms = 0, optin = 0, per_sm = 0;
+      if (!ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) ||
+          major < 9 ||
+          !ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) ||
+          !ok(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) ||
+          !ok(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev))) {
+        return {0, 0};
+      }
+      // Code for sm_90 or later in the library (a build whose only code for this device is
+      // older PTX has the trapping body).
+      cudaFuncAttributes attributes{};
+      if (!ok(cudaFuncGetAttributes(&attributes, kernel)) || attributes.ptxVersion < 90) {
+        return {0, 0};
+      }
+      // The kernel-wide limits, set to the most this device allows (never lowered by a later
+      // call with less: a CUDA graph captured with more must still replay).
+      const int64_t fixed = static_cast<int64_t>(attributes.sharedSizeBytes);
+      const int64_t dynamic = optin - fixed, two_an_sm = per_sm / 2 - 1024 - fixed;
+      if (!ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(dynamic))) ||
+          !ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1))) {
+        return {0, 0};
+      }
+      // The most blocks a cluster (each then holds the fewest channels), first among those that
+      // split the channels evenly in 16-byte pieces, then as many samples as keep two blocks an
+      // SM and a block for every SM: each cluster reads the MLP's weights once.
+      for (int64_t candidate = 0; candidate < 10; ++candidate) {
+        const bool even = candidate < 5;
+        const int64_t K = int64_t{kMaxClusterBlocks} >> (candidate % 5);
+        if (K > C && K > 1) continue;
+        if (even && (C % K != 0 || (C / K) % (16 / static_cast<int64_t>(sizeof(scalar_t))) != 0)) {
+          continue;
+        }
+        if (layout(1, K).total > dynamic) continue;
+        int64_t S = 1;
+        while (S < kMaxClusterSamples && layout(2 * S, K).total <= two_an_sm &&
+               ceil_div(N, 2 * S) * K >= sms) {
+          S *= 2;
+        }
+        if (ceil_div(N, S) * K > INT_MAX) continue;
+        cudaLaunchAttribute cluster_dim;
+        const cudaLaunchConfig_t config =
+            cluster_config({K, S}, N, layout(S, K).total, cluster_dim);
+        // The largest cluster this block size and shared memory allow, asked first so that a
+        // size the device cannot place is skipped without an error (compute-sanitizer counts
+        // even a handled one); then how many such clusters the device holds at once: 0, none.
+        int largest = 0, clusters = 0;
+        if (ok(cudaOccupancyMaxPotentialClusterSize(&largest, kernel, &config)) && largest >= K &&
+            ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config)) && clusters > 0) {
+          return {K, S};
+        }
+      }
+      return {0, 0};
     };
-    cudaFuncAttributes attributes{};
-    if (!ok(cudaFuncGetAttributes(&attributes, kernel)) || attributes.ptxVersion < 90) return;
-    // The kernel-wide limits, set once to the most this device allows (never lowered by a later
-    // call with less: a CUDA graph captured with more must still replay).
-    const int64_t dynamic = optin - static_cast<int64_t>(attributes.sharedSizeBytes);
-    const int64_t two_an_sm = per_sm / 2 - 1024 - static_cast<int64_t>(attributes.sharedSizeBytes);
-    if (!ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(dynamic))) ||
-        !ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1))) {
-      return;
-    }
-    // The most blocks a cluster (each then holds the fewest channels), first among those that
-    // split the channels evenly in 16-byte pieces, then as many samples as keep two blocks an SM
-    // and a block for every SM: each cluster reads the MLP's weights once.
-    for (int64_t candidate = 0; candidate < 10 && !launched; ++candidate) {
-      const bool even = candidate < 5;
-      const int64_t K = int64_t{kMaxClusterBlocks} >> (candidate % 5);
-      if (K > C && K > 1) continue;
-      if (even && (C % K != 0 || (C / K) % (16 / static_cast<int64_t>(sizeof(scalar_t))) != 0)) {
-        continue;
-      }
-      if (layout(1, K).total > dynamic) continue;
-      int64_t S = 1;
-      while (S < kMaxClusterSamples && layout(2 * S, K).total <= two_an_sm &&
-             ceil_div(N, 2 * S) * K >= sms) {
-        S *= 2;
-      }
-      const ClusterSmem smem = layout(S, K);
-      const int64_t blocks = ceil_div(N, S) * K;
-      if (blocks > INT_MAX) continue;
-      cudaLaunchAttribute cluster_dim{};
-      cluster_dim.id = cudaLaunchAttributeClusterDimension;
-      cluster_dim.val.clusterDim.x = static_cast<unsigned>(K);
-      cluster_dim.val.clusterDim.y = 1;
-      cluster_dim.val.clusterDim.z = 1;
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(static_cast<unsigned>(blocks));
-      config.blockDim = dim3(kClusterThreads);
-      config.dynamicSmemBytes = static_cast<size_t>(smem.total);
-      config.stream = current_stream();
-      config.attrs = &cluster_dim;
-      config.numAttrs = 1;
-      // The largest cluster this block size and shared memory allow, asked first so that a size
-      // the device cannot place is skipped without an error (compute-sanitizer counts even a
-      // handled one); then how many such clusters the device holds at once: 0, none.
-      int largest = 0, clusters = 0;
-      if (!ok(cudaOccupancyMaxPotentialClusterSize(&largest, kernel, &config)) || largest < K ||
-          !ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config)) || clusters == 0) {
-        continue;
-      }
-      const ClusterArgs<scalar_t> args{
-          x.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(),
-          mlp.w1.const_data_ptr<scalar_t>(),
-          ptr(mlp.b1),
-          ptr(mlp.w2),
-          ptr(mlp.b2),
-          spatial_gate_params<scalar_t, acc_t>(conv, bn_eps, max_first),
-          smem,
-          N,
-          static_cast<int>(C),
-          static_cast<int>(x.size(2)),
-          static_cast<int>(x.size(3)),
-          static_cast<int>(two_layers ? M : C),
-          static_cast<int>(K),
-          static_cast<int>(S)};
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launched = true;
-    }
+    const ClusterShape shape =
+        remembered(reinterpret_cast<const void*>(kernel), dev, N, C, P, M, choose);
+    if (shape.K == 0) return;
+    const ClusterSmem smem = layout(shape.S, shape.K);
+    cudaLaunchAttribute cluster_dim;
+    const cudaLaunchConfig_t config = cluster_config(shape, N, smem.total, cluster_dim);
+    const ClusterArgs<scalar_t> args{
+        x.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(),
+        mlp.w1.const_data_ptr<scalar_t>(),
+        ptr(mlp.b1),
+        ptr(mlp.w2),
+        ptr(mlp.b2),
+        spatial_gate_params<scalar_t, acc_t>(conv, bn_eps, max_first),
+        smem,
+        N,
+        static_cast<int>(C),
+        static_cast<int>(x.size(2)),
+        static_cast<int>(x.size(3)),
+        static_cast<int>(two_layers ? M : C),
+        static_cast<int>(shape.K),
+        static_cast<int>(shape.S)};
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launched = true;
   });
   return launched;
 }
