@@ -5,6 +5,7 @@ with the reference; torch.empty is poisoned with NaN, so an unwritten element sh
 
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -32,11 +33,15 @@ CLUSTER_SHAPES = SHAPES + [
 ]
 
 
-@pytest.fixture
-def cluster(monkeypatch):
+def _skip_unless_clusters():
     skip_unless_available("cuda")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90 or later")
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    _skip_unless_clusters()
     monkeypatch.setenv("FUSED_CBAM_CUDA_INFERENCE", "cluster")
     # The poison fixture turns deterministic algorithms on: the reference's MLP (cuBLAS) then needs this.
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -126,18 +131,9 @@ def test_the_cluster_kernel_is_deterministic(cluster):
 def test_property_matches_the_reference(case, layout):
     """Shapes with 1s and primes, strided views, ties and NaNs, as the chunked form's property
     test, with the cluster kernel asked for (float64 runs chunked)."""
-    skip_unless_available("cuda")
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("thread-block clusters need sm_90 or later")
-    old = os.environ.get("FUSED_CBAM_CUDA_INFERENCE")
-    os.environ["FUSED_CBAM_CUDA_INFERENCE"] = "cluster"
-    try:
+    _skip_unless_clusters()
+    with mock.patch.dict(os.environ, {"FUSED_CBAM_CUDA_INFERENCE": "cluster"}):
         _check_property(case, layout, "cuda", "cuda")
-    finally:
-        if old is None:
-            del os.environ["FUSED_CBAM_CUDA_INFERENCE"]
-        else:
-            os.environ["FUSED_CBAM_CUDA_INFERENCE"] = old
 
 
 def test_an_unknown_choice_is_refused_naming_the_variable(monkeypatch):

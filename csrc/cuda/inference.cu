@@ -100,15 +100,8 @@ void launch_mlp_layer(const at::Tensor& in0, const at::Tensor& in1, const at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const auto variant = [&](auto param_type) {
-      using One = std::integral_constant<int, 1>;
-      using Two = std::integral_constant<int, 2>;
-      if (mix) {
-        launch(param_type, One{}, std::true_type{});
-      } else if (pools == 2) {
-        launch(param_type, Two{}, std::false_type{});
-      } else {
-        launch(param_type, One{}, std::false_type{});
-      }
+      with_mlp_variant(pools, mix,
+                       [&](auto pools_c, auto mix_c) { launch(param_type, pools_c, mix_c); });
     };
     with_read_type<scalar_t>(w, variant);
   });

@@ -198,14 +198,15 @@ __device__ __forceinline__ void mlp_warp_rows(const MlpLayer<scalar_t, param_t>&
   }
 }
 
-// Calls f with the MLP's (POOLS, MIX) for a pooling ("avg", "sum" or "mix") as constants.
+// Calls f with a layer's (POOLS, MIX) as constants: its pooled input vectors (2: avg and max,
+// each through the layer; 1), and whether the one is the mix 0.5 * avg + 0.5 * max.
 template <typename F>
-void with_pooling(c10::string_view pooling, const F& f) {
+void with_mlp_variant(int pools, bool mix, const F& f) {
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
-  if (pooling == "mix") {
+  if (mix) {
     f(One{}, std::true_type{});
-  } else if (pooling == "sum") {
+  } else if (pools == 2) {
     f(Two{}, std::false_type{});
   } else {
     f(One{}, std::false_type{});

@@ -24,7 +24,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -48,11 +47,11 @@ constexpr int kMaxClusterSamples = 8;
 // flight instead of the chunked kernel's 2 x 2. (Unused by the sm_80 pass: no kernel body there.)
 [[maybe_unused]] constexpr int kClusterMlpUnroll = 8;
 
-__host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Where each array lives in a block's dynamic shared memory (byte offsets, 16-byte aligned), for
 // at most S samples a cluster.
 struct ClusterSmem {
+  int64_t per_block;  // channels a block holds (the last blocks may hold fewer, or none)
   int64_t row;       // channels_last: one pixel's channels of the slice, in elements
   int64_t x_sample;  // one sample's slice, in elements
   int64_t x, pooled, hidden, gate, psum, pmax, maps, h, scratch, total;
@@ -60,13 +59,13 @@ struct ClusterSmem {
   // C channels over K blocks, P pixels, M hidden units (0 for a one-layer MLP).
   ClusterSmem(int64_t S, int64_t K, int64_t C, int64_t P, int64_t M, int64_t pools, bool cl,
               int64_t elem, int64_t acc) {
-    const int64_t per_block = (C + K - 1) / K;
-    row = round_up(per_block, 16 / elem);
-    x_sample = cl ? P * row : round_up(per_block * P, 16 / elem);
+    per_block = ceil_div(C, K);
+    row = ceil_div(per_block, 16 / elem) * (16 / elem);
+    x_sample = cl ? P * row : ceil_div(per_block * P, 16 / elem) * (16 / elem);
     int64_t at = 0;
     const auto take = [&at](int64_t bytes) {
       const int64_t offset = at;
-      at = round_up(at + bytes, 16);
+      at = ceil_div(at + bytes, 16) * 16;
       return offset;
     };
     x = take(S * x_sample * elem);
@@ -125,7 +124,8 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
   const int K = a.K, rank = static_cast<int>(cluster.block_rank());
   const int C = a.C, P = a.H * a.W, tid = static_cast<int>(threadIdx.x);
   const int lane = tid % 32, warp = tid / 32, warps = T / 32;
-  const int per_block = (C + K - 1) / K;
+  const ClusterSmem& L = a.smem;
+  const int per_block = static_cast<int>(L.per_block);
   const int c0 = rank * per_block;
   const int cn = max(0, min(C - c0, per_block));  // this block's channels
   const int pixels_per_block = (P + K - 1) / K;
@@ -135,7 +135,6 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
   const int S = static_cast<int>(min(static_cast<int64_t>(a.samples), a.N - n0));
 
   extern __shared__ __align__(16) unsigned char smem[];
-  const ClusterSmem& L = a.smem;
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem + L.x);
   scalar_t* pooled = reinterpret_cast<scalar_t*>(smem + L.pooled);
   scalar_t* hidden = reinterpret_cast<scalar_t*>(smem + L.hidden);
@@ -407,7 +406,7 @@ bool launch_cluster(const at::Tensor& x, const inference::Mlp& mlp, c10::string_
     return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
   };
   bool launched = false;
-  with_pooling(pooling, [&](auto pools_c, auto mix_c) {
+  with_mlp_variant(pooling == "sum" ? 2 : 1, pooling == "mix", [&](auto pools_c, auto mix_c) {
     constexpr int POOLS = decltype(pools_c)::value;
     constexpr bool MIX = decltype(mix_c)::value;
     const auto kernel = cl ? cbam_cluster_kernel<scalar_t, true, POOLS, MIX>
@@ -517,9 +516,9 @@ bool cbam_inference_cluster(const at::Tensor& x, const inference::Mlp& mlp,
                     choice, "\"");
   if (!asked) return false;
   // The modules' case: every parameter in x's dtype (mixed precision takes the chunked form).
-  for (const at::Tensor& t : {mlp.w1, mlp.b1, mlp.w2, mlp.b2, conv.weight, conv.bias,
-                              conv.bn_mean, conv.bn_var, conv.bn_weight, conv.bn_bias}) {
-    if (t.defined() && t.scalar_type() != x.scalar_type()) return false;
+  // Each group was converted as a whole (inference::read_dtype), so one tensor tells its dtype.
+  if (mlp.w1.scalar_type() != x.scalar_type() || conv.weight.scalar_type() != x.scalar_type()) {
+    return false;
   }
   switch (x.scalar_type()) {
     case at::kFloat:

@@ -4,6 +4,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -44,16 +45,8 @@ class WithEnvironment(nn.Module):
         self.module, self.env = module, env
 
     def forward(self, x: Tensor) -> Tensor:
-        old = {name: os.environ.get(name) for name in self.env}
-        os.environ.update(self.env)
-        try:
+        with mock.patch.dict(os.environ, self.env):
             return self.module(x)
-        finally:
-            for name, value in old.items():
-                if value is None:
-                    del os.environ[name]
-                else:
-                    os.environ[name] = value
 
 
 def _cluster(ref: nn.Module) -> nn.Module:
