@@ -114,11 +114,12 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
     the forward and the training step; the tables grow those columns for them only."""
     base = dict(format="channels_last", shape="8x4x4", target="cbam")
     rows = [
-        dict(base, provider="reference", mode="forward", median_ms=2.0, graph_ms=0.5, kernels=12, device_busy_ms=0.4),
+        dict(base, provider="reference", mode="forward", median_ms=2.0, graph_ms=0.5, graph_capture_mode="global",
+             kernels=12, device_busy_ms=0.4),
         dict(base, provider="cuda", mode="forward", median_ms=1.0, graph_error="capture failed: X", kernels=5,
              device_busy_ms=0.2),
         dict(base, provider="cuda", mode="forward+backward", median_ms=3.0, saved_over_x=1.02, peak_bytes=2**20,
-             graph_ms=1.5, kernels=30, device_busy_ms=1.2),
+             graph_ms=1.5, graph_capture_mode="thread_local", kernels=30, device_busy_ms=1.2),
         dict(base, provider="triton", mode="refused", errors={"forward": {}, "forward+backward": {}}),
         dict(base, provider="timm", mode="forward", median_ms=1.5, graph_ms=0.7),  # the profiler failed
         dict(base, provider="cuda", target="gate_apply", mode="forward", median_ms=0.1, bandwidth=2e12,
@@ -127,7 +128,7 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
     block = report.block_table(rows).splitlines()
     assert block[0].endswith("| graph ms | kernels | busy ms | fwd+bwd graph ms | kernels | busy ms |")
     assert "| 2.000 | 1.00 |" in block[2] and block[2].endswith("| 0.500 | 12 | 0.400 |  |  |  |")
-    assert block[3].endswith("| capture failed: X | 5 | 0.200 | 1.500 | 30 | 1.200 |") and "| 1.02 | 1.0 |" in block[3]
+    assert block[3].endswith("| capture failed: X | 5 | 0.200 | 1.500 (thread_local) | 30 | 1.200 |") and "| 1.02 | 1.0 |" in block[3]
     assert "refused" in block[4]
     assert block[5].endswith("| 0.700 |  |  |  |  |  |")
     assert all(line.count("|") == block[0].count("|") for line in block)
@@ -136,6 +137,23 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
     assert all(line.count("|") == ops[0].count("|") for line in ops)
     cpu_rows = [{k: v for k, v in r.items() if k not in ("graph_ms", "graph_error", "kernels", "device_busy_ms")} for r in rows]
     assert "graph ms" not in report.block_table(cpu_rows)
+
+
+def test_a_failed_capture_names_the_call_refused_inside_it():
+    """Ending a capture after a refused call raises again, with the refused call's error as its
+    context: the record keeps both, the first first (the H200's record of the nineteenth session
+    kept only the second, which says nothing of the cause)."""
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as e:
+        failure = timing.capture_failure(e)
+    assert failure == (
+        "RuntimeError: CUDA error: operation not permitted when stream is capturing <- "
+        "RuntimeError: CUDA error: operation failed due to a previous error during capture"
+    )
 
 
 def test_activity_summary_counts_device_work_and_the_hosts_launch_calls():

@@ -96,7 +96,10 @@ class Runner:
         if not self.gpu:
             return {}
         graph = timing.time_cuda_graph(fn, self.buffers(x_bytes), self.reps)
-        detail = {"graph_ms": graph["median_ms"]} if isinstance(graph, dict) else {"graph_error": graph}
+        if isinstance(graph, dict):
+            detail = {"graph_ms": graph["median_ms"], "graph_capture_mode": graph["graph_capture_mode"]}
+        else:
+            detail = {"graph_error": graph}
         try:
             return detail | timing.cuda_kernels(lambda: fn(0))
         except Exception as e:  # noqa: BLE001 - the profiler's failures vary by version

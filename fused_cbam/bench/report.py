@@ -21,10 +21,13 @@ def _block_rows(rows):
 
 
 def _graph_cells(r) -> list[str]:
-    """A GPU call's CUDA-graph replay time (or why it has none), device activities per call
-    and their summed duration; empty cells for a row without them."""
+    """A GPU call's CUDA-graph replay time (or why it has none; with the capture mode where only
+    "thread_local" took it), device activities per call and their summed duration; empty cells
+    for a row without them."""
     r = r or {}
     graph = f"{r['graph_ms']:.3f}" if "graph_ms" in r else r.get("graph_error", "")
+    if r.get("graph_capture_mode", "global") != "global":  # refused in the default mode
+        graph += f" ({r['graph_capture_mode']})"
     if "kernels" not in r:  # a CPU row, or the profiler failed
         return [graph, "", ""]
     return [graph, f"{r['kernels']:.0f}", f"{r['device_busy_ms']:.3f}"]

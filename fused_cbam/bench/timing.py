@@ -43,30 +43,53 @@ def time_cuda(fn: Callable[[int], object], buffers: int, reps: int, warmup: int 
     return _quantiles([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
 
 
-def time_cuda_graph(fn: Callable[[int], object], buffers: int, reps: int) -> dict[str, float] | str:
+def time_cuda_graph(fn: Callable[[int], object], buffers: int, reps: int) -> dict[str, float | str] | str:
     """Replays of a CUDA graph holding one call per input copy, per call: the device's time
     without the host's launch costs (what CUDA graphs, or torch.compile's "reduce-overhead",
-    give). Returns the reason instead when the calls cannot be captured."""
+    give), and the capture mode that took the calls. Returns the reason instead when the calls
+    cannot be captured.
+
+    The default mode ("global") fails a capture on a prohibited call from any thread, the
+    autograd engine's own included; "thread_local" watches the capturing thread only. A call
+    that only the default mode refuses is captured in the second, and its record says so."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capturing stream: autotuning, compilation
         for i in range(buffers):
             fn(i)
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.current_stream()
-    try:
-        with torch.cuda.graph(graph):
-            for i in range(buffers):
-                fn(i)
-    except Exception as e:  # e.g. a host synchronisation inside the calls
-        # A capture that fails ends before torch.cuda.graph restores the stream it replaced:
-        # later measurements would run on the capture stream.
-        torch.cuda.set_stream(stream)
-        torch.cuda.synchronize()
-        return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    per_replay = time_cuda(lambda _: graph.replay(), 1, reps)
-    return {k: v / buffers for k, v in per_replay.items()}
+    failures = []
+    for mode in ("global", "thread_local"):
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode=mode):
+                for i in range(buffers):
+                    fn(i)
+        except Exception as e:  # e.g. a host synchronisation inside the calls
+            # A capture that fails ends before torch.cuda.graph restores the stream it replaced:
+            # later measurements would run on the capture stream.
+            torch.cuda.set_stream(stream)
+            torch.cuda.synchronize()
+            failures.append(f"{mode}: {capture_failure(e)}")
+            continue
+        per_replay = time_cuda(lambda _: graph.replay(), 1, reps)
+        return {k: v / buffers for k, v in per_replay.items()} | {"graph_capture_mode": mode}
+    return "capture failed: " + "; ".join(failures)
+
+
+def capture_failure(e: BaseException) -> str:
+    """What stopped a capture. The call refused inside it raises first; torch.cuda.graph then
+    ends the capture, which raises again ("operation failed due to a previous error during
+    capture") with the first as its context: both are kept, the first first."""
+    chain = [e]
+    while chain[-1].__context__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__context__)
+    return " <- ".join(f"{type(err).__name__}: {_first_line(err)}" for err in reversed(chain))
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 # The host's calls that launch a kernel: the runtime's (cudaLaunchKernel, cudaLaunchKernelExC)
