@@ -71,7 +71,7 @@ class SpatialPool : public torch::autograd::Function<SpatialPool> {
     const at::Tensor grad_mean = grads[0].narrow(1, max_first ? 1 : 0, 1);
     const at::Tensor grad_max = grads[0].narrow(1, max_first ? 0 : 1, 1);
     auto [grad_x, grad_scale] =
-        spatial_pool_backward.call(grad_mean, grad_max, saved[2], x, present(scale));
+        spatial_pool_backward.call(grad_mean, grad_max, saved[2], x, as_optional(scale));
     return {grad_x, scale.defined() ? grad_scale : at::Tensor(), at::Tensor()};
   }
 };
@@ -97,7 +97,8 @@ class GateApply : public torch::autograd::Function<GateApply> {
         op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
             const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&)>(
             "fused_cbam::gate_apply_backward");
-    auto [grad_x, grad_g, grad_h] = gate_apply_backward.call(grads[0], x, present(g), present(h));
+    auto [grad_x, grad_g, grad_h] =
+        gate_apply_backward.call(grads[0], x, as_optional(g), as_optional(h));
     return {grad_x, g.defined() ? grad_g : at::Tensor(), h.defined() ? grad_h : at::Tensor()};
   }
 };
@@ -137,8 +138,8 @@ at::Tensor block_formula(const std::vector<at::Tensor>& t, c10::string_view pool
                    b2 = cast(t[4]), conv_w = cast(t[5]), conv_b = cast(t[6]),
                    bn_mean = cast(t[7]), bn_var = cast(t[8]), bn_w = cast(t[9]), bn_b = cast(t[10]);
   const auto mlp = [&](const at::Tensor& v) {
-    const at::Tensor hidden = at::linear(v, w1.flatten(1), present(b1));
-    return w2.defined() ? at::linear(at::relu(hidden), w2.flatten(1), present(b2)) : hidden;
+    const at::Tensor hidden = at::linear(v, w1.flatten(1), as_optional(b1));
+    return w2.defined() ? at::linear(at::relu(hidden), w2.flatten(1), as_optional(b2)) : hidden;
   };
   const at::Tensor planes = y.flatten(2);
   const at::Tensor avg = planes.mean(2), max = std::get<0>(planes.max(2));
@@ -151,7 +152,7 @@ at::Tensor block_formula(const std::vector<at::Tensor>& t, c10::string_view pool
   const at::Tensor maps = conv_w.size(1) == 1 ? 0.5 * mean + 0.5 * spatial_max
                           : max_first        ? at::cat({spatial_max, mean}, 1)
                                              : at::cat({mean, spatial_max}, 1);
-  at::Tensor u = at::conv2d(maps, conv_w, present(conv_b), 1, conv_w.size(-1) / 2);
+  at::Tensor u = at::conv2d(maps, conv_w, as_optional(conv_b), 1, conv_w.size(-1) / 2);
   if (bn_mean.defined()) {
     u = (u - bn_mean) * at::rsqrt(bn_var + bn_eps);
     if (bn_w.defined()) u = u * bn_w;

@@ -33,7 +33,7 @@ inline void refuse_double_backward(std::initializer_list<at::Tensor> tensors) {
 
 // Saved tensors cannot be optional: an absent gate or scale is saved as an undefined tensor.
 inline at::Tensor or_empty(const OptionalTensor& t) { return t.value_or(at::Tensor()); }
-inline OptionalTensor present(const at::Tensor& t) {
+inline OptionalTensor as_optional(const at::Tensor& t) {
   return t.defined() ? OptionalTensor(t) : std::nullopt;
 }
 

@@ -259,9 +259,10 @@ class CbamTraining : public torch::autograd::Function<CbamTraining> {
     at::Tensor grad_conv_out = at::sigmoid_backward(grad_spatial_gate, s[sSpatialGate]);
     if (s[sBnSaveMean].defined()) {  // (a BatchNorm ran)
       auto [grad_in, grad_weight, grad_bias] = at::_batch_norm_impl_index_backward(
-          ctx->saved_data["bn_impl"].toInt(), s[sConvOut], grad_conv_out, present(s[sBnWeight]),
-          present(s[sBnMean]), present(s[sBnVar]), present(s[sBnSaveMean]),
-          present(s[sBnSaveInvstd]), ctx->saved_data["bn_training"].toBool(),
+          ctx->saved_data["bn_impl"].toInt(), s[sConvOut], grad_conv_out,
+          as_optional(s[sBnWeight]), as_optional(s[sBnMean]), as_optional(s[sBnVar]),
+          as_optional(s[sBnSaveMean]), as_optional(s[sBnSaveInvstd]),
+          ctx->saved_data["bn_training"].toBool(),
           ctx->saved_data["bn_eps"].toDouble(), {true, needs(kBnWeight), needs(kBnBias)},
           reserve_copy(s[sBnReserve]));
       // (ATen leaves it undefined for an empty batch without a BatchNorm weight; the empty
