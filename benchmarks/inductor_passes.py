@@ -18,7 +18,7 @@ from math import prod
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from fused_cbam.bench import providers
+from fused_cbam.bench import providers, script_args
 
 _DECLARED = re.compile(r"(?:assert_size_stride\((\w+), \(([\d, ]*)\)|(\w+) = empty_strided_\w+\(\(([\d, ]*)\))")
 _GROUPED = re.compile(r"assert_size_stride_grouped\(\(([\w, ]*)\), \(((?:\([\d, ]*\),? ?)*)\)")
@@ -70,18 +70,13 @@ def summarize(title: str, codes: list[str], numel: int) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default="512x28x28", help="CxHxW")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--dtype", choices=list(providers.DTYPES), default="float32")
-    p.add_argument("--format", choices=["channels_last", "nchw"], default="channels_last")
+    script_args.add_problem(p, batch=8, dtype="float32")
     p.add_argument("--out", help="also write the summary and the generated code to this file")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), providers.DTYPES[args.dtype]
-    c, h, w = (int(v) for v in args.shape.split("x"))
-    fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
-    x = torch.randn(args.batch, c, h, w, device=device, dtype=dtype).to(memory_format=fmt)
-    ref = providers.reference_module(c, device, dtype)
+    device = torch.device(args.device)
+    x = script_args.problem_input(args)
+    n, c, h, w = x.shape
+    ref = providers.reference_module(c, device, x.dtype)
 
     torch._dynamo.reset()
     compiled = torch.compile(ref.eval())
@@ -94,17 +89,14 @@ def main(argv=None):
     _, step_codes = run_and_get_code(lambda t: compiled(t).backward(grad), xg)
 
     header = (
-        f"torch.compile (default mode) of the reference CBAM block: x [{args.batch}, {c}, {h}, {w}] "
+        f"torch.compile (default mode) of the reference CBAM block: x [{n}, {c}, {h}, {w}] "
         f"{args.dtype} {args.format} on {device.type} ({torch.__version__})"
     )
     summary = [header, *summarize("forward, eval", forward_codes, x.numel())]
     summary += summarize("training step, forward + backward", step_codes, x.numel())
     print("\n".join(summary))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(summary) + "\n\n")
-            for i, code in enumerate(forward_codes + step_codes):
-                f.write(f"# ---- generated module {i}\n{code}\n")
+    modules = "".join(f"# ---- generated module {i}\n{code}\n" for i, code in enumerate(forward_codes + step_codes))
+    script_args.write_out(args.out, "\n".join(summary) + "\n\n" + modules)
 
 
 if __name__ == "__main__":

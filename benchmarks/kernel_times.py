@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from fused_cbam.bench import providers, timing
+from fused_cbam.bench import providers, script_args, timing
 
 
 def passes(module: torch.nn.Module, x: torch.Tensor) -> dict:
@@ -47,27 +47,22 @@ def table(title: str, rows: list[tuple[str, float, float]], top: int) -> list[st
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default="512x28x28", help="CxHxW")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--dtype", choices=list(providers.DTYPES), default="bfloat16")
-    p.add_argument("--format", choices=["channels_last", "nchw"], default="channels_last")
+    script_args.add_problem(p, batch=64, dtype="bfloat16")
     p.add_argument("--providers", default=None, help="comma-separated, as the benchmark's --backends "
                    "(default: the fused block on this device's backend, and compile)")  # fmt: skip
     p.add_argument("--reps", type=int, default=5, help="profiled calls of each pass")
     p.add_argument("--top", type=int, default=15, help="activities listed per pass")
     p.add_argument("--out", help="also write the tables to this file")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), providers.DTYPES[args.dtype]
+    device = torch.device(args.device)
     names = args.providers.split(",") if args.providers else [device.type, "compile"]
-    c, h, w = (int(v) for v in args.shape.split("x"))
-    fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
-    x = torch.randn(args.batch, c, h, w, device=device, dtype=dtype).to(memory_format=fmt)
-    ref = providers.reference_module(c, device, dtype)
+    x = script_args.problem_input(args)
+    n, c, h, w = x.shape
+    ref = providers.reference_module(c, device, x.dtype)
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    lines = [f"# {name}, torch {torch.__version__}, x [{args.batch}, {c}, {h}, {w}] {args.dtype} {args.format}, "
+    lines = [f"# {name}, torch {torch.__version__}, x [{n}, {c}, {h}, {w}] {args.dtype} {args.format}, "
              f"{'device activities' if cuda else 'host operators, self time'} per pass, {args.reps} passes profiled",
              ""]  # fmt: skip
     for provider in providers.providers(device, names):
@@ -75,9 +70,7 @@ def main(argv=None):
             rows = timing.activity_table(timing.profiled_events(fn, args.reps, cuda), args.reps, device=cuda)
             lines += table(f"{provider.name}, {title}", rows, args.top)
     print("\n".join(lines))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    script_args.write_out(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ import argparse
 
 import torch
 
-from fused_cbam.bench import providers, timing
-
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+from fused_cbam.bench import providers, script_args, timing
 
 
 def conv_step(maps: torch.Tensor, conv: torch.nn.Conv2d, grad: torch.Tensor):
@@ -32,7 +30,7 @@ def measure(device: torch.device, batch: int, dtype: torch.dtype, size: int, cha
     conv = torch.nn.Conv2d(channels, 1, 7, padding=3, bias=False).to(device, dtype)
     base = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
     # clone sets the strides: a one-channel NCHW tensor also counts as channels_last-contiguous
-    maps = base.clone(memory_format=LAYOUTS[layout]).requires_grad_()
+    maps = base.clone(memory_format=providers.FORMATS[layout]).requires_grad_()
     grad = torch.randn(batch, 1, size, size, device=device, dtype=dtype)
     step = conv_step(maps, conv, grad)
     if device.type == "cuda":
@@ -42,7 +40,7 @@ def measure(device: torch.device, batch: int, dtype: torch.dtype, size: int, cha
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    script_args.add_device(parser)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dtype", choices=providers.DTYPES, default="bfloat16")
     parser.add_argument("--sizes", default="56,28,14,7", help="H = W of the maps, comma-separated")
@@ -59,12 +57,10 @@ def main() -> None:
     dtype = providers.DTYPES[args.dtype]
     for channels in (2, 1):
         for size in (int(s) for s in args.sizes.split(",")):
-            ms = [measure(device, args.batch, dtype, size, channels, layout) for layout in LAYOUTS]
+            ms = [measure(device, args.batch, dtype, size, channels, layout) for layout in providers.FORMATS]
             lines.append(f"| {channels} | {size} | {ms[0]:.3f} | {ms[1]:.3f} |")
     print("\n".join(lines))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    script_args.write_out(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

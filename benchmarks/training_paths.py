@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import fused_cbam
+from fused_cbam.bench import providers
 from fused_cbam.nn.core import FusedBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -58,8 +59,8 @@ def step_time(module, x, grad_out, backward: bool, steps: int, rounds: int) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="2x64x4x4", help="comma-separated NxCxHxW")
-    parser.add_argument("--format", choices=["nchw", "channels_last"], default="nchw")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--format", choices=list(providers.FORMATS), default="nchw")
+    parser.add_argument("--dtype", choices=list(providers.DTYPES), default="float32")
     parser.add_argument(
         "--autocast", action="store_true",
         help="mixed precision: the modules in float32, x in --dtype, every step under torch.autocast with it",
@@ -71,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = providers.DTYPES[args.dtype]
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     precision = f"x {args.dtype} under autocast, parameters float32" if args.autocast else args.dtype
@@ -87,8 +88,8 @@ def main() -> None:
         official = OfficialCBAM(c).to(device, module_dtype)
         fused = fused_cbam.nn.CBAM(c).to(device, module_dtype)
         fused.load_state_dict(official.state_dict())
-        memory_format = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
-        x = torch.randn(n, c, h, w, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+        x = torch.randn(n, c, h, w, device=device, dtype=dtype).to(memory_format=providers.FORMATS[args.format])
+        x.requires_grad_()
         grad_out = torch.randn_like(x)
         with autocast:
             node = fused(x).grad_fn.name()

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     if args.batch < 1:
         p.error(f"--batch: expected a positive batch size, got {args.batch}")
     args.formats = args.formats.split(",")
-    if set(args.formats) - {"channels_last", "nchw"}:
+    if set(args.formats) - set(prov.FORMATS):
         p.error(f"--formats: expected channels_last and/or nchw, got {','.join(args.formats)}")
     args.backends = args.backends.split(",") if args.backends else None
     return args
@@ -142,7 +142,7 @@ def _refused_modes(errors: dict, dtype: torch.dtype) -> dict:
 
 def bench_block(runner, providers, shape, fmt, env):
     args, device = runner.args, runner.device
-    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    memory_format = prov.FORMATS[fmt]
     c, h, w = shape
     ref = prov.reference_module(c, device, args.dtype)
     x = torch.randn(args.batch, c, h, w, device=device, dtype=args.dtype).to(memory_format=memory_format)
@@ -186,7 +186,7 @@ def bench_block(runner, providers, shape, fmt, env):
 
 def bench_operators(runner, shape, fmt, env, bandwidth, backends):
     args, device = runner.args, runner.device
-    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    memory_format = prov.FORMATS[fmt]
     c, h, w = shape
     x = torch.randn(args.batch, c, h, w, device=device, dtype=args.dtype).to(memory_format=memory_format)
     g = torch.rand(args.batch, c, device=device, dtype=args.dtype)

@@ -13,8 +13,9 @@ import fused_cbam
 from fused_cbam import reference
 
 
-# The dtypes the benchmark and its scripts take by name.
+# The dtypes and memory formats the benchmark and its scripts take by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 @dataclass
