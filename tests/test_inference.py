@@ -178,9 +178,10 @@ def test_batches_larger_than_one_chunk_on_the_gpu(memory_format, dtype, backend,
 @pytest.mark.parametrize("chunk_bytes", ["0", "1", "3000000"])
 @pytest.mark.needs_cuda
 def test_the_cuda_chunk_size_leaves_the_output_as_it_is(chunk_bytes, monkeypatch):
-    """``FUSED_CBAM_CUDA_CHUNK_BYTES`` (for measuring the chunking): the whole batch in one chunk,
-    one sample a chunk (fewer bytes than a sample), or a few samples a chunk; each sample's
-    output is computed alone either way, so the bits do not change."""
+    """``FUSED_CBAM_CUDA_CHUNK_BYTES`` (for measuring the chunking): the whole batch in one chunk
+    (0, and also 1: fewer bytes than a sample, as when a sample outgrows half the L2), or a few
+    samples a chunk; each sample's output is computed alone either way, so the bits do not
+    change."""
     skip_unless_available("cuda")
     fused, _ = _pair("official", 64, torch.bfloat16, "cuda", "cuda")
     x = make_input((37, 64, 29, 31), torch.bfloat16, "cuda", "channels_last")
@@ -188,6 +189,32 @@ def test_the_cuda_chunk_size_leaves_the_output_as_it_is(chunk_bytes, monkeypatch
     assert _logged_name("cuda") in ops, ops
     monkeypatch.setenv("FUSED_CBAM_CUDA_CHUNK_BYTES", chunk_bytes)
     assert torch.equal(_run_logged(fused, x)[0], out)
+
+
+@pytest.mark.parametrize("chunk_bytes,chunks", [(None, 3), ("0", 1), ("1", 1), ("3780", 2), ("2519", 5)])
+def test_the_triton_chunk_size_leaves_the_output_as_it_is(chunk_bytes, chunks, monkeypatch):
+    """``FUSED_CBAM_TRITON_CHUNK_BYTES``, as the CUDA operator's variable: the chunks it makes (of
+    samples of 5 x 7 x 9 float32, 1260 bytes; two samples a chunk in the interpreter without it),
+    with the same bits; a value that is not a number of bytes is refused, naming the variable."""
+    pytest.importorskip("triton")
+    from fused_cbam.triton import _common, inference
+
+    if not _common.INTERPRET:
+        pytest.skip("counts the chunks in Triton's interpreter")
+    fused, _ = _pair("official", 5, torch.float32, "cpu", "triton")
+    x = make_input((5, 5, 7, 9), torch.float32, "cpu", "channels_last")
+    with torch.no_grad():
+        expected = fused(x)
+    if chunk_bytes is not None:
+        monkeypatch.setenv("FUSED_CBAM_TRITON_CHUNK_BYTES", chunk_bytes)
+    pooled, pool = [], inference.channel_pool
+    monkeypatch.setattr(inference, "channel_pool", lambda xs: pooled.append(xs.shape[0]) or pool(xs))
+    with torch.no_grad():
+        assert torch.equal(inference.cbam_inference(x, *fused._plain()), expected)
+    assert len(pooled) == chunks and sum(pooled) == 5, pooled
+    monkeypatch.setenv("FUSED_CBAM_TRITON_CHUNK_BYTES", "half")
+    with pytest.raises(ValueError, match="FUSED_CBAM_TRITON_CHUNK_BYTES: expected a whole number"):
+        inference.cbam_inference(x, *fused._plain())
 
 
 def test_a_short_last_chunk_joins_the_one_before():

@@ -14,6 +14,7 @@ two samples, so that CI runs the loop over chunks.
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -26,6 +27,7 @@ from .gate_apply import gate_apply_into
 from .spatial_pool import spatial_pool
 
 _INTERPRETER_CHUNK = 2
+CHUNK_BYTES_VARIABLE = "FUSED_CBAM_TRITON_CHUNK_BYTES"
 
 
 @triton.jit
@@ -202,10 +204,21 @@ def _samples_per_chunk(x) -> int:
     """At most half of the L2 cache per chunk of x, at least one sample, and at most the 65535
     programs a CUDA grid's second dimension takes (the spatial gate's grid has one per sample).
     When one sample is already larger than half the L2, no chunk stays there between the passes:
-    then chunks are as large as the grid allows, instead of a few launches per sample for nothing."""
-    if INTERPRET or not x.is_cuda:
+    then chunks are as large as the grid allows, instead of a few launches per sample for nothing.
+    ``FUSED_CBAM_TRITON_CHUNK_BYTES`` sets the chunk's bytes instead (0: as large as the grid
+    allows), as FUSED_CBAM_CUDA_CHUNK_BYTES does for the CUDA operator, to measure what the
+    chunking gains (benchmarks/NOTES.md, nineteenth session); under the interpreter, without it, a
+    chunk is two samples."""
+    chosen = os.environ.get(CHUNK_BYTES_VARIABLE)
+    if chosen is None and (INTERPRET or not x.is_cuda):
         return _INTERPRETER_CHUNK
-    samples = _l2_bytes(x.device.index or 0) // 2 // max(1, x[0].numel() * x.element_size())
+    if chosen is None:
+        budget = _l2_bytes(x.device.index or 0) // 2
+    elif chosen.strip().isdigit():
+        budget = int(chosen)
+    else:
+        raise ValueError(f"{CHUNK_BYTES_VARIABLE}: expected a whole number of bytes (0: no chunks), got {chosen!r}")
+    samples = budget // max(1, x[0].numel() * x.element_size())
     return min(65535, samples if samples >= 1 else 65535)
 
 
