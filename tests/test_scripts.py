@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import skip_unless_available
 
 from fused_cbam import _library
@@ -63,6 +64,29 @@ def test_spatial_conv_layouts_times_both_layouts(tmp_path):
     text = _script_output(tmp_path, "spatial_conv_layouts.py", "--dtype", "float32", "--batch", "2", "--sizes", "9")
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1:3] for row in rows] == [[" 2 ", " 9 "], [" 1 ", " 9 "]]
+
+
+def test_triton_mlp_layer_loops_have_no_reduction_across_lanes(tmp_path):
+    """Read in its sm_90 SASS (benchmarks/triton_loops.py), each configuration of Triton's MLP
+    layer loops over L with loads and multiply-adds only: a warp shuffle in the loop is a sum
+    across lanes in every step, which made the layer latency-bound on an H200."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the tool records its launches in Triton's interpreter, on the CPU")
+    out = tmp_path / "loops.txt"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/triton_loops.py", "--kernel", "_mlp_layer_kernel", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    # The autotuner's five, for each variant the blocks launch: two layers over both pools (first,
+    # last), the first over their mix, the last alone over one pool, with and without a bias.
+    configurations = 5 * 5
+    assert len([line for line in lines if "*bf16" in line]) == configurations, lines
+    loops = [cell for line in lines for cell in line.split("loops: ")[1].split("; ")]
+    assert len(loops) >= len(lines) and all(", SHFL 0," in cell for cell in loops), lines
 
 
 @pytest.mark.parametrize("precision", [[], ["--autocast", "--dtype", "bfloat16"]], ids=["float32", "autocast"])

@@ -90,8 +90,9 @@ def record_launches(run_operators) -> list[dict]:
     return list(records.values())
 
 
-def compile_for_sm90(records: list[dict]) -> int:
-    """Compile every record (autotuned ones once per GPU configuration); the number compiled."""
+def sm90_binaries(records: list[dict]):
+    """(record, constants, compiled kernel) for every record, autotuned ones once per GPU
+    configuration."""
     import importlib
 
     import triton
@@ -101,7 +102,6 @@ def compile_for_sm90(records: list[dict]) -> int:
     from fused_cbam.triton import _common
 
     target = GPUTarget("cuda", 90, 32)
-    compiled = 0
     for record in records:
         kernel = getattr(importlib.import_module(record["module"]), record["kernel"])
         configs = [None] if record["tuner"] is None else _common.TUNED_KERNELS[record["tuner"]][1]
@@ -110,13 +110,19 @@ def compile_for_sm90(records: list[dict]) -> int:
             options = {"num_warps": config.num_warps} if config else {}
             source = ASTSource(kernel, signature=record["signature"], constexprs=constants)
             try:
-                binary = triton.compile(source, target=target, options=options)
+                yield record, constants, triton.compile(source, target=target, options=options)
             except Exception as e:
                 raise RuntimeError(f"{record['kernel']} with {constants}, {options}: {e}") from e
-            shared, threads = binary.metadata.shared, binary.metadata.num_warps * 32
-            assert shared <= SM90_SHARED_BYTES, f"{record['kernel']} with {constants}: {shared} B of shared memory"
-            assert threads <= MAX_THREADS, f"{record['kernel']} with {constants}: {threads} threads"
-            compiled += 1
+
+
+def compile_for_sm90(records: list[dict]) -> int:
+    """Compile every record (autotuned ones once per GPU configuration); the number compiled."""
+    compiled = 0
+    for record, constants, binary in sm90_binaries(records):
+        shared, threads = binary.metadata.shared, binary.metadata.num_warps * 32
+        assert shared <= SM90_SHARED_BYTES, f"{record['kernel']} with {constants}: {shared} B of shared memory"
+        assert threads <= MAX_THREADS, f"{record['kernel']} with {constants}: {threads} threads"
+        compiled += 1
     return compiled
 
 

@@ -1,0 +1,94 @@
+"""The loops of every Triton kernel compiled for sm_90, read in their SASS, without a GPU: for
+each launch the operators make (recorded under Triton's interpreter, as
+tests/test_triton_sm90.py records them) and each configuration of its autotuner, the registers a
+thread and, per loop, its instructions and how many are warp shuffles (SHFL), barriers (BAR) and
+global loads (LDG). A shuffle or a barrier in a streaming loop is a reduction across lanes inside
+it, which the next step waits for: Triton's MLP layer had 320 shuffles a step
+(benchmarks/NOTES.md, twenty-second session).
+
+    python benchmarks/triton_loops.py [--kernel _mlp_layer_kernel] [--out FILE]
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import test_triton_sm90  # noqa: E402  (the recorder and compiler of the sm_90 test)
+
+from fused_cbam.bench import script_args  # noqa: E402
+
+_INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BACK_BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
+COUNTED = ("SHFL", "BAR", "LDG")
+
+
+def loops(sass: str) -> list[dict]:
+    """Each loop of a kernel's SASS (a branch back to an earlier address): its instructions and
+    how many of them are each of COUNTED."""
+    instructions = [(int(m[1], 16), m[2]) for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
+    found = []
+    for address, text in instructions:
+        target = _BACK_BRANCH.search(text)
+        if target and int(target[1], 16) < address:
+            body = [t for a, t in instructions if int(target[1], 16) <= a <= address]
+            found.append({"instructions": len(body), **{op: sum(op in t for t in body) for op in COUNTED}})
+    return found
+
+
+def _tool_output(binary, *flags: str) -> str:
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(binary.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, *flags, cubin.name], check=True,
+                              capture_output=True, text=True).stdout  # fmt: skip
+
+
+def report(records: list[dict], kernel: str | None) -> list[str]:
+    lines, seen = [], set()
+    wanted = [r for r in records if kernel in (None, r["kernel"])]
+    for record, constants, binary in test_triton_sm90.sm90_binaries(wanted):
+        flags = {k: v for k, v in constants.items() if k.isupper()}
+        key = (record["module"], record["kernel"], json.dumps(record["signature"]), json.dumps(flags))
+        if key in seen:
+            continue
+        seen.add(key)
+        registers = re.search(r"REG:(\d+)", _tool_output(binary, "-res-usage"))[1]
+        found = loops(_tool_output(binary, "-sass"))
+        cells = "; ".join(f"{lp['instructions']} ins, " + ", ".join(f"{op} {lp[op]}" for op in COUNTED) for lp in found)
+        types = "/".join(sorted({t for t in record["signature"].values() if t.startswith("*") and t != "*i32"}))
+        lines.append(f"{record['kernel']} ({record['module'].rsplit('.', 1)[-1]}, {types}) {flags}: "
+                     f"{registers} registers; loops: {cells or 'none'}")  # fmt: skip
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernel", help="only this kernel (its function's name)")
+    p.add_argument("--out", help="also write the report to this file")
+    p.add_argument("--record", help=argparse.SUPPRESS)  # (the interpreter's half, run in a child)
+    args = p.parse_args(argv)
+    if args.record:
+        Path(args.record).write_text(json.dumps(test_triton_sm90.record_launches(test_triton_sm90._run_every_operator)))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "launches.json"
+        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+        subprocess.run([sys.executable, __file__, "--record", str(path)], check=True, env=env)
+        records = json.loads(path.read_text())
+    text = "\n".join(report(records, args.kernel)) + "\n"
+    print(text, end="")
+    script_args.write_out(args.out, text)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1" and "--record" not in sys.argv:
+        sys.exit("run without TRITON_INTERPRET: the tool records under the interpreter in a child process")
+    main()
