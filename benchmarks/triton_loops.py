@@ -1,8 +1,8 @@
 """The loops of every Triton kernel compiled for sm_90, read in their SASS, without a GPU: for
 each launch the operators make (recorded under Triton's interpreter, as
 tests/test_triton_sm90.py records them) and each configuration of its autotuner, the registers a
-thread and, per loop, its instructions and how many are warp shuffles (SHFL), barriers (BAR) and
-global loads (LDG). A shuffle or a barrier in a streaming loop is a reduction across lanes inside
+thread, its stack (spilled registers) and, per loop, its instructions and how many are warp
+shuffles (SHFL), barriers (BAR) and global loads (LDG). A shuffle or a barrier in a streaming loop is a reduction across lanes inside
 it, which the next step waits for: Triton's MLP layer had 320 shuffles a step
 (benchmarks/NOTES.md, twenty-second session).
 
@@ -60,12 +60,13 @@ def report(records: list[dict], kernel: str | None) -> list[str]:
         if key in seen:
             continue
         seen.add(key)
-        registers = re.search(r"REG:(\d+)", _tool_output(binary, "-res-usage"))[1]
+        usage = _tool_output(binary, "-res-usage")
+        registers, stack = re.search(r"REG:(\d+)", usage)[1], re.search(r"STACK:(\d+)", usage)[1]
         found = loops(_tool_output(binary, "-sass"))
         cells = "; ".join(f"{lp['instructions']} ins, " + ", ".join(f"{op} {lp[op]}" for op in COUNTED) for lp in found)
         types = "/".join(sorted({t for t in record["signature"].values() if t.startswith("*") and t != "*i32"}))
         lines.append(f"{record['kernel']} ({record['module'].rsplit('.', 1)[-1]}, {types}) {flags}: "
-                     f"{registers} registers; loops: {cells or 'none'}")  # fmt: skip
+                     f"{registers} registers, {stack} B of stack; loops: {cells or 'none'}")  # fmt: skip
     return lines
 
 
