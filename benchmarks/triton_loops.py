@@ -2,7 +2,7 @@
 each launch the operators make (recorded under Triton's interpreter, as
 tests/test_triton_sm90.py records them) and each configuration of its autotuner, the registers a
 thread, its stack (spilled registers) and, per loop, its instructions and how many are warp
-shuffles (SHFL), barriers (BAR) and global loads (LDG). A shuffle or a barrier in a streaming loop is a reduction across lanes inside
+shuffles (SHFL), block barriers (BAR) and global loads (LDG, and LDGSTS: cp.async). A shuffle or a barrier in a streaming loop is a reduction across lanes inside
 it, which the next step waits for: Triton's MLP layer had 320 shuffles a step
 (benchmarks/NOTES.md, twenty-second session).
 
@@ -25,19 +25,27 @@ from fused_cbam.bench import script_args  # noqa: E402
 
 _INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BACK_BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
-COUNTED = ("SHFL", "BAR", "LDG")
+# Opcodes counted in each loop: warp shuffles, block barriers (not MEMBAR or DEPBAR), and global
+# loads, plain and asynchronous (cp.async, which Triton's pipelined loops use).
+COUNTED = ("SHFL", "BAR", "LDG", "LDGSTS")
+
+
+def _opcode(text: str) -> str:
+    """An instruction's opcode without its modifiers or predicate: "@!P0 LDG.E.128 ..." -> "LDG"."""
+    words = text.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
 def loops(sass: str) -> list[dict]:
-    """Each loop of a kernel's SASS (a branch back to an earlier address): its instructions and
-    how many of them are each of COUNTED."""
+    """Each branch back to an earlier address in a kernel's SASS (a loop, or a region a loop
+    encloses): its instructions and how many of them are each of COUNTED."""
     instructions = [(int(m[1], 16), m[2]) for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
     found = []
     for address, text in instructions:
         target = _BACK_BRANCH.search(text)
         if target and int(target[1], 16) < address:
-            body = [t for a, t in instructions if int(target[1], 16) <= a <= address]
-            found.append({"instructions": len(body), **{op: sum(op in t for t in body) for op in COUNTED}})
+            body = [_opcode(t) for a, t in instructions if int(target[1], 16) <= a <= address]
+            found.append({"instructions": len(body), **{op: body.count(op) for op in COUNTED}})
     return found
 
 
@@ -55,7 +63,7 @@ def report(records: list[dict], kernel: str | None) -> list[str]:
     lines, seen = [], set()
     wanted = [r for r in records if kernel in (None, r["kernel"])]
     for record, constants, binary in test_triton_sm90.sm90_binaries(wanted):
-        flags = {k: v for k, v in constants.items() if k.isupper()}
+        flags = {k: v for k, v in constants.items() if k.isupper()} | {"num_warps": binary.metadata.num_warps}
         key = (record["module"], record["kernel"], json.dumps(record["signature"]), json.dumps(flags))
         if key in seen:
             continue
@@ -90,6 +98,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") == "1" and "--record" not in sys.argv:
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off") and "--record" not in sys.argv:
         sys.exit("run without TRITON_INTERPRET: the tool records under the interpreter in a child process")
     main()

@@ -3,6 +3,7 @@ be the first to find their own mistakes (benchmarks/gpu_check.sh runs them on th
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,11 +69,12 @@ def test_spatial_conv_layouts_times_both_layouts(tmp_path):
 
 def test_triton_mlp_layer_loops_have_no_reduction_across_lanes(tmp_path):
     """Read in its sm_90 SASS (benchmarks/triton_loops.py), each configuration of Triton's MLP
-    layer loops over L with loads and multiply-adds only: a warp shuffle in the loop is a sum
-    across lanes in every step, which made the layer latency-bound on an H200."""
+    layer loops over L without a warp shuffle: one there is a sum across lanes in every step,
+    which the next step waits for (320 a step before 77134ae). Its barriers, 0-4 a step by
+    configuration, are layout conversions of the loaded blocks, not sums."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
-        pytest.skip("the tool records its launches in Triton's interpreter, on the CPU")
+        pytest.skip("needs no GPU: left to CI, out of a GPU session's minutes")
     out = tmp_path / "loops.txt"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
@@ -85,8 +87,10 @@ def test_triton_mlp_layer_loops_have_no_reduction_across_lanes(tmp_path):
     # last), the first over their mix, the last alone over one pool, with and without a bias.
     configurations = 5 * 5
     assert len([line for line in lines if "*bf16" in line]) == configurations, lines
-    loops = [cell for line in lines for cell in line.split("loops: ")[1].split("; ")]
-    assert len(loops) >= len(lines) and all(", SHFL 0," in cell for cell in loops), lines
+    for line in lines:  # each configuration's loop over L (the loops that load), without a shuffle
+        cells = [dict(re.findall(r"([A-Z]+) (\d+)", cell)) for cell in line.split("loops: ")[1].split("; ")]
+        streaming = [c for c in cells if int(c.get("LDG", 0)) + int(c.get("LDGSTS", 0)) > 0]
+        assert streaming and all(c["SHFL"] == "0" for c in streaming), line
 
 
 @pytest.mark.parametrize("precision", [[], ["--autocast", "--dtype", "bfloat16"]], ids=["float32", "autocast"])

@@ -97,7 +97,7 @@ class Runner:
             return {}
         graph = timing.time_cuda_graph(fn, self.buffers(x_bytes), self.reps)
         if isinstance(graph, dict):
-            detail = {"graph_ms": graph["median_ms"], "graph_capture_mode": graph["graph_capture_mode"]}
+            detail = {"graph_ms": graph["median_ms"]} | {k: v for k, v in graph.items() if k.startswith("graph_")}
         else:
             detail = {"graph_error": graph}
         try:

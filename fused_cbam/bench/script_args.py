@@ -8,6 +8,7 @@ from torch import Tensor
 
 from fused_cbam.bench import providers
 
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 

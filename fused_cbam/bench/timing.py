@@ -46,8 +46,8 @@ def time_cuda(fn: Callable[[int], object], buffers: int, reps: int, warmup: int 
 def time_cuda_graph(fn: Callable[[int], object], buffers: int, reps: int) -> dict[str, float | str] | str:
     """Replays of a CUDA graph holding one call per input copy, per call: the device's time
     without the host's launch costs (what CUDA graphs, or torch.compile's "reduce-overhead",
-    give), and the capture mode that took the calls. Returns the reason instead when the calls
-    cannot be captured.
+    give), the capture mode that took the calls, and what the default mode refused where the
+    other took them. Returns the reason instead when the calls cannot be captured.
 
     The default mode ("global") fails a capture on a prohibited call from any thread, the
     autograd engine's own included; "thread_local" watches the capturing thread only. A call
@@ -74,7 +74,10 @@ def time_cuda_graph(fn: Callable[[int], object], buffers: int, reps: int) -> dic
             failures.append(f"{mode}: {capture_failure(e)}")
             continue
         per_replay = time_cuda(lambda _: graph.replay(), 1, reps)
-        return {k: v / buffers for k, v in per_replay.items()} | {"graph_capture_mode": mode}
+        result = {k: v / buffers for k, v in per_replay.items()} | {"graph_capture_mode": mode}
+        # What the default mode refused is kept: in thread_local mode a call from another thread
+        # runs when captured instead of failing it, so the replays may leave some work out.
+        return result | ({"graph_global_error": failures[0]} if failures else {})
     return "capture failed: " + "; ".join(failures)
 
 
@@ -83,8 +86,12 @@ def capture_failure(e: BaseException) -> str:
     ends the capture, which raises again ("operation failed due to a previous error during
     capture") with the first as its context: both are kept, the first first."""
     chain = [e]
-    while chain[-1].__context__ is not None and len(chain) < 8:
-        chain.append(chain[-1].__context__)
+    while len(chain) < 8:
+        last = chain[-1]
+        earlier = last.__cause__ or (None if last.__suppress_context__ else last.__context__)
+        if earlier is None:
+            break
+        chain.append(earlier)
     return " <- ".join(f"{type(err).__name__}: {_first_line(err)}" for err in reversed(chain))
 
 

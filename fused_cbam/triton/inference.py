@@ -15,6 +15,7 @@ two samples, so that CI runs the loop over chunks.
 
 import functools
 import os
+import re
 
 import torch
 import triton
@@ -125,8 +126,9 @@ def _mlp_layer_kernel(
     relu(z) [POOLS, S, R], the next layer's input (x's dtype loses nothing: z is rounded to it).
 
     Each product's lane keeps its own running sum over the steps along L, summed across the lanes
-    once after the loop: a sum across lanes in every step (shuffles the next step waits for) made
-    the loop latency-bound, about 0.17 ms at C = 2048 on an H200 (benchmarks/NOTES.md)."""
+    once after the loop: a sum across lanes in every step is 320 shuffles a step that the next
+    step waits for (at 4 x 32 x 32, two pools; the operator's own kernels took about 0.18 ms at
+    C = 2048 on an H200, by subtraction: benchmarks/NOTES.md, twenty-second session)."""
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     s_mask = s < S
@@ -215,14 +217,15 @@ def _samples_per_chunk(x) -> int:
     then chunks are as large as the grid allows, instead of a few launches per sample for nothing.
     ``FUSED_CBAM_TRITON_CHUNK_BYTES`` sets the chunk's bytes instead (0: as large as the grid
     allows), as FUSED_CBAM_CUDA_CHUNK_BYTES does for the CUDA operator, to measure what the
-    chunking gains (benchmarks/NOTES.md, nineteenth session); under the interpreter, without it, a
-    chunk is two samples."""
+    chunking gains (benchmarks/NOTES.md, nineteenth session); where CUDA's reads any text as a
+    number (atoll), this one takes digits only. Under the interpreter, without it, a chunk is two
+    samples."""
     chosen = os.environ.get(CHUNK_BYTES_VARIABLE)
     if chosen is None and (INTERPRET or not x.is_cuda):
         return _INTERPRETER_CHUNK
     if chosen is None:
         budget = _l2_bytes(x.device.index or 0) // 2
-    elif chosen.strip().isdigit():
+    elif re.fullmatch(r"\s*[0-9]+\s*", chosen):
         budget = int(chosen)
     else:
         raise ValueError(f"{CHUNK_BYTES_VARIABLE}: expected a whole number of bytes (0: no chunks), got {chosen!r}")
