@@ -6,7 +6,11 @@ shuffles (SHFL), block barriers (BAR) and global loads (LDG, and LDGSTS: cp.asyn
 it, which the next step waits for: Triton's MLP layer had 320 shuffles a step
 (benchmarks/NOTES.md, twenty-second session).
 
-    python benchmarks/triton_loops.py [--kernel _mlp_layer_kernel] [--out FILE]
+    python benchmarks/triton_loops.py [--kernel _mlp_layer_kernel] [--shape 64x8x8] [--out FILE]
+
+The launches are specialized as Triton's JIT specializes them on a GPU (sizes and strides equal
+to 1 as constants, pointers and sizes divisible by 16 marked so), which decides how wide the
+loads are: the record's shape should divide as the shapes of interest do.
 """
 
 import argparse
@@ -81,16 +85,20 @@ def report(records: list[dict], kernel: str | None) -> list[str]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernel", help="only this kernel (its function's name)")
+    p.add_argument("--shape", default="64x8x8", help="CxHxW of the recorded calls: the JIT specializes on "
+                   "sizes divisible by 16, as the ResNet shapes' C and most of their H x W are")  # fmt: skip
     p.add_argument("--out", help="also write the report to this file")
     p.add_argument("--record", help=argparse.SUPPRESS)  # (the interpreter's half, run in a child)
     args = p.parse_args(argv)
+    c, h, w = (int(v) for v in args.shape.split("x"))
     if args.record:
-        Path(args.record).write_text(json.dumps(test_triton_sm90.record_launches(test_triton_sm90._run_every_operator)))
+        records = test_triton_sm90.record_launches(lambda: test_triton_sm90.run_every_operator(c, h, w))
+        Path(args.record).write_text(json.dumps(records))
         return
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "launches.json"
         env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-        subprocess.run([sys.executable, __file__, "--record", str(path)], check=True, env=env)
+        subprocess.run([sys.executable, __file__, "--record", str(path), "--shape", args.shape], check=True, env=env)
         records = json.loads(path.read_text())
     text = "\n".join(report(records, args.kernel)) + "\n"
     print(text, end="")

@@ -24,28 +24,16 @@ import torch
 # Hopper's limits per block: shared memory (227 KiB, opt-in) and threads.
 SM90_SHARED_BYTES = 227 * 1024
 MAX_THREADS = 1024
-_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
-                  torch.int64: "*i64"}  # fmt: skip
-
-
-def _argument_type(value):
-    """Triton's signature type of a launch argument."""
-    if isinstance(value, torch.Tensor):
-        return _POINTER_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {value!r}")
-
-
 def record_launches(run_operators) -> list[dict]:
     """Each distinct launch made by ``run_operators()`` under the interpreter: kernel (module and
-    name), signature, constants, and for an autotuned launch the index of its tuner."""
+    name), signature, constants, the arguments Triton's JIT would take as 16-byte aligned, and for
+    an autotuned launch the index of its tuner. Arguments are specialized as the JIT specializes
+    them on a GPU (an int equal to 1 becomes a constant; pointers and ints divisible by 16 are
+    marked so), so that the compiled code vectorizes and pipelines its loads as it would there."""
     import triton
+    from triton.backends.compiler import BaseBackend
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import native_specialize_impl
 
     from fused_cbam.triton import _common
 
@@ -55,14 +43,19 @@ def record_launches(run_operators) -> list[dict]:
     def recording_run(self, *args, grid, warmup, **kwargs):
         bound = dict(zip(self.arg_names, args), **kwargs)
         params = inspect.signature(self.fn).parameters
-        signature, constants = {}, {}
+        signature, constants, aligned = {}, {}, []
         for name in self.arg_names:
             if params[name].annotation in (triton.language.constexpr, "tl.constexpr"):
                 signature[name], constants[name] = "constexpr", bound[name]
-            else:
-                signature[name] = _argument_type(bound[name])
+                continue
+            kind, specialization = native_specialize_impl(BaseBackend, bound[name], False, True, True)
+            signature[name] = kind
+            if kind == "constexpr":
+                constants[name] = specialization
+            elif specialization == "D":
+                aligned.append(name)
         record = {"module": self.fn.__module__, "kernel": self.fn.__name__, "signature": signature,
-                  "constants": constants, "tuner": current_tuner[0]}  # fmt: skip
+                  "constants": constants, "aligned": aligned, "tuner": current_tuner[0]}  # fmt: skip
         records[json.dumps(record, sort_keys=True)] = record
         return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -108,7 +101,8 @@ def sm90_binaries(records: list[dict]):
         for config in configs:
             constants = dict(record["constants"], **(config.kwargs if config else {}))
             options = {"num_warps": config.num_warps} if config else {}
-            source = ASTSource(kernel, signature=record["signature"], constexprs=constants)
+            attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in record["aligned"]}
+            source = ASTSource(kernel, signature=record["signature"], constexprs=constants, attrs=attrs)
             try:
                 yield record, constants, triton.compile(source, target=target, options=options)
             except Exception as e:
@@ -126,9 +120,9 @@ def compile_for_sm90(records: list[dict]) -> int:
     return compiled
 
 
-def _run_every_operator() -> None:
+def run_every_operator(c: int = 24, h: int = 6, w: int = 7) -> None:
     """Every Triton operator once, forward and backward (the adding ones and channel_gate too) and
-    the inference operator, in both memory formats, in float32 and bfloat16."""
+    the inference operator, in both memory formats, in float32 and bfloat16, on x [2, c, h, w]."""
     import fused_cbam.nn
     import fused_cbam.triton  # (registers the operators)
 
@@ -136,8 +130,8 @@ def _run_every_operator() -> None:
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         for memory_format in (torch.contiguous_format, torch.channels_last):
-            x = torch.randn(2, 24, 6, 7, dtype=dtype).contiguous(memory_format=memory_format)
-            g, h = torch.rand(2, 24, dtype=dtype), torch.rand(2, 1, 6, 7, dtype=dtype)
+            x = torch.randn(2, c, h, w, dtype=dtype).contiguous(memory_format=memory_format)
+            g, s = torch.rand(2, c, dtype=dtype), torch.rand(2, 1, h, w, dtype=dtype)
             avg, mx, c_arg = ops.channel_pool(x)
             ops.channel_pool_backward(avg, mx, c_arg, x)
             ops.channel_pool_backward_add(torch.zeros_like(x), avg, mx, c_arg)
@@ -148,16 +142,16 @@ def _run_every_operator() -> None:
             # the modules' backward pair: the spatial max's share, then the channel pass with the mean's
             ops.spatial_pool_backward_add(torch.zeros_like(x), mean, smx, s_arg, x, g, add_mean=False)
             ops.channel_pool_backward_add(torch.zeros_like(x), avg, mx, c_arg, mean, g)
-            out = ops.gate_apply(x, g, h)
-            ops.gate_apply_backward(out, x, g, h)
+            out = ops.gate_apply(x, g, s)
+            ops.gate_apply_backward(out, x, g, s)
             ops.gate_apply_backward(out, x, None, None)
-            gate = ops.channel_gate(torch.randn(2, 2, 24, dtype=dtype))
+            gate = ops.channel_gate(torch.randn(2, 2, c, dtype=dtype))
             ops.channel_gate_backward(g, g, gate, 2)
             ops.channel_gate_backward(g, None, gate, 2)
             # The MLP's variants: two layers over both pools, over their mix, one layer over the mean.
-            blocks = (fused_cbam.nn.CBAM(24, reduction_ratio=4, backend="triton"),
-                      fused_cbam.nn.LightCbamModule(24, rd_ratio=1 / 4, backend="triton"),
-                      fused_cbam.nn.UltralyticsCBAM(24, backend="triton"))  # fmt: skip
+            blocks = (fused_cbam.nn.CBAM(c, reduction_ratio=4, backend="triton"),
+                      fused_cbam.nn.LightCbamModule(c, rd_ratio=1 / 4, backend="triton"),
+                      fused_cbam.nn.UltralyticsCBAM(c, backend="triton"))  # fmt: skip
             for block in blocks:
                 with torch.no_grad():
                     block.eval().to(dtype)(x)
@@ -167,7 +161,7 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     pytest.importorskip("triton")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("records the launches in Triton's interpreter, without a GPU")
-    records = record_launches(_run_every_operator)
+    records = record_launches(run_every_operator)
     kernels = {(r["module"], r["kernel"]) for r in records}
     assert len(kernels) >= 9 and any(r["tuner"] is not None for r in records), kernels
     path = tmp_path / "launches.json"
