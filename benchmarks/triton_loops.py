@@ -6,7 +6,7 @@ shuffles (SHFL), block barriers (BAR) and global loads (LDG, and LDGSTS: cp.asyn
 it, which the next step waits for: Triton's MLP layer had 320 shuffles a step
 (benchmarks/NOTES.md, twenty-second session).
 
-    python benchmarks/triton_loops.py [--kernel _mlp_layer_kernel] [--shape 64x8x8] [--out FILE]
+    python benchmarks/triton_loops.py [--kernel _mlp_layer_kernel] [--dtype bfloat16] [--shape 64x8x8] [--out FILE]
 
 The launches are specialized as Triton's JIT specializes them on a GPU (sizes and strides equal
 to 1 as constants, pointers and sizes divisible by 16 marked so), which decides how wide the
@@ -63,9 +63,15 @@ def _tool_output(binary, *flags: str) -> str:
                               capture_output=True, text=True).stdout  # fmt: skip
 
 
-def report(records: list[dict], kernel: str | None) -> list[str]:
+_POINTER = {"float32": "*fp32", "bfloat16": "*bf16"}
+
+
+def report(records: list[dict], kernel: str | None, dtype: str | None) -> list[str]:
     lines, seen = [], set()
     wanted = [r for r in records if kernel in (None, r["kernel"])]
+    if dtype is not None:  # (x's dtype is the only 16-bit one a launch can have)
+        wanted = [r for r in wanted if dtype == "float32" or _POINTER[dtype] in r["signature"].values()]
+        wanted = [r for r in wanted if dtype != "float32" or "*bf16" not in r["signature"].values()]
     for record, constants, binary in test_triton_sm90.sm90_binaries(wanted):
         flags = {k: v for k, v in constants.items() if k.isupper()} | {"num_warps": binary.metadata.num_warps}
         key = (record["module"], record["kernel"], json.dumps(record["signature"]), json.dumps(flags))
@@ -85,6 +91,7 @@ def report(records: list[dict], kernel: str | None) -> list[str]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernel", help="only this kernel (its function's name)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="only the launches on x in this dtype")
     p.add_argument("--shape", default="64x8x8", help="CxHxW of the recorded calls: the JIT specializes on "
                    "sizes divisible by 16, as the ResNet shapes' C and most of their H x W are")  # fmt: skip
     p.add_argument("--out", help="also write the report to this file")
@@ -100,7 +107,7 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
         subprocess.run([sys.executable, __file__, "--record", str(path), "--shape", args.shape], check=True, env=env)
         records = json.loads(path.read_text())
-    text = "\n".join(report(records, args.kernel)) + "\n"
+    text = "\n".join(report(records, args.kernel, args.dtype)) + "\n"
     print(text, end="")
     script_args.write_out(args.out, text)
 

@@ -78,7 +78,8 @@ def test_triton_mlp_layer_loops_have_no_reduction_across_lanes(tmp_path):
     out = tmp_path / "loops.txt"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "benchmarks/triton_loops.py", "--kernel", "_mlp_layer_kernel", "--out", str(out)],
+        [sys.executable, "benchmarks/triton_loops.py", "--kernel", "_mlp_layer_kernel", "--dtype", "bfloat16",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -86,7 +87,7 @@ def test_triton_mlp_layer_loops_have_no_reduction_across_lanes(tmp_path):
     # The autotuner's five, for each variant the blocks launch: two layers over both pools (first,
     # last), the first over their mix, the last alone over one pool, with and without a bias.
     configurations = 5 * 5
-    assert len([line for line in lines if "*bf16" in line]) == configurations, lines
+    assert len(lines) == configurations and all("*bf16" in line for line in lines), lines
     for line in lines:  # each configuration's loop over L (the loops that load), without a shuffle
         cells = [dict(re.findall(r"([A-Z]+) (\d+)", cell)) for cell in line.split("loops: ")[1].split("; ")]
         streaming = [c for c in cells if int(c.get("LDG", 0)) + int(c.get("LDGSTS", 0)) > 0]
