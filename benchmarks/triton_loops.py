@@ -2,9 +2,10 @@
 each launch the operators make (recorded under Triton's interpreter, as
 tests/test_triton_sm90.py records them) and each configuration of its autotuner, the registers a
 thread, its stack (spilled registers) and, per loop, its instructions and how many are warp
-shuffles (SHFL), block barriers (BAR) and global loads (LDG, and LDGSTS: cp.async). A shuffle or a barrier in a streaming loop is a reduction across lanes inside
-it, which the next step waits for: Triton's MLP layer had 320 shuffles a step
-(benchmarks/NOTES.md, twenty-second session).
+shuffles (SHFL), block barriers (BAR) and global loads (LDG, and LDGSTS: cp.async). A shuffle
+in a streaming loop is a sum across lanes inside it, which the next step waits for: Triton's MLP
+layer had 320 shuffles a step (benchmarks/NOTES.md, twenty-second session); a barrier may be
+that too, or a layout conversion of a loaded block.
 
     python benchmarks/triton_loops.py [--kernel _mlp_layer_kernel] [--dtype bfloat16] [--shape 64x8x8] [--out FILE]
 
@@ -63,21 +64,27 @@ def _tool_output(binary, *flags: str) -> str:
                               capture_output=True, text=True).stdout  # fmt: skip
 
 
-_POINTER = {"float32": "*fp32", "bfloat16": "*bf16"}
+def _x_dtype(record: dict) -> str:
+    """The dtype of x in a recorded launch: the only 16-bit pointers a launch has are x's dtype."""
+    return "bfloat16" if "*bf16" in record["signature"].values() else "float32"
+
+
+def _flags(constants: dict) -> dict:
+    """A launch's compile-time flags and block sizes (its upper-case constants)."""
+    return {k: v for k, v in constants.items() if k.isupper()}
 
 
 def report(records: list[dict], kernel: str | None, dtype: str | None) -> list[str]:
-    lines, seen = [], set()
-    wanted = [r for r in records if kernel in (None, r["kernel"])]
-    if dtype is not None:  # (x's dtype is the only 16-bit one a launch can have)
-        wanted = [r for r in wanted if dtype == "float32" or _POINTER[dtype] in r["signature"].values()]
-        wanted = [r for r in wanted if dtype != "float32" or "*bf16" not in r["signature"].values()]
-    for record, constants, binary in test_triton_sm90.sm90_binaries(wanted):
-        flags = {k: v for k, v in constants.items() if k.isupper()} | {"num_warps": binary.metadata.num_warps}
-        key = (record["module"], record["kernel"], json.dumps(record["signature"]), json.dumps(flags))
-        if key in seen:
-            continue
-        seen.add(key)
+    # One record a kernel, signature and flags: records that differ only in an argument's
+    # alignment or a lower-case constant would compile and report the same lines again.
+    distinct = {}
+    for r in records:
+        if kernel in (None, r["kernel"]) and dtype in (None, _x_dtype(r)):
+            key = (r["module"], r["kernel"], json.dumps(r["signature"]), json.dumps(_flags(r["constants"])))
+            distinct.setdefault(key, r)
+    lines = []
+    for record, constants, binary in test_triton_sm90.sm90_binaries(list(distinct.values())):
+        flags = _flags(constants) | {"num_warps": binary.metadata.num_warps}
         usage = _tool_output(binary, "-res-usage")
         registers, stack = re.search(r"REG:(\d+)", usage)[1], re.search(r"STACK:(\d+)", usage)[1]
         found = loops(_tool_output(binary, "-sass"))
