@@ -2,7 +2,9 @@
 (no grad) and the training step (forward + backward, from gradients set to None) of each provider
 named, profiled over a few calls after a warm-up. Per activity (a kernel, copy or fill; on a CPU,
 an operator's self time): calls per pass, µs per pass, share of the pass. The benchmark says how
-long a pass takes; this says which kernels take it.
+long a pass takes; this says which kernels take it. With ``--host``, also the host's side of each
+pass: its wall time per pass until the calls return, and the Python functions that take it
+(cProfile, own time), for a pass whose device waits on its launches.
 
     python benchmarks/kernel_times.py --device cuda --dtype bfloat16 --batch 64 --shape 512x28x28 \\
         --format channels_last --providers cuda,compile --out kernels.txt
@@ -45,6 +47,16 @@ def table(title: str, rows: list[tuple[str, float, float]], top: int) -> list[st
     return lines + [""]
 
 
+def host_table(title: str, wall_us: float, rows: list[tuple[str, float, float]], top: int) -> list[str]:
+    profiled = sum(us for _, _, us in rows)
+    lines = [f"### {title}, host: {wall_us:.1f} µs a pass until its calls return; under cProfile "
+             f"{profiled:.1f} µs in {sum(calls for _, calls, _ in rows):.0f} function calls", "",
+             "| µs (profiled) | share | calls | function |", "|---:|---:|---:|---|"]  # fmt: skip
+    for name, calls, us in rows[:top]:
+        lines.append(f"| {us:.1f} | {us / profiled:.0%} | {calls:g} | {name[:140]} |")
+    return lines + [""]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     script_args.add_problem(p, batch=64, dtype="bfloat16")
@@ -52,6 +64,7 @@ def main(argv=None):
                    "(default: the fused block on this device's backend, and compile)")  # fmt: skip
     p.add_argument("--reps", type=int, default=5, help="profiled calls of each pass")
     p.add_argument("--top", type=int, default=15, help="activities listed per pass")
+    p.add_argument("--host", action="store_true", help="also where the host's time of each pass goes")
     p.add_argument("--out", help="also write the tables to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -69,6 +82,8 @@ def main(argv=None):
         for title, fn in passes(provider.make(ref), x).items():
             rows = timing.activity_table(timing.profiled_events(fn, args.reps, cuda), args.reps, device=cuda)
             lines += table(f"{provider.name}, {title}", rows, args.top)
+            if args.host:
+                lines += host_table(f"{provider.name}, {title}", *timing.host_profile(fn, args.reps, cuda), args.top)
     print("\n".join(lines))
     script_args.write_out(args.out, "\n".join(lines) + "\n")
 

@@ -53,12 +53,27 @@ def test_inductor_passes_lists_the_kernels_over_x(tmp_path):
 def test_kernel_times_lists_each_pass_of_each_provider(tmp_path):
     skip_unless_available("cpu")
     text = _script_output(tmp_path, "kernel_times.py", "--dtype", "float32", "--batch", "2", "--shape", "16x5x5",
-                          "--providers", "cpu,reference", "--reps", "2")  # fmt: skip
-    titles = [line.split(":")[0] for line in text.splitlines() if line.startswith("## ")]
-    assert titles == ["## reference, eval forward", "## reference, training step", "## cpu, eval forward",
-                      "## cpu, training step"], text  # fmt: skip
-    fused = text.split("## cpu, eval forward")[1].split("## cpu, training step")
-    assert "fused_cbam::cbam_inference" in fused[0] and "fused_cbam::cbam_training" in fused[1], text
+                          "--providers", "cpu,reference", "--reps", "2", "--host")  # fmt: skip
+    sections = _sections(text)
+    assert list(sections) == [heading for provider in ("reference", "cpu") for title in ("eval forward", "training step")
+                              for heading in (f"## {provider}, {title}", f"### {provider}, {title}, host")], text
+    assert "fused_cbam::cbam_inference" in sections["## cpu, eval forward"], text
+    assert "fused_cbam::cbam_training" in sections["## cpu, training step"], text
+    # --host: each pass's Python functions, the operator's call and the module's among them
+    host = sections["### cpu, eval forward, host"]
+    assert "torch._ops.fused_cbam.cbam_inference" in host and "fused_cbam/nn/core.py" in host, text
+
+
+def _sections(text: str) -> dict[str, str]:
+    """A report's sections by their headings' titles (the text before the first colon)."""
+    sections, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("#") and ":" in line:
+            title = line.split(":")[0]
+            sections[title] = ""
+        elif title is not None:
+            sections[title] += line + "\n"
+    return sections
 
 
 def test_spatial_conv_layouts_times_both_layouts(tmp_path):

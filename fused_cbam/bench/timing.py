@@ -1,6 +1,9 @@
 """Timing and memory measurements, one method per device, each returning plain numbers."""
 
+import cProfile
+import pstats
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -164,6 +167,38 @@ def activity_table(events, reps: int, device: bool) -> list[tuple[str, float, fl
         calls, total = rows.get(name, (0, 0.0))
         rows[name] = (calls + 1, total + us)
     return sorted(((name, calls / reps, us / reps) for name, (calls, us) in rows.items()), key=lambda r: -r[2])
+
+
+def host_profile(fn: Callable[[], object], reps: int, cuda: bool) -> tuple[float, list[tuple[str, float, float]]]:
+    """The host's side of ``reps`` calls of ``fn`` after one call: the wall time per call until
+    the calls have returned, not profiled (on a GPU, the device's work may still be queued then:
+    this is what the host pays to issue it), and per Python or builtin function its own time
+    per call under cProfile, which slows every call it counts, as (name, calls, µs), the longest
+    first. For a launch-bound pass, it says which of the host's steps take the time."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    wall_us = (time.perf_counter() - start) / reps * 1e6
+    sync()
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [fn() for _ in range(reps)])
+    sync()
+    rows = [(_function_name(*where), calls / reps, own * 1e6 / reps)
+            for where, (_, calls, own, _, _) in pstats.Stats(profiler).stats.items()]  # fmt: skip
+    return wall_us, sorted(rows, key=lambda r: -r[2])
+
+
+def _function_name(path: str, line: int, name: str) -> str:
+    """``package/module.py:line(name)``, from the last site-packages or checkout folder on."""
+    if path == "~":  # a builtin
+        return name
+    parts = path.split("/")
+    anchor = max((i for i, part in enumerate(parts) if part in ("site-packages", "fused_cbam")), default=len(parts) - 2)
+    tail = parts[anchor + 1 :] if parts[anchor] == "site-packages" else parts[anchor:]
+    return f"{'/'.join(tail)}:{line}({name})"
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], module: torch.nn.Module) -> int:
