@@ -7,7 +7,8 @@
 # compute-sanitizer (memcheck, racecheck) over benchmarks/sanitizer_smoke.py, runs the
 # benchmark (benchmarks/training_paths.py first), times the fused block's passes kernel by kernel
 # and the host's side of them, for CUDA and Triton (benchmarks/kernel_times.py --host), lists
-# the kernels torch.compile generates for the reference (benchmarks/inductor_passes.py), and writes LOG_DIR/gpu-check-<device>.txt with the verdicts.
+# the kernels torch.compile generates for the reference (benchmarks/inductor_passes.py), and
+# writes LOG_DIR/gpu-check-<device>.txt with the verdicts.
 # Each step logs to LOG_DIR/<step>.log under its own time limit; the test-suite and the two
 # sanitizer runs share the GPU at once (correctness only), the benchmark runs alone after them.
 # At worst the sum of the limits of the steps run (about 14 minutes for the default steps; a build
