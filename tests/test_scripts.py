@@ -30,6 +30,14 @@ def test_gpu_check_is_valid_bash():
     assert result.returncode == 0, result.stderr
 
 
+def test_device_calls_parses_and_names_its_calls(tmp_path):
+    """The device session's script, run to its usage message (parsing all of it: bash -n passes
+    an unmatched quote inside a parameter expansion)."""
+    result = subprocess.run(["bash", "benchmarks/device_calls.sh", "3"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=False, env={**os.environ, "OUT": str(tmp_path)})  # fmt: skip
+    assert result.returncode == 2 and "usage: benchmarks/device_calls.sh 1|2" in result.stderr, result.stderr
+
+
 def test_sanitizer_smoke_runs_every_call_on_the_cpu_operators():
     skip_unless_available("cpu")
     result = _run(sys.executable, "benchmarks/sanitizer_smoke.py", "--device", "cpu")
