@@ -4,7 +4,7 @@ named, profiled over a few calls after a warm-up. Per activity (a kernel, copy o
 an operator's self time): calls per pass, µs per pass, share of the pass. The benchmark says how
 long a pass takes; this says which kernels take it. With ``--host``, also the host's side of each
 pass: its wall time per pass until the calls return, and the Python functions that take it
-(cProfile, own time), for a pass whose device waits on its launches.
+(cProfile, own time), for a pass whose device waits on the host.
 
     python benchmarks/kernel_times.py --device cuda --dtype bfloat16 --batch 64 --shape 512x28x28 \\
         --format channels_last --providers cuda,compile --out kernels.txt

@@ -174,7 +174,8 @@ def host_profile(fn: Callable[[], object], reps: int, cuda: bool) -> tuple[float
     the calls have returned, not profiled (on a GPU, the device's work may still be queued then:
     this is what the host pays to issue it), and per Python or builtin function its own time
     per call under cProfile, which slows every call it counts, as (name, calls, µs), the longest
-    first. For a launch-bound pass, it says which of the host's steps take the time."""
+    first. For a host-bound pass (its device waits on the host), it says which of the host's
+    steps take the time."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
     sync()
@@ -192,7 +193,8 @@ def host_profile(fn: Callable[[], object], reps: int, cuda: bool) -> tuple[float
 
 
 def _function_name(path: str, line: int, name: str) -> str:
-    """``package/module.py:line(name)``, from the last site-packages or checkout folder on."""
+    """``package/module.py:line(name)``: the path from the last ``site-packages`` or ``fused_cbam``
+    folder on (else from the file's folder)."""
     if path == "~":  # a builtin
         return name
     parts = path.split("/")
