@@ -6,8 +6,9 @@ pooling's pass, against the two operators that add their whole shares.
 
 Hypothesis runs derandomized and without an example database, so CI sees the same examples on
 every run; each example carries its own seed for the tensor values. ``FUSED_CBAM_SOAK=K`` (a
-whole number) runs K times the examples, randomized: a longer search for rare cases, outside CI. The Triton cases run in
-Triton's interpreter without a GPU, so they get fewer examples and tiny shapes.
+whole number) runs K times the examples, randomized: a longer search for rare cases, outside CI.
+The Triton cases run in Triton's interpreter without a GPU, so they get fewer examples and tiny
+shapes.
 """
 
 import os
