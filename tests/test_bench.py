@@ -10,7 +10,7 @@ import torch
 
 import fused_cbam
 from fused_cbam.bench import __main__ as bench
-from fused_cbam.bench import record, report, timing
+from fused_cbam.bench import providers, record, report, timing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,6 +137,35 @@ def test_tables_show_the_gpu_columns_when_rows_have_them():
     assert all(line.count("|") == ops[0].count("|") for line in ops)
     cpu_rows = [{k: v for k, v in r.items() if k not in ("graph_ms", "graph_error", "kernels", "device_busy_ms")} for r in rows]
     assert "graph ms" not in report.block_table(cpu_rows)
+
+
+def test_the_summary_is_the_geometric_mean_over_the_resnet_shapes():
+    """Per format and fused provider, its speedup over each baseline as the geometric mean over
+    the ResNet-50 shapes (another shape left out); a cell stays empty unless both were timed at
+    every one of them; graph_ms gives the CUDA-graph replays' table."""
+    rows = []
+    for shape, cpu_ms in zip(providers.RESNET50_SHAPES, (1.0, 2.0, 4.0, 8.0)):
+        base = dict(format="nchw", shape=shape, target="cbam")
+        rows += [dict(base, provider="reference", mode="forward", median_ms=8.0),
+                 dict(base, provider="compile", mode="forward", median_ms=4.0, graph_ms=2.0),
+                 dict(base, provider="cpu", mode="forward", median_ms=cpu_ms, graph_ms=1.0),
+                 dict(base, provider="reference", mode="forward+backward", median_ms=9.0)]  # fmt: skip
+    rows.append(dict(format="nchw", shape="128x80x80", target="cbam", provider="cpu", mode="forward", median_ms=1e-3))
+    rows.append(dict(rows[2], mode="forward+backward", median_ms=3.0))  # at one shape only
+    lines = report.summary_table(rows).splitlines()
+    assert lines[0] == ("| format | provider | forward × reference | forward × compile | forward+backward × reference "
+                        "| forward+backward × compile |")  # fmt: skip
+    # 8 / (1, 2, 4, 8): geometric mean of 8, 4, 2, 1 is 8 / 64 ** 0.25
+    assert lines[2:] == [f"| nchw | cpu | {8 / 64 ** 0.25:.2f} | {4 / 64 ** 0.25:.2f} |  |  |"]
+    graph = report.summary_table(rows, "graph_ms").splitlines()
+    assert graph[2:] == ["| nchw | cpu |  | 2.00 |  |  |"]
+    assert report.summary_table([dict(rows[0], shape="8x4x4")]) is None
+    # the README's section and the bench's printout show both, titled
+    env = dict(device="CPU", dtype="float32", batch=8, date="2026-11-28T00:00", commit="abc", torch="t", triton="t",
+               cuda="c", copy_bandwidth=1e10)  # fmt: skip
+    section = report.readme_section({Path("r.jsonl"): [dict(r, **env) for r in rows]})
+    titles = [title for title, _ in report.summaries(rows)]
+    assert len(titles) == 2 and "CUDA-graph replay" in titles[1] and all(title in section for title in titles)
 
 
 def test_a_failed_capture_names_the_call_refused_inside_it():

@@ -13,8 +13,6 @@ import fused_cbam
 from fused_cbam.bench import providers as prov
 from fused_cbam.bench import record, report, timing
 
-RESNET50_SHAPES = ["256x56x56", "512x28x28", "1024x14x14", "2048x7x7"]
-YOLO_NECK_SHAPES = ["128x80x80"]
 GATE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 L2_BYTES = 60 * 2**20  # enough rotating inputs to leave the largest Hopper L2 cold
 
@@ -34,7 +32,7 @@ def parse_args(argv=None):
     args.device = _device(p, args.device)
     gpu = args.device.type == "cuda"
     args.dtype = prov.DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
-    default_shapes = RESNET50_SHAPES[1:3] if args.quick else RESNET50_SHAPES + YOLO_NECK_SHAPES
+    default_shapes = prov.RESNET50_SHAPES[1:3] if args.quick else prov.RESNET50_SHAPES + prov.YOLO_NECK_SHAPES
     args.shapes = [_shape(p, s) for s in (args.shapes.split(",") if args.shapes else default_shapes)]
     args.batch = (64 if gpu else 8) if args.batch is None else args.batch
     if args.batch < 1:
@@ -232,6 +230,8 @@ def main(argv=None):
         record.append(path, job_rows)  # each shape as it finishes: an interrupted run keeps them
         rows += job_rows
     print(report.block_table(rows))
+    for title, summary in report.summaries(rows):  # where the run covers the ResNet-50 shapes
+        print(f"{title}:\n{summary}")
     if not args.quick:
         print(report.operator_table(rows))
     plot = report.plot(rows, out_dir / path.with_suffix(".png").name)

@@ -16,6 +16,8 @@ from fused_cbam import reference
 # The dtypes and memory formats the benchmark and its scripts take by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+RESNET50_SHAPES = ["256x56x56", "512x28x28", "1024x14x14", "2048x7x7"]  # CxHxW of its CBAM blocks
+YOLO_NECK_SHAPES = ["128x80x80"]
 
 
 @dataclass
