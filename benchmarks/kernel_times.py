@@ -36,24 +36,29 @@ def passes(module: torch.nn.Module, x: torch.Tensor) -> dict:
 
 
 def table(title: str, rows: list[tuple[str, float, float]], top: int) -> list[str]:
-    total = sum(us for _, _, us in rows)
-    lines = [f"## {title}: {total:.1f} µs in {sum(calls for _, calls, _ in rows):.0f} activities", "",
-             "| µs | share | calls | activity |", "|---:|---:|---:|---|"]  # fmt: skip
+    heading = f"## {title}: {_total(rows):.1f} µs in {sum(calls for _, calls, _ in rows):.0f} activities"
+    return _listing(heading, rows, top, "µs", "activity")
+
+
+def host_table(title: str, wall_us: float, rows: list[tuple[str, float, float]], top: int) -> list[str]:
+    heading = (f"### {title}, host: {wall_us:.1f} µs a pass until its calls return; under cProfile "
+               f"{_total(rows):.1f} µs in {sum(calls for _, calls, _ in rows):.0f} function calls")  # fmt: skip
+    return _listing(heading, rows, top, "µs (profiled)", "function")
+
+
+def _total(rows) -> float:
+    return sum(us for _, _, us in rows)
+
+
+def _listing(heading: str, rows: list[tuple[str, float, float]], top: int, time_column: str, what: str) -> list[str]:
+    """``heading``, then the ``top`` rows (name, calls, µs) with their share of all, and the rest in one line."""
+    total = _total(rows)
+    lines = [heading, "", f"| {time_column} | share | calls | {what} |", "|---:|---:|---:|---|"]
     for name, calls, us in rows[:top]:
         lines.append(f"| {us:.1f} | {us / total:.0%} | {calls:g} | {name[:140]} |")
     if len(rows) > top:
         rest = rows[top:]
-        lines.append(f"| {sum(us for *_, us in rest):.1f} | | {sum(c for _, c, _ in rest):g} | ({len(rest)} others) |")
-    return lines + [""]
-
-
-def host_table(title: str, wall_us: float, rows: list[tuple[str, float, float]], top: int) -> list[str]:
-    profiled = sum(us for _, _, us in rows)
-    lines = [f"### {title}, host: {wall_us:.1f} µs a pass until its calls return; under cProfile "
-             f"{profiled:.1f} µs in {sum(calls for _, calls, _ in rows):.0f} function calls", "",
-             "| µs (profiled) | share | calls | function |", "|---:|---:|---:|---|"]  # fmt: skip
-    for name, calls, us in rows[:top]:
-        lines.append(f"| {us:.1f} | {us / profiled:.0%} | {calls:g} | {name[:140]} |")
+        lines.append(f"| {_total(rest):.1f} | | {sum(c for _, c, _ in rest):g} | ({len(rest)} others) |")
     return lines + [""]
 
 

@@ -97,19 +97,24 @@ def summary_table(rows, key: str = "median_ms") -> str | None:
     lines = [f"| format | provider | {header} |", "|---|---|" + "---:|" * (len(baselines) * len(_BLOCK_MODES))]
     for fmt in formats:
         for provider in fused:
-            cells = []
-            for mode in _BLOCK_MODES:
-                for base in baselines:
-                    ratios = []
-                    for shape in providers.RESNET50_SHAPES:
-                        by = table.get((fmt, shape), {})
-                        t, b = by.get(provider, {}).get(mode, {}).get(key), by.get(base, {}).get(mode, {}).get(key)
-                        ratios.append(b / t if t and b else None)
-                    complete = all(r is not None for r in ratios)
-                    cells.append(f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}" if complete else "")
-            if any(cells):
+            means = [_mean_speedup(table, fmt, provider, base, mode, key) for mode in _BLOCK_MODES for base in baselines]
+            if any(m is not None for m in means):
+                cells = ["" if m is None else f"{m:.2f}" for m in means]
                 lines.append(f"| {fmt} | {provider} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else None
+
+
+def _mean_speedup(table, fmt: str, provider: str, base: str, mode: str, key: str) -> float | None:
+    """The geometric mean over the ResNet-50 shapes of base's ``key`` over provider's; None
+    unless both have it at every one of them."""
+    ratios = []
+    for shape in providers.RESNET50_SHAPES:
+        by = table.get((fmt, shape), {})
+        t, b = by.get(provider, {}).get(mode, {}).get(key), by.get(base, {}).get(mode, {}).get(key)
+        if not (t and b):
+            return None
+        ratios.append(b / t)
+    return math.exp(sum(map(math.log, ratios)) / len(ratios))
 
 
 def summaries(rows) -> list[tuple[str, str]]:
